@@ -1,0 +1,39 @@
+-- rowcast's own schema: the durable event log and the position of each source.
+-- Applied by `rowcast setup` (and `rowcast serve` unless --no-setup); idempotent.
+
+CREATE SCHEMA IF NOT EXISTS rowcast;
+
+-- One row per event, in id order. `body` is the envelope exactly as delivered (SPEC §3);
+-- the other columns exist to filter and trim without parsing it.
+CREATE TABLE IF NOT EXISTS rowcast.events (
+    id              bigint      PRIMARY KEY,
+    type            text        NOT NULL,
+    committed_at    timestamptz NOT NULL,
+    organization_id text,
+    domain_id       text,
+    severity        smallint    NOT NULL,
+    body            json        NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS events_committed_at ON rowcast.events (committed_at);
+
+-- The last id ever given, so ids never repeat even when retention empties the log.
+CREATE TABLE IF NOT EXISTS rowcast.log_head (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    last_id   bigint  NOT NULL
+);
+INSERT INTO rowcast.log_head (last_id) VALUES (0) ON CONFLICT DO NOTHING;
+
+-- Where each source stands. Updated in the same transaction as the events it covers, so a
+-- crash between the log commit and the source acknowledgement cannot duplicate anything:
+--   position_*  the last appended event's position in its source (commit LSN or outbox id,
+--               index inside it); anything at or before it is dropped when re-sent.
+--   progress    the source position everything before which is in the log (replication:
+--               end LSN of the last complete transaction; streaming restarts there).
+CREATE TABLE IF NOT EXISTS rowcast.cursors (
+    source         text        PRIMARY KEY,
+    position_major bigint      NOT NULL,
+    position_minor integer     NOT NULL,
+    progress       bigint      NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);

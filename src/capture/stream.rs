@@ -1,0 +1,294 @@
+//! The replication source: pgoutput messages in, mapped events and progress out.
+//!
+//! ```text
+//! slot --XLogData--> decode --Relation--> cache (per connection, overwritten when resent)
+//!                           --Begin/changes/Commit--> render rows -> mapping -> Captured::Event
+//!                           --Commit--> Captured::Progress(end_lsn)
+//!      --keepalive (between transactions)--> Captured::Progress(wal_end)
+//! log writer --acked LSN (watch)--> standby status update
+//! ```
+//!
+//! Progress tracking: the slot is confirmed only up to what the log writer reports as
+//! durable. A Commit's `end_lsn` is the position a client confirms after a transaction; a
+//! keepalive's `wal_end`, received between transactions, says nothing relevant is pending
+//! before it, so an idle database or writes to unmapped tables keep the slot moving and it
+//! never retains WAL for nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::{Catalog, CatalogError};
+use super::pgoutput::{self, Datum, LogicalMessage, Lsn, OldTuple, Tuple};
+use super::replication::{
+    ConnectParams, PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationError, ReplicationMessage,
+    ReplicationStream,
+};
+use super::{Captured, Change};
+use crate::event::{Op, Position, Row, Timestamp};
+use crate::mapping::{Entity, Mapping, TableName};
+use crate::render::{self, Kind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("decoding pgoutput: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("pgoutput protocol: {0}")]
+    Protocol(String),
+    #[error("the log writer stopped")]
+    WriterGone,
+}
+
+impl CaptureError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Replication(err) => err.is_retryable(),
+            Self::Catalog(CatalogError::Query(_)) => true,
+            Self::Catalog(_) => false,
+            Self::Decode(_) | Self::Protocol(_) | Self::WriterGone => true,
+        }
+    }
+}
+
+pub struct StreamSettings {
+    pub slot: String,
+    pub publication: String,
+    /// How often a standby status update is sent even when nothing changed.
+    pub status_interval: Duration,
+}
+
+/// A table as the current connection announced it.
+struct RelationInfo {
+    table: TableName,
+    entity: Option<Arc<Entity>>,
+    columns: Vec<(String, Kind)>,
+}
+
+struct Transaction {
+    commit_lsn: Lsn,
+    timestamp: Timestamp,
+    xid: u64,
+    next_seq: u32,
+}
+
+pub struct Capture {
+    catalog: Catalog,
+    mapping: Arc<Mapping>,
+    entities: HashMap<TableName, Arc<Entity>>,
+    relations: HashMap<u32, RelationInfo>,
+    transaction: Option<Transaction>,
+    progress_sent: Lsn,
+}
+
+impl Capture {
+    pub fn new(catalog: Catalog, mapping: Arc<Mapping>) -> Self {
+        let entities = mapping
+            .entities()
+            .iter()
+            .map(|entity| (entity.table.clone(), Arc::new(entity.clone())))
+            .collect();
+        Self {
+            catalog,
+            mapping,
+            entities,
+            relations: HashMap::new(),
+            transaction: None,
+            progress_sent: 0,
+        }
+    }
+
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// Connects, creates the slot if needed and starts streaming from `start`.
+    pub async fn connect(
+        params: &ConnectParams,
+        settings: &StreamSettings,
+        start: Lsn,
+    ) -> Result<ReplicationStream, CaptureError> {
+        let mut client = ReplicationClient::connect(params).await?;
+        if client.create_slot(&settings.slot).await? {
+            tracing::info!(slot = %settings.slot, "created replication slot");
+        }
+        Ok(client.start_replication(&settings.slot, &settings.publication, start).await?)
+    }
+
+    /// Streams until `shutdown`, then returns the stream so the caller can send the final
+    /// acknowledgement once the log writer has drained.
+    pub async fn run(
+        &mut self,
+        mut stream: ReplicationStream,
+        settings: &StreamSettings,
+        out: mpsc::Sender<Captured>,
+        mut acked: watch::Receiver<Lsn>,
+        shutdown: CancellationToken,
+    ) -> Result<ReplicationStream, CaptureError> {
+        let mut status = tokio::time::interval(settings.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(stream),
+                changed = acked.changed() => {
+                    if changed.is_err() {
+                        return Err(CaptureError::WriterGone);
+                    }
+                    let flushed = *acked.borrow_and_update();
+                    stream.send_status(flushed, false).await?;
+                }
+                _ = status.tick() => {
+                    let flushed = *acked.borrow();
+                    stream.send_status(flushed, false).await?;
+                }
+                message = stream.next() => match message? {
+                    ReplicationMessage::XLogData { data, .. } => {
+                        let message = pgoutput::decode(data)?;
+                        self.handle(message, &out).await?;
+                    }
+                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                        if self.transaction.is_none() && wal_end > self.progress_sent {
+                            self.progress_sent = wal_end;
+                            send(&out, Captured::Progress(wal_end)).await?;
+                        }
+                        if reply_requested {
+                            let flushed = *acked.borrow();
+                            stream.send_status(flushed, false).await?;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    async fn handle(&mut self, message: LogicalMessage, out: &mpsc::Sender<Captured>) -> Result<(), CaptureError> {
+        match message {
+            LogicalMessage::Begin { final_lsn, commit_time, xid } => {
+                self.transaction = Some(Transaction {
+                    commit_lsn: final_lsn,
+                    timestamp: Timestamp(commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS)),
+                    xid: u64::from(xid),
+                    next_seq: 0,
+                });
+            }
+            LogicalMessage::Commit { end_lsn, .. } => {
+                if self.transaction.take().is_none() {
+                    return Err(CaptureError::Protocol("Commit without Begin".into()));
+                }
+                self.progress_sent = self.progress_sent.max(end_lsn);
+                send(out, Captured::Progress(end_lsn)).await?;
+            }
+            LogicalMessage::Relation(relation) => {
+                let table = TableName::new(relation.namespace, relation.name);
+                let entity = self.entities.get(&table).cloned();
+                let mut columns = Vec::with_capacity(relation.columns.len());
+                for column in relation.columns {
+                    // Unmapped tables are never rendered: no catalog lookups for them.
+                    let kind = match entity {
+                        Some(_) => self.catalog.kind(column.type_oid).await?,
+                        None => Kind::Text,
+                    };
+                    columns.push((column.name, kind));
+                }
+                self.relations.insert(relation.id, RelationInfo { table, entity, columns });
+            }
+            LogicalMessage::Insert { relation, new } => {
+                self.change(out, relation, Op::Insert, Some(new), None).await?;
+            }
+            LogicalMessage::Update { relation, old, new } => {
+                self.change(out, relation, Op::Update, Some(new), old).await?;
+            }
+            LogicalMessage::Delete { relation, old } => {
+                self.change(out, relation, Op::Delete, None, Some(old)).await?;
+            }
+            LogicalMessage::Truncate { relations, .. } => {
+                for relation in relations {
+                    self.change(out, relation, Op::Truncate, None, None).await?;
+                }
+            }
+            LogicalMessage::Type { .. } | LogicalMessage::Origin { .. } | LogicalMessage::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn change(
+        &mut self,
+        out: &mpsc::Sender<Captured>,
+        relation: u32,
+        op: Op,
+        new: Option<Tuple>,
+        old: Option<OldTuple>,
+    ) -> Result<(), CaptureError> {
+        let info = self
+            .relations
+            .get(&relation)
+            .ok_or_else(|| CaptureError::Protocol(format!("change for relation {relation} before its Relation message")))?;
+        let Some(entity) = info.entity.clone() else { return Ok(()) };
+        let transaction = self
+            .transaction
+            .as_mut()
+            .ok_or_else(|| CaptureError::Protocol("change outside a transaction".into()))?;
+        let old_row = match &old {
+            Some(OldTuple::Full(tuple)) | Some(OldTuple::Key(tuple)) => Some(render_row(info, tuple, None)),
+            None => None,
+        };
+        // A key-only old tuple is not the previous row; keep it only for deletes.
+        let old_row = match (&old, op) {
+            (Some(OldTuple::Key(_)), Op::Update) => None,
+            _ => old_row,
+        };
+        let new_row = new.as_ref().map(|tuple| render_row(info, tuple, old_row.as_ref()));
+        let change = Change {
+            table: info.table.clone(),
+            op,
+            new: new_row,
+            old: old_row,
+            timestamp: transaction.timestamp,
+            lsn: Some(transaction.commit_lsn),
+            xid: transaction.xid,
+        };
+        for event in entity.events(&change) {
+            let position = Position { major: transaction.commit_lsn, minor: transaction.next_seq };
+            transaction.next_seq += 1;
+            send(out, Captured::Event { position, event }).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn send(out: &mpsc::Sender<Captured>, item: Captured) -> Result<(), CaptureError> {
+    out.send(item).await.map_err(|_| CaptureError::WriterGone)
+}
+
+/// Renders a tuple as `to_jsonb(row)` would. Unchanged TOASTed values (`u`) are taken from
+/// the old row, which `REPLICA IDENTITY FULL` makes complete.
+fn render_row(info: &RelationInfo, tuple: &Tuple, old: Option<&Row>) -> Row {
+    let mut columns = Vec::with_capacity(info.columns.len());
+    for ((name, kind), datum) in info.columns.iter().zip(&tuple.0) {
+        let value = match datum {
+            Datum::Null => Value::Null,
+            Datum::Text(bytes) | Datum::Binary(bytes) => render::render(bytes, kind).unwrap_or_else(|err| {
+                tracing::warn!(table = %info.table, column = %name, error = %err, "value not renderable; sent as text");
+                Value::String(String::from_utf8_lossy(bytes).into_owned())
+            }),
+            Datum::UnchangedToast => match old.and_then(|row| row.get(name)) {
+                Some(value) => value.clone(),
+                None => {
+                    // Only possible without REPLICA IDENTITY FULL, which `setup` installs.
+                    tracing::warn!(table = %info.table, column = %name, "unchanged TOAST value without old row; column omitted");
+                    continue;
+                }
+            },
+        };
+        columns.push((name.clone(), value));
+    }
+    render::row_object(columns)
+}

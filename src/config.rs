@@ -1,0 +1,123 @@
+//! Settings of the publisher, their defaults and their validation.
+//!
+//! Every bound the pipeline has is here, named and documented; the CLI maps flags and
+//! environment variables onto these.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::mapping::Mapping;
+
+/// Which capture source feeds the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceMode {
+    /// Replication when the server and role allow it, otherwise triggers.
+    Auto,
+    /// A logical replication slot with pgoutput.
+    Replication,
+    /// Row triggers writing to an outbox, woken by NOTIFY.
+    Triggers,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The database whose changes are captured.
+    pub database: tokio_postgres::Config,
+    /// Where the event log lives; by default the source database.
+    pub log: tokio_postgres::Config,
+    pub mapping: Arc<Mapping>,
+    pub source: SourceMode,
+    /// Replication slot name (default `rowcast`).
+    pub slot: String,
+    /// Publication name (default `rowcast`).
+    pub publication: String,
+    /// Most events appended in one log transaction (default 1000). Also bounds how much of a
+    /// large source transaction is held in memory at once.
+    pub batch_size: usize,
+    /// Captured items buffered between capture and the log writer (default 4096).
+    pub queue_capacity: usize,
+    /// Events older than this are trimmed from the log (default 7 days).
+    pub retention: Duration,
+    /// How often the slot position is reported even when idle (default 10 s).
+    pub status_interval: Duration,
+    /// Largest protocol message accepted from the server (default 1 GiB + 64 KiB: one maximal
+    /// Postgres value plus its row).
+    pub max_message_bytes: usize,
+    /// Longest wait between reconnection attempts (default 30 s).
+    pub max_backoff: Duration,
+}
+
+impl Settings {
+    pub fn new(database: tokio_postgres::Config) -> Self {
+        Self {
+            log: database.clone(),
+            database,
+            mapping: Arc::new(Mapping::builtin()),
+            source: SourceMode::Replication,
+            slot: "rowcast".into(),
+            publication: "rowcast".into(),
+            batch_size: 1000,
+            queue_capacity: 4096,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            status_interval: Duration::from_secs(10),
+            max_message_bytes: (1 << 30) + (64 << 10),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parses `90s`, `15m`, `12h`, `7d` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 15m, 12h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown duration unit {unit:?} in {text:?} (use s, m, h or d)")),
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("duration {text:?} is too large"))
+}
+
+/// A slot or publication name: what Postgres accepts for replication slots, so it can be used
+/// for both without surprises.
+pub fn check_object_name(what: &str, name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{what} name {name:?} must be 1-63 characters of a-z, 0-9 and _"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert!(parse_duration("7 days").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn object_names() {
+        assert!(check_object_name("slot", "rowcast_1").is_ok());
+        assert!(check_object_name("slot", "Rowcast").is_err());
+        assert!(check_object_name("slot", "").is_err());
+        assert!(check_object_name("slot", "a\"b").is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! The event envelope (SPEC §3) and the position that makes appends idempotent.
+//!
+//! An [`Event`] is built by the mapping from a row change, gets its `id` when the log appends
+//! it, and is serialized exactly once, at append time; every reader after that shares the
+//! same bytes.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// A row as `to_jsonb(row)` renders it.
+pub type Row = Map<String, Value>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Info,
+    Warning,
+    Error,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+
+    /// The number stored in the log, so "at least warning" is a range query.
+    pub fn rank(self) -> i16 {
+        self as i16
+    }
+}
+
+impl std::str::FromStr for Severity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "info" => Ok(Severity::Info),
+            "warning" => Ok(Severity::Warning),
+            "error" => Ok(Severity::Error),
+            other => Err(format!("unknown severity {other:?} (expected info, warning or error)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn action(self) -> &'static str {
+        match self {
+            Op::Insert => "created",
+            Op::Update => "updated",
+            Op::Delete => "deleted",
+            Op::Truncate => "truncated",
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch, serialized as RFC 3339 UTC with microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(now.as_micros() as i64)
+    }
+
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        let offset = std::time::Duration::from_micros(self.0.unsigned_abs());
+        if self.0 >= 0 {
+            std::time::UNIX_EPOCH + offset
+        } else {
+            std::time::UNIX_EPOCH - offset
+        }
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.div_euclid(1_000_000);
+        let micros = self.0.rem_euclid(1_000_000);
+        let days = secs.div_euclid(86_400);
+        let secs_of_day = secs.rem_euclid(86_400);
+        let (year, month, day) = civil_from_days(days);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+            secs_of_day / 3600,
+            secs_of_day / 60 % 60,
+            secs_of_day % 60
+        )
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Origin {
+    /// Schema-qualified table name.
+    pub table: String,
+    pub op: Op,
+    /// Commit LSN, replication mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    pub xid: u64,
+}
+
+/// Where a change sits in its source's own order: `(commit LSN, index in the transaction)` for
+/// replication, `(outbox id, index)` for triggers. The log remembers the last position it
+/// appended, and drops anything at or before it, which makes re-delivery after a crash harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub major: u64,
+    pub minor: u32,
+}
+
+/// The envelope of SPEC §3.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub timestamp: Timestamp,
+    pub organization_id: Option<String>,
+    pub domain_id: Option<String>,
+    pub severity: Severity,
+    pub data: Option<Row>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old: Option<Row>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed: Option<Vec<String>>,
+    pub source: Origin,
+}
+
+impl Event {
+    pub fn entity(&self) -> &str {
+        self.kind.split_once('.').map_or(self.kind.as_str(), |(entity, _)| entity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_render_as_rfc3339_micros() {
+        assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(Timestamp(1_795_342_530_123_456).to_string(), "2026-11-22T10:15:30.123456Z");
+        assert_eq!(Timestamp(951_782_400_000_001).to_string(), "2000-02-29T00:00:00.000001Z");
+        assert_eq!(Timestamp(-1).to_string(), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn severity_orders_and_parses() {
+        assert!(Severity::Info < Severity::Warning && Severity::Warning < Severity::Error);
+        assert_eq!("error".parse::<Severity>(), Ok(Severity::Error));
+        assert!("fatal".parse::<Severity>().is_err());
+    }
+
+    #[test]
+    fn envelope_omits_what_does_not_apply() {
+        let event = Event {
+            id: 7,
+            kind: "agent.created".into(),
+            timestamp: Timestamp(0),
+            organization_id: Some("quant".into()),
+            domain_id: None,
+            severity: Severity::Info,
+            data: Some(Row::new()),
+            old: None,
+            changed: None,
+            source: Origin { table: "public.agents".into(), op: Op::Insert, lsn: None, xid: 9 },
+        };
+        let json = serde_json::to_string(&event).expect("serializes");
+        assert_eq!(
+            json,
+            r#"{"id":7,"type":"agent.created","timestamp":"1970-01-01T00:00:00.000000Z","organization_id":"quant","domain_id":null,"severity":"info","data":{},"source":{"table":"public.agents","op":"insert","xid":9}}"#
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! rowcast: committed Postgres row changes become typed events in a durable log.
+//!
+//! ```text
+//! Postgres --(slot, pgoutput)--> capture --> decode/map --> event log
+//!          capture/replication.rs   capture/pgoutput.rs      log.rs
+//!                                   render.rs, mapping.rs
+//! ```
+//!
+//! The data flow, module by module:
+//!
+//! 1. [`capture::replication`] speaks the streaming replication protocol: a logical slot with
+//!    the built-in `pgoutput` plugin, in a session pinned to UTC/ISO output.
+//! 2. [`capture::pgoutput`] decodes its messages; [`capture::stream`] keeps the relation cache,
+//!    renders rows with [`render`] (exactly `to_jsonb(row)` in a UTC session) and maps them to
+//!    events with [`mapping`].
+//! 3. [`log`] appends events in batches, each with its source cursor, in one transaction.
+//! 4. [`publisher`] supervises the pipeline and reconnects.
+//!
+//! Guarantees: every committed change on a mapped table becomes its events exactly once, in
+//! commit order, with strictly increasing ids; the slot is acknowledged only up to changes
+//! whose events are committed in the log; an idle source does not make the slot hold WAL.
+
+pub mod capture;
+pub mod config;
+pub mod event;
+pub mod log;
+pub mod mapping;
+pub mod publisher;
+pub mod render;
+pub mod setup;

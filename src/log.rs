@@ -1,0 +1,239 @@
+//! The durable event log, in Postgres (`--log-url`, by default the source database).
+//!
+//! Guarantees:
+//! - ids are assigned here, strictly increasing, never reused (even when retention empties the
+//!   log: `rowcast.log_head` remembers the last one);
+//! - one writer at a time: the writer holds a session advisory lock on the log database;
+//! - an append is one statement, so one transaction: the events, the new head and the source's
+//!   cursor commit together or not at all. Events at or before the cursor's position are
+//!   dropped, so a source re-sending after a crash creates no duplicate.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::event::{Event, Position};
+
+/// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
+const WRITER_LOCK: i64 = 0x0072_6f77_6361_7374;
+
+pub const SCHEMA_SQL: &str = include_str!("../migrations/rowcast.sql");
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("event log database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("another rowcast publisher is writing to this event log")]
+    Locked,
+    #[error("serializing event: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl LogError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            // A lost connection or a restarting server; an undefined table is a setup problem.
+            LogError::Postgres(err) => err.code().is_none_or(|code| !code.code().starts_with("42")),
+            LogError::Locked => true,
+            LogError::Serialize(_) => false,
+        }
+    }
+}
+
+/// Where a source stands in the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub position: Position,
+    pub progress: u64,
+}
+
+/// An event as stored: the envelope serialized once, with the fields filters need.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: u64,
+    pub kind: String,
+    pub organization_id: Option<String>,
+    pub domain_id: Option<String>,
+    pub severity: crate::event::Severity,
+    pub json: String,
+}
+
+/// Connects with a background connection task; errors of that task end the client.
+pub async fn connect(config: &tokio_postgres::Config, role: &'static str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(connection = role, error = %err, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Installs the log's schema (idempotent).
+pub async fn install(client: &Client) -> Result<(), LogError> {
+    client.batch_execute(SCHEMA_SQL).await?;
+    Ok(())
+}
+
+/// The single writer of the log.
+pub struct LogWriter {
+    client: Client,
+    source: String,
+    last_id: u64,
+    cursor: Cursor,
+}
+
+impl LogWriter {
+    /// Takes the writer lock and reads the head and `source`'s cursor.
+    pub async fn open(config: &tokio_postgres::Config, source: &str) -> Result<Self, LogError> {
+        let client = connect(config, "log writer").await?;
+        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK]).await?.get(0);
+        if !locked {
+            return Err(LogError::Locked);
+        }
+        let last_id: i64 = client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?.get(0);
+        let cursor = client
+            .query_opt(
+                "SELECT position_major, position_minor, progress FROM rowcast.cursors WHERE source = $1",
+                &[&source],
+            )
+            .await?
+            .map(|row| Cursor {
+                position: Position { major: row.get::<_, i64>(0) as u64, minor: row.get::<_, i32>(1) as u32 },
+                progress: row.get::<_, i64>(2) as u64,
+            })
+            .unwrap_or_default();
+        Ok(Self { client, source: source.to_owned(), last_id: last_id as u64, cursor })
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    /// Appends `events` (those after the cursor's position) and moves the cursor, in one
+    /// transaction. `progress` is the source position the batch completes, if any.
+    pub async fn append(
+        &mut self,
+        events: Vec<(Position, Event)>,
+        progress: Option<u64>,
+    ) -> Result<Vec<StoredEvent>, LogError> {
+        let mut cursor = self.cursor;
+        if let Some(progress) = progress {
+            cursor.progress = cursor.progress.max(progress);
+        }
+        let mut stored = Vec::with_capacity(events.len());
+        let mut columns = Columns::default();
+        let mut id = self.last_id;
+        for (position, mut event) in events {
+            if position <= self.cursor.position {
+                continue;
+            }
+            cursor.position = position;
+            id += 1;
+            event.id = id;
+            let json = serde_json::to_string(&event)?;
+            columns.push(&event, &json);
+            stored.push(StoredEvent {
+                id,
+                kind: event.kind,
+                organization_id: event.organization_id,
+                domain_id: event.domain_id,
+                severity: event.severity,
+                json,
+            });
+        }
+        if stored.is_empty() {
+            // Progress alone need not be written: after a restart the source re-sends from the
+            // last written progress and everything up to the position is dropped again.
+            self.cursor.progress = cursor.progress;
+            return Ok(stored);
+        }
+        let statement = "\
+            WITH appended AS (
+                INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body)
+                SELECT id, type, committed_at, organization_id, domain_id, severity, body::json
+                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[])
+                       AS e(id, type, committed_at, organization_id, domain_id, severity, body)
+                RETURNING 1
+            ), head AS (
+                UPDATE rowcast.log_head SET last_id = greatest(last_id, $8)
+            ), moved AS (
+                INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
+                VALUES ($9, $10, $11, $12)
+                ON CONFLICT (source) DO UPDATE SET position_major = excluded.position_major,
+                    position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
+            )
+            SELECT count(*) FROM appended";
+        self.client
+            .query_one(
+                statement,
+                &[
+                    &columns.ids,
+                    &columns.kinds,
+                    &columns.times,
+                    &columns.organizations,
+                    &columns.domains,
+                    &columns.severities,
+                    &columns.bodies,
+                    &(id as i64),
+                    &self.source,
+                    &(cursor.position.major as i64),
+                    &(cursor.position.minor as i32),
+                    &(cursor.progress as i64),
+                ],
+            )
+            .await?;
+        self.last_id = id;
+        self.cursor = cursor;
+        Ok(stored)
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    ids: Vec<i64>,
+    kinds: Vec<String>,
+    times: Vec<std::time::SystemTime>,
+    organizations: Vec<Option<String>>,
+    domains: Vec<Option<String>>,
+    severities: Vec<i16>,
+    bodies: Vec<String>,
+}
+
+impl Columns {
+    fn push(&mut self, event: &Event, json: &str) {
+        self.ids.push(event.id as i64);
+        self.kinds.push(event.kind.clone());
+        self.times.push(event.timestamp.to_system_time());
+        self.organizations.push(event.organization_id.clone());
+        self.domains.push(event.domain_id.clone());
+        self.severities.push(event.severity.rank());
+        self.bodies.push(json.to_owned());
+    }
+}
+
+/// Deletes events committed more than `retention` ago, in bounded batches so a large backlog
+/// never holds one long transaction. Returns how many went.
+pub async fn trim(client: &Client, retention: Duration) -> Result<u64, LogError> {
+    let seconds = retention.as_secs_f64();
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute(
+                "DELETE FROM rowcast.events WHERE id IN (
+                     SELECT id FROM rowcast.events
+                      WHERE committed_at < now() - make_interval(secs => $1)
+                      ORDER BY id LIMIT 10000)",
+                &[&seconds],
+            )
+            .await?;
+        total += deleted;
+        if deleted < 10_000 {
+            return Ok(total);
+        }
+    }
+}

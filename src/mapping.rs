@@ -1,0 +1,494 @@
+//! Tables → entities → event types (SPEC §4).
+//!
+//! A [`Mapping`] is read from TOML (the built-in default is `config/mapping.toml`, compiled in)
+//! and checked twice: once on its own when parsed, and once against the database's catalog at
+//! startup ([`Mapping::check_columns`]), so a mapping naming a missing table or column fails
+//! before anything is captured. Turning a change into events ([`Entity::events`]) is pure.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::capture::Change;
+use crate::event::{Event, Op, Origin, Row, Severity};
+
+pub const DEFAULT_MAPPING: &str = include_str!("../config/mapping.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    #[error("reading mapping file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("mapping file is not valid: {0}")]
+    Syntax(#[from] toml::de::Error),
+    #[error("mapping: {0}")]
+    Invalid(String),
+    #[error("mapping names table {table}, which does not exist")]
+    MissingTable { table: TableName },
+    #[error("mapping names column {column:?} of table {table}, which has no such column")]
+    MissingColumn { table: TableName, column: String },
+}
+
+/// A schema-qualified table name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { schema: schema.into(), name: name.into() }
+    }
+
+    /// `agents` or `app.agents`; the schema defaults to `public`.
+    pub fn parse(text: &str) -> Result<Self, MappingError> {
+        let (schema, name) = text.split_once('.').unwrap_or(("public", text));
+        if schema.is_empty() || name.is_empty() || name.contains('.') {
+            return Err(MappingError::Invalid(format!("table name {text:?} is not schema.table or table")));
+        }
+        Ok(Self::new(schema, name))
+    }
+
+    /// Quoted for SQL.
+    pub fn sql(&self) -> String {
+        format!("\"{}\".\"{}\"", self.schema.replace('"', "\"\""), self.name.replace('"', "\"\""))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// What makes an extra event fire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trigger {
+    /// An update where the column's value differs.
+    Changed(String),
+    /// An insert with the value, or an update from a different value.
+    Becomes { column: String, value: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtraEvent {
+    pub action: String,
+    pub trigger: Trigger,
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    pub name: String,
+    pub table: TableName,
+    pub organization: Option<String>,
+    pub domain: Option<String>,
+    pub redact: Vec<String>,
+    pub events: Vec<ExtraEvent>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    entities: Vec<Entity>,
+    by_table: HashMap<TableName, usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    #[serde(default)]
+    entity: Vec<EntitySpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntitySpec {
+    name: String,
+    table: String,
+    organization: Option<String>,
+    domain: Option<String>,
+    #[serde(default)]
+    redact: Vec<String>,
+    #[serde(default)]
+    event: Vec<EventSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventSpec {
+    action: String,
+    changed: Option<String>,
+    becomes: Option<BecomesSpec>,
+    severity: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BecomesSpec {
+    column: String,
+    value: toml::Value,
+}
+
+impl Mapping {
+    pub fn builtin() -> Self {
+        // The built-in file is tested below; failing here is a build mistake, not bad input.
+        Self::from_toml(DEFAULT_MAPPING).unwrap_or_else(|err| panic!("built-in mapping: {err}"))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, MappingError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| MappingError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, MappingError> {
+        let spec: FileSpec = toml::from_str(text)?;
+        let mut entities = Vec::new();
+        for entity in spec.entity {
+            entities.push(entity_from_spec(entity)?);
+        }
+        Self::new(entities)
+    }
+
+    pub fn new(entities: Vec<Entity>) -> Result<Self, MappingError> {
+        if entities.is_empty() {
+            return Err(MappingError::Invalid("no [[entity]] is declared".into()));
+        }
+        let mut by_table = HashMap::new();
+        let mut names = BTreeSet::new();
+        for (index, entity) in entities.iter().enumerate() {
+            if by_table.insert(entity.table.clone(), index).is_some() {
+                return Err(MappingError::Invalid(format!("table {} is mapped twice", entity.table)));
+            }
+            if !names.insert(entity.name.as_str()) {
+                return Err(MappingError::Invalid(format!("entity {:?} is declared twice", entity.name)));
+            }
+        }
+        Ok(Self { entities, by_table })
+    }
+
+    pub fn entities(&self) -> &[Entity] {
+        &self.entities
+    }
+
+    pub fn entity_for(&self, table: &TableName) -> Option<&Entity> {
+        self.by_table.get(table).and_then(|&index| self.entities.get(index))
+    }
+
+    /// Checks every named table and column against the catalog (`table → its columns`).
+    pub fn check_columns(&self, catalog: &HashMap<TableName, Vec<String>>) -> Result<(), MappingError> {
+        for entity in &self.entities {
+            let columns = catalog
+                .get(&entity.table)
+                .ok_or_else(|| MappingError::MissingTable { table: entity.table.clone() })?;
+            for column in entity.columns_used() {
+                if !columns.iter().any(|c| c == column) {
+                    return Err(MappingError::MissingColumn {
+                        table: entity.table.clone(),
+                        column: column.to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn entity_from_spec(spec: EntitySpec) -> Result<Entity, MappingError> {
+    let invalid = |what: String| MappingError::Invalid(format!("entity {:?}: {what}", spec.name));
+    if !is_word(&spec.name) {
+        return Err(invalid("the name must be non-empty and contain no '.', '*' or spaces".into()));
+    }
+    let table = TableName::parse(&spec.table)?;
+    let mut events = Vec::new();
+    for event in spec.event {
+        if !is_word(&event.action) {
+            return Err(invalid(format!("action {:?} must be non-empty with no '.', '*' or spaces", event.action)));
+        }
+        let trigger = match (event.changed, event.becomes) {
+            (Some(column), None) => Trigger::Changed(column),
+            (None, Some(becomes)) => Trigger::Becomes { column: becomes.column, value: toml_text(&becomes.value)? },
+            _ => return Err(invalid(format!("event {:?} needs exactly one of `changed` or `becomes`", event.action))),
+        };
+        let severity = match event.severity {
+            Some(text) => text.parse().map_err(|err: String| invalid(err))?,
+            None => Severity::Info,
+        };
+        events.push(ExtraEvent { action: event.action, trigger, severity });
+    }
+    Ok(Entity {
+        name: spec.name,
+        table,
+        organization: spec.organization,
+        domain: spec.domain,
+        redact: spec.redact,
+        events,
+    })
+}
+
+fn is_word(text: &str) -> bool {
+    !text.is_empty() && !text.contains(['.', '*', ' ', '\t', '\n'])
+}
+
+fn toml_text(value: &toml::Value) -> Result<String, MappingError> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(MappingError::Invalid(format!("`becomes` value {other} must be a string, number or boolean"))),
+    }
+}
+
+/// A column value as the text a `becomes` value is compared with.
+fn value_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+impl Entity {
+    fn columns_used(&self) -> impl Iterator<Item = &str> {
+        let extra = self.events.iter().map(|event| match &event.trigger {
+            Trigger::Changed(column) | Trigger::Becomes { column, .. } => column.as_str(),
+        });
+        self.organization
+            .iter()
+            .chain(&self.domain)
+            .chain(&self.redact)
+            .map(String::as_str)
+            .chain(extra)
+    }
+
+    /// The events one row change produces: the plain one, then the extra ones in declaration
+    /// order, all with the same data. Ids are assigned by the log.
+    pub fn events(&self, change: &Change) -> Vec<Event> {
+        let (data, old) = match change.op {
+            Op::Insert => (change.new.as_ref(), None),
+            Op::Update => (change.new.as_ref(), change.old.as_ref()),
+            Op::Delete => (change.old.as_ref(), change.old.as_ref()),
+            Op::Truncate => (None, None),
+        };
+        let scope = |column: &Option<String>| {
+            let column = column.as_deref()?;
+            data.and_then(|row| row.get(column)).and_then(value_text)
+        };
+        let changed = match (change.op, data, old) {
+            (Op::Update, Some(new), Some(old)) => Some(self.changed_columns(old, new)),
+            _ => None,
+        };
+        let plain = Event {
+            id: 0,
+            kind: format!("{}.{}", self.name, change.op.action()),
+            timestamp: change.timestamp,
+            organization_id: scope(&self.organization),
+            domain_id: scope(&self.domain),
+            severity: Severity::Info,
+            data: data.map(|row| self.redacted(row)),
+            old: old.filter(|_| change.op != Op::Insert).map(|row| self.redacted(row)),
+            changed,
+            source: Origin {
+                table: change.table.to_string(),
+                op: change.op,
+                lsn: change.lsn.map(crate::capture::replication::format_lsn),
+                xid: change.xid,
+            },
+        };
+        let mut events = Vec::with_capacity(1 + self.events.len());
+        for extra in &self.events {
+            if self.fires(extra, change.op, data, old) {
+                let mut event = plain.clone();
+                event.kind = format!("{}.{}", self.name, extra.action);
+                event.severity = extra.severity;
+                events.push(event);
+            }
+        }
+        events.insert(0, plain);
+        events
+    }
+
+    fn fires(&self, extra: &ExtraEvent, op: Op, new: Option<&Row>, old: Option<&Row>) -> bool {
+        let get = |row: Option<&Row>, column: &str| row.and_then(|row| row.get(column)).cloned();
+        match (&extra.trigger, op) {
+            (Trigger::Changed(column), Op::Update) => {
+                old.is_some() && get(new, column) != get(old, column)
+            }
+            (Trigger::Becomes { column, value }, Op::Insert) => {
+                get(new, column).as_ref().and_then(value_text).as_deref() == Some(value)
+            }
+            (Trigger::Becomes { column, value }, Op::Update) => {
+                let now = get(new, column).as_ref().and_then(value_text);
+                let before = get(old, column).as_ref().and_then(value_text);
+                old.is_some() && now.as_deref() == Some(value) && before.as_deref() != Some(value)
+            }
+            _ => false,
+        }
+    }
+
+    /// Sorted names of the visible columns whose values differ.
+    fn changed_columns(&self, old: &Row, new: &Row) -> Vec<String> {
+        let mut names: Vec<String> = new
+            .iter()
+            .filter(|(name, value)| !self.redact.contains(name) && old.get(*name) != Some(value))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn redacted(&self, row: &Row) -> Row {
+        if self.redact.is_empty() {
+            return row.clone();
+        }
+        row.iter()
+            .filter(|(name, _)| !self.redact.contains(name))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Timestamp;
+    use serde_json::json;
+
+    fn row(value: Value) -> Row {
+        match value {
+            Value::Object(map) => map,
+            _ => panic!("not an object"),
+        }
+    }
+
+    fn change(table: &str, op: Op, new: Option<Value>, old: Option<Value>) -> Change {
+        Change {
+            table: TableName::parse(table).expect("table"),
+            op,
+            new: new.map(row),
+            old: old.map(row),
+            timestamp: Timestamp(0),
+            lsn: Some(0x10),
+            xid: 5,
+        }
+    }
+
+    fn kinds(events: &[Event]) -> Vec<&str> {
+        events.iter().map(|e| e.kind.as_str()).collect()
+    }
+
+    #[test]
+    fn builtin_mapping_parses_and_maps_six_tables() {
+        let mapping = Mapping::builtin();
+        let tables: Vec<String> = mapping.entities().iter().map(|e| e.table.to_string()).collect();
+        assert_eq!(
+            tables,
+            ["public.organizations", "public.domains", "public.agents", "public.instances", "public.deployments", "public.users"]
+        );
+    }
+
+    #[test]
+    fn status_change_adds_an_event_with_the_same_data() {
+        let mapping = Mapping::builtin();
+        let agents = mapping.entity_for(&TableName::new("public", "agents")).expect("agents");
+        let old = json!({"id": "agt-1", "organization_id": "quant", "domain_id": "demo", "status": "active"});
+        let new = json!({"id": "agt-1", "organization_id": "quant", "domain_id": "demo", "status": "inactive"});
+        let events = agents.events(&change("agents", Op::Update, Some(new.clone()), Some(old)));
+        assert_eq!(kinds(&events), ["agent.updated", "agent.status_changed"]);
+        assert_eq!(events[1].data, Some(row(new)));
+        assert_eq!(events[1].changed.as_deref(), Some(&["status".to_string()][..]));
+        assert_eq!(events[0].organization_id.as_deref(), Some("quant"));
+        assert_eq!(events[0].domain_id.as_deref(), Some("demo"));
+        assert_eq!(events[0].source.lsn.as_deref(), Some("0/10"));
+    }
+
+    #[test]
+    fn becomes_fires_on_insert_and_on_change_only() {
+        let mapping = Mapping::builtin();
+        let deployments = mapping.entity_for(&TableName::new("public", "deployments")).expect("deployments");
+        let failed = json!({"id": "d1", "organization_id": "o", "domain_id": null, "status": "failed"});
+        let running = json!({"id": "d1", "organization_id": "o", "domain_id": null, "status": "running"});
+        let inserted = deployments.events(&change("deployments", Op::Insert, Some(running.clone()), None));
+        assert_eq!(kinds(&inserted), ["deployment.created", "deployment.started"]);
+        assert_eq!(inserted[0].domain_id, None);
+        let updated = deployments.events(&change("deployments", Op::Update, Some(failed.clone()), Some(running)));
+        assert_eq!(kinds(&updated), ["deployment.updated", "deployment.failed"]);
+        assert_eq!(updated[1].severity, Severity::Error);
+        let unchanged = deployments.events(&change("deployments", Op::Update, Some(failed.clone()), Some(failed)));
+        assert_eq!(kinds(&unchanged), ["deployment.updated"]);
+        assert_eq!(unchanged[0].changed.as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn delete_and_truncate() {
+        let mapping = Mapping::builtin();
+        let agents = mapping.entity_for(&TableName::new("public", "agents")).expect("agents");
+        let old = json!({"id": "agt-1", "organization_id": "quant", "domain_id": "demo", "status": "active"});
+        let deleted = agents.events(&change("agents", Op::Delete, None, Some(old.clone())));
+        assert_eq!(kinds(&deleted), ["agent.deleted"]);
+        assert_eq!(deleted[0].data, Some(row(old.clone())));
+        assert_eq!(deleted[0].old, Some(row(old)));
+        assert_eq!(deleted[0].changed, None);
+        let truncated = agents.events(&change("agents", Op::Truncate, None, None));
+        assert_eq!(kinds(&truncated), ["agent.truncated"]);
+        assert_eq!((truncated[0].data.as_ref(), truncated[0].organization_id.as_ref()), (None, None));
+    }
+
+    #[test]
+    fn redacted_columns_never_appear() {
+        let mapping = Mapping::builtin();
+        let users = mapping.entity_for(&TableName::new("public", "users")).expect("users");
+        let old = json!({"id": "u1", "organization_id": "o", "password_hash": "x", "name": "a"});
+        let new = json!({"id": "u1", "organization_id": "o", "password_hash": "y", "name": "b"});
+        let events = users.events(&change("users", Op::Update, Some(new), Some(old)));
+        let text = serde_json::to_string(&events).expect("json");
+        assert!(!text.contains("password_hash"), "{text}");
+        assert_eq!(events[0].changed.as_deref(), Some(&["name".to_string()][..]));
+    }
+
+    #[test]
+    fn numbers_and_nulls_as_scope() {
+        let mapping = Mapping::from_toml("[[entity]]\nname = \"t\"\ntable = \"app.t\"\norganization = \"org\"\ndomain = \"dom\"\n")
+            .expect("mapping");
+        let entity = mapping.entity_for(&TableName::new("app", "t")).expect("entity");
+        let events = entity.events(&change("app.t", Op::Insert, Some(json!({"org": 42, "dom": null})), None));
+        assert_eq!(events[0].organization_id.as_deref(), Some("42"));
+        assert_eq!(events[0].domain_id, None);
+    }
+
+    #[test]
+    fn bad_mappings_say_what_is_wrong() {
+        let cases = [
+            ("", "no [[entity]]"),
+            ("[[entity]]\nname = \"a\"\n", "missing field `table`"),
+            ("[[entity]]\nname = \"a.b\"\ntable = \"t\"\n", "must be non-empty"),
+            ("[[entity]]\nname = \"a\"\ntable = \"t\"\ncolour = 1\n", "unknown field `colour`"),
+            ("[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity]]\nname = \"b\"\ntable = \"public.t\"\n", "mapped twice"),
+            ("[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity.event]]\naction = \"x\"\n", "exactly one of"),
+            ("[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity.event]]\naction = \"x\"\nchanged = \"s\"\nseverity = \"fatal\"\n", "unknown severity"),
+            ("[[entity]]\nname = \"a\"\ntable = \"x.y.z\"\n", "is not schema.table"),
+            ("[[entity]\n", "not valid"),
+        ];
+        for (text, expected) in cases {
+            let err = Mapping::from_toml(text).expect_err(text).to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn catalog_check_names_the_missing_piece() {
+        let mapping = Mapping::builtin();
+        let mut catalog: HashMap<TableName, Vec<String>> = HashMap::new();
+        let err = mapping.check_columns(&catalog).expect_err("no tables").to_string();
+        assert!(err.contains("public.organizations"), "{err}");
+        for entity in mapping.entities() {
+            catalog.insert(entity.table.clone(), vec!["id".into(), "organization_id".into(), "domain_id".into(), "status".into()]);
+        }
+        let err = mapping.check_columns(&catalog).expect_err("no password_hash").to_string();
+        assert!(err.contains("\"password_hash\"") && err.contains("public.users"), "{err}");
+    }
+}

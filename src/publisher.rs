@@ -1,0 +1,198 @@
+//! The publisher: a supervised pipeline from the capture source into the event log.
+//!
+//! ```text
+//!   capture (stream.rs) --bounded queue of Captured--> log writer (log.rs)
+//!        ^                                                  |
+//!        +------------- acked LSN (watch) ------------------+
+//! ```
+//!
+//! Both halves run in one task; if either fails, both are dropped and the pipeline is rebuilt
+//! from what the log says is durable (its cursor), after a backoff. Nothing is lost because
+//! the slot is only ever acknowledged up to the log's committed progress, and nothing is
+//! duplicated because the log drops what it already has. Errors that retrying cannot fix
+//! (bad credentials, a mapping that does not match the database) end the publisher.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::Captured;
+use crate::capture::catalog::Catalog;
+use crate::capture::replication::{ConnectParams, format_lsn};
+use crate::capture::stream::{Capture, CaptureError, StreamSettings};
+use crate::config::Settings;
+use crate::log::{self, LogError, LogWriter};
+use crate::setup::{self, SetupError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublisherError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl PublisherError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Capture(err) => err.is_retryable(),
+            Self::Log(err) => err.is_retryable(),
+            Self::Setup(err) => err.is_retryable(),
+            Self::Config(_) => false,
+        }
+    }
+}
+
+/// What the publisher is doing, for readiness checks, stats and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    /// Streaming from the source; everything committed from now on will be captured.
+    Streaming,
+    /// Waiting to reconnect after a retryable error.
+    Reconnecting { error: String },
+    Stopped,
+}
+
+/// Handles for watching a running publisher.
+#[derive(Clone)]
+pub struct Watch {
+    pub state: watch::Receiver<State>,
+    /// The id of the newest event in the log.
+    pub head: watch::Receiver<u64>,
+}
+
+pub struct Publisher {
+    settings: Settings,
+    signals: Signals,
+}
+
+struct Signals {
+    state: watch::Sender<State>,
+    head: watch::Sender<u64>,
+}
+
+impl Publisher {
+    pub fn new(settings: Settings) -> Self {
+        let signals = Signals { state: watch::channel(State::Starting).0, head: watch::channel(0).0 };
+        Self { settings, signals }
+    }
+
+    pub fn watch(&self) -> Watch {
+        Watch { state: self.signals.state.subscribe(), head: self.signals.head.subscribe() }
+    }
+
+    /// Runs until `shutdown`, reconnecting on retryable errors.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PublisherError> {
+        let result = supervise(&self.settings, &self.signals, &shutdown).await;
+        self.signals.state.send_replace(State::Stopped);
+        result
+    }
+}
+
+async fn supervise(settings: &Settings, signals: &Signals, shutdown: &CancellationToken) -> Result<(), PublisherError> {
+    let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
+        .map_err(|err| PublisherError::Config(err.to_string()))?;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = tokio::time::Instant::now();
+        match pipeline(settings, &params, signals, shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_retryable() => {
+                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "capture interrupted");
+                signals.state.send_replace(State::Reconnecting { error: err.to_string() });
+                // A pipeline that ran for a while earned a fresh, short backoff.
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(100);
+                }
+                let jitter = Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4 + 1));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                }
+                backoff = (backoff * 2).min(settings.max_backoff);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// One life of the pipeline: from the log's cursor until shutdown or the first error.
+async fn pipeline(
+    settings: &Settings,
+    params: &ConnectParams,
+    signals: &Signals,
+    shutdown: &CancellationToken,
+) -> Result<(), PublisherError> {
+    let source = format!("replication:{}", settings.slot);
+    let mut writer = LogWriter::open(&settings.log, &source).await?;
+    signals.head.send_replace(writer.last_id());
+    let cursor = writer.cursor();
+    let catalog = Catalog::new(log::connect(&settings.database, "catalog").await.map_err(LogError::from)?);
+    setup::check_mapping(&catalog, &settings.mapping).await?;
+    let stream_settings = StreamSettings {
+        slot: settings.slot.clone(),
+        publication: settings.publication.clone(),
+        status_interval: settings.status_interval,
+    };
+    let stream = Capture::connect(params, &stream_settings, cursor.progress).await?;
+    tracing::info!(slot = %settings.slot, from = %format_lsn(cursor.progress), last_id = writer.last_id(), "streaming");
+    signals.state.send_replace(State::Streaming);
+
+    let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);
+    let (acked_tx, acked_rx) = watch::channel(cursor.progress);
+    let mut capture = Capture::new(catalog, settings.mapping.clone());
+    let capturing = async {
+        let stream = capture.run(stream, &stream_settings, queue_tx, acked_rx, shutdown.clone()).await;
+        stream.map_err(PublisherError::from)
+    };
+    let writing = write_loop(&mut writer, queue_rx, &acked_tx, settings.batch_size, signals);
+    let (mut stream, ()) = tokio::try_join!(capturing, writing)?;
+    // Shutdown: the writer drained the queue; tell the slot how far the log got.
+    let acked = *acked_tx.borrow();
+    stream.send_status(acked, false).await.map_err(CaptureError::from)?;
+    stream.close().await;
+    tracing::info!(acked = %format_lsn(acked), "capture stopped");
+    Ok(())
+}
+
+/// Appends what capture sends, a batch at a time, and reports durable progress. Ends when
+/// capture drops its sender (shutdown) after draining everything it sent.
+async fn write_loop(
+    writer: &mut LogWriter,
+    mut queue: mpsc::Receiver<Captured>,
+    acked: &watch::Sender<u64>,
+    batch_size: usize,
+    signals: &Signals,
+) -> Result<(), PublisherError> {
+    let mut batch = Vec::with_capacity(batch_size);
+    while let Some(first) = queue.recv().await {
+        let mut progress = None;
+        let mut item = Some(first);
+        while let Some(captured) = item.take() {
+            match captured {
+                Captured::Event { position, event } => batch.push((position, event)),
+                Captured::Progress(lsn) => progress = Some(lsn),
+            }
+            if batch.len() < batch_size {
+                item = queue.try_recv().ok();
+            }
+        }
+        let stored = writer.append(std::mem::take(&mut batch), progress).await?;
+        if let Some(last) = stored.last() {
+            signals.head.send_replace(last.id);
+        }
+        let durable = writer.cursor().progress;
+        acked.send_if_modified(|current| {
+            let moved = durable > *current;
+            *current = (*current).max(durable);
+            moved
+        });
+    }
+    Ok(())
+}

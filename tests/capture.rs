@@ -1,0 +1,130 @@
+//! Capture into the log: every mapped table, every operation, the right events.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{Running, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn types(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().expect("type")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_tables_produce_their_events() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let mut publisher = Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+             INSERT INTO domains (id, organization_id, name) VALUES ('demo', 'quant', 'Demo');
+             INSERT INTO agents (id, organization_id, domain_id, name, status) VALUES ('agt-001', 'quant', 'demo', 'support', 'active');
+             UPDATE agents SET status = 'inactive' WHERE id = 'agt-001';
+             UPDATE agents SET name = 'helpdesk' WHERE id = 'agt-001';
+             INSERT INTO instances (id, organization_id, domain_id, agent_id) VALUES ('ins-1', 'quant', 'demo', 'agt-001');
+             UPDATE instances SET status = 'running' WHERE id = 'ins-1';
+             INSERT INTO deployments (id, organization_id, domain_id, version) VALUES ('dep-1', 'quant', 'demo', 'v1');
+             UPDATE deployments SET status = 'running' WHERE id = 'dep-1';
+             UPDATE deployments SET status = 'completed' WHERE id = 'dep-1';
+             INSERT INTO deployments (id, organization_id, domain_id, version, status) VALUES ('dep-2', 'quant', NULL, 'v2', 'failed');
+             INSERT INTO users (id, organization_id, email, name, password_hash) VALUES ('usr-1', 'quant', 'a@example.com', 'Ann', 'secret-1');
+             UPDATE users SET password_hash = 'secret-2', name = 'Anna' WHERE id = 'usr-1';
+             DELETE FROM agents WHERE id = 'agt-001';
+             UPDATE organizations SET plan = 'team' WHERE id = 'quant';
+             DELETE FROM domains WHERE id = 'demo';
+             TRUNCATE organizations, domains, agents, instances, deployments, users;",
+        )
+        .await
+        .expect("workload");
+    let expected = [
+        "organization.created",
+        "domain.created",
+        "agent.created",
+        "agent.updated",
+        "agent.status_changed",
+        "agent.updated",
+        "instance.created",
+        "instance.updated",
+        "instance.status_changed",
+        "deployment.created",
+        "deployment.updated",
+        "deployment.started",
+        "deployment.updated",
+        "deployment.completed",
+        "deployment.created",
+        "deployment.failed",
+        "user.created",
+        "user.updated",
+        // ON DELETE SET NULL runs as an AFTER trigger: the delete comes first.
+        "agent.deleted",
+        "instance.updated",
+        "organization.updated",
+        "domain.deleted",
+        "instance.updated",
+        "deployment.updated",
+    ];
+    publisher.wait_for_id(expected.len() as u64 + 6, WAIT).await;
+    publisher.stop().await;
+    let events = db.events().await;
+    let (changes, truncates) = events.split_at(expected.len());
+    assert_eq!(types(changes), expected);
+    let mut truncated = types(truncates);
+    truncated.sort();
+    assert_eq!(
+        truncated,
+        ["agent.truncated", "deployment.truncated", "domain.truncated", "instance.truncated", "organization.truncated", "user.truncated"]
+    );
+    for event in truncates {
+        assert_eq!((&event["data"], &event["organization_id"]), (&Value::Null, &Value::Null), "{event}");
+    }
+
+    let ids: Vec<u64> = events.iter().map(|e| e["id"].as_u64().expect("id")).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]) && ids[0] > 0, "ids not strictly increasing: {ids:?}");
+
+    let by_type = |kind: &str, nth: usize| changes.iter().filter(|e| e["type"] == kind).nth(nth).expect(kind);
+    // Scope: organization from organizations.id, domain from domains.id, null domain stays null.
+    assert_eq!((&by_type("organization.created", 0)["organization_id"], &by_type("organization.created", 0)["domain_id"]), (&json!("quant"), &Value::Null));
+    assert_eq!((&by_type("domain.created", 0)["organization_id"], &by_type("domain.created", 0)["domain_id"]), (&json!("quant"), &json!("demo")));
+    assert_eq!(by_type("deployment.failed", 0)["domain_id"], Value::Null);
+
+    // Updates: old row, changed columns, the extra event right after with the same data.
+    let updated = by_type("agent.updated", 0);
+    let status_changed = by_type("agent.status_changed", 0);
+    assert_eq!(updated["old"]["status"], "active");
+    assert_eq!(updated["data"]["status"], "inactive");
+    assert_eq!(updated["changed"], json!(["status", "updated_at"]));
+    assert_eq!(status_changed["data"], updated["data"]);
+    assert_eq!(status_changed["id"].as_u64(), updated["id"].as_u64().map(|id| id + 1));
+    assert_eq!(by_type("agent.updated", 1)["changed"], json!(["name", "updated_at"]));
+    assert_eq!(updated["severity"], "info");
+    assert_eq!(by_type("deployment.failed", 0)["severity"], "error");
+    assert_eq!(by_type("deployment.completed", 0)["severity"], "info");
+
+    // Inserts carry no old and no changed; deletes carry the row as data and old.
+    let created = by_type("agent.created", 0);
+    assert!(created.get("old").is_none() && created.get("changed").is_none(), "{created}");
+    assert_eq!(created["data"]["config"], json!({}));
+    let deleted = by_type("agent.deleted", 0);
+    assert_eq!(deleted["data"], deleted["old"]);
+    assert_eq!(deleted["data"]["name"], "helpdesk");
+    assert_eq!(deleted["domain_id"], "demo");
+
+    // Redaction: the password hash never appears, not even as a changed column.
+    for event in events.iter().filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("user."))) {
+        assert!(!event.to_string().contains("password_hash"), "{event}");
+        assert!(!event.to_string().contains("secret-"), "{event}");
+    }
+    assert_eq!(by_type("user.updated", 0)["changed"], json!(["name", "updated_at"]));
+
+    // Envelope: source and timestamp.
+    assert_eq!(created["source"]["table"], "public.agents");
+    assert_eq!(created["source"]["op"], "insert");
+    assert!(created["source"]["lsn"].as_str().is_some_and(|lsn| lsn.contains('/')), "{created}");
+    assert!(created["source"]["xid"].as_u64().is_some());
+    let timestamp = created["timestamp"].as_str().expect("timestamp");
+    assert!(timestamp.len() == 27 && timestamp.ends_with('Z') && timestamp.as_bytes()[10] == b'T', "{timestamp}");
+}

@@ -1,0 +1,5 @@
+//! Integration tests: one binary, a real Postgres for each test (see `support`).
+
+mod support;
+
+mod capture;

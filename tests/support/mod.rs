@@ -1,0 +1,189 @@
+//! Test support: a real Postgres for every test, a fresh database each, and a publisher
+//! driven through the library's public interface.
+//!
+//! By default one throwaway cluster (see [`cluster`]) is shared by the whole test binary and
+//! each test gets its own database in it, so tests never see each other's slots or events.
+//! With `ROWCAST_TEST_DATABASE_URL` set (a superuser on a server with `wal_level=logical`),
+//! databases are created on that server instead, and dropped with their slots afterwards.
+
+pub mod cluster;
+
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rowcast::config::Settings;
+use rowcast::publisher::{Publisher, State, Watch};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+pub use cluster::Cluster;
+
+static SHARED: OnceLock<Cluster> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The server tests create their databases on: `(admin URL, URL of database NAME)`.
+fn server() -> (String, Box<dyn Fn(&str) -> String + Send + Sync>) {
+    if let Ok(url) = std::env::var("ROWCAST_TEST_DATABASE_URL") {
+        let config = tokio_postgres::Config::from_str(&url).expect("ROWCAST_TEST_DATABASE_URL");
+        let base = url.clone();
+        let dbname = config.get_dbname().unwrap_or("postgres").to_owned();
+        return (url, Box::new(move |name| base.replacen(&format!("/{dbname}"), &format!("/{name}"), 1)));
+    }
+    let cluster = SHARED.get_or_init(|| Cluster::start(&[]));
+    let port = cluster.port;
+    (cluster.url("postgres"), Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")))
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// A fresh database, dropped (with its replication slots) when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let (admin_url, url_of) = server();
+        Self::create(admin_url, url_of).await
+    }
+
+    /// A database on a given cluster (for tests that own their cluster).
+    pub async fn on(cluster: &Cluster) -> TestDb {
+        let port = cluster.port;
+        Self::create(cluster.url("postgres"), Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")))
+            .await
+    }
+
+    async fn create(admin_url: String, url_of: Box<dyn Fn(&str) -> String + Send + Sync>) -> TestDb {
+        let name = format!("rowcast_test_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        connect(&admin_url).await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        TestDb { url: url_of(&name), name, admin_url }
+    }
+
+    pub fn config(&self) -> tokio_postgres::Config {
+        tokio_postgres::Config::from_str(&self.url).expect("url")
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Applies the reference schema.
+    pub async fn migrate(&self) {
+        rowcast::setup::migrate(&self.client().await).await.expect("migrate");
+    }
+
+    /// Every event in the log, in id order.
+    pub async fn events(&self) -> Vec<Value> {
+        let client = self.client().await;
+        let rows = client.query("SELECT body::text FROM rowcast.events ORDER BY id", &[]).await.expect("read log");
+        rows.iter().map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("event json")).collect()
+    }
+
+    /// Waits until the log holds at least `count` events, then returns them all.
+    pub async fn wait_for_events(&self, count: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let events = self.events().await;
+            if events.len() >= count {
+                return events;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("expected {count} events, the log has {}: {:#?}", events.len(), events.iter().rev().take(5).collect::<Vec<_>>());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Settings for capturing this database (built-in mapping, fast status updates).
+    pub fn settings(&self) -> Settings {
+        let mut settings = Settings::new(self.config());
+        settings.status_interval = Duration::from_millis(500);
+        settings.max_backoff = Duration::from_secs(2);
+        settings
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside async context; clean up on a thread with its own runtime.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let Ok((client, connection)) = tokio_postgres::connect(&admin_url, NoTls).await else { return };
+                tokio::spawn(connection);
+                let _ = client
+                    .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&name])
+                    .await;
+                for _ in 0..50 {
+                    let _ = client
+                        .execute(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                              WHERE database = $1 AND NOT active",
+                            &[&name],
+                        )
+                        .await;
+                    if client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// A publisher running inside the test process.
+pub struct Running {
+    pub watch: Watch,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), rowcast::publisher::PublisherError>>,
+}
+
+impl Running {
+    /// Runs `setup`, starts the publisher and waits until it streams: every change committed
+    /// after this returns is captured.
+    pub async fn start(settings: Settings) -> Running {
+        rowcast::setup::setup_replication(&settings).await.expect("setup");
+        let publisher = Publisher::new(settings);
+        let mut watch = publisher.watch();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(publisher.run(shutdown.clone()));
+        let streaming = tokio::time::timeout(
+            Duration::from_secs(30),
+            watch.state.wait_for(|state| matches!(state, State::Streaming | State::Stopped)),
+        )
+        .await;
+        let state = streaming.ok().and_then(|s| s.ok()).map(|state| state.clone());
+        assert_eq!(state, Some(State::Streaming), "publisher did not start streaming");
+        Running { watch, shutdown, task }
+    }
+
+    /// Waits until the log's newest id is at least `id`.
+    pub async fn wait_for_id(&mut self, id: u64, timeout: Duration) {
+        let reached = tokio::time::timeout(timeout, self.watch.head.wait_for(|head| *head >= id)).await.is_ok();
+        assert!(reached, "log head stayed at {} (< {id})", *self.watch.head.borrow());
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+        match result {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("publisher did not stop cleanly: {other:?}"),
+        }
+    }
+}
