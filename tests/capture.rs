@@ -18,9 +18,7 @@ async fn six_tables_produce_their_events() {
     db.migrate().await;
     let mut publisher = Running::start(db.settings()).await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+    let workload = "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
              INSERT INTO domains (id, organization_id, name) VALUES ('demo', 'quant', 'Demo');
              INSERT INTO agents (id, organization_id, domain_id, name, status) VALUES ('agt-001', 'quant', 'demo', 'support', 'active');
              UPDATE agents SET status = 'inactive' WHERE id = 'agt-001';
@@ -36,10 +34,11 @@ async fn six_tables_produce_their_events() {
              DELETE FROM agents WHERE id = 'agt-001';
              UPDATE organizations SET plan = 'team' WHERE id = 'quant';
              DELETE FROM domains WHERE id = 'demo';
-             TRUNCATE organizations, domains, agents, instances, deployments, users;",
-        )
-        .await
-        .expect("workload");
+             TRUNCATE organizations, domains, agents, instances, deployments, users;";
+    // One transaction per statement, as an application would commit them.
+    for statement in workload.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        client.batch_execute(statement).await.expect(statement);
+    }
     let expected = [
         "organization.created",
         "domain.created",
