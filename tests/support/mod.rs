@@ -146,6 +146,18 @@ impl Drop for TestDb {
     }
 }
 
+/// Creating a logical slot waits until every transaction running when it started has ended,
+/// as seen in `xl_running_xacts` WAL records; on a cluster other tests keep busy, the bgwriter
+/// writes those only every 15 s. A checkpoint writes one at once.
+pub async fn nudge_slot_creation(config: tokio_postgres::Config) {
+    let Ok((client, connection)) = config.connect(NoTls).await else { return };
+    tokio::spawn(connection);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = client.batch_execute("CHECKPOINT").await;
+    }
+}
+
 /// A publisher running inside the test process.
 pub struct Running {
     pub watch: Watch,
@@ -158,15 +170,18 @@ impl Running {
     /// after this returns is captured.
     pub async fn start(settings: Settings) -> Running {
         rowcast::setup::setup_replication(&settings).await.expect("setup");
+        let url = settings.database.clone();
         let publisher = Publisher::new(settings);
         let mut watch = publisher.watch();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(publisher.run(shutdown.clone()));
+        let nudge = tokio::spawn(nudge_slot_creation(url));
         let streaming = tokio::time::timeout(
-            Duration::from_secs(30),
+            Duration::from_secs(90),
             watch.state.wait_for(|state| matches!(state, State::Streaming | State::Stopped)),
         )
         .await;
+        nudge.abort();
         let state = streaming.ok().and_then(|s| s.ok()).map(|state| state.clone());
         assert_eq!(state, Some(State::Streaming), "publisher did not start streaming");
         Running { watch, shutdown, task }

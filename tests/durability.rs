@@ -1,0 +1,242 @@
+//! Durability: large transactions, publisher crashes, Postgres crashes, slot hygiene.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::support::{Cluster, Running, TestDb, connect};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn seed(client: &Client) {
+    client
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+             INSERT INTO domains (id, organization_id, name) VALUES ('demo', 'quant', 'Demo');",
+        )
+        .await
+        .expect("seed");
+}
+
+/// The sequence numbers carried in `agent.created` events' names (`n-<seq>`), in log order.
+fn created_sequence(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "agent.created")
+        .map(|e| e["data"]["name"].as_str().and_then(|n| n.strip_prefix("n-")).and_then(|n| n.parse().ok()).expect("name"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transaction_arrives_contiguous_in_bounded_batches() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let client = db.client().await;
+    seed(&client).await;
+    let mut settings = db.settings();
+    settings.batch_size = 500;
+    settings.queue_capacity = 256;
+    let mut publisher = Running::start(settings).await;
+
+    // Small transactions commit all around the big one.
+    let noise_db = db.client().await;
+    let noise = tokio::spawn(async move {
+        for i in 0..200 {
+            noise_db
+                .execute("INSERT INTO organizations (id, name) VALUES ($1, 'noise')", &[&format!("org-{i}")])
+                .await
+                .expect("noise");
+        }
+    });
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO agents (id, organization_id, domain_id, name)
+                  SELECT 'agt-' || i, 'quant', 'demo', 'n-' || i FROM generate_series(1, 10000) i;
+             COMMIT;",
+        )
+        .await
+        .expect("big transaction");
+    noise.await.expect("noise writer");
+
+    publisher.wait_for_id(10_000 + 200, WAIT).await;
+    publisher.stop().await;
+    let events = db.events().await;
+    assert_eq!(events.len(), 10_000 + 200);
+    let positions: Vec<usize> =
+        events.iter().enumerate().filter(|(_, e)| e["type"] == "agent.created").map(|(i, _)| i).collect();
+    assert_eq!(positions.len(), 10_000);
+    assert_eq!(positions[9_999] - positions[0], 9_999, "the transaction's events are not contiguous");
+    assert_eq!(created_sequence(&events), (1..=10_000).collect::<Vec<_>>());
+    let xid = &events[positions[0]]["source"]["xid"];
+    assert!(positions.iter().all(|&i| &events[i]["source"]["xid"] == xid));
+
+    // The writer never held the whole transaction: it was appended in batches of at most 500.
+    let appends: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(DISTINCT xmin::text) FROM rowcast.events WHERE type = 'agent.created'", &[])
+        .await
+        .expect("xmin")
+        .get(0);
+    assert!(appends >= 20, "10,000 events in only {appends} log transactions");
+}
+
+/// The `rowcast serve` binary, as a user would run it.
+fn spawn_serve(db: &TestDb) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_rowcast"))
+        .args(["serve", "--source", "replication", "--batch-size", "50", "--status-interval", "1s"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn rowcast serve")
+}
+
+/// Waits until the slot is created and consistent: a slot shows up in `pg_replication_slots`
+/// while it is still being built, and disappears again if its creator dies then.
+async fn wait_for_slot(db: &TestDb) {
+    let client = db.client().await;
+    let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
+    for _ in 0..1800 {
+        let query = "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'rowcast' AND confirmed_flush_lsn IS NOT NULL";
+        if !client.query(query, &[]).await.expect("slots").is_empty() {
+            nudge.abort();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("rowcast never created its slot");
+}
+
+/// Commits numbered agents in transactions of 1 to 120 rows until `total` rows exist.
+async fn write_numbered(client: Client, total: u64) {
+    let mut next = 1;
+    while next <= total {
+        let size = if next % 7 == 0 { 120 } else { 1 + next % 4 };
+        let last = (next + size - 1).min(total);
+        client
+            .execute(
+                "INSERT INTO agents (id, organization_id, domain_id, name)
+                 SELECT 'agt-' || i, 'quant', 'demo', 'n-' || i FROM generate_series($1::bigint, $2::bigint) i",
+                &[&(next as i64), &(last as i64)],
+            )
+            .await
+            .expect("numbered insert");
+        next = last + 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_and_duplicates_nothing() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let client = db.client().await;
+    seed(&client).await;
+    let mut child = spawn_serve(&db);
+    wait_for_slot(&db).await;
+
+    const TOTAL: u64 = 3_000;
+    let writer = tokio::spawn(write_numbered(db.client().await, TOTAL));
+    let mut kills = 0;
+    while !writer.is_finished() || kills < 5 {
+        let pause = rand::rng().random_range(200..900);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        kills += 1;
+        child = spawn_serve(&db);
+    }
+    writer.await.expect("writer");
+    let events = db.wait_for_events(TOTAL as usize, WAIT).await;
+    // Give a duplicate the chance to show up before judging.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let events = if db.events().await.len() != events.len() { db.events().await } else { events };
+    assert_eq!(created_sequence(&events), (1..=TOTAL).collect::<Vec<_>>(), "after {kills} kills");
+    assert_eq!(events.len(), TOTAL as usize);
+    let ids: Vec<u64> = events.iter().map(|e| e["id"].as_u64().expect("id")).collect();
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "ids have gaps or repeats");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_immediate_restart_loses_nothing() {
+    let mut cluster = Cluster::start(&[]);
+    let db = TestDb::on(&cluster).await;
+    db.migrate().await;
+    seed(&db.client().await).await;
+    let mut publisher = Running::start(db.settings()).await;
+
+    // Commit 1..=400, crash the server, commit 401..=800 once it is back.
+    write_numbered(db.client().await, 400).await;
+    publisher.wait_for_id(100, WAIT).await;
+    tokio::task::block_in_place(|| cluster.restart_immediate());
+    let client = connect(&db.url).await;
+    let mut next = 401;
+    while next <= 800 {
+        client
+            .execute(
+                "INSERT INTO agents (id, organization_id, domain_id, name) VALUES ($1, 'quant', 'demo', $2)",
+                &[&format!("agt-{next}"), &format!("n-{next}")],
+            )
+            .await
+            .expect("insert after restart");
+        next += 1;
+    }
+    publisher.wait_for_id(800, WAIT).await;
+    publisher.stop().await;
+    let events = db.events().await;
+    assert_eq!(created_sequence(&events), (1..=800).collect::<Vec<_>>());
+    let ids: HashSet<u64> = events.iter().map(|e| e["id"].as_u64().expect("id")).collect();
+    assert_eq!(ids.len(), events.len());
+    drop(db);
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmapped_writes_keep_the_slot_advancing() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let client = db.client().await;
+    client.batch_execute("CREATE TABLE scratch (id serial PRIMARY KEY, payload text)").await.expect("scratch");
+    let publisher = Running::start(db.settings()).await;
+
+    let mut marks = Vec::new();
+    for round in 0..5 {
+        client
+            .batch_execute("INSERT INTO scratch (payload) SELECT repeat('x', 200) FROM generate_series(1, 500)")
+            .await
+            .expect("unmapped writes");
+        let written: String =
+            client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("wal lsn").get(0);
+        // The slot must catch up with the WAL just written, without any mapped change.
+        let mut caught_up = false;
+        for _ in 0..200 {
+            let row = client
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn, confirmed_flush_lsn::text
+                       FROM pg_replication_slots WHERE slot_name = 'rowcast'",
+                    &[&written],
+                )
+                .await
+                .expect("slot");
+            if row.get::<_, bool>(0) {
+                marks.push(row.get::<_, String>(1));
+                caught_up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(caught_up, "round {round}: confirmed_flush_lsn stayed behind {written}");
+    }
+    publisher.stop().await;
+    assert!(db.events().await.is_empty());
+    assert_eq!(marks.iter().collect::<HashSet<_>>().len(), marks.len(), "slot did not move: {marks:?}");
+}
