@@ -22,6 +22,23 @@ async fn seed(client: &Client) {
         .expect("seed");
 }
 
+/// Asserts `actual` is exactly `1..=total`; on failure says where it first differs and how many
+/// are missing or repeated, instead of printing thousands of numbers.
+fn assert_sequence(actual: &[u64], total: u64, context: &str) {
+    if actual.iter().copied().eq(1..=total) {
+        return;
+    }
+    let first = actual.iter().zip(1..).position(|(a, e)| *a != e).unwrap_or(actual.len().min(total as usize));
+    let distinct: HashSet<&u64> = actual.iter().collect();
+    let missing = (1..=total).filter(|n| !distinct.contains(n)).count();
+    let window = &actual[first.saturating_sub(2)..(first + 3).min(actual.len())];
+    panic!(
+        "{context}: {} events, {missing} of 1..={total} missing, {} repeated; first difference at index {first}: {window:?}",
+        actual.len(),
+        actual.len() - distinct.len()
+    );
+}
+
 /// The sequence numbers carried in `agent.created` events' names (`n-<seq>`), in log order.
 fn created_sequence(events: &[Value]) -> Vec<u64> {
     events
@@ -71,7 +88,7 @@ async fn large_transaction_arrives_contiguous_in_bounded_batches() {
         events.iter().enumerate().filter(|(_, e)| e["type"] == "agent.created").map(|(i, _)| i).collect();
     assert_eq!(positions.len(), 10_000);
     assert_eq!(positions[9_999] - positions[0], 9_999, "the transaction's events are not contiguous");
-    assert_eq!(created_sequence(&events), (1..=10_000).collect::<Vec<_>>());
+    assert_sequence(&created_sequence(&events), 10_000, "large transaction");
     let xid = &events[positions[0]]["source"]["xid"];
     assert!(positions.iter().all(|&i| &events[i]["source"]["xid"] == xid));
 
@@ -160,7 +177,7 @@ async fn sigkill_loses_and_duplicates_nothing() {
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
     let events = if db.events().await.len() != events.len() { db.events().await } else { events };
-    assert_eq!(created_sequence(&events), (1..=TOTAL).collect::<Vec<_>>(), "after {kills} kills");
+    assert_sequence(&created_sequence(&events), TOTAL, &format!("after {kills} kills"));
     assert_eq!(events.len(), TOTAL as usize);
     let ids: Vec<u64> = events.iter().map(|e| e["id"].as_u64().expect("id")).collect();
     assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "ids have gaps or repeats");
@@ -193,7 +210,7 @@ async fn postgres_immediate_restart_loses_nothing() {
     publisher.wait_for_id(800, WAIT).await;
     publisher.stop().await;
     let events = db.events().await;
-    assert_eq!(created_sequence(&events), (1..=800).collect::<Vec<_>>());
+    assert_sequence(&created_sequence(&events), 800, "across a Postgres crash");
     let ids: HashSet<u64> = events.iter().map(|e| e["id"].as_u64().expect("id")).collect();
     assert_eq!(ids.len(), events.len());
     drop(db);

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod auth;
 mod capture;
 mod durability;
 mod fidelity;

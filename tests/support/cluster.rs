@@ -47,6 +47,11 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Starts a new cluster; `extra` are additional `-c name=value` settings.
     pub fn start(extra: &[(&str, &str)]) -> Cluster {
+        Self::start_with_hba(extra, None)
+    }
+
+    /// Starts a new cluster whose `pg_hba.conf` is `hba` (trust for everything by default).
+    pub fn start_with_hba(extra: &[(&str, &str)], hba: Option<&str>) -> Cluster {
         let bin = bin_dir();
         let as_postgres = running_as_root();
         let dir = tempfile::Builder::new().prefix("rowcast-pg-").tempdir().expect("temp dir").keep();
@@ -70,6 +75,9 @@ impl Cluster {
             .output()
             .expect("run initdb");
         assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        if let Some(hba) = hba {
+            std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        }
         cluster.watch_for_exit();
         cluster.launch();
         cluster
