@@ -12,7 +12,9 @@ use serde_json::{Map, Value};
 /// A row as `to_jsonb(row)` renders it.
 pub type Row = Map<String, Value>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     #[default]
@@ -74,19 +76,14 @@ pub struct Timestamp(pub i64);
 
 impl Timestamp {
     pub fn now() -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Timestamp(now.as_micros() as i64)
     }
 
     pub fn to_system_time(self) -> std::time::SystemTime {
         let offset = std::time::Duration::from_micros(self.0.unsigned_abs());
-        if self.0 >= 0 {
-            std::time::UNIX_EPOCH + offset
-        } else {
-            std::time::UNIX_EPOCH - offset
-        }
+        if self.0 >= 0 { std::time::UNIX_EPOCH + offset } else { std::time::UNIX_EPOCH - offset }
     }
 }
 

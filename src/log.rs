@@ -59,7 +59,10 @@ pub struct StoredEvent {
 }
 
 /// Connects with a background connection task; errors of that task end the client.
-pub async fn connect(config: &tokio_postgres::Config, role: &'static str) -> Result<Client, tokio_postgres::Error> {
+pub async fn connect(
+    config: &tokio_postgres::Config,
+    role: &'static str,
+) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
@@ -87,11 +90,13 @@ impl LogWriter {
     /// Takes the writer lock and reads the head and `source`'s cursor.
     pub async fn open(config: &tokio_postgres::Config, source: &str) -> Result<Self, LogError> {
         let client = connect(config, "log writer").await?;
-        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK]).await?.get(0);
+        let locked: bool =
+            client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK]).await?.get(0);
         if !locked {
             return Err(LogError::Locked);
         }
-        let last_id: i64 = client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?.get(0);
+        let last_id: i64 =
+            client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?.get(0);
         let cursor = client
             .query_opt(
                 "SELECT position_major, position_minor, progress FROM rowcast.cursors WHERE source = $1",

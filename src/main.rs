@@ -92,7 +92,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Setup(args) => {
             let settings = settings(&args).await?;
             setup::setup_replication(&settings).await?;
-            println!("rowcast setup done: log schema, publication {:?}, replica identity full", settings.publication);
+            println!(
+                "rowcast setup done: log schema, publication {:?}, replica identity full",
+                settings.publication
+            );
             Ok(())
         }
         Command::Migrate { database_url } => {
@@ -164,7 +167,11 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 /// Applies retention once a minute.
-async fn trim_log(config: tokio_postgres::Config, retention: Duration, shutdown: CancellationToken) {
+async fn trim_log(
+    config: tokio_postgres::Config,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {

@@ -47,7 +47,9 @@ impl TableName {
     pub fn parse(text: &str) -> Result<Self, MappingError> {
         let (schema, name) = text.split_once('.').unwrap_or(("public", text));
         if schema.is_empty() || name.is_empty() || name.contains('.') {
-            return Err(MappingError::Invalid(format!("table name {text:?} is not schema.table or table")));
+            return Err(MappingError::Invalid(format!(
+                "table name {text:?} is not schema.table or table"
+            )));
         }
         Ok(Self::new(schema, name))
     }
@@ -161,10 +163,16 @@ impl Mapping {
         let mut names = BTreeSet::new();
         for (index, entity) in entities.iter().enumerate() {
             if by_table.insert(entity.table.clone(), index).is_some() {
-                return Err(MappingError::Invalid(format!("table {} is mapped twice", entity.table)));
+                return Err(MappingError::Invalid(format!(
+                    "table {} is mapped twice",
+                    entity.table
+                )));
             }
             if !names.insert(entity.name.as_str()) {
-                return Err(MappingError::Invalid(format!("entity {:?} is declared twice", entity.name)));
+                return Err(MappingError::Invalid(format!(
+                    "entity {:?} is declared twice",
+                    entity.name
+                )));
             }
         }
         Ok(Self { entities, by_table })
@@ -179,7 +187,10 @@ impl Mapping {
     }
 
     /// Checks every named table and column against the catalog (`table → its columns`).
-    pub fn check_columns(&self, catalog: &HashMap<TableName, Vec<String>>) -> Result<(), MappingError> {
+    pub fn check_columns(
+        &self,
+        catalog: &HashMap<TableName, Vec<String>>,
+    ) -> Result<(), MappingError> {
         for entity in &self.entities {
             let columns = catalog
                 .get(&entity.table)
@@ -206,12 +217,22 @@ fn entity_from_spec(spec: EntitySpec) -> Result<Entity, MappingError> {
     let mut events = Vec::new();
     for event in spec.event {
         if !is_word(&event.action) {
-            return Err(invalid(format!("action {:?} must be non-empty with no '.', '*' or spaces", event.action)));
+            return Err(invalid(format!(
+                "action {:?} must be non-empty with no '.', '*' or spaces",
+                event.action
+            )));
         }
         let trigger = match (event.changed, event.becomes) {
             (Some(column), None) => Trigger::Changed(column),
-            (None, Some(becomes)) => Trigger::Becomes { column: becomes.column, value: toml_text(&becomes.value)? },
-            _ => return Err(invalid(format!("event {:?} needs exactly one of `changed` or `becomes`", event.action))),
+            (None, Some(becomes)) => {
+                Trigger::Becomes { column: becomes.column, value: toml_text(&becomes.value)? }
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "event {:?} needs exactly one of `changed` or `becomes`",
+                    event.action
+                )));
+            }
         };
         let severity = match event.severity {
             Some(text) => text.parse().map_err(|err: String| invalid(err))?,
@@ -239,7 +260,9 @@ fn toml_text(value: &toml::Value) -> Result<String, MappingError> {
         toml::Value::Integer(i) => Ok(i.to_string()),
         toml::Value::Float(f) => Ok(f.to_string()),
         toml::Value::Boolean(b) => Ok(b.to_string()),
-        other => Err(MappingError::Invalid(format!("`becomes` value {other} must be a string, number or boolean"))),
+        other => Err(MappingError::Invalid(format!(
+            "`becomes` value {other} must be a string, number or boolean"
+        ))),
     }
 }
 
@@ -387,7 +410,14 @@ mod tests {
         let tables: Vec<String> = mapping.entities().iter().map(|e| e.table.to_string()).collect();
         assert_eq!(
             tables,
-            ["public.organizations", "public.domains", "public.agents", "public.instances", "public.deployments", "public.users"]
+            [
+                "public.organizations",
+                "public.domains",
+                "public.agents",
+                "public.instances",
+                "public.deployments",
+                "public.users"
+            ]
         );
     }
 
@@ -409,16 +439,30 @@ mod tests {
     #[test]
     fn becomes_fires_on_insert_and_on_change_only() {
         let mapping = Mapping::builtin();
-        let deployments = mapping.entity_for(&TableName::new("public", "deployments")).expect("deployments");
-        let failed = json!({"id": "d1", "organization_id": "o", "domain_id": null, "status": "failed"});
-        let running = json!({"id": "d1", "organization_id": "o", "domain_id": null, "status": "running"});
-        let inserted = deployments.events(&change("deployments", Op::Insert, Some(running.clone()), None));
+        let deployments =
+            mapping.entity_for(&TableName::new("public", "deployments")).expect("deployments");
+        let failed =
+            json!({"id": "d1", "organization_id": "o", "domain_id": null, "status": "failed"});
+        let running =
+            json!({"id": "d1", "organization_id": "o", "domain_id": null, "status": "running"});
+        let inserted =
+            deployments.events(&change("deployments", Op::Insert, Some(running.clone()), None));
         assert_eq!(kinds(&inserted), ["deployment.created", "deployment.started"]);
         assert_eq!(inserted[0].domain_id, None);
-        let updated = deployments.events(&change("deployments", Op::Update, Some(failed.clone()), Some(running)));
+        let updated = deployments.events(&change(
+            "deployments",
+            Op::Update,
+            Some(failed.clone()),
+            Some(running),
+        ));
         assert_eq!(kinds(&updated), ["deployment.updated", "deployment.failed"]);
         assert_eq!(updated[1].severity, Severity::Error);
-        let unchanged = deployments.events(&change("deployments", Op::Update, Some(failed.clone()), Some(failed)));
+        let unchanged = deployments.events(&change(
+            "deployments",
+            Op::Update,
+            Some(failed.clone()),
+            Some(failed),
+        ));
         assert_eq!(kinds(&unchanged), ["deployment.updated"]);
         assert_eq!(unchanged[0].changed.as_deref(), Some(&[][..]));
     }
@@ -435,7 +479,10 @@ mod tests {
         assert_eq!(deleted[0].changed, None);
         let truncated = agents.events(&change("agents", Op::Truncate, None, None));
         assert_eq!(kinds(&truncated), ["agent.truncated"]);
-        assert_eq!((truncated[0].data.as_ref(), truncated[0].organization_id.as_ref()), (None, None));
+        assert_eq!(
+            (truncated[0].data.as_ref(), truncated[0].organization_id.as_ref()),
+            (None, None)
+        );
     }
 
     #[test]
@@ -455,7 +502,12 @@ mod tests {
         let mapping = Mapping::from_toml("[[entity]]\nname = \"t\"\ntable = \"app.t\"\norganization = \"org\"\ndomain = \"dom\"\n")
             .expect("mapping");
         let entity = mapping.entity_for(&TableName::new("app", "t")).expect("entity");
-        let events = entity.events(&change("app.t", Op::Insert, Some(json!({"org": 42, "dom": null})), None));
+        let events = entity.events(&change(
+            "app.t",
+            Op::Insert,
+            Some(json!({"org": 42, "dom": null})),
+            None,
+        ));
         assert_eq!(events[0].organization_id.as_deref(), Some("42"));
         assert_eq!(events[0].domain_id, None);
     }
@@ -467,9 +519,18 @@ mod tests {
             ("[[entity]]\nname = \"a\"\n", "missing field `table`"),
             ("[[entity]]\nname = \"a.b\"\ntable = \"t\"\n", "must be non-empty"),
             ("[[entity]]\nname = \"a\"\ntable = \"t\"\ncolour = 1\n", "unknown field `colour`"),
-            ("[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity]]\nname = \"b\"\ntable = \"public.t\"\n", "mapped twice"),
-            ("[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity.event]]\naction = \"x\"\n", "exactly one of"),
-            ("[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity.event]]\naction = \"x\"\nchanged = \"s\"\nseverity = \"fatal\"\n", "unknown severity"),
+            (
+                "[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity]]\nname = \"b\"\ntable = \"public.t\"\n",
+                "mapped twice",
+            ),
+            (
+                "[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity.event]]\naction = \"x\"\n",
+                "exactly one of",
+            ),
+            (
+                "[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity.event]]\naction = \"x\"\nchanged = \"s\"\nseverity = \"fatal\"\n",
+                "unknown severity",
+            ),
             ("[[entity]]\nname = \"a\"\ntable = \"x.y.z\"\n", "is not schema.table"),
             ("[[entity]\n", "not valid"),
         ];
@@ -486,7 +547,10 @@ mod tests {
         let err = mapping.check_columns(&catalog).expect_err("no tables").to_string();
         assert!(err.contains("public.organizations"), "{err}");
         for entity in mapping.entities() {
-            catalog.insert(entity.table.clone(), vec!["id".into(), "organization_id".into(), "domain_id".into(), "status".into()]);
+            catalog.insert(
+                entity.table.clone(),
+                vec!["id".into(), "organization_id".into(), "domain_id".into(), "status".into()],
+            );
         }
         let err = mapping.check_columns(&catalog).expect_err("no password_hash").to_string();
         assert!(err.contains("\"password_hash\"") && err.contains("public.users"), "{err}");

@@ -55,7 +55,9 @@ pub enum State {
     /// Streaming from the source; everything committed from now on will be captured.
     Streaming,
     /// Waiting to reconnect after a retryable error.
-    Reconnecting { error: String },
+    Reconnecting {
+        error: String,
+    },
     Stopped,
 }
 
@@ -79,7 +81,8 @@ struct Signals {
 
 impl Publisher {
     pub fn new(settings: Settings) -> Self {
-        let signals = Signals { state: watch::channel(State::Starting).0, head: watch::channel(0).0 };
+        let signals =
+            Signals { state: watch::channel(State::Starting).0, head: watch::channel(0).0 };
         Self { settings, signals }
     }
 
@@ -95,7 +98,11 @@ impl Publisher {
     }
 }
 
-async fn supervise(settings: &Settings, signals: &Signals, shutdown: &CancellationToken) -> Result<(), PublisherError> {
+async fn supervise(
+    settings: &Settings,
+    signals: &Signals,
+    shutdown: &CancellationToken,
+) -> Result<(), PublisherError> {
     let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
         .map_err(|err| PublisherError::Config(err.to_string()))?;
     let mut backoff = Duration::from_millis(100);
@@ -110,7 +117,9 @@ async fn supervise(settings: &Settings, signals: &Signals, shutdown: &Cancellati
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(100);
                 }
-                let jitter = Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4 + 1));
+                let jitter = Duration::from_millis(rand::random_range(
+                    0..=backoff.as_millis() as u64 / 4 + 1,
+                ));
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff + jitter) => {}
@@ -133,8 +142,10 @@ async fn pipeline(
     let mut writer = LogWriter::open(&settings.log, &source).await?;
     signals.head.send_replace(writer.last_id());
     let cursor = writer.cursor();
-    let catalog = Catalog::new(log::connect(&settings.database, "catalog").await.map_err(LogError::from)?);
+    let catalog =
+        Catalog::new(log::connect(&settings.database, "catalog").await.map_err(LogError::from)?);
     setup::check_mapping(&catalog, &settings.mapping).await?;
+    setup::check_slot(catalog.client(), &settings.slot).await?;
     let stream_settings = StreamSettings {
         slot: settings.slot.clone(),
         publication: settings.publication.clone(),
@@ -148,7 +159,8 @@ async fn pipeline(
     let (acked_tx, acked_rx) = watch::channel(cursor.progress);
     let mut capture = Capture::new(catalog, settings.mapping.clone());
     let capturing = async {
-        let stream = capture.run(stream, &stream_settings, queue_tx, acked_rx, shutdown.clone()).await;
+        let stream =
+            capture.run(stream, &stream_settings, queue_tx, acked_rx, shutdown.clone()).await;
         stream.map_err(PublisherError::from)
     };
     let writing = write_loop(&mut writer, queue_rx, &acked_tx, settings.batch_size, signals);

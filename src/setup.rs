@@ -27,6 +27,8 @@ pub enum SetupError {
     Mapping(#[from] MappingError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error("replication slot {slot:?} {problem}; choose another --slot")]
+    Slot { slot: String, problem: String },
 }
 
 impl SetupError {
@@ -34,7 +36,7 @@ impl SetupError {
         match self {
             SetupError::Postgres(err) => err.is_closed() || err.code().is_none(),
             SetupError::Log(err) => err.is_retryable(),
-            SetupError::Mapping(_) | SetupError::Catalog(_) => false,
+            SetupError::Mapping(_) | SetupError::Catalog(_) | SetupError::Slot { .. } => false,
         }
     }
 }
@@ -73,7 +75,9 @@ pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
             .await?
             .get(0);
         if identity as u8 != b'f' {
-            client.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", table.sql())).await?;
+            client
+                .batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", table.sql()))
+                .await?;
             tracing::info!(%table, "set replica identity full");
         }
     }
@@ -105,8 +109,37 @@ pub async fn choose_source(client: &Client) -> Result<(SourceMode, String), Setu
     let wal_level: String = row.get(0);
     let may_replicate: bool = row.get(1);
     Ok(match (wal_level.as_str(), may_replicate) {
-        ("logical", true) => (SourceMode::Replication, "wal_level=logical and the role may replicate".into()),
-        ("logical", false) => (SourceMode::Triggers, "the role has neither REPLICATION nor SUPERUSER".into()),
-        (level, _) => (SourceMode::Triggers, format!("wal_level={level}, logical replication needs logical")),
+        ("logical", true) => {
+            (SourceMode::Replication, "wal_level=logical and the role may replicate".into())
+        }
+        ("logical", false) => {
+            (SourceMode::Triggers, "the role has neither REPLICATION nor SUPERUSER".into())
+        }
+        (level, _) => {
+            (SourceMode::Triggers, format!("wal_level={level}, logical replication needs logical"))
+        }
     })
+}
+
+/// Slot names are cluster-wide: make sure an existing slot of this name is ours to use (this
+/// database, pgoutput) before streaming, rather than waiting on another database's slot.
+pub async fn check_slot(client: &Client, slot: &str) -> Result<(), SetupError> {
+    let row = client
+        .query_opt(
+            "SELECT database::text, current_database()::text, plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    let (database, current, plugin): (Option<String>, String, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    let problem = match (database, plugin) {
+        (None, _) => "is a physical slot".to_owned(),
+        (Some(database), _) if database != current => format!("belongs to database {database:?}"),
+        (_, Some(plugin)) if plugin != "pgoutput" => {
+            format!("uses the {plugin:?} plugin, not pgoutput")
+        }
+        _ => return Ok(()),
+    };
+    Err(SetupError::Slot { slot: slot.to_owned(), problem })
 }

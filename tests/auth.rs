@@ -44,7 +44,11 @@ async fn scram_md5_and_trust_authenticate() {
         let row = identify(&url).await.unwrap_or_else(|err| panic!("{url}: {err}"));
         // IDENTIFY_SYSTEM: systemid, timeline, xlogpos, dbname.
         assert_eq!(row.len(), 4, "{url}: {row:?}");
-        assert_eq!(row[3].as_deref(), Some("postgres"), "{url}: connected with replication=database");
+        assert_eq!(
+            row[3].as_deref(),
+            Some("postgres"),
+            "{url}: connected with replication=database"
+        );
     }
 
     for url in [
@@ -55,7 +59,9 @@ async fn scram_md5_and_trust_authenticate() {
         assert!(!err.is_retryable(), "{url}: {err} should be definite");
         assert!(err.to_string().contains("28P01"), "{url}: {err}");
     }
-    let err = identify(&format!("postgres://scram_user@127.0.0.1:{port}/postgres")).await.expect_err("no password");
+    let err = identify(&format!("postgres://scram_user@127.0.0.1:{port}/postgres"))
+        .await
+        .expect_err("no password");
     assert!(matches!(err, ReplicationError::Auth(_)), "{err}");
     assert!(!err.is_retryable());
 }

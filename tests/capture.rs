@@ -75,19 +75,46 @@ async fn six_tables_produce_their_events() {
     truncated.sort();
     assert_eq!(
         truncated,
-        ["agent.truncated", "deployment.truncated", "domain.truncated", "instance.truncated", "organization.truncated", "user.truncated"]
+        [
+            "agent.truncated",
+            "deployment.truncated",
+            "domain.truncated",
+            "instance.truncated",
+            "organization.truncated",
+            "user.truncated"
+        ]
     );
     for event in truncates {
-        assert_eq!((&event["data"], &event["organization_id"]), (&Value::Null, &Value::Null), "{event}");
+        assert_eq!(
+            (&event["data"], &event["organization_id"]),
+            (&Value::Null, &Value::Null),
+            "{event}"
+        );
     }
 
     let ids: Vec<u64> = events.iter().map(|e| e["id"].as_u64().expect("id")).collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]) && ids[0] > 0, "ids not strictly increasing: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]) && ids[0] > 0,
+        "ids not strictly increasing: {ids:?}"
+    );
 
-    let by_type = |kind: &str, nth: usize| changes.iter().filter(|e| e["type"] == kind).nth(nth).expect(kind);
+    let by_type =
+        |kind: &str, nth: usize| changes.iter().filter(|e| e["type"] == kind).nth(nth).expect(kind);
     // Scope: organization from organizations.id, domain from domains.id, null domain stays null.
-    assert_eq!((&by_type("organization.created", 0)["organization_id"], &by_type("organization.created", 0)["domain_id"]), (&json!("quant"), &Value::Null));
-    assert_eq!((&by_type("domain.created", 0)["organization_id"], &by_type("domain.created", 0)["domain_id"]), (&json!("quant"), &json!("demo")));
+    assert_eq!(
+        (
+            &by_type("organization.created", 0)["organization_id"],
+            &by_type("organization.created", 0)["domain_id"]
+        ),
+        (&json!("quant"), &Value::Null)
+    );
+    assert_eq!(
+        (
+            &by_type("domain.created", 0)["organization_id"],
+            &by_type("domain.created", 0)["domain_id"]
+        ),
+        (&json!("quant"), &json!("demo"))
+    );
     assert_eq!(by_type("deployment.failed", 0)["domain_id"], Value::Null);
 
     // Updates: old row, changed columns, the extra event right after with the same data.
@@ -113,7 +140,9 @@ async fn six_tables_produce_their_events() {
     assert_eq!(deleted["domain_id"], "demo");
 
     // Redaction: the password hash never appears, not even as a changed column.
-    for event in events.iter().filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("user."))) {
+    for event in
+        events.iter().filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("user.")))
+    {
         assert!(!event.to_string().contains("password_hash"), "{event}");
         assert!(!event.to_string().contains("secret-"), "{event}");
     }
@@ -125,5 +154,97 @@ async fn six_tables_produce_their_events() {
     assert!(created["source"]["lsn"].as_str().is_some_and(|lsn| lsn.contains('/')), "{created}");
     assert!(created["source"]["xid"].as_u64().is_some());
     let timestamp = created["timestamp"].as_str().expect("timestamp");
-    assert!(timestamp.len() == 27 && timestamp.ends_with('Z') && timestamp.as_bytes()[10] == b'T', "{timestamp}");
+    assert!(
+        timestamp.len() == 27 && timestamp.ends_with('Z') && timestamp.as_bytes()[10] == b'T',
+        "{timestamp}"
+    );
+}
+
+/// `rowcast setup` as a user runs it, with a mapping that does not match the database.
+async fn setup_with_mapping(db: &TestDb, mapping: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("mapping.toml");
+    std::fs::write(&path, mapping).expect("write mapping");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
+        .args(["setup", "--source", "replication", "--mapping"])
+        .arg(&path)
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .expect("run rowcast setup");
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_names_a_missing_table_or_column() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let (ok, stderr) =
+        setup_with_mapping(&db, "[[entity]]\nname = \"gadget\"\ntable = \"gadgets\"\n").await;
+    assert!(
+        !ok && stderr.contains("public.gadgets") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    let (ok, stderr) = setup_with_mapping(
+        &db,
+        "[[entity]]\nname = \"agent\"\ntable = \"agents\"\ndomain = \"colour\"\n",
+    )
+    .await;
+    assert!(!ok && stderr.contains("\"colour\"") && stderr.contains("public.agents"), "{stderr}");
+    let (ok, stderr) = setup_with_mapping(&db, "[[entity]]\nname = \"agent\"\n").await;
+    assert!(!ok && stderr.contains("missing field `table`"), "{stderr}");
+    // Nothing was installed by the failed attempts.
+    let client = db.client().await;
+    let publications =
+        client.query("SELECT 1 FROM pg_publication", &[]).await.expect("publications");
+    assert!(publications.is_empty());
+    let (ok, stderr) = setup_with_mapping(&db, rowcast::mapping::DEFAULT_MAPPING).await;
+    assert!(ok, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_trims_old_events_and_ids_never_repeat() {
+    let db = TestDb::new().await;
+    db.migrate().await;
+    let mut publisher = Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('o1', 'One')")
+        .await
+        .expect("insert");
+    publisher.wait_for_id(1, WAIT).await;
+    let trimmed = rowcast::log::trim(&client, Duration::ZERO).await.expect("trim");
+    assert_eq!(trimmed, 1);
+    assert!(db.events().await.is_empty());
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('o2', 'Two')")
+        .await
+        .expect("insert");
+    publisher.wait_for_id(2, WAIT).await;
+    publisher.stop().await;
+    let events = db.events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0]["id"].as_u64(), &events[0]["data"]["id"]), (Some(2), &json!("o2")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_of_another_database_is_a_definite_error() {
+    let first = TestDb::new().await;
+    first.migrate().await;
+    let running = Running::start(first.settings()).await;
+    let second = TestDb::new().await;
+    second.migrate().await;
+    let mut settings = second.settings();
+    settings.slot.clone_from(&first.name);
+    rowcast::setup::setup_replication(&settings).await.expect("setup");
+    let run = rowcast::publisher::Publisher::new(settings)
+        .run(tokio_util::sync::CancellationToken::new());
+    let err = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("gave up instead of retrying forever")
+        .expect_err("ran");
+    assert!(!err.is_retryable());
+    let message = err.to_string();
+    assert!(message.contains(&format!("belongs to database \"{}\"", first.name)), "{message}");
+    running.stop().await;
 }

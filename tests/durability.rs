@@ -28,7 +28,11 @@ fn assert_sequence(actual: &[u64], total: u64, context: &str) {
     if actual.iter().copied().eq(1..=total) {
         return;
     }
-    let first = actual.iter().zip(1..).position(|(a, e)| *a != e).unwrap_or(actual.len().min(total as usize));
+    let first = actual
+        .iter()
+        .zip(1..)
+        .position(|(a, e)| *a != e)
+        .unwrap_or(actual.len().min(total as usize));
     let distinct: HashSet<&u64> = actual.iter().collect();
     let missing = (1..=total).filter(|n| !distinct.contains(n)).count();
     let window = &actual[first.saturating_sub(2)..(first + 3).min(actual.len())];
@@ -44,7 +48,13 @@ fn created_sequence(events: &[Value]) -> Vec<u64> {
     events
         .iter()
         .filter(|e| e["type"] == "agent.created")
-        .map(|e| e["data"]["name"].as_str().and_then(|n| n.strip_prefix("n-")).and_then(|n| n.parse().ok()).expect("name"))
+        .map(|e| {
+            e["data"]["name"]
+                .as_str()
+                .and_then(|n| n.strip_prefix("n-"))
+                .and_then(|n| n.parse().ok())
+                .expect("name")
+        })
         .collect()
 }
 
@@ -64,7 +74,10 @@ async fn large_transaction_arrives_contiguous_in_bounded_batches() {
     let noise = tokio::spawn(async move {
         for i in 0..200 {
             noise_db
-                .execute("INSERT INTO organizations (id, name) VALUES ($1, 'noise')", &[&format!("org-{i}")])
+                .execute(
+                    "INSERT INTO organizations (id, name) VALUES ($1, 'noise')",
+                    &[&format!("org-{i}")],
+                )
                 .await
                 .expect("noise");
         }
@@ -84,10 +97,18 @@ async fn large_transaction_arrives_contiguous_in_bounded_batches() {
     publisher.stop().await;
     let events = db.events().await;
     assert_eq!(events.len(), 10_000 + 200);
-    let positions: Vec<usize> =
-        events.iter().enumerate().filter(|(_, e)| e["type"] == "agent.created").map(|(i, _)| i).collect();
+    let positions: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e["type"] == "agent.created")
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(positions.len(), 10_000);
-    assert_eq!(positions[9_999] - positions[0], 9_999, "the transaction's events are not contiguous");
+    assert_eq!(
+        positions[9_999] - positions[0],
+        9_999,
+        "the transaction's events are not contiguous"
+    );
     assert_sequence(&created_sequence(&events), 10_000, "large transaction");
     let xid = &events[positions[0]]["source"]["xid"];
     assert!(positions.iter().all(|&i| &events[i]["source"]["xid"] == xid));
@@ -96,7 +117,10 @@ async fn large_transaction_arrives_contiguous_in_bounded_batches() {
     let appends: i64 = db
         .client()
         .await
-        .query_one("SELECT count(DISTINCT xmin::text) FROM rowcast.events WHERE type = 'agent.created'", &[])
+        .query_one(
+            "SELECT count(DISTINCT xmin::text) FROM rowcast.events WHERE type = 'agent.created'",
+            &[],
+        )
         .await
         .expect("xmin")
         .get(0);
@@ -107,6 +131,7 @@ async fn large_transaction_arrives_contiguous_in_bounded_batches() {
 fn spawn_serve(db: &TestDb) -> Child {
     Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--source", "replication", "--batch-size", "50", "--status-interval", "1s"])
+        .args(["--slot", &db.name])
         .env("DATABASE_URL", &db.url)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -122,8 +147,8 @@ async fn wait_for_slot(db: &TestDb) {
     let client = db.client().await;
     let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
     for _ in 0..1800 {
-        let query = "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'rowcast' AND confirmed_flush_lsn IS NOT NULL";
-        if !client.query(query, &[]).await.expect("slots").is_empty() {
+        let query = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL";
+        if !client.query(query, &[&db.name]).await.expect("slots").is_empty() {
             nudge.abort();
             return;
         }
@@ -222,7 +247,10 @@ async fn unmapped_writes_keep_the_slot_advancing() {
     let db = TestDb::new().await;
     db.migrate().await;
     let client = db.client().await;
-    client.batch_execute("CREATE TABLE scratch (id serial PRIMARY KEY, payload text)").await.expect("scratch");
+    client
+        .batch_execute("CREATE TABLE scratch (id serial PRIMARY KEY, payload text)")
+        .await
+        .expect("scratch");
     let publisher = Running::start(db.settings()).await;
 
     let mut marks = Vec::new();
@@ -231,16 +259,19 @@ async fn unmapped_writes_keep_the_slot_advancing() {
             .batch_execute("INSERT INTO scratch (payload) SELECT repeat('x', 200) FROM generate_series(1, 500)")
             .await
             .expect("unmapped writes");
-        let written: String =
-            client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("wal lsn").get(0);
+        let written: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("wal lsn")
+            .get(0);
         // The slot must catch up with the WAL just written, without any mapped change.
         let mut caught_up = false;
         for _ in 0..200 {
             let row = client
                 .query_one(
                     "SELECT confirmed_flush_lsn >= $1::text::pg_lsn, confirmed_flush_lsn::text
-                       FROM pg_replication_slots WHERE slot_name = 'rowcast'",
-                    &[&written],
+                       FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&written, &db.name],
                 )
                 .await
                 .expect("slot");
@@ -255,5 +286,9 @@ async fn unmapped_writes_keep_the_slot_advancing() {
     }
     publisher.stop().await;
     assert!(db.events().await.is_empty());
-    assert_eq!(marks.iter().collect::<HashSet<_>>().len(), marks.len(), "slot did not move: {marks:?}");
+    assert_eq!(
+        marks.iter().collect::<HashSet<_>>().len(),
+        marks.len(),
+        "slot did not move: {marks:?}"
+    );
 }

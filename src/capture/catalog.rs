@@ -103,7 +103,10 @@ impl Catalog {
                 let mut fields = Vec::with_capacity(attributes.len());
                 for attribute in attributes {
                     let field_oid: u32 = attribute.get(1);
-                    fields.push((attribute.get(0), Box::pin(self.resolve(field_oid, depth + 1)).await?));
+                    fields.push((
+                        attribute.get(0),
+                        Box::pin(self.resolve(field_oid, depth + 1)).await?,
+                    ));
                 }
                 Kind::Composite { fields }
             }
@@ -118,7 +121,10 @@ impl Catalog {
     }
 
     /// The column names of each of `tables` that exists.
-    pub async fn columns(&self, tables: &[TableName]) -> Result<HashMap<TableName, Vec<String>>, CatalogError> {
+    pub async fn columns(
+        &self,
+        tables: &[TableName],
+    ) -> Result<HashMap<TableName, Vec<String>>, CatalogError> {
         let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
         let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
         let rows = self
@@ -135,7 +141,9 @@ impl Catalog {
             .await?;
         let mut columns: HashMap<TableName, Vec<String>> = HashMap::new();
         for row in rows {
-            let entry = columns.entry(TableName::new(row.get::<_, String>(0), row.get::<_, String>(1))).or_default();
+            let entry = columns
+                .entry(TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)))
+                .or_default();
             if let Some(column) = row.get::<_, Option<String>>(2) {
                 entry.push(column);
             }

@@ -35,6 +35,9 @@ pub struct Change {
 
 /// What flows from a source to the log, in source order.
 #[derive(Debug)]
+// Nearly every item is an event: boxing it would cost an allocation on the hot path to save
+// memory on the rare progress item.
+#[allow(clippy::large_enum_variant)]
 pub enum Captured {
     Event { position: Position, event: Event },
     Progress(u64),

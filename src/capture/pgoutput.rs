@@ -124,11 +124,7 @@ pub enum Datum {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {
     #[error("truncated {what}: needed {needed} bytes, {remaining} remaining")]
-    Truncated {
-        what: &'static str,
-        needed: usize,
-        remaining: usize,
-    },
+    Truncated { what: &'static str, needed: usize, remaining: usize },
     #[error("unknown message tag {0:#04x}")]
     UnknownTag(u8),
     #[error("unknown tuple column kind {0:#04x}")]
@@ -170,10 +166,9 @@ pub fn decode(buf: Bytes) -> Result<LogicalMessage, DecodeError> {
             end_lsn: r.u64("commit end LSN")?,
             commit_time: r.i64("commit time")?,
         },
-        b'O' => M::Origin {
-            commit_lsn: r.u64("origin commit LSN")?,
-            name: r.string("origin name")?,
-        },
+        b'O' => {
+            M::Origin { commit_lsn: r.u64("origin commit LSN")?, name: r.string("origin name")? }
+        }
         b'R' => M::Relation(r.relation()?),
         b'Y' => M::Type {
             id: r.u32("type id")?,
@@ -208,9 +203,8 @@ pub fn decode(buf: Bytes) -> Result<LogicalMessage, DecodeError> {
             let options = r.u8("truncate options")?;
             let count = usize::try_from(count).unwrap_or(usize::MAX);
             r.need(count.saturating_mul(4), "truncate relation ids")?;
-            let relations = (0..count)
-                .map(|_| r.u32("truncate relation id"))
-                .collect::<Result<_, _>>()?;
+            let relations =
+                (0..count).map(|_| r.u32("truncate relation id")).collect::<Result<_, _>>()?;
             M::Truncate { options, relations }
         }
         b'M' => {
@@ -250,11 +244,7 @@ impl Reader {
     fn need(&self, needed: usize, what: &'static str) -> Result<(), DecodeError> {
         let remaining = self.0.remaining();
         if remaining < needed {
-            return Err(DecodeError::Truncated {
-                what,
-                needed,
-                remaining,
-            });
+            return Err(DecodeError::Truncated { what, needed, remaining });
         }
         Ok(())
     }
@@ -306,16 +296,10 @@ impl Reader {
     }
 
     fn string(&mut self, what: &'static str) -> Result<String, DecodeError> {
-        let nul = self
-            .0
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(DecodeError::MissingNul { what })?;
+        let nul = self.0.iter().position(|&b| b == 0).ok_or(DecodeError::MissingNul { what })?;
         let raw = self.0.split_to(nul);
         self.0.advance(1);
-        std::str::from_utf8(&raw)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::InvalidUtf8 { what })
+        std::str::from_utf8(&raw).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8 { what })
     }
 
     fn relation(&mut self) -> Result<Relation, DecodeError> {
@@ -334,13 +318,7 @@ impl Reader {
                 type_modifier: self.i32("column type modifier")?,
             });
         }
-        Ok(Relation {
-            id,
-            namespace,
-            name,
-            replica_identity,
-            columns,
-        })
+        Ok(Relation { id, namespace, name, replica_identity, columns })
     }
 
     fn tuple(&mut self) -> Result<Tuple, DecodeError> {
@@ -373,22 +351,13 @@ pub fn encode(msg: &LogicalMessage) -> Bytes {
     use LogicalMessage as M;
     let mut out = BytesMut::new();
     match msg {
-        M::Begin {
-            final_lsn,
-            commit_time,
-            xid,
-        } => {
+        M::Begin { final_lsn, commit_time, xid } => {
             out.put_u8(b'B');
             out.put_u64(*final_lsn);
             out.put_i64(*commit_time);
             out.put_u32(*xid);
         }
-        M::Commit {
-            flags,
-            commit_lsn,
-            end_lsn,
-            commit_time,
-        } => {
+        M::Commit { flags, commit_lsn, end_lsn, commit_time } => {
             out.put_u8(b'C');
             out.put_u8(*flags);
             out.put_u64(*commit_lsn);
@@ -414,11 +383,7 @@ pub fn encode(msg: &LogicalMessage) -> Bytes {
                 out.put_i32(col.type_modifier);
             }
         }
-        M::Type {
-            id,
-            namespace,
-            name,
-        } => {
+        M::Type { id, namespace, name } => {
             out.put_u8(b'Y');
             out.put_u32(*id);
             put_string(&mut out, namespace);
@@ -450,12 +415,7 @@ pub fn encode(msg: &LogicalMessage) -> Bytes {
             out.put_u8(*options);
             relations.iter().for_each(|id| out.put_u32(*id));
         }
-        M::Message {
-            transactional,
-            lsn,
-            prefix,
-            content,
-        } => {
+        M::Message { transactional, lsn, prefix, content } => {
             out.put_u8(b'M');
             out.put_u8(MESSAGE_TRANSACTIONAL * u8::from(*transactional));
             out.put_u64(*lsn);
@@ -467,10 +427,7 @@ pub fn encode(msg: &LogicalMessage) -> Bytes {
 }
 
 fn put_string(out: &mut BytesMut, s: &str) {
-    assert!(
-        !s.contains('\0'),
-        "pgoutput strings cannot contain NUL: {s:?}"
-    );
+    assert!(!s.contains('\0'), "pgoutput strings cannot contain NUL: {s:?}");
     out.put_slice(s.as_bytes());
     out.put_u8(0);
 }
@@ -556,27 +513,10 @@ mod tests {
             Datum::UnchangedToast,
             Datum::Binary(Bytes::from_static(b"\xff")),
         ]);
-        let (lsn7, lsn9, time) = (
-            7u64.to_be_bytes(),
-            9u64.to_be_bytes(),
-            (-5i64).to_be_bytes(),
-        );
-        let begin = M::Begin {
-            final_lsn: 7,
-            commit_time: -5,
-            xid: 9,
-        };
-        let commit = M::Commit {
-            flags: 0,
-            commit_lsn: 7,
-            end_lsn: 9,
-            commit_time: -5,
-        };
-        let update = |old| M::Update {
-            relation: 5,
-            old,
-            new: new(),
-        };
+        let (lsn7, lsn9, time) = (7u64.to_be_bytes(), 9u64.to_be_bytes(), (-5i64).to_be_bytes());
+        let begin = M::Begin { final_lsn: 7, commit_time: -5, xid: 9 };
+        let commit = M::Commit { flags: 0, commit_lsn: 7, end_lsn: 9, commit_time: -5 };
+        let update = |old| M::Update { relation: 5, old, new: new() };
         let delete = |old| M::Delete { relation: 5, old };
         let message = |transactional, prefix: &str, content| M::Message {
             transactional,
@@ -585,19 +525,12 @@ mod tests {
             content: Bytes::from_static(content),
         };
         vec![
-            (
-                "begin",
-                wire(&[b"B", &lsn7, &time, b"\x00\x00\x00\x09"]),
-                begin,
-            ),
+            ("begin", wire(&[b"B", &lsn7, &time, b"\x00\x00\x00\x09"]), begin),
             ("commit", wire(&[b"C\x00", &lsn7, &lsn9, &time]), commit),
             (
                 "origin",
                 wire(&[b"O", &lsn7, "nœud\0".as_bytes()]),
-                M::Origin {
-                    commit_lsn: 7,
-                    name: "nœud".into(),
-                },
+                M::Origin { commit_lsn: 7, name: "nœud".into() },
             ),
             (
                 "relation",
@@ -611,27 +544,17 @@ mod tests {
             (
                 "type in pg_catalog keeps the empty namespace",
                 wire(&[b"Y\x00\x00\x80\x00\0mood\0"]),
-                M::Type {
-                    id: 32768,
-                    namespace: String::new(),
-                    name: "mood".into(),
-                },
+                M::Type { id: 32768, namespace: String::new(), name: "mood".into() },
             ),
             (
                 "insert with every column kind",
                 wire(&[b"I\x00\x00\x40\x00N\x00\x04t\x00\x00\x00\x0242nub\x00\x00\x00\x01\xff"]),
-                M::Insert {
-                    relation: 16384,
-                    new: all_kinds,
-                },
+                M::Insert { relation: 16384, new: all_kinds },
             ),
             (
                 "insert of an empty tuple",
                 wire(&[b"I\x00\x00\x00\x05N\x00\x00"]),
-                M::Insert {
-                    relation: 5,
-                    new: Tuple::default(),
-                },
+                M::Insert { relation: 5, new: Tuple::default() },
             ),
             (
                 "update with key",
@@ -643,36 +566,17 @@ mod tests {
                 wire(&[b"U\x00\x00\x00\x05O", KEY, b"N", NEW]),
                 update(Some(OldTuple::Full(key()))),
             ),
-            (
-                "update without old",
-                wire(&[b"U\x00\x00\x00\x05N", NEW]),
-                update(None),
-            ),
-            (
-                "delete with key",
-                wire(&[b"D\x00\x00\x00\x05K", KEY]),
-                delete(OldTuple::Key(key())),
-            ),
-            (
-                "delete with old",
-                wire(&[b"D\x00\x00\x00\x05O", KEY]),
-                delete(OldTuple::Full(key())),
-            ),
+            ("update without old", wire(&[b"U\x00\x00\x00\x05N", NEW]), update(None)),
+            ("delete with key", wire(&[b"D\x00\x00\x00\x05K", KEY]), delete(OldTuple::Key(key()))),
+            ("delete with old", wire(&[b"D\x00\x00\x00\x05O", KEY]), delete(OldTuple::Full(key()))),
             (
                 "truncate of three relations",
                 wire(&[b"T\x00\x00\x00\x03\x03\x00\x00\x00\x01\x00\x00\x00\x02\x00\x00\x40\x00"]),
-                M::Truncate {
-                    options: 3,
-                    relations: vec![1, 2, 16384],
-                },
+                M::Truncate { options: 3, relations: vec![1, 2, 16384] },
             ),
             (
                 "transactional message with binary content",
-                wire(&[
-                    b"M\x01",
-                    &lsn7,
-                    b"rowcast\0\x00\x00\x00\x04\x00\xff\x00\x80",
-                ]),
+                wire(&[b"M\x01", &lsn7, b"rowcast\0\x00\x00\x00\x04\x00\xff\x00\x80"]),
                 message(true, "rowcast", b"\x00\xff\x00\x80"),
             ),
             (
@@ -696,11 +600,7 @@ mod tests {
         let bytes =
             b"B\x00\x00\x00\x01\x00\x00\x00\x28\x00\x02\x8b\x7c\x5f\x2e\x3a\x40\x00\x00\x02\xe5";
         let (final_lsn, commit_time, xid) = (0x1_0000_0028, 0x0002_8b7c_5f2e_3a40, 741);
-        let expected = M::Begin {
-            final_lsn,
-            commit_time,
-            xid,
-        };
+        let expected = M::Begin { final_lsn, commit_time, xid };
         assert_eq!(decode(Bytes::from_static(bytes)), Ok(expected));
     }
 
@@ -725,28 +625,17 @@ mod tests {
     #[test]
     fn datums_are_zero_copy() {
         let buf = wire(&[b"I\x00\x00\x00\x05N", NEW]);
-        let Ok(M::Insert { new, .. }) = decode(buf.clone()) else {
-            panic!("not an insert")
-        };
-        let Some(Datum::Text(value)) = new.0.first() else {
-            panic!("not text")
-        };
+        let Ok(M::Insert { new, .. }) = decode(buf.clone()) else { panic!("not an insert") };
+        let Some(Datum::Text(value)) = new.0.first() else { panic!("not text") };
         assert!(buf.as_ptr_range().contains(&value.as_ptr()));
     }
 
     #[test]
     fn empty_input_and_unknown_tags() {
-        let err = DecodeError::Truncated {
-            what: "message tag",
-            needed: 1,
-            remaining: 0,
-        };
+        let err = DecodeError::Truncated { what: "message tag", needed: 1, remaining: 0 };
         assert_eq!(decode(Bytes::new()), Err(err));
         for tag in (0..=u8::MAX).filter(|t| !b"BCORYIUDTM".contains(t)) {
-            assert_eq!(
-                decode(wire(&[&[tag], &[0; 32]])),
-                Err(DecodeError::UnknownTag(tag))
-            );
+            assert_eq!(decode(wire(&[&[tag], &[0; 32]])), Err(DecodeError::UnknownTag(tag)));
         }
     }
 
@@ -780,20 +669,12 @@ mod tests {
 
     #[test]
     fn huge_declared_lengths_fail_fast() {
-        let truncated = |what, needed, remaining| {
-            Err(DecodeError::Truncated {
-                what,
-                needed,
-                remaining,
-            })
-        };
+        let truncated =
+            |what, needed, remaining| Err(DecodeError::Truncated { what, needed, remaining });
         let tuple = decode(wire(&[b"I\x00\x00\x00\x05N\xff\xffnnn"]));
         assert_eq!(tuple, truncated("tuple columns", 65535, 3));
         let rel = decode(wire(&[b"R\x00\x00\x00\x01\0t\0d\xff\xffabc"]));
-        assert_eq!(
-            rel,
-            truncated("relation columns", 65535 * MIN_COLUMN_LEN, 3)
-        );
+        assert_eq!(rel, truncated("relation columns", 65535 * MIN_COLUMN_LEN, 3));
         let text = decode(wire(&[b"I\x00\x00\x00\x05N\x00\x01t\x7f\xff\xff\xffab"]));
         assert_eq!(text, truncated("text value", 0x7fff_ffff, 2));
         let content = decode(wire(&[b"M\x00", &[0; 8], b"p\0\x7f\x00\x00\x00x"]));
@@ -826,10 +707,7 @@ mod tests {
     }
 
     fn arb_old() -> impl Strategy<Value = OldTuple> {
-        prop_oneof![
-            arb_tuple().prop_map(OldTuple::Key),
-            arb_tuple().prop_map(OldTuple::Full)
-        ]
+        prop_oneof![arb_tuple().prop_map(OldTuple::Key), arb_tuple().prop_map(OldTuple::Full)]
     }
 
     fn arb_relation() -> impl Strategy<Value = Relation> {
@@ -843,13 +721,7 @@ mod tests {
         );
         let head = (any::<u32>(), arb_string(), arb_string(), any::<u8>());
         (head, vec(column, 0..5)).prop_map(|((id, namespace, name, replica_identity), columns)| {
-            Relation {
-                id,
-                namespace,
-                name,
-                replica_identity,
-                columns,
-            }
+            Relation { id, namespace, name, replica_identity, columns }
         })
     }
 
@@ -862,12 +734,7 @@ mod tests {
                 xid
             }),
             (any::<u8>(), lsn, lsn, time).prop_map(|(flags, commit_lsn, end_lsn, commit_time)| {
-                M::Commit {
-                    flags,
-                    commit_lsn,
-                    end_lsn,
-                    commit_time,
-                }
+                M::Commit { flags, commit_lsn, end_lsn, commit_time }
             }),
             (lsn, arb_string()).prop_map(|(commit_lsn, name)| M::Origin { commit_lsn, name }),
             arb_relation().prop_map(M::Relation),

@@ -48,7 +48,9 @@ pub enum ReplicationError {
     Protocol(String),
     #[error("unsupported connection setting: {0}")]
     Unsupported(String),
-    #[error("server message of {size} bytes exceeds the limit of {limit} bytes (max_message_bytes)")]
+    #[error(
+        "server message of {size} bytes exceeds the limit of {limit} bytes (max_message_bytes)"
+    )]
     TooLarge { size: usize, limit: usize },
 }
 
@@ -59,8 +61,12 @@ impl ReplicationError {
         match self {
             Self::Connect { .. } | Self::Io(_) => true,
             Self::Server { code, .. } => {
-                // 28xxx: authorization; 42xxx: syntax/undefined objects; 0A000: not supported.
-                !(code.starts_with("28") || code.starts_with("42") || code == "0A000")
+                // 28xxx: authorization; 42xxx: syntax/undefined objects; 0A000: not supported;
+                // 55000: wal_level is not logical, or the slot belongs to another database.
+                !(code.starts_with("28")
+                    || code.starts_with("42")
+                    || code == "0A000"
+                    || code == "55000")
             }
             Self::Auth(_) | Self::Unsupported(_) => false,
             Self::Protocol(_) | Self::TooLarge { .. } => true,
@@ -131,7 +137,10 @@ impl ConnectParams {
             password: config.get_password().map(<[u8]>::to_vec),
             user,
             application_name: config.get_application_name().unwrap_or("rowcast").to_owned(),
-            connect_timeout: config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)),
+            connect_timeout: config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(10)),
             max_message_bytes,
         })
     }
@@ -186,7 +195,9 @@ impl ReplicationClient {
         };
         let io = match tokio::time::timeout(params.connect_timeout, connect).await {
             Ok(Ok(io)) => io,
-            Ok(Err(source)) => return Err(ReplicationError::Connect { target: target.to_string(), source }),
+            Ok(Err(source)) => {
+                return Err(ReplicationError::Connect { target: target.to_string(), source });
+            }
             Err(_) => {
                 return Err(ReplicationError::Connect {
                     target: target.to_string(),
@@ -269,7 +280,11 @@ impl ReplicationClient {
                     }
                     // Channel binding needs TLS, which this client does not speak yet.
                     let state = ScramSha256::new(&password()?, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, state.message(), &mut self.write_buf)?;
+                    frontend::sasl_initial_response(
+                        SCRAM_SHA_256,
+                        state.message(),
+                        &mut self.write_buf,
+                    )?;
                     scram = Some(state);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
@@ -332,7 +347,10 @@ impl ReplicationClient {
 
     /// Creates a logical slot using pgoutput. Returns false when it already exists.
     pub async fn create_slot(&mut self, slot: &str) -> Result<bool, ReplicationError> {
-        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(slot));
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
         match self.simple_query(&sql).await {
             Ok(_) => Ok(true),
             Err(ReplicationError::Server { code, .. }) if code == "42710" => Ok(false),
@@ -458,7 +476,11 @@ impl ReplicationStream {
     }
 
     /// Sends a standby status update: `flushed` is what the slot may forget.
-    pub async fn send_status(&mut self, flushed: Lsn, reply_requested: bool) -> Result<(), ReplicationError> {
+    pub async fn send_status(
+        &mut self,
+        flushed: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let pg_now = now.as_micros() as i64 - PG_EPOCH_OFFSET_MICROS;
         let written = self.received.max(flushed);

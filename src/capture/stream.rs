@@ -169,7 +169,11 @@ impl Capture {
         }
     }
 
-    async fn handle(&mut self, message: LogicalMessage, out: &mpsc::Sender<Captured>) -> Result<(), CaptureError> {
+    async fn handle(
+        &mut self,
+        message: LogicalMessage,
+        out: &mpsc::Sender<Captured>,
+    ) -> Result<(), CaptureError> {
         match message {
             LogicalMessage::Begin { final_lsn, commit_time, xid } => {
                 self.transaction = Some(Transaction {
@@ -214,7 +218,9 @@ impl Capture {
                     self.change(out, relation, Op::Truncate, None, None).await?;
                 }
             }
-            LogicalMessage::Type { .. } | LogicalMessage::Origin { .. } | LogicalMessage::Message { .. } => {}
+            LogicalMessage::Type { .. }
+            | LogicalMessage::Origin { .. }
+            | LogicalMessage::Message { .. } => {}
         }
         Ok(())
     }
@@ -227,17 +233,20 @@ impl Capture {
         new: Option<Tuple>,
         old: Option<OldTuple>,
     ) -> Result<(), CaptureError> {
-        let info = self
-            .relations
-            .get(&relation)
-            .ok_or_else(|| CaptureError::Protocol(format!("change for relation {relation} before its Relation message")))?;
+        let info = self.relations.get(&relation).ok_or_else(|| {
+            CaptureError::Protocol(format!(
+                "change for relation {relation} before its Relation message"
+            ))
+        })?;
         let Some(entity) = info.entity.clone() else { return Ok(()) };
         let transaction = self
             .transaction
             .as_mut()
             .ok_or_else(|| CaptureError::Protocol("change outside a transaction".into()))?;
         let old_row = match &old {
-            Some(OldTuple::Full(tuple)) | Some(OldTuple::Key(tuple)) => Some(render_row(info, tuple, None)),
+            Some(OldTuple::Full(tuple)) | Some(OldTuple::Key(tuple)) => {
+                Some(render_row(info, tuple, None))
+            }
             None => None,
         };
         // A key-only old tuple is not the previous row; keep it only for deletes.

@@ -25,7 +25,9 @@ fn bin_dir() -> PathBuf {
     let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|dirs| {
             dirs.filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|v: &u32| Path::new(&format!("/usr/lib/postgresql/{v}/bin/initdb")).exists())
+                .filter(|v: &u32| {
+                    Path::new(&format!("/usr/lib/postgresql/{v}/bin/initdb")).exists()
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -54,7 +56,8 @@ impl Cluster {
     pub fn start_with_hba(extra: &[(&str, &str)], hba: Option<&str>) -> Cluster {
         let bin = bin_dir();
         let as_postgres = running_as_root();
-        let dir = tempfile::Builder::new().prefix("rowcast-pg-").tempdir().expect("temp dir").keep();
+        let dir =
+            tempfile::Builder::new().prefix("rowcast-pg-").tempdir().expect("temp dir").keep();
         if as_postgres {
             let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
             assert!(status.is_ok_and(|s| s.success()), "chown {}", dir.display());
@@ -74,7 +77,11 @@ impl Cluster {
             .arg(&data)
             .output()
             .expect("run initdb");
-        assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         if let Some(hba) = hba {
             std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         }
@@ -142,7 +149,11 @@ impl Cluster {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "postgres did not start; see {}", self.dir.join("postgres.log").display());
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start; see {}",
+                self.dir.join("postgres.log").display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

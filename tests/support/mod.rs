@@ -25,17 +25,36 @@ pub use cluster::Cluster;
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// Gives the URL of a database, by name, on the test server.
+type UrlOf = Box<dyn Fn(&str) -> String + Send + Sync>;
+
 /// The server tests create their databases on: `(admin URL, URL of database NAME)`.
-fn server() -> (String, Box<dyn Fn(&str) -> String + Send + Sync>) {
+fn server() -> (String, UrlOf) {
     if let Ok(url) = std::env::var("ROWCAST_TEST_DATABASE_URL") {
-        let config = tokio_postgres::Config::from_str(&url).expect("ROWCAST_TEST_DATABASE_URL");
+        tokio_postgres::Config::from_str(&url)
+            .expect("ROWCAST_TEST_DATABASE_URL is not a valid URL");
         let base = url.clone();
-        let dbname = config.get_dbname().unwrap_or("postgres").to_owned();
-        return (url, Box::new(move |name| base.replacen(&format!("/{dbname}"), &format!("/{name}"), 1)));
+        return (url, Box::new(move |name| with_database(&base, name)));
     }
     let cluster = SHARED.get_or_init(|| Cluster::start(&[]));
     let port = cluster.port;
-    (cluster.url("postgres"), Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")))
+    (
+        cluster.url("postgres"),
+        Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")),
+    )
+}
+
+/// `url` with its database path replaced by `name` (user, host, port and query kept).
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..].find('/').map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{name}", &base[..path_start]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
 }
 
 pub async fn connect(url: &str) -> Client {
@@ -60,13 +79,24 @@ impl TestDb {
     /// A database on a given cluster (for tests that own their cluster).
     pub async fn on(cluster: &Cluster) -> TestDb {
         let port = cluster.port;
-        Self::create(cluster.url("postgres"), Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")))
-            .await
+        Self::create(
+            cluster.url("postgres"),
+            Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")),
+        )
+        .await
     }
 
-    async fn create(admin_url: String, url_of: Box<dyn Fn(&str) -> String + Send + Sync>) -> TestDb {
-        let name = format!("rowcast_test_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        connect(&admin_url).await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+    async fn create(admin_url: String, url_of: UrlOf) -> TestDb {
+        let name = format!(
+            "rowcast_test_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        connect(&admin_url)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
         TestDb { url: url_of(&name), name, admin_url }
     }
 
@@ -86,8 +116,13 @@ impl TestDb {
     /// Every event in the log, in id order.
     pub async fn events(&self) -> Vec<Value> {
         let client = self.client().await;
-        let rows = client.query("SELECT body::text FROM rowcast.events ORDER BY id", &[]).await.expect("read log");
-        rows.iter().map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("event json")).collect()
+        let rows = client
+            .query("SELECT body::text FROM rowcast.events ORDER BY id", &[])
+            .await
+            .expect("read log");
+        rows.iter()
+            .map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("event json"))
+            .collect()
     }
 
     /// Waits until the log holds at least `count` events, then returns them all.
@@ -99,7 +134,11 @@ impl TestDb {
                 return events;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("expected {count} events, the log has {}: {:#?}", events.len(), events.iter().rev().take(5).collect::<Vec<_>>());
+                panic!(
+                    "expected {count} events, the log has {}: {:#?}",
+                    events.len(),
+                    events.iter().rev().take(5).collect::<Vec<_>>()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -108,6 +147,8 @@ impl TestDb {
     /// Settings for capturing this database (built-in mapping, fast status updates).
     pub fn settings(&self) -> Settings {
         let mut settings = Settings::new(self.config());
+        // Slot names are cluster-wide; databases are not.
+        settings.slot.clone_from(&self.name);
         settings.status_interval = Duration::from_millis(500);
         settings.max_backoff = Duration::from_secs(2);
         settings
@@ -120,12 +161,21 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs outside async context; clean up on a thread with its own runtime.
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(async move {
-                let Ok((client, connection)) = tokio_postgres::connect(&admin_url, NoTls).await else { return };
+                let Ok((client, connection)) = tokio_postgres::connect(&admin_url, NoTls).await
+                else {
+                    return;
+                };
                 tokio::spawn(connection);
                 let _ = client
-                    .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&name])
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                        &[&name],
+                    )
                     .await;
                 for _ in 0..50 {
                     let _ = client
@@ -135,7 +185,11 @@ impl Drop for TestDb {
                             &[&name],
                         )
                         .await;
-                    if client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.is_ok() {
+                    if client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .is_ok()
+                    {
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -189,7 +243,9 @@ impl Running {
 
     /// Waits until the log's newest id is at least `id`.
     pub async fn wait_for_id(&mut self, id: u64, timeout: Duration) {
-        let reached = tokio::time::timeout(timeout, self.watch.head.wait_for(|head| *head >= id)).await.is_ok();
+        let reached = tokio::time::timeout(timeout, self.watch.head.wait_for(|head| *head >= id))
+            .await
+            .is_ok();
         assert!(reached, "log head stayed at {} (< {id})", *self.watch.head.borrow());
     }
 
@@ -201,4 +257,17 @@ impl Running {
             other => panic!("publisher did not stop cleanly: {other:?}"),
         }
     }
+}
+
+#[test]
+fn database_urls_keep_everything_but_the_path() {
+    assert_eq!(
+        with_database("postgres://postgres@h:5432/postgres", "x"),
+        "postgres://postgres@h:5432/x"
+    );
+    assert_eq!(
+        with_database("postgres://u:p@h/db?sslmode=disable", "x"),
+        "postgres://u:p@h/x?sslmode=disable"
+    );
+    assert_eq!(with_database("postgresql://postgres@h", "x"), "postgresql://postgres@h/x");
 }
