@@ -7,6 +7,8 @@
 //! databases are created on that server instead, and dropped with their slots afterwards.
 
 pub mod cluster;
+#[cfg(feature = "testcontainers")]
+pub mod docker;
 
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -36,6 +38,14 @@ fn server() -> (String, UrlOf) {
         let base = url.clone();
         return (url, Box::new(move |name| with_database(&base, name)));
     }
+    #[cfg(feature = "testcontainers")]
+    {
+        static CONTAINER: OnceLock<String> = OnceLock::new();
+        let url = CONTAINER.get_or_init(docker::start).clone();
+        let base = url.clone();
+        return (url, Box::new(move |name| with_database(&base, name)));
+    }
+    #[allow(unreachable_code)]
     let cluster = SHARED.get_or_init(|| Cluster::start(&[]));
     let port = cluster.port;
     (
