@@ -33,7 +33,7 @@ INSERT INTO rowcast.log_head (last_id) VALUES (0) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS rowcast.cursors (
     source         text        PRIMARY KEY,
     position_major bigint      NOT NULL,
-    position_minor integer     NOT NULL,
+    position_minor bigint      NOT NULL,
     progress       bigint      NOT NULL,
     updated_at     timestamptz NOT NULL DEFAULT now()
 );

@@ -136,13 +136,15 @@ pub struct Origin {
     pub xid: u64,
 }
 
-/// Where a change sits in its source's own order: `(commit LSN, index in the transaction)` for
-/// replication, `(outbox id, index)` for triggers. The log remembers the last position it
+/// Where an event sits in its source's own order: the commit LSN (replication) or outbox id
+/// (triggers), then the change's index within it shifted left 16 bits plus the event's index
+/// among that change's events. Indexing changes, not events, keeps positions stable when the
+/// mapping changes between a crash and the replay. The log remembers the last position it
 /// appended, and drops anything at or before it, which makes re-delivery after a crash harmless.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Position {
     pub major: u64,
-    pub minor: u32,
+    pub minor: u64,
 }
 
 /// The envelope of SPEC §3.

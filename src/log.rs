@@ -90,6 +90,8 @@ impl LogWriter {
     /// Takes the writer lock and reads the head and `source`'s cursor.
     pub async fn open(config: &tokio_postgres::Config, source: &str) -> Result<Self, LogError> {
         let client = connect(config, "log writer").await?;
+        // The slot is acknowledged once an append commits: that commit must be on disk.
+        client.batch_execute("SET synchronous_commit = on").await?;
         let locked: bool =
             client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK]).await?.get(0);
         if !locked {
@@ -104,7 +106,7 @@ impl LogWriter {
             )
             .await?
             .map(|row| Cursor {
-                position: Position { major: row.get::<_, i64>(0) as u64, minor: row.get::<_, i32>(1) as u32 },
+                position: Position { major: row.get::<_, i64>(0) as u64, minor: row.get::<_, i64>(1) as u64 },
                 progress: row.get::<_, i64>(2) as u64,
             })
             .unwrap_or_default();
@@ -187,7 +189,7 @@ impl LogWriter {
                     &(id as i64),
                     &self.source,
                     &(cursor.position.major as i64),
-                    &(cursor.position.minor as i32),
+                    &(cursor.position.minor as i64),
                     &(cursor.progress as i64),
                 ],
             )

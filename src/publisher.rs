@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::Captured;
 use crate::capture::catalog::Catalog;
-use crate::capture::replication::{ConnectParams, format_lsn};
+use crate::capture::replication::{ConnectParams, format_lsn, parse_lsn};
 use crate::capture::stream::{Capture, CaptureError, StreamSettings};
 use crate::config::Settings;
 use crate::log::{self, LogError, LogWriter};
@@ -156,7 +156,10 @@ async fn pipeline(
     signals.state.send_replace(State::Streaming);
 
     let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);
-    let (acked_tx, acked_rx) = watch::channel(cursor.progress);
+    // Never report less than the slot already has: Postgres takes a status update's flush
+    // position as is, and the log only writes progress along with events.
+    let slot_confirmed = slot_confirmed_lsn(&catalog, &settings.slot).await?;
+    let (acked_tx, acked_rx) = watch::channel(cursor.progress.max(slot_confirmed));
     let mut capture = Capture::new(catalog, settings.mapping.clone());
     let capturing = async {
         let stream =
@@ -171,6 +174,19 @@ async fn pipeline(
     stream.close().await;
     tracing::info!(acked = %format_lsn(acked), "capture stopped");
     Ok(())
+}
+
+async fn slot_confirmed_lsn(catalog: &Catalog, slot: &str) -> Result<u64, PublisherError> {
+    let row = catalog
+        .client()
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(LogError::from)?;
+    let text: Option<String> = row.and_then(|row| row.get(0));
+    Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
 }
 
 /// Appends what capture sends, a batch at a time, and reports durable progress. Ends when

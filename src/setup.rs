@@ -66,19 +66,26 @@ pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
     let client = catalog.client();
     let tables: Vec<&TableName> = settings.mapping.entities().iter().map(|e| &e.table).collect();
     for table in &tables {
-        let identity: i8 = client
-            .query_one(
-                "SELECT c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                  WHERE n.nspname = $1 AND c.relname = $2",
+        // Old rows are logged per leaf partition, so every partition needs FULL, not just the
+        // root. Partitions created later get it at the next `setup`.
+        let rows = client
+            .query(
+                "WITH root AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS relid),
+                      tree AS (SELECT relid FROM root
+                               UNION SELECT t.relid FROM root, pg_partition_tree(root.relid) t)
+                 SELECT n.nspname::text, c.relname::text
+                   FROM tree JOIN pg_class c ON c.oid = tree.relid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relreplident <> 'f'",
                 &[&table.schema, &table.name],
             )
-            .await?
-            .get(0);
-        if identity as u8 != b'f' {
+            .await?;
+        for row in rows {
+            let relation = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
             client
-                .batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", table.sql()))
+                .batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", relation.sql()))
                 .await?;
-            tracing::info!(%table, "set replica identity full");
+            tracing::info!(table = %relation, "set replica identity full");
         }
     }
     let list = tables.iter().map(|t| t.sql()).collect::<Vec<_>>().join(", ");
@@ -88,9 +95,19 @@ pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
         .await?
         .is_some();
     if exists {
-        client.batch_execute(&format!("ALTER PUBLICATION {publication} SET TABLE {list}")).await?;
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {publication} SET TABLE {list};
+                 ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+            ))
+            .await?;
     } else {
-        client.batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE {list}")).await?;
+        // Changes of a partitioned table are published as the table itself, not its partitions.
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {list} WITH (publish_via_partition_root = true)"
+            ))
+            .await?;
         tracing::info!(publication = %settings.publication, "created publication");
     }
     Ok(())

@@ -248,3 +248,46 @@ async fn a_slot_of_another_database_is_a_definite_error() {
     assert!(message.contains(&format!("belongs to database \"{}\"", first.name)), "{message}");
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_are_captured_as_their_root() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE metrics (id int, region text, value numeric, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+             CREATE TABLE metrics_eu PARTITION OF metrics FOR VALUES IN ('eu');
+             CREATE TABLE metrics_us PARTITION OF metrics FOR VALUES IN ('us');",
+        )
+        .await
+        .expect("schema");
+    let mut settings = db.settings();
+    settings.mapping = std::sync::Arc::new(
+        rowcast::mapping::Mapping::from_toml(
+            "[[entity]]\nname = \"metric\"\ntable = \"metrics\"\norganization = \"region\"\n",
+        )
+        .expect("mapping"),
+    );
+    let mut publisher = Running::start(settings).await;
+    for statement in [
+        "INSERT INTO metrics VALUES (1, 'eu', 1.5), (2, 'us', 2.5)",
+        "UPDATE metrics SET value = 3.5 WHERE id = 2",
+        "DELETE FROM metrics WHERE id = 1",
+    ] {
+        client.batch_execute(statement).await.expect(statement);
+    }
+    publisher.wait_for_id(4, WAIT).await;
+    publisher.stop().await;
+    let events = db.events().await;
+    assert_eq!(
+        types(&events),
+        ["metric.created", "metric.created", "metric.updated", "metric.deleted"]
+    );
+    assert!(events.iter().all(|e| e["source"]["table"] == "public.metrics"), "{events:?}");
+    assert_eq!(events[2]["old"]["value"], json!(2.5));
+    assert_eq!(events[2]["changed"], json!(["value"]));
+    assert_eq!(
+        (&events[3]["data"]["value"], &events[3]["organization_id"]),
+        (&json!(1.5), &json!("eu"))
+    );
+}

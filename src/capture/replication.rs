@@ -62,14 +62,15 @@ impl ReplicationError {
             Self::Connect { .. } | Self::Io(_) => true,
             Self::Server { code, .. } => {
                 // 28xxx: authorization; 42xxx: syntax/undefined objects; 0A000: not supported;
-                // 55000: wal_level is not logical, or the slot belongs to another database.
+                // 55000: wal_level is not logical, or the slot belongs to another database;
+                // 58P01: the WAL the slot needs was removed.
                 !(code.starts_with("28")
                     || code.starts_with("42")
-                    || code == "0A000"
-                    || code == "55000")
+                    || ["0A000", "55000", "58P01"].contains(&code.as_str()))
             }
             Self::Auth(_) | Self::Unsupported(_) => false,
-            Self::Protocol(_) | Self::TooLarge { .. } => true,
+            // These would fail again at the same position after a reconnect.
+            Self::Protocol(_) | Self::TooLarge { .. } => false,
         }
     }
 }

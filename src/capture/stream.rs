@@ -53,7 +53,10 @@ impl CaptureError {
             Self::Replication(err) => err.is_retryable(),
             Self::Catalog(CatalogError::Query(_)) => true,
             Self::Catalog(_) => false,
-            Self::Decode(_) | Self::Protocol(_) | Self::WriterGone => true,
+            // The same bytes come back after a reconnect: retrying would loop forever while the
+            // slot holds WAL. Stopping loudly is the honest failure.
+            Self::Decode(_) | Self::Protocol(_) => false,
+            Self::WriterGone => true,
         }
     }
 }
@@ -76,7 +79,8 @@ struct Transaction {
     commit_lsn: Lsn,
     timestamp: Timestamp,
     xid: u64,
-    next_seq: u32,
+    /// Index of the next published change (mapped or not) in this transaction.
+    next_change: u64,
 }
 
 pub struct Capture {
@@ -132,7 +136,9 @@ impl Capture {
         mut acked: watch::Receiver<Lsn>,
         shutdown: CancellationToken,
     ) -> Result<ReplicationStream, CaptureError> {
-        let mut status = tokio::time::interval(settings.status_interval);
+        // No status at once: before the writer reports, we know no more than the slot does.
+        let first = tokio::time::Instant::now() + settings.status_interval;
+        let mut status = tokio::time::interval_at(first, settings.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -176,16 +182,25 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         match message {
             LogicalMessage::Begin { final_lsn, commit_time, xid } => {
+                if self.transaction.is_some() {
+                    return Err(CaptureError::Protocol("Begin inside a transaction".into()));
+                }
                 self.transaction = Some(Transaction {
                     commit_lsn: final_lsn,
                     timestamp: Timestamp(commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS)),
                     xid: u64::from(xid),
-                    next_seq: 0,
+                    next_change: 0,
                 });
             }
-            LogicalMessage::Commit { end_lsn, .. } => {
-                if self.transaction.take().is_none() {
-                    return Err(CaptureError::Protocol("Commit without Begin".into()));
+            LogicalMessage::Commit { commit_lsn, end_lsn, .. } => {
+                match self.transaction.take() {
+                    Some(transaction) if transaction.commit_lsn == commit_lsn => {}
+                    Some(_) => {
+                        return Err(CaptureError::Protocol(
+                            "Commit LSN differs from Begin's".into(),
+                        ));
+                    }
+                    None => return Err(CaptureError::Protocol("Commit without Begin".into())),
                 }
                 self.progress_sent = self.progress_sent.max(end_lsn);
                 send(out, Captured::Progress(end_lsn)).await?;
@@ -233,26 +248,42 @@ impl Capture {
         new: Option<Tuple>,
         old: Option<OldTuple>,
     ) -> Result<(), CaptureError> {
+        let transaction = self
+            .transaction
+            .as_mut()
+            .ok_or_else(|| CaptureError::Protocol("change outside a transaction".into()))?;
+        // Every published change counts, mapped or not, so positions do not depend on the mapping.
+        let (change_index, commit_lsn, timestamp, xid) = (
+            transaction.next_change,
+            transaction.commit_lsn,
+            transaction.timestamp,
+            transaction.xid,
+        );
+        transaction.next_change += 1;
+        if change_index >= 1 << 47 {
+            return Err(CaptureError::Protocol("too many changes in one transaction".into()));
+        }
         let info = self.relations.get(&relation).ok_or_else(|| {
             CaptureError::Protocol(format!(
                 "change for relation {relation} before its Relation message"
             ))
         })?;
         let Some(entity) = info.entity.clone() else { return Ok(()) };
-        let transaction = self
-            .transaction
-            .as_mut()
-            .ok_or_else(|| CaptureError::Protocol("change outside a transaction".into()))?;
-        let old_row = match &old {
-            Some(OldTuple::Full(tuple)) | Some(OldTuple::Key(tuple)) => {
-                Some(render_row(info, tuple, None))
-            }
+        let old_tuple = match &old {
+            Some(OldTuple::Full(tuple)) | Some(OldTuple::Key(tuple)) => Some(tuple),
             None => None,
         };
+        let width = info.columns.len();
+        if new.iter().chain(old_tuple).any(|tuple| tuple.0.len() != width) {
+            return Err(CaptureError::Protocol(format!(
+                "a tuple of {} does not have the {width} columns of its Relation message",
+                info.table
+            )));
+        }
         // A key-only old tuple is not the previous row; keep it only for deletes.
         let old_row = match (&old, op) {
             (Some(OldTuple::Key(_)), Op::Update) => None,
-            _ => old_row,
+            _ => old_tuple.map(|tuple| render_row(info, tuple, None)),
         };
         let new_row = new.as_ref().map(|tuple| render_row(info, tuple, old_row.as_ref()));
         let change = Change {
@@ -260,13 +291,13 @@ impl Capture {
             op,
             new: new_row,
             old: old_row,
-            timestamp: transaction.timestamp,
-            lsn: Some(transaction.commit_lsn),
-            xid: transaction.xid,
+            timestamp,
+            lsn: Some(commit_lsn),
+            xid,
         };
-        for event in entity.events(&change) {
-            let position = Position { major: transaction.commit_lsn, minor: transaction.next_seq };
-            transaction.next_seq += 1;
+        for (index, event) in entity.events(&change).into_iter().enumerate() {
+            let position =
+                Position { major: commit_lsn, minor: (change_index << 16) | index as u64 };
             send(out, Captured::Event { position, event }).await?;
         }
         Ok(())
