@@ -33,6 +33,12 @@ async fn six_tables_produce_their_events() {
              UPDATE users SET password_hash = 'secret-2', name = 'Anna' WHERE id = 'usr-1';
              DELETE FROM agents WHERE id = 'agt-001';
              UPDATE organizations SET plan = 'team' WHERE id = 'quant';
+             UPDATE domains SET description = 'primary' WHERE id = 'demo';
+             DELETE FROM users WHERE id = 'usr-1';
+             DELETE FROM deployments WHERE id = 'dep-2';
+             DELETE FROM instances WHERE id = 'ins-1';
+             INSERT INTO organizations (id, name) VALUES ('gone', 'Gone');
+             DELETE FROM organizations WHERE id = 'gone';
              DELETE FROM domains WHERE id = 'demo';
              TRUNCATE organizations, domains, agents, instances, deployments, users;";
     // One transaction per statement, as an application would commit them.
@@ -62,8 +68,14 @@ async fn six_tables_produce_their_events() {
         "agent.deleted",
         "instance.updated",
         "organization.updated",
+        "domain.updated",
+        "user.deleted",
+        "deployment.deleted",
+        "instance.deleted",
+        "organization.created",
+        "organization.deleted",
         "domain.deleted",
-        "instance.updated",
+        // Deleting the domain sets deployments.domain_id to NULL.
         "deployment.updated",
     ];
     publisher.wait_for_id(expected.len() as u64 + 6, WAIT).await;
@@ -147,6 +159,16 @@ async fn six_tables_produce_their_events() {
         assert!(!event.to_string().contains("secret-"), "{event}");
     }
     assert_eq!(by_type("user.updated", 0)["changed"], json!(["name", "updated_at"]));
+    assert_eq!(by_type("user.deleted", 0)["data"]["name"], "Anna");
+    assert_eq!(by_type("domain.updated", 0)["changed"], json!(["description", "updated_at"]));
+    let cascaded = by_type("deployment.updated", 2);
+    assert_eq!(
+        (&cascaded["old"]["domain_id"], &cascaded["data"]["domain_id"]),
+        (&json!("demo"), &Value::Null)
+    );
+    assert_eq!(cascaded["domain_id"], Value::Null);
+    let gone = by_type("organization.deleted", 0);
+    assert_eq!((&gone["organization_id"], &gone["data"]["name"]), (&json!("gone"), &json!("Gone")));
 
     // Envelope: source and timestamp.
     assert_eq!(created["source"]["table"], "public.agents");
