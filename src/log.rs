@@ -17,6 +17,9 @@ use crate::event::{Event, Position};
 /// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
 const WRITER_LOCK: i64 = 0x0072_6f77_6361_7374;
 
+/// Most events one retention delete removes, so a large backlog is never one long transaction.
+const TRIM_BATCH: i64 = 10_000;
+
 pub const SCHEMA_SQL: &str = include_str!("../migrations/rowcast.sql");
 
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +136,7 @@ impl LogWriter {
             cursor.progress = cursor.progress.max(progress);
         }
         let mut stored = Vec::with_capacity(events.len());
-        let mut columns = Columns::default();
+        let mut times = Vec::with_capacity(events.len());
         let mut id = self.last_id;
         for (position, mut event) in events {
             if position <= self.cursor.position {
@@ -143,7 +146,7 @@ impl LogWriter {
             id += 1;
             event.id = id;
             let json = serde_json::to_string(&event)?;
-            columns.push(&event, &json);
+            times.push(event.timestamp.to_system_time());
             stored.push(StoredEvent {
                 id,
                 kind: event.kind,
@@ -175,17 +178,25 @@ impl LogWriter {
                     position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
             )
             SELECT count(*) FROM appended";
+        // The statement's arrays borrow from `stored`: each body is serialized once, copied never.
+        let ids: Vec<i64> = stored.iter().map(|e| e.id as i64).collect();
+        let kinds: Vec<&str> = stored.iter().map(|e| e.kind.as_str()).collect();
+        let organizations: Vec<Option<&str>> =
+            stored.iter().map(|e| e.organization_id.as_deref()).collect();
+        let domains: Vec<Option<&str>> = stored.iter().map(|e| e.domain_id.as_deref()).collect();
+        let severities: Vec<i16> = stored.iter().map(|e| e.severity.rank()).collect();
+        let bodies: Vec<&str> = stored.iter().map(|e| e.json.as_str()).collect();
         self.client
             .query_one(
                 statement,
                 &[
-                    &columns.ids,
-                    &columns.kinds,
-                    &columns.times,
-                    &columns.organizations,
-                    &columns.domains,
-                    &columns.severities,
-                    &columns.bodies,
+                    &ids,
+                    &kinds,
+                    &times,
+                    &organizations,
+                    &domains,
+                    &severities,
+                    &bodies,
                     &(id as i64),
                     &self.source,
                     &(cursor.position.major as i64),
@@ -200,29 +211,6 @@ impl LogWriter {
     }
 }
 
-#[derive(Default)]
-struct Columns {
-    ids: Vec<i64>,
-    kinds: Vec<String>,
-    times: Vec<std::time::SystemTime>,
-    organizations: Vec<Option<String>>,
-    domains: Vec<Option<String>>,
-    severities: Vec<i16>,
-    bodies: Vec<String>,
-}
-
-impl Columns {
-    fn push(&mut self, event: &Event, json: &str) {
-        self.ids.push(event.id as i64);
-        self.kinds.push(event.kind.clone());
-        self.times.push(event.timestamp.to_system_time());
-        self.organizations.push(event.organization_id.clone());
-        self.domains.push(event.domain_id.clone());
-        self.severities.push(event.severity.rank());
-        self.bodies.push(json.to_owned());
-    }
-}
-
 /// Deletes events committed more than `retention` ago, in bounded batches so a large backlog
 /// never holds one long transaction. Returns how many went.
 pub async fn trim(client: &Client, retention: Duration) -> Result<u64, LogError> {
@@ -234,12 +222,12 @@ pub async fn trim(client: &Client, retention: Duration) -> Result<u64, LogError>
                 "DELETE FROM rowcast.events WHERE id IN (
                      SELECT id FROM rowcast.events
                       WHERE committed_at < now() - make_interval(secs => $1)
-                      ORDER BY id LIMIT 10000)",
-                &[&seconds],
+                      ORDER BY id LIMIT $2)",
+                &[&seconds, &TRIM_BATCH],
             )
             .await?;
         total += deleted;
-        if deleted < 10_000 {
+        if deleted < TRIM_BATCH as u64 {
             return Ok(total);
         }
     }

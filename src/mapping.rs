@@ -5,9 +5,11 @@
 //! startup ([`Mapping::check_columns`]), so a mapping naming a missing table or column fails
 //! before anything is captured. Turning a change into events ([`Entity::events`]) is pure.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -94,7 +96,8 @@ pub struct Entity {
 
 #[derive(Debug, Clone)]
 pub struct Mapping {
-    entities: Vec<Entity>,
+    // Shared so a capture source can keep the entity of each relation it has seen.
+    entities: Vec<Arc<Entity>>,
     by_table: HashMap<TableName, usize>,
 }
 
@@ -175,14 +178,14 @@ impl Mapping {
                 )));
             }
         }
-        Ok(Self { entities, by_table })
+        Ok(Self { entities: entities.into_iter().map(Arc::new).collect(), by_table })
     }
 
-    pub fn entities(&self) -> &[Entity] {
+    pub fn entities(&self) -> &[Arc<Entity>] {
         &self.entities
     }
 
-    pub fn entity_for(&self, table: &TableName) -> Option<&Entity> {
+    pub fn entity_for(&self, table: &TableName) -> Option<&Arc<Entity>> {
         self.by_table.get(table).and_then(|&index| self.entities.get(index))
     }
 
@@ -266,12 +269,12 @@ fn toml_text(value: &toml::Value) -> Result<String, MappingError> {
     }
 }
 
-/// A column value as the text a `becomes` value is compared with.
-fn value_text(value: &Value) -> Option<String> {
+/// A column value as the text a `becomes` value or a scope is taken from.
+fn value_text(value: &Value) -> Option<Cow<'_, str>> {
     match value {
         Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        other => Some(Cow::Owned(other.to_string())),
     }
 }
 
@@ -290,67 +293,54 @@ impl Entity {
 
     /// The events one row change produces: the plain one, then the extra ones in declaration
     /// order, all with the same data. Ids are assigned by the log.
-    pub fn events(&self, change: &Change) -> Vec<Event> {
-        let (data, old) = match change.op {
-            Op::Insert => (change.new.as_ref(), None),
-            Op::Update => (change.new.as_ref(), change.old.as_ref()),
-            Op::Delete => (change.old.as_ref(), change.old.as_ref()),
+    pub fn events(&self, change: Change) -> Vec<Event> {
+        let Change { table, op, new, old, timestamp, lsn, xid } = change;
+        let (data, old) = match op {
+            Op::Insert => (new, None),
+            Op::Update => (new, old),
+            // A delete's data is the row it removed.
+            Op::Delete => (old.clone(), old),
             Op::Truncate => (None, None),
         };
         let scope = |column: &Option<String>| {
-            let column = column.as_deref()?;
-            data.and_then(|row| row.get(column)).and_then(value_text)
+            let value = data.as_ref()?.get(column.as_deref()?)?;
+            value_text(value).map(Cow::into_owned)
         };
-        let changed = match (change.op, data, old) {
+        let changed = match (op, &data, &old) {
             (Op::Update, Some(new), Some(old)) => Some(self.changed_columns(old, new)),
             _ => None,
         };
+        let fired: Vec<&ExtraEvent> = self
+            .events
+            .iter()
+            .filter(|extra| fires(extra, op, data.as_ref(), old.as_ref()))
+            .collect();
         let plain = Event {
             id: 0,
-            kind: format!("{}.{}", self.name, change.op.action()),
-            timestamp: change.timestamp,
+            kind: format!("{}.{}", self.name, op.action()),
+            timestamp,
             organization_id: scope(&self.organization),
             domain_id: scope(&self.domain),
             severity: Severity::Info,
             data: data.map(|row| self.redacted(row)),
-            old: old.filter(|_| change.op != Op::Insert).map(|row| self.redacted(row)),
+            old: old.map(|row| self.redacted(row)),
             changed,
             source: Origin {
-                table: change.table.to_string(),
-                op: change.op,
-                lsn: change.lsn.map(crate::capture::replication::format_lsn),
-                xid: change.xid,
+                table: table.to_string(),
+                op,
+                lsn: lsn.map(crate::capture::replication::format_lsn),
+                xid,
             },
         };
-        let mut events = Vec::with_capacity(1 + self.events.len());
-        for extra in &self.events {
-            if self.fires(extra, change.op, data, old) {
-                let mut event = plain.clone();
-                event.kind = format!("{}.{}", self.name, extra.action);
-                event.severity = extra.severity;
-                events.push(event);
-            }
+        let mut events = Vec::with_capacity(1 + fired.len());
+        events.push(plain);
+        for extra in fired {
+            let mut event = events[0].clone();
+            event.kind = format!("{}.{}", self.name, extra.action);
+            event.severity = extra.severity;
+            events.push(event);
         }
-        events.insert(0, plain);
         events
-    }
-
-    fn fires(&self, extra: &ExtraEvent, op: Op, new: Option<&Row>, old: Option<&Row>) -> bool {
-        let get = |row: Option<&Row>, column: &str| row.and_then(|row| row.get(column)).cloned();
-        match (&extra.trigger, op) {
-            (Trigger::Changed(column), Op::Update) => {
-                old.is_some() && get(new, column) != get(old, column)
-            }
-            (Trigger::Becomes { column, value }, Op::Insert) => {
-                get(new, column).as_ref().and_then(value_text).as_deref() == Some(value)
-            }
-            (Trigger::Becomes { column, value }, Op::Update) => {
-                let now = get(new, column).as_ref().and_then(value_text);
-                let before = get(old, column).as_ref().and_then(value_text);
-                old.is_some() && now.as_deref() == Some(value) && before.as_deref() != Some(value)
-            }
-            _ => false,
-        }
     }
 
     /// Sorted names of the visible columns whose values differ.
@@ -364,14 +354,33 @@ impl Entity {
         names
     }
 
-    fn redacted(&self, row: &Row) -> Row {
-        if self.redact.is_empty() {
-            return row.clone();
+    fn redacted(&self, mut row: Row) -> Row {
+        if !self.redact.is_empty() {
+            row.retain(|name, _| !self.redact.contains(name));
         }
-        row.iter()
-            .filter(|(name, _)| !self.redact.contains(name))
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect()
+        row
+    }
+}
+
+/// Whether an extra event fires for this change.
+fn fires(extra: &ExtraEvent, op: Op, new: Option<&Row>, old: Option<&Row>) -> bool {
+    fn get<'a>(row: Option<&'a Row>, column: &str) -> Option<&'a Value> {
+        row?.get(column)
+    }
+    let text = |row, column| get(row, column).and_then(value_text);
+    match (&extra.trigger, op) {
+        (Trigger::Changed(column), Op::Update) => {
+            old.is_some() && get(new, column) != get(old, column)
+        }
+        (Trigger::Becomes { column, value }, Op::Insert) => {
+            text(new, column).as_deref() == Some(value)
+        }
+        (Trigger::Becomes { column, value }, Op::Update) => {
+            old.is_some()
+                && text(new, column).as_deref() == Some(value)
+                && text(old, column).as_deref() != Some(value)
+        }
+        _ => false,
     }
 }
 
@@ -427,7 +436,7 @@ mod tests {
         let agents = mapping.entity_for(&TableName::new("public", "agents")).expect("agents");
         let old = json!({"id": "agt-1", "organization_id": "quant", "domain_id": "demo", "status": "active"});
         let new = json!({"id": "agt-1", "organization_id": "quant", "domain_id": "demo", "status": "inactive"});
-        let events = agents.events(&change("agents", Op::Update, Some(new.clone()), Some(old)));
+        let events = agents.events(change("agents", Op::Update, Some(new.clone()), Some(old)));
         assert_eq!(kinds(&events), ["agent.updated", "agent.status_changed"]);
         assert_eq!(events[1].data, Some(row(new)));
         assert_eq!(events[1].changed.as_deref(), Some(&["status".to_string()][..]));
@@ -446,10 +455,10 @@ mod tests {
         let running =
             json!({"id": "d1", "organization_id": "o", "domain_id": null, "status": "running"});
         let inserted =
-            deployments.events(&change("deployments", Op::Insert, Some(running.clone()), None));
+            deployments.events(change("deployments", Op::Insert, Some(running.clone()), None));
         assert_eq!(kinds(&inserted), ["deployment.created", "deployment.started"]);
         assert_eq!(inserted[0].domain_id, None);
-        let updated = deployments.events(&change(
+        let updated = deployments.events(change(
             "deployments",
             Op::Update,
             Some(failed.clone()),
@@ -457,7 +466,7 @@ mod tests {
         ));
         assert_eq!(kinds(&updated), ["deployment.updated", "deployment.failed"]);
         assert_eq!(updated[1].severity, Severity::Error);
-        let unchanged = deployments.events(&change(
+        let unchanged = deployments.events(change(
             "deployments",
             Op::Update,
             Some(failed.clone()),
@@ -472,12 +481,12 @@ mod tests {
         let mapping = Mapping::builtin();
         let agents = mapping.entity_for(&TableName::new("public", "agents")).expect("agents");
         let old = json!({"id": "agt-1", "organization_id": "quant", "domain_id": "demo", "status": "active"});
-        let deleted = agents.events(&change("agents", Op::Delete, None, Some(old.clone())));
+        let deleted = agents.events(change("agents", Op::Delete, None, Some(old.clone())));
         assert_eq!(kinds(&deleted), ["agent.deleted"]);
         assert_eq!(deleted[0].data, Some(row(old.clone())));
         assert_eq!(deleted[0].old, Some(row(old)));
         assert_eq!(deleted[0].changed, None);
-        let truncated = agents.events(&change("agents", Op::Truncate, None, None));
+        let truncated = agents.events(change("agents", Op::Truncate, None, None));
         assert_eq!(kinds(&truncated), ["agent.truncated"]);
         assert_eq!(
             (truncated[0].data.as_ref(), truncated[0].organization_id.as_ref()),
@@ -491,7 +500,7 @@ mod tests {
         let users = mapping.entity_for(&TableName::new("public", "users")).expect("users");
         let old = json!({"id": "u1", "organization_id": "o", "password_hash": "x", "name": "a"});
         let new = json!({"id": "u1", "organization_id": "o", "password_hash": "y", "name": "b"});
-        let events = users.events(&change("users", Op::Update, Some(new), Some(old)));
+        let events = users.events(change("users", Op::Update, Some(new), Some(old)));
         let text = serde_json::to_string(&events).expect("json");
         assert!(!text.contains("password_hash"), "{text}");
         assert_eq!(events[0].changed.as_deref(), Some(&["name".to_string()][..]));
@@ -502,12 +511,8 @@ mod tests {
         let mapping = Mapping::from_toml("[[entity]]\nname = \"t\"\ntable = \"app.t\"\norganization = \"org\"\ndomain = \"dom\"\n")
             .expect("mapping");
         let entity = mapping.entity_for(&TableName::new("app", "t")).expect("entity");
-        let events = entity.events(&change(
-            "app.t",
-            Op::Insert,
-            Some(json!({"org": 42, "dom": null})),
-            None,
-        ));
+        let events =
+            entity.events(change("app.t", Op::Insert, Some(json!({"org": 42, "dom": null})), None));
         assert_eq!(events[0].organization_id.as_deref(), Some("42"));
         assert_eq!(events[0].domain_id, None);
     }
