@@ -147,6 +147,21 @@ pub struct Position {
     pub minor: u64,
 }
 
+impl Position {
+    /// Bits of `minor` that number the events of one change.
+    const EVENT_BITS: u32 = 16;
+    /// `minor` is stored as a signed bigint: changes get the bits left over.
+    const MAX_CHANGES: u64 = 1 << (63 - Self::EVENT_BITS);
+
+    /// The position of the `event`-th event of the `change`-th change under `major`; `None`
+    /// when either index does not fit the layout.
+    pub fn of(major: u64, change: u64, event: usize) -> Option<Self> {
+        let event = u64::try_from(event).ok().filter(|e| *e < 1 << Self::EVENT_BITS)?;
+        (change < Self::MAX_CHANGES)
+            .then_some(Position { major, minor: (change << Self::EVENT_BITS) | event })
+    }
+}
+
 /// The envelope of SPEC §3.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
@@ -181,6 +196,15 @@ mod tests {
         assert_eq!(Timestamp(1_795_342_530_123_456).to_string(), "2026-11-22T10:15:30.123456Z");
         assert_eq!(Timestamp(951_782_400_000_001).to_string(), "2000-02-29T00:00:00.000001Z");
         assert_eq!(Timestamp(-1).to_string(), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn positions_order_by_change_then_event() {
+        let at = |change, event| Position::of(7, change, event).expect("fits");
+        assert!(at(0, 1) < at(1, 0) && at(1, 0) < at(1, 1));
+        assert!(Position::of(7, 0, 1 << 16).is_none());
+        assert!(Position::of(7, 1 << 47, 0).is_none());
+        assert_eq!(at((1 << 47) - 1, 0).minor, i64::MAX as u64 - 0xffff);
     }
 
     #[test]

@@ -166,13 +166,16 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// Applies retention once a minute.
+/// How often retention is applied.
+const TRIM_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Applies retention every `TRIM_INTERVAL`.
 async fn trim_log(
     config: tokio_postgres::Config,
     retention: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut tick = tokio::time::interval(TRIM_INTERVAL);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

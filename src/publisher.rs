@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::Captured;
-use crate::capture::catalog::Catalog;
+use crate::capture::catalog::{Catalog, CatalogError};
 use crate::capture::replication::{ConnectParams, format_lsn, parse_lsn};
 use crate::capture::stream::{Capture, CaptureError, StreamSettings};
 use crate::config::Settings;
@@ -33,8 +33,6 @@ pub enum PublisherError {
     Log(#[from] LogError),
     #[error(transparent)]
     Setup(#[from] SetupError),
-    #[error("configuration: {0}")]
-    Config(String),
 }
 
 impl PublisherError {
@@ -43,7 +41,6 @@ impl PublisherError {
             Self::Capture(err) => err.is_retryable(),
             Self::Log(err) => err.is_retryable(),
             Self::Setup(err) => err.is_retryable(),
-            Self::Config(_) => false,
         }
     }
 }
@@ -98,14 +95,19 @@ impl Publisher {
     }
 }
 
+/// The first wait before reconnecting; it doubles up to `Settings::max_backoff`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// A pipeline that ran this long before failing starts again from `FIRST_BACKOFF`.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
 async fn supervise(
     settings: &Settings,
     signals: &Signals,
     shutdown: &CancellationToken,
 ) -> Result<(), PublisherError> {
     let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
-        .map_err(|err| PublisherError::Config(err.to_string()))?;
-    let mut backoff = Duration::from_millis(100);
+        .map_err(CaptureError::from)?;
+    let mut backoff = FIRST_BACKOFF;
     loop {
         let started = tokio::time::Instant::now();
         match pipeline(settings, &params, signals, shutdown).await {
@@ -114,8 +116,8 @@ async fn supervise(
                 tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "capture interrupted");
                 signals.state.send_replace(State::Reconnecting { error: err.to_string() });
                 // A pipeline that ran for a while earned a fresh, short backoff.
-                if started.elapsed() > Duration::from_secs(30) {
-                    backoff = Duration::from_millis(100);
+                if started.elapsed() > HEALTHY_RUN {
+                    backoff = FIRST_BACKOFF;
                 }
                 let jitter = Duration::from_millis(rand::random_range(
                     0..=backoff.as_millis() as u64 / 4 + 1,
@@ -142,8 +144,8 @@ async fn pipeline(
     let mut writer = LogWriter::open(&settings.log, &source).await?;
     signals.head.send_replace(writer.last_id());
     let cursor = writer.cursor();
-    let catalog =
-        Catalog::new(log::connect(&settings.database, "catalog").await.map_err(LogError::from)?);
+    let catalog = log::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
+    let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
     setup::check_mapping(&catalog, &settings.mapping).await?;
     setup::check_slot(catalog.client(), &settings.slot).await?;
     let stream_settings = StreamSettings {
@@ -184,7 +186,7 @@ async fn slot_confirmed_lsn(catalog: &Catalog, slot: &str) -> Result<u64, Publis
             &[&slot],
         )
         .await
-        .map_err(LogError::from)?;
+        .map_err(|err| CaptureError::from(CatalogError::from(err)))?;
     let text: Option<String> = row.and_then(|row| row.get(0));
     Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
 }
@@ -198,27 +200,27 @@ async fn write_loop(
     batch_size: usize,
     signals: &Signals,
 ) -> Result<(), PublisherError> {
-    let mut batch = Vec::with_capacity(batch_size);
-    while let Some(first) = queue.recv().await {
+    let mut items = Vec::with_capacity(batch_size);
+    // Waits for at least one item, then takes what is already queued, up to a batch.
+    while queue.recv_many(&mut items, batch_size).await > 0 {
+        let mut batch = Vec::with_capacity(items.len());
         let mut progress = None;
-        let mut item = Some(first);
-        while let Some(captured) = item.take() {
-            match captured {
+        for item in items.drain(..) {
+            match item {
                 Captured::Event { position, event } => batch.push((position, event)),
                 Captured::Progress(lsn) => progress = Some(lsn),
             }
-            if batch.len() < batch_size {
-                item = queue.try_recv().ok();
-            }
         }
-        let stored = writer.append(std::mem::take(&mut batch), progress).await?;
+        let stored = writer.append(batch, progress).await?;
         if let Some(last) = stored.last() {
             signals.head.send_replace(last.id);
         }
         let durable = writer.cursor().progress;
         acked.send_if_modified(|current| {
             let moved = durable > *current;
-            *current = (*current).max(durable);
+            if moved {
+                *current = durable;
+            }
             moved
         });
     }

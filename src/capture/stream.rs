@@ -86,7 +86,6 @@ struct Transaction {
 pub struct Capture {
     catalog: Catalog,
     mapping: Arc<Mapping>,
-    entities: HashMap<TableName, Arc<Entity>>,
     relations: HashMap<u32, RelationInfo>,
     transaction: Option<Transaction>,
     progress_sent: Lsn,
@@ -94,23 +93,7 @@ pub struct Capture {
 
 impl Capture {
     pub fn new(catalog: Catalog, mapping: Arc<Mapping>) -> Self {
-        let entities = mapping
-            .entities()
-            .iter()
-            .map(|entity| (entity.table.clone(), Arc::new(entity.clone())))
-            .collect();
-        Self {
-            catalog,
-            mapping,
-            entities,
-            relations: HashMap::new(),
-            transaction: None,
-            progress_sent: 0,
-        }
-    }
-
-    pub fn mapping(&self) -> &Mapping {
-        &self.mapping
+        Self { catalog, mapping, relations: HashMap::new(), transaction: None, progress_sent: 0 }
     }
 
     /// Connects, creates the slot if needed and starts streaming from `start`.
@@ -207,7 +190,7 @@ impl Capture {
             }
             LogicalMessage::Relation(relation) => {
                 let table = TableName::new(relation.namespace, relation.name);
-                let entity = self.entities.get(&table).cloned();
+                let entity = self.mapping.entity_for(&table).cloned();
                 let mut columns = Vec::with_capacity(relation.columns.len());
                 for column in relation.columns {
                     // Unmapped tables are never rendered: no catalog lookups for them.
@@ -260,9 +243,6 @@ impl Capture {
             transaction.xid,
         );
         transaction.next_change += 1;
-        if change_index >= 1 << 47 {
-            return Err(CaptureError::Protocol("too many changes in one transaction".into()));
-        }
         let info = self.relations.get(&relation).ok_or_else(|| {
             CaptureError::Protocol(format!(
                 "change for relation {relation} before its Relation message"
@@ -295,9 +275,10 @@ impl Capture {
             lsn: Some(commit_lsn),
             xid,
         };
-        for (index, event) in entity.events(&change).into_iter().enumerate() {
-            let position =
-                Position { major: commit_lsn, minor: (change_index << 16) | index as u64 };
+        for (index, event) in entity.events(change).into_iter().enumerate() {
+            let position = Position::of(commit_lsn, change_index, index).ok_or_else(|| {
+                CaptureError::Protocol("too many changes or events in one transaction".into())
+            })?;
             send(out, Captured::Event { position, event }).await?;
         }
         Ok(())
