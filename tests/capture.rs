@@ -14,8 +14,7 @@ fn types(events: &[Value]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_tables_produce_their_events() {
-    let db = TestDb::new().await;
-    db.migrate().await;
+    let db = TestDb::migrated().await;
     let mut publisher = Running::start(db.settings()).await;
     let client = db.client().await;
     let workload = "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
@@ -199,8 +198,7 @@ async fn setup_with_mapping(db: &TestDb, mapping: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_names_a_missing_table_or_column() {
-    let db = TestDb::new().await;
-    db.migrate().await;
+    let db = TestDb::migrated().await;
     let (ok, stderr) =
         setup_with_mapping(&db, "[[entity]]\nname = \"gadget\"\ntable = \"gadgets\"\n").await;
     assert!(
@@ -226,8 +224,7 @@ async fn setup_names_a_missing_table_or_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_trims_old_events_and_ids_never_repeat() {
-    let db = TestDb::new().await;
-    db.migrate().await;
+    let db = TestDb::migrated().await;
     let mut publisher = Running::start(db.settings()).await;
     let client = db.client().await;
     client
@@ -251,11 +248,9 @@ async fn retention_trims_old_events_and_ids_never_repeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_of_another_database_is_a_definite_error() {
-    let first = TestDb::new().await;
-    first.migrate().await;
+    let first = TestDb::migrated().await;
     let running = Running::start(first.settings()).await;
-    let second = TestDb::new().await;
-    second.migrate().await;
+    let second = TestDb::migrated().await;
     let mut settings = second.settings();
     settings.slot.clone_from(&first.name);
     rowcast::setup::setup_replication(&settings).await.expect("setup");

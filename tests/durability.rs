@@ -5,6 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rand::Rng;
+use rowcast::event::{Event, Op, Origin, Position, Severity, Timestamp};
+use rowcast::log::{LogError, LogWriter};
 use serde_json::Value;
 use tokio_postgres::Client;
 
@@ -60,8 +62,7 @@ fn created_sequence(events: &[Value]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_transaction_arrives_contiguous_in_bounded_batches() {
-    let db = TestDb::new().await;
-    db.migrate().await;
+    let db = TestDb::migrated().await;
     let client = db.client().await;
     seed(&client).await;
     let mut settings = db.settings();
@@ -177,8 +178,7 @@ async fn write_numbered(client: Client, total: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_and_duplicates_nothing() {
-    let db = TestDb::new().await;
-    db.migrate().await;
+    let db = TestDb::migrated().await;
     let client = db.client().await;
     seed(&client).await;
     let mut child = spawn_serve(&db);
@@ -196,12 +196,11 @@ async fn sigkill_loses_and_duplicates_nothing() {
         child = spawn_serve(&db);
     }
     writer.await.expect("writer");
-    let events = db.wait_for_events(TOTAL as usize, WAIT).await;
-    // Give a duplicate the chance to show up before judging.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let written = db.current_wal_lsn().await;
+    db.wait_for_slot_to_confirm(&written, WAIT).await;
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
-    let events = if db.events().await.len() != events.len() { db.events().await } else { events };
+    let events = db.events().await;
     assert_sequence(&created_sequence(&events), TOTAL, &format!("after {kills} kills"));
     assert_eq!(events.len(), TOTAL as usize);
     let ids: Vec<u64> = events.iter().map(|e| e["id"].as_u64().expect("id")).collect();
@@ -244,8 +243,7 @@ async fn postgres_immediate_restart_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmapped_writes_keep_the_slot_advancing() {
-    let db = TestDb::new().await;
-    db.migrate().await;
+    let db = TestDb::migrated().await;
     let client = db.client().await;
     client
         .batch_execute("CREATE TABLE scratch (id serial PRIMARY KEY, payload text)")
@@ -254,35 +252,14 @@ async fn unmapped_writes_keep_the_slot_advancing() {
     let publisher = Running::start(db.settings()).await;
 
     let mut marks = Vec::new();
-    for round in 0..5 {
+    for _ in 0..5 {
         client
             .batch_execute("INSERT INTO scratch (payload) SELECT repeat('x', 200) FROM generate_series(1, 500)")
             .await
             .expect("unmapped writes");
-        let written: String = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .expect("wal lsn")
-            .get(0);
         // The slot must catch up with the WAL just written, without any mapped change.
-        let mut caught_up = false;
-        for _ in 0..200 {
-            let row = client
-                .query_one(
-                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn, confirmed_flush_lsn::text
-                       FROM pg_replication_slots WHERE slot_name = $2",
-                    &[&written, &db.name],
-                )
-                .await
-                .expect("slot");
-            if row.get::<_, bool>(0) {
-                marks.push(row.get::<_, String>(1));
-                caught_up = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(caught_up, "round {round}: confirmed_flush_lsn stayed behind {written}");
+        let written = db.current_wal_lsn().await;
+        marks.push(db.wait_for_slot_to_confirm(&written, WAIT).await);
     }
     publisher.stop().await;
     assert!(db.events().await.is_empty());
@@ -291,4 +268,59 @@ async fn unmapped_writes_keep_the_slot_advancing() {
         marks.len(),
         "slot did not move: {marks:?}"
     );
+}
+
+/// Opens the writer, waiting out the lock a just-dropped writer's session may still hold.
+async fn open_writer(db: &TestDb) -> LogWriter {
+    for _ in 0..100 {
+        match LogWriter::open(&db.config(), "test").await {
+            Err(LogError::Locked) => tokio::time::sleep(Duration::from_millis(50)).await,
+            writer => return writer.expect("open log writer"),
+        }
+    }
+    panic!("the previous writer never released the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_at_or_before_the_cursor_are_dropped() {
+    let db = TestDb::new().await;
+    rowcast::log::install(&db.client().await).await.expect("log schema");
+    let at = |major: u64, change: u64| {
+        let event = Event {
+            id: 0,
+            kind: "thing.created".into(),
+            timestamp: Timestamp(0),
+            organization_id: None,
+            domain_id: None,
+            severity: Severity::Info,
+            data: None,
+            old: None,
+            changed: None,
+            source: Origin { table: "public.things".into(), op: Op::Insert, lsn: None, xid: major },
+        };
+        (Position::of(major, change, 0).expect("position"), event)
+    };
+    let ids =
+        |stored: Vec<rowcast::log::StoredEvent>| stored.iter().map(|e| e.id).collect::<Vec<_>>();
+
+    let mut writer = open_writer(&db).await;
+    assert_eq!(
+        ids(writer.append(vec![at(10, 0), at(10, 1)], Some(11)).await.expect("append")),
+        [1, 2]
+    );
+    // A source re-sending what the log has, plus one new event: only the new one is stored.
+    assert_eq!(
+        ids(writer.append(vec![at(10, 0), at(10, 1), at(20, 0)], None).await.expect("append")),
+        [3]
+    );
+    drop(writer);
+    // The same after a restart: the cursor was committed with the events.
+    let mut writer = open_writer(&db).await;
+    assert_eq!(writer.cursor().position, at(20, 0).0);
+    assert_eq!(writer.cursor().progress, 11);
+    assert_eq!(
+        ids(writer.append(vec![at(20, 0), at(30, 0)], Some(31)).await.expect("append")),
+        [4]
+    );
+    assert_eq!(db.events().await.len(), 4);
 }

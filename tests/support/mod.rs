@@ -123,6 +123,42 @@ impl TestDb {
         rowcast::setup::migrate(&self.client().await).await.expect("migrate");
     }
 
+    /// A fresh database with the reference schema.
+    pub async fn migrated() -> TestDb {
+        let db = TestDb::new().await;
+        db.migrate().await;
+        db
+    }
+
+    /// The server's WAL position now.
+    pub async fn current_wal_lsn(&self) -> String {
+        let client = self.client().await;
+        client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("wal lsn").get(0)
+    }
+
+    /// Waits until this test's slot has confirmed `lsn`, and returns the confirmed position.
+    /// The publisher confirms only what its log holds, so everything committed before `lsn` is
+    /// in the log by then, and nothing more of it can arrive.
+    pub async fn wait_for_slot_to_confirm(&self, lsn: &str, timeout: Duration) -> String {
+        let client = self.client().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let row = client
+                .query_opt(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots
+                      WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
+                    &[&self.name, &lsn],
+                )
+                .await
+                .expect("slot");
+            if let Some(row) = row {
+                return row.get(0);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the slot never confirmed {lsn}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Every event in the log, in id order.
     pub async fn events(&self) -> Vec<Value> {
         let client = self.client().await;
@@ -133,25 +169,6 @@ impl TestDb {
         rows.iter()
             .map(|row| serde_json::from_str(row.get::<_, &str>(0)).expect("event json"))
             .collect()
-    }
-
-    /// Waits until the log holds at least `count` events, then returns them all.
-    pub async fn wait_for_events(&self, count: usize, timeout: Duration) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let events = self.events().await;
-            if events.len() >= count {
-                return events;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "expected {count} events, the log has {}: {:#?}",
-                    events.len(),
-                    events.iter().rev().take(5).collect::<Vec<_>>()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// Settings for capturing this database (built-in mapping, fast status updates).
