@@ -45,6 +45,49 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Longest wait between reconnection attempts (default 30 s).
     pub max_backoff: Duration,
+    /// The WebSocket and HTTP side.
+    pub server: ServerSettings,
+}
+
+/// Bounds of the delivery side (WebSocket and HTTP).
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address the HTTP/WebSocket server listens on (default 127.0.0.1:8080).
+    pub listen: std::net::SocketAddr,
+    /// Largest client frame accepted; bigger ones close the connection with 1009 (default 64 KiB).
+    pub max_frame_bytes: usize,
+    /// Frames waiting to be written to one connection; a client that lets more pile up is
+    /// closed with 4008 (default 1024).
+    pub outbound_frames: usize,
+    /// Bytes waiting to be written to one connection, the same rule (default 16 MiB).
+    pub outbound_bytes: usize,
+    /// How often the server pings an otherwise quiet connection (default 20 s).
+    pub ping_interval: Duration,
+    /// A connection the client has not sent anything on (pongs count) for this long is closed
+    /// (default 60 s).
+    pub idle_timeout: Duration,
+    /// Subscriptions one connection may hold (default 100).
+    pub max_subscriptions: usize,
+    /// Most events one history request returns (default 1000; 100 when `limit` is not given).
+    pub max_history_page: usize,
+    /// How long a closing connection may take to flush its close frame (default 5 s).
+    pub close_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_frame_bytes: 64 << 10,
+            outbound_frames: 1024,
+            outbound_bytes: 16 << 20,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            max_subscriptions: 100,
+            max_history_page: 1000,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Settings {
@@ -62,6 +105,7 @@ impl Settings {
             status_interval: Duration::from_secs(10),
             max_message_bytes: (1 << 30) + (64 << 10),
             max_backoff: Duration::from_secs(30),
+            server: ServerSettings::default(),
         }
     }
 }

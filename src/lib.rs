@@ -27,4 +27,5 @@ pub mod log;
 pub mod mapping;
 pub mod publisher;
 pub mod render;
+pub mod server;
 pub mod setup;
