@@ -20,12 +20,17 @@
 //! commit order, with strictly increasing ids; the slot is acknowledged only up to changes
 //! whose events are committed in the log; an idle source does not make the slot hold WAL.
 
+pub mod bus;
 pub mod capture;
 pub mod config;
 pub mod event;
+pub mod filter;
+pub mod http;
 pub mod log;
 pub mod mapping;
+pub mod pool;
 pub mod publisher;
 pub mod render;
 pub mod server;
 pub mod setup;
+pub mod ws;

@@ -58,7 +58,10 @@ pub struct StoredEvent {
     pub organization_id: Option<String>,
     pub domain_id: Option<String>,
     pub severity: crate::event::Severity,
-    pub json: String,
+    /// Commit time of the source transaction.
+    pub timestamp: crate::event::Timestamp,
+    /// The envelope, serialized once and shared by every reader.
+    pub json: std::sync::Arc<str>,
 }
 
 /// Connects with a background connection task; errors of that task end the client.
@@ -145,7 +148,7 @@ impl LogWriter {
             cursor.position = position;
             id += 1;
             event.id = id;
-            let json = serde_json::to_string(&event)?;
+            let json = serde_json::to_string(&event)?.into();
             times.push(event.timestamp.to_system_time());
             stored.push(StoredEvent {
                 id,
@@ -153,6 +156,7 @@ impl LogWriter {
                 organization_id: event.organization_id,
                 domain_id: event.domain_id,
                 severity: event.severity,
+                timestamp: event.timestamp,
                 json,
             });
         }
@@ -185,7 +189,7 @@ impl LogWriter {
             stored.iter().map(|e| e.organization_id.as_deref()).collect();
         let domains: Vec<Option<&str>> = stored.iter().map(|e| e.domain_id.as_deref()).collect();
         let severities: Vec<i16> = stored.iter().map(|e| e.severity.rank()).collect();
-        let bodies: Vec<&str> = stored.iter().map(|e| e.json.as_str()).collect();
+        let bodies: Vec<&str> = stored.iter().map(|e| &*e.json).collect();
         self.client
             .query_one(
                 statement,
@@ -231,4 +235,95 @@ pub async fn trim(client: &Client, retention: Duration) -> Result<u64, LogError>
             return Ok(total);
         }
     }
+}
+
+/// What a history read asks for: events after `after` (and up to `up_to`), committed in
+/// `[from, to)`, matching `filter`, at most `limit`.
+#[derive(Debug, Clone)]
+pub struct Range {
+    pub after: u64,
+    pub up_to: Option<u64>,
+    pub from: Option<std::time::SystemTime>,
+    pub to: Option<std::time::SystemTime>,
+    pub limit: usize,
+}
+
+/// A page of history.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// The oldest id the log still holds (the next id to be given when it is empty): a cursor
+    /// below `oldest - 1` lost events to retention.
+    pub oldest: u64,
+    /// `(id, envelope)` in id order.
+    pub events: Vec<(u64, String)>,
+}
+
+/// Reads a page of history; the page and `oldest` come from one snapshot.
+pub async fn read(
+    client: &Client,
+    filter: &crate::filter::Filter,
+    range: &Range,
+) -> Result<Page, LogError> {
+    let statement = format!(
+        "SELECT o.oldest, e.id, e.body
+           FROM (SELECT coalesce((SELECT min(id) FROM rowcast.events),
+                                 (SELECT last_id + 1 FROM rowcast.log_head)) AS oldest) o
+           LEFT JOIN LATERAL (
+               SELECT id, body::text AS body FROM rowcast.events
+                WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2)
+                  AND ($3::timestamptz IS NULL OR committed_at >= $3)
+                  AND ($4::timestamptz IS NULL OR committed_at < $4)
+                  AND {}
+                ORDER BY id LIMIT $12) e ON true
+          ORDER BY e.id",
+        crate::filter::sql_condition(5)
+    );
+    let sql = filter.sql();
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &(range.after.min(i64::MAX as u64) as i64),
+                &range.up_to.map(|id| id.min(i64::MAX as u64) as i64),
+                &range.from,
+                &range.to,
+                &sql.any_type,
+                &sql.types,
+                &sql.entities,
+                &sql.actions,
+                &sql.organizations,
+                &sql.domains,
+                &sql.severity,
+                &(range.limit.min(i64::MAX as usize) as i64),
+            ],
+        )
+        .await?;
+    let mut page = Page::default();
+    for row in rows {
+        page.oldest = row.get::<_, i64>(0) as u64;
+        if let (Some(id), Some(body)) =
+            (row.get::<_, Option<i64>>(1), row.get::<_, Option<String>>(2))
+        {
+            page.events.push((id as u64, body));
+        }
+    }
+    Ok(page)
+}
+
+/// The organizations and domains the log's events carry, for metadata.
+pub async fn scopes(client: &Client) -> Result<Vec<(String, Option<String>)>, LogError> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT organization_id, domain_id FROM rowcast.events
+              WHERE organization_id IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// The last id ever given.
+pub async fn head(client: &Client) -> Result<u64, LogError> {
+    let row = client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }

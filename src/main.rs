@@ -1,5 +1,6 @@
 //! The `rowcast` command: argument parsing and wiring only.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -11,8 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use rowcast::config::{self, Settings, SourceMode};
 use rowcast::mapping::Mapping;
-use rowcast::publisher::Publisher;
-use rowcast::{log, setup};
+use rowcast::{log, server, setup};
 
 #[derive(Parser)]
 #[command(name = "rowcast", version, about = "Postgres change-data-capture event publisher")]
@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Capture changes into the event log (runs `setup` first unless --no-setup).
+    /// Capture changes into the event log and serve them over WebSocket and HTTP (runs `setup`
+    /// first unless --no-setup).
     Serve(ServeArgs),
     /// Idempotently install the event log schema, the publication and replica identity.
     Setup(SourceArgs),
@@ -76,6 +77,27 @@ struct ServeArgs {
     /// Do not run `setup` before serving.
     #[arg(long, env = "ROWCAST_NO_SETUP")]
     no_setup: bool,
+    /// Address of the HTTP/WebSocket server.
+    #[arg(long, env = "ROWCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Largest client WebSocket frame in bytes; bigger ones close the connection with 1009.
+    #[arg(long, env = "ROWCAST_MAX_FRAME_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(256..))]
+    max_frame_bytes: u32,
+    /// Frames queued for one WebSocket client before it is closed as a slow consumer (4008).
+    #[arg(long, env = "ROWCAST_OUTBOUND_FRAMES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(2..))]
+    outbound_frames: u32,
+    /// Bytes queued for one WebSocket client before it is closed as a slow consumer (4008).
+    #[arg(long, env = "ROWCAST_OUTBOUND_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
+    outbound_bytes: u32,
+    /// How often quiet WebSocket connections are pinged.
+    #[arg(long, env = "ROWCAST_PING_INTERVAL", default_value = "20s", value_parser = config::parse_duration)]
+    ping_interval: Duration,
+    /// A WebSocket client silent this long (pongs count) is disconnected.
+    #[arg(long, env = "ROWCAST_IDLE_TIMEOUT", default_value = "60s", value_parser = config::parse_duration)]
+    idle_timeout: Duration,
+    /// Subscriptions one WebSocket connection may hold.
+    #[arg(long, env = "ROWCAST_MAX_SUBSCRIPTIONS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    max_subscriptions: u32,
 }
 
 #[tokio::main]
@@ -145,13 +167,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.batch_size = args.batch_size as usize;
     settings.queue_capacity = args.queue_capacity as usize;
     settings.status_interval = args.status_interval;
+    let server = &mut settings.server;
+    server.listen = args.listen;
+    server.max_frame_bytes = args.max_frame_bytes as usize;
+    server.outbound_frames = args.outbound_frames as usize;
+    server.outbound_bytes = args.outbound_bytes as usize;
+    server.ping_interval = args.ping_interval.max(Duration::from_secs(1));
+    server.idle_timeout = args.idle_timeout.max(Duration::from_secs(1));
+    server.max_subscriptions = args.max_subscriptions as usize;
     if !args.no_setup {
         setup::setup_replication(&settings).await?;
     }
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
+        format!("cannot listen on {} (choose another with --listen)", args.listen)
+    })?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    tokio::spawn(trim_log(settings.log.clone(), settings.retention, shutdown.clone()));
-    Publisher::new(settings).run(shutdown).await?;
+    server::run(settings, listener, shutdown).await?;
     Ok(())
 }
 
@@ -164,31 +196,4 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
-}
-
-/// How often retention is applied.
-const TRIM_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Applies retention every `TRIM_INTERVAL`.
-async fn trim_log(
-    config: tokio_postgres::Config,
-    retention: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(TRIM_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let result = async {
-            let client = log::connect(&config, "retention").await?;
-            log::trim(&client, retention).await
-        };
-        match result.await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "trimmed event log"),
-            Err(err) => tracing::warn!(error = %err, "trimming the event log failed"),
-        }
-    }
 }

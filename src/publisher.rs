@@ -12,11 +12,13 @@
 //! duplicated because the log drops what it already has. Errors that retrying cannot fix
 //! (bad credentials, a mapping that does not match the database) end the publisher.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::Bus;
 use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
 use crate::capture::replication::{ConnectParams, format_lsn, parse_lsn};
@@ -74,13 +76,24 @@ pub struct Publisher {
 struct Signals {
     state: watch::Sender<State>,
     head: watch::Sender<u64>,
+    /// Where appended events go next, once committed.
+    bus: Option<Arc<Bus>>,
 }
 
 impl Publisher {
     pub fn new(settings: Settings) -> Self {
-        let signals =
-            Signals { state: watch::channel(State::Starting).0, head: watch::channel(0).0 };
+        let signals = Signals {
+            state: watch::channel(State::Starting).0,
+            head: watch::channel(0).0,
+            bus: None,
+        };
         Self { settings, signals }
+    }
+
+    /// Publishes every appended event on `bus`, in id order, after its append commits.
+    pub fn with_bus(mut self, bus: Arc<Bus>) -> Self {
+        self.signals.bus = Some(bus);
+        self
     }
 
     pub fn watch(&self) -> Watch {
@@ -212,6 +225,9 @@ async fn write_loop(
             }
         }
         let stored = writer.append(batch, progress).await?;
+        if let Some(bus) = &signals.bus {
+            bus.publish(&stored);
+        }
         if let Some(last) = stored.last() {
             signals.head.send_replace(last.id);
         }

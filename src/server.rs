@@ -1,17 +1,134 @@
-//! The whole server: publisher, bus, retention and the HTTP/WebSocket front, wired together.
+//! The whole server: capture into the log, the bus, retention and the HTTP/WebSocket front,
+//! wired together and shut down in order.
+//!
+//! Shutdown (SPEC §9): the listener stops accepting; the publisher finishes in-flight appends,
+//! publishes them and acknowledges the slot; then the bus closes every socket with 1001 after
+//! writing what was queued for it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::Settings;
-use crate::publisher::PublisherError;
+use crate::bus::Bus;
+use crate::config::{Settings, SourceMode};
+use crate::log::{self, LogError};
+use crate::pool::Pool;
+use crate::publisher::{self, Publisher, PublisherError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
     Publisher(#[from] PublisherError),
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Connections kept for history, catch-up and stats reads.
+const READ_CONNECTIONS: usize = 4;
+/// How often retention is applied.
+const TRIM_INTERVAL: Duration = Duration::from_secs(60);
+/// The window `events_per_second` is averaged over.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// What the HTTP handlers and WebSocket sessions share.
+pub struct Shared {
+    pub settings: Settings,
+    pub bus: Arc<Bus>,
+    /// Readers of the event log.
+    pub log: Pool,
+    /// Readers of the source database (slot lag).
+    pub source: Pool,
+    pub source_mode: &'static str,
+    pub publisher: publisher::Watch,
+    pub sessions: TaskTracker,
+    pub rate: Rate,
+}
+
+/// A server ready to run: its state is observable before it starts.
+pub struct Server {
+    shared: Arc<Shared>,
+    publisher: Publisher,
+}
+
+impl Server {
+    /// Reads the log's head so the first subscribers get a correct `last_id`.
+    pub async fn new(settings: Settings) -> Result<Self, ServeError> {
+        let log = Pool::new(settings.log.clone(), "log reader", READ_CONNECTIONS);
+        let head = log::head(&*log.get().await.map_err(LogError::from)?).await?;
+        let bus = Arc::new(Bus::new(head));
+        let publisher = Publisher::new(settings.clone()).with_bus(bus.clone());
+        let shared = Arc::new(Shared {
+            source: Pool::new(settings.database.clone(), "stats", 1),
+            source_mode: match settings.source {
+                SourceMode::Triggers => "triggers",
+                _ => "replication",
+            },
+            publisher: publisher.watch(),
+            sessions: TaskTracker::new(),
+            rate: Rate::new(head),
+            bus,
+            log,
+            settings,
+        });
+        Ok(Self { shared, publisher })
+    }
+
+    pub fn watch(&self) -> publisher::Watch {
+        self.shared.publisher.clone()
+    }
+
+    pub fn bus(&self) -> Arc<Bus> {
+        self.shared.bus.clone()
+    }
+
+    /// Serves on `listener` until `shutdown`, or until the publisher fails for good.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        let shared = self.shared;
+        let background = TaskTracker::new();
+        background.spawn(load_scopes(shared.clone()));
+        background.spawn(trim_log(
+            shared.settings.log.clone(),
+            shared.settings.retention,
+            shutdown.clone(),
+        ));
+        background.spawn(sample_rate(shared.clone(), shutdown.clone()));
+        background.close();
+
+        let app = crate::http::router(shared.clone());
+        let accepting = shutdown.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(accepting.cancelled_owned()).await
+        });
+        tracing::info!(listen = %shared.settings.server.listen, "serving");
+
+        let published = self.publisher.run(shutdown.clone()).await;
+        // Whatever ended the publisher ends the server; what it appended is published.
+        shutdown.cancel();
+        shared.bus.close();
+        shared.sessions.close();
+        let limits = &shared.settings.server;
+        if tokio::time::timeout(limits.close_timeout * 3, shared.sessions.wait()).await.is_err() {
+            tracing::warn!("some websocket sessions did not close in time");
+        }
+        let served = match tokio::time::timeout(limits.close_timeout, http).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) | Err(_) => Ok(()),
+        };
+        background.wait().await;
+        published?;
+        served?;
+        Ok(())
+    }
 }
 
 /// Runs capture, the event log, the bus and the HTTP/WebSocket server on `listener` until
@@ -21,7 +138,82 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let _ = listener;
-    crate::publisher::Publisher::new(settings).run(shutdown).await?;
-    Ok(())
+    Server::new(settings).await?.run(listener, shutdown).await
+}
+
+/// The organizations and domains already in the log, for metadata.
+async fn load_scopes(shared: Arc<Shared>) {
+    let result = async {
+        let client = shared.log.get().await?;
+        log::scopes(&client).await
+    };
+    match result.await {
+        Ok(scopes) => shared.bus.add_scopes(scopes),
+        Err(err) => tracing::warn!(error = %err, "reading scopes from the event log failed"),
+    }
+}
+
+/// Applies retention every `TRIM_INTERVAL`.
+async fn trim_log(
+    config: tokio_postgres::Config,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(TRIM_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = async {
+            let client = log::connect(&config, "retention").await?;
+            log::trim(&client, retention).await
+        };
+        match result.await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "trimmed event log"),
+            Err(err) => tracing::warn!(error = %err, "trimming the event log failed"),
+        }
+    }
+}
+
+async fn sample_rate(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => shared.rate.sample(shared.bus.head()),
+        }
+    }
+}
+
+/// Events per second over the last `RATE_WINDOW`, from samples of the log head.
+pub struct Rate {
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl Rate {
+    fn new(head: u64) -> Self {
+        Self { samples: Mutex::new(VecDeque::from([(Instant::now(), head)])) }
+    }
+
+    fn sample(&self, head: u64) {
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        samples.push_back((now, head));
+        while samples.len() > 2 && samples.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
+            samples.pop_front();
+        }
+    }
+
+    pub fn per_second(&self) -> f64 {
+        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        match (samples.front(), samples.back()) {
+            (Some((t0, h0)), Some((t1, h1))) if t1 > t0 => {
+                let rate = (h1 - h0) as f64 / (*t1 - *t0).as_secs_f64();
+                (rate * 10.0).round() / 10.0
+            }
+            _ => 0.0,
+        }
+    }
 }

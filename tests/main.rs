@@ -4,5 +4,6 @@ mod support;
 
 mod auth;
 mod capture;
+mod delivery;
 mod durability;
 mod fidelity;

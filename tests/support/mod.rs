@@ -6,18 +6,22 @@
 //! With `ROWCAST_TEST_DATABASE_URL` set (a superuser on a server with `wal_level=logical`),
 //! databases are created on that server instead, and dropped with their slots afterwards.
 
+pub mod client;
 pub mod cluster;
 #[cfg(feature = "testcontainers")]
 pub mod docker;
 
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rowcast::config::Settings;
-use rowcast::publisher::{Publisher, State, Watch};
+use rowcast::publisher::{State, Watch};
+use rowcast::server::{ServeError, Server};
 use serde_json::Value;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -239,23 +243,28 @@ pub async fn nudge_slot_creation(config: tokio_postgres::Config) {
     }
 }
 
-/// A publisher running inside the test process.
+/// A server (publisher, bus, HTTP/WebSocket) running inside the test process.
 pub struct Running {
     pub watch: Watch,
+    /// Where its HTTP/WebSocket server listens.
+    pub addr: SocketAddr,
     shutdown: CancellationToken,
-    task: JoinHandle<Result<(), rowcast::publisher::PublisherError>>,
+    task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl Running {
-    /// Runs `setup`, starts the publisher and waits until it streams: every change committed
-    /// after this returns is captured.
-    pub async fn start(settings: Settings) -> Running {
+    /// Runs `setup`, starts the server on a free port and waits until it streams: every
+    /// change committed after this returns is captured.
+    pub async fn start(mut settings: Settings) -> Running {
         rowcast::setup::setup_replication(&settings).await.expect("setup");
         let url = settings.database.clone();
-        let publisher = Publisher::new(settings);
-        let mut watch = publisher.watch();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        settings.server.listen = addr;
+        let server = Server::new(settings).await.expect("server");
+        let mut watch = server.watch();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(publisher.run(shutdown.clone()));
+        let task = tokio::spawn(server.run(listener, shutdown.clone()));
         let nudge = tokio::spawn(nudge_slot_creation(url));
         let streaming = tokio::time::timeout(
             Duration::from_secs(90),
@@ -265,7 +274,12 @@ impl Running {
         nudge.abort();
         let state = streaming.ok().and_then(|s| s.ok()).map(|state| state.clone());
         assert_eq!(state, Some(State::Streaming), "publisher did not start streaming");
-        Running { watch, shutdown, task }
+        Running { watch, addr, shutdown, task }
+    }
+
+    /// `ws://ADDR/ws/events?QUERY`.
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws/events?{query}", self.addr)
     }
 
     /// Waits until the log's newest id is at least `id`.
@@ -281,7 +295,7 @@ impl Running {
         let result = tokio::time::timeout(Duration::from_secs(30), self.task).await;
         match result {
             Ok(Ok(Ok(()))) => {}
-            other => panic!("publisher did not stop cleanly: {other:?}"),
+            other => panic!("server did not stop cleanly: {other:?}"),
         }
     }
 }

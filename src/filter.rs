@@ -1,0 +1,426 @@
+//! Subscription filters (SPEC §5): parsing and matching, both pure.
+//!
+//! A filter has four optional parts, all of which must match: `type` (patterns `*`,
+//! `entity.*`, `*.action`, `entity.action`, one or a list), `organization_id` and `domain_id`
+//! (one or a list) and `severity` (a minimum). A missing part matches everything. The same
+//! filter drives live matching ([`Filter::matches`]), its index keys in the bus and the SQL
+//! of history reads ([`Filter::sql`]), so the three cannot drift apart.
+
+use serde_json::{Map, Value, json};
+
+use crate::event::Severity;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FilterError(String);
+
+impl FilterError {
+    fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// One type pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Pattern {
+    /// `*`
+    Any,
+    /// `entity.*`
+    Entity(String),
+    /// `*.action`
+    Action(String),
+    /// `entity.action`
+    Exact(String),
+}
+
+impl Pattern {
+    pub fn parse(text: &str) -> Result<Self, FilterError> {
+        let invalid = || {
+            FilterError::new(format!(
+                "type pattern {text:?} is not one of *, entity.*, *.action or entity.action"
+            ))
+        };
+        if text == "*" || text == "*.*" {
+            return Ok(Pattern::Any);
+        }
+        let (entity, action) = text.split_once('.').ok_or_else(invalid)?;
+        let word =
+            |w: &str| !w.is_empty() && !w.contains(['*', '.']) && !w.contains(char::is_whitespace);
+        match (entity, action) {
+            ("*", action) if word(action) => Ok(Pattern::Action(action.to_owned())),
+            (entity, "*") if word(entity) => Ok(Pattern::Entity(entity.to_owned())),
+            (entity, action) if word(entity) && word(action) => Ok(Pattern::Exact(text.to_owned())),
+            _ => Err(invalid()),
+        }
+    }
+
+    pub fn matches(&self, kind: &str) -> bool {
+        let (entity, action) = kind.split_once('.').unwrap_or((kind, ""));
+        match self {
+            Pattern::Any => true,
+            Pattern::Entity(e) => e == entity,
+            Pattern::Action(a) => a == action,
+            Pattern::Exact(t) => t == kind,
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Pattern::Any => "*".into(),
+            Pattern::Entity(e) => format!("{e}.*"),
+            Pattern::Action(a) => format!("*.{a}"),
+            Pattern::Exact(t) => t.clone(),
+        }
+    }
+}
+
+/// What a filter is matched against: the fields of an event that filters can see.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub kind: &'a str,
+    pub organization_id: Option<&'a str>,
+    pub domain_id: Option<&'a str>,
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Filter {
+    /// Empty: every type.
+    types: Vec<Pattern>,
+    organizations: Option<Vec<String>>,
+    domains: Option<Vec<String>>,
+    severity: Severity,
+}
+
+/// The filter as SQL parameters: see [`Filter::sql`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlFilter {
+    pub any_type: bool,
+    pub types: Vec<String>,
+    pub entities: Vec<String>,
+    pub actions: Vec<String>,
+    pub organizations: Option<Vec<String>>,
+    pub domains: Option<Vec<String>>,
+    pub severity: i16,
+}
+
+/// The `WHERE` fragment matching [`SqlFilter`] given as parameters `$first..$first+6`, in the
+/// order of its fields.
+pub fn sql_condition(first: usize) -> String {
+    let p = |i: usize| format!("${}", first + i);
+    format!(
+        "({any} OR type = ANY({types}) OR split_part(type, '.', 1) = ANY({entities}) \
+         OR split_part(type, '.', 2) = ANY({actions})) \
+         AND ({orgs}::text[] IS NULL OR organization_id = ANY({orgs})) \
+         AND ({domains}::text[] IS NULL OR domain_id = ANY({domains})) \
+         AND severity >= {severity}",
+        any = p(0),
+        types = p(1),
+        entities = p(2),
+        actions = p(3),
+        orgs = p(4),
+        domains = p(5),
+        severity = p(6),
+    )
+}
+
+impl Filter {
+    /// Matches every event.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Parses the JSON `filter` of a `subscribe` (absent or null: everything).
+    pub fn from_json(value: Option<&Value>) -> Result<Self, FilterError> {
+        let object = match value {
+            None | Some(Value::Null) => return Ok(Self::all()),
+            Some(Value::Object(object)) => object,
+            Some(_) => return Err(FilterError::new("filter must be an object")),
+        };
+        let mut filter = Self::all();
+        for (key, value) in object {
+            if value.is_null() {
+                continue;
+            }
+            match key.as_str() {
+                "type" => {
+                    filter.types = strings("type", value)?
+                        .iter()
+                        .map(|p| Pattern::parse(p))
+                        .collect::<Result<_, _>>()?;
+                }
+                "organization_id" => filter.organizations = Some(strings(key, value)?),
+                "domain_id" => filter.domains = Some(strings(key, value)?),
+                "severity" => {
+                    let text = value
+                        .as_str()
+                        .ok_or_else(|| FilterError::new("filter.severity must be a string"))?;
+                    filter.severity = text.parse().map_err(FilterError)?;
+                }
+                other => {
+                    return Err(FilterError::new(format!(
+                        "unknown filter field {other:?} (expected type, organization_id, domain_id or severity)"
+                    )));
+                }
+            }
+        }
+        Ok(filter.normalized())
+    }
+
+    /// Builds a filter from query parameters (`type`, `organization_id`, `domain_id`,
+    /// `severity`); lists are repeated parameters or comma-separated. Other keys are ignored.
+    /// `None` when no filter parameter is present.
+    pub fn from_query<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Option<Self>, FilterError> {
+        let mut filter = Self::all();
+        let mut present = false;
+        let split = |v: &'a str| v.split(',').map(str::trim);
+        for (key, value) in pairs {
+            match key {
+                "type" => {
+                    for pattern in split(value) {
+                        filter.types.push(Pattern::parse(pattern)?);
+                    }
+                }
+                "organization_id" => filter
+                    .organizations
+                    .get_or_insert_default()
+                    .extend(split(value).map(String::from)),
+                "domain_id" => {
+                    filter.domains.get_or_insert_default().extend(split(value).map(String::from))
+                }
+                "severity" => filter.severity = value.parse().map_err(FilterError)?,
+                _ => continue,
+            }
+            present = true;
+        }
+        Ok(present.then(|| filter.normalized()))
+    }
+
+    /// `*` makes the other patterns moot; duplicates go.
+    fn normalized(mut self) -> Self {
+        if self.types.contains(&Pattern::Any) {
+            self.types.clear();
+        }
+        dedup(&mut self.types);
+        for list in [&mut self.organizations, &mut self.domains].into_iter().flatten() {
+            dedup(list);
+        }
+        self
+    }
+
+    pub fn matches(&self, subject: &Subject<'_>) -> bool {
+        subject.severity >= self.severity
+            && (self.types.is_empty() || self.types.iter().any(|p| p.matches(subject.kind)))
+            && within(&self.organizations, subject.organization_id)
+            && within(&self.domains, subject.domain_id)
+    }
+
+    /// The organizations this filter is confined to; `None`: any.
+    pub fn organizations(&self) -> Option<&[String]> {
+        self.organizations.as_deref()
+    }
+
+    /// The entities this filter can match; `None`: any (a `*` or `*.action` pattern).
+    pub fn entities(&self) -> Option<Vec<&str>> {
+        if self.types.is_empty() {
+            return None;
+        }
+        let mut entities = Vec::with_capacity(self.types.len());
+        for pattern in &self.types {
+            match pattern {
+                Pattern::Entity(e) => entities.push(e.as_str()),
+                Pattern::Exact(t) => entities.push(t.split_once('.').map_or(t.as_str(), |p| p.0)),
+                Pattern::Any | Pattern::Action(_) => return None,
+            }
+        }
+        entities.sort_unstable();
+        entities.dedup();
+        Some(entities)
+    }
+
+    pub fn sql(&self) -> SqlFilter {
+        let mut sql = SqlFilter {
+            any_type: self.types.is_empty(),
+            types: Vec::new(),
+            entities: Vec::new(),
+            actions: Vec::new(),
+            organizations: self.organizations.clone(),
+            domains: self.domains.clone(),
+            severity: self.severity.rank(),
+        };
+        for pattern in &self.types {
+            match pattern {
+                Pattern::Any => sql.any_type = true,
+                Pattern::Entity(e) => sql.entities.push(e.clone()),
+                Pattern::Action(a) => sql.actions.push(a.clone()),
+                Pattern::Exact(t) => sql.types.push(t.clone()),
+            }
+        }
+        sql
+    }
+
+    /// The filter as echoed in `subscribed`: only the parts that restrict anything.
+    pub fn to_json(&self) -> Value {
+        let mut object = Map::new();
+        if !self.types.is_empty() {
+            object.insert("type".into(), self.types.iter().map(Pattern::text).collect());
+        }
+        if let Some(orgs) = &self.organizations {
+            object.insert("organization_id".into(), json!(orgs));
+        }
+        if let Some(domains) = &self.domains {
+            object.insert("domain_id".into(), json!(domains));
+        }
+        if self.severity != Severity::Info {
+            object.insert("severity".into(), json!(self.severity.as_str()));
+        }
+        Value::Object(object)
+    }
+}
+
+fn within(allowed: &Option<Vec<String>>, value: Option<&str>) -> bool {
+    match allowed {
+        None => true,
+        // A null scope is in no list.
+        Some(list) => value.is_some_and(|v| list.iter().any(|a| a == v)),
+    }
+}
+
+fn dedup<T: PartialEq + Clone>(list: &mut Vec<T>) {
+    let mut seen = Vec::with_capacity(list.len());
+    list.retain(|item| {
+        let new = !seen.contains(item);
+        if new {
+            seen.push(item.clone());
+        }
+        new
+    });
+}
+
+/// A string or a non-empty list of strings.
+fn strings(field: &str, value: &Value) -> Result<Vec<String>, FilterError> {
+    let wrong =
+        || FilterError::new(format!("filter.{field} must be a string or a list of strings"));
+    match value {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) if items.is_empty() => {
+            Err(FilterError::new(format!("filter.{field} must not be an empty list")))
+        }
+        Value::Array(items) => {
+            items.iter().map(|item| item.as_str().map(String::from).ok_or_else(wrong)).collect()
+        }
+        _ => Err(wrong()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject<'a>(kind: &'a str, org: Option<&'a str>, domain: Option<&'a str>) -> Subject<'a> {
+        Subject { kind, organization_id: org, domain_id: domain, severity: Severity::Info }
+    }
+
+    fn parse(value: Value) -> Result<Filter, FilterError> {
+        Filter::from_json(Some(&value))
+    }
+
+    #[test]
+    fn patterns() {
+        assert_eq!(Pattern::parse("*"), Ok(Pattern::Any));
+        assert_eq!(Pattern::parse("agent.*"), Ok(Pattern::Entity("agent".into())));
+        assert_eq!(Pattern::parse("*.deleted"), Ok(Pattern::Action("deleted".into())));
+        assert_eq!(Pattern::parse("agent.created"), Ok(Pattern::Exact("agent.created".into())));
+        for bad in ["", "agent", ".", "agent.", ".created", "a.b.c", "ag*nt.created", "a b.c", "**"]
+        {
+            assert!(Pattern::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(Pattern::Action("deleted".into()).matches("user.deleted"));
+        assert!(!Pattern::Action("deleted".into()).matches("user.created"));
+        assert!(!Pattern::Entity("agent".into()).matches("agents.created"));
+    }
+
+    #[test]
+    fn every_part_must_match() {
+        let filter = parse(json!({
+            "type": ["agent.*", "deployment.failed"],
+            "organization_id": "quant",
+            "domain_id": ["demo", "prod"],
+            "severity": "info"
+        }))
+        .expect("valid");
+        assert!(filter.matches(&subject("agent.created", Some("quant"), Some("demo"))));
+        assert!(filter.matches(&subject("deployment.failed", Some("quant"), Some("prod"))));
+        assert!(!filter.matches(&subject("deployment.started", Some("quant"), Some("prod"))));
+        assert!(!filter.matches(&subject("agent.created", Some("acme"), Some("demo"))));
+        assert!(!filter.matches(&subject("agent.created", Some("quant"), None)));
+        assert!(!filter.matches(&subject("agent.created", None, Some("demo"))));
+    }
+
+    #[test]
+    fn missing_parts_match_anything_including_null_scope() {
+        let filter = Filter::from_json(None).expect("valid");
+        assert!(filter.matches(&subject("user.created", None, None)));
+        let filter = parse(json!({"type": "*", "organization_id": null})).expect("valid");
+        assert_eq!(filter, Filter::all());
+    }
+
+    #[test]
+    fn severity_is_a_minimum() {
+        let filter = parse(json!({"severity": "warning"})).expect("valid");
+        let mut s = subject("deployment.failed", None, None);
+        assert!(!filter.matches(&s));
+        s.severity = Severity::Error;
+        assert!(filter.matches(&s));
+    }
+
+    #[test]
+    fn wrong_shapes_say_what_is_wrong() {
+        let message = |v: Value| parse(v).expect_err("refused").to_string();
+        assert!(message(json!({"type": 5})).contains("filter.type"));
+        assert!(message(json!({"organization_id": [1]})).contains("filter.organization_id"));
+        assert!(message(json!({"domain_id": []})).contains("empty"));
+        assert!(message(json!({"severity": "fatal"})).contains("severity"));
+        assert!(message(json!({"severity": 2})).contains("severity"));
+        assert!(message(json!({"colour": "red"})).contains("colour"));
+        assert!(message(json!(["agent.*"])).contains("object"));
+        assert!(message(json!({"type": "agent.*.x"})).contains("agent.*.x"));
+    }
+
+    #[test]
+    fn query_parameters_repeat_or_use_commas() {
+        let pairs = [
+            ("type", "agent.*,*.deleted"),
+            ("organization_id", "quant"),
+            ("organization_id", "acme"),
+            ("since", "5"),
+        ];
+        let filter = Filter::from_query(pairs).expect("valid").expect("present");
+        assert!(filter.matches(&subject("user.deleted", Some("acme"), None)));
+        assert!(!filter.matches(&subject("user.created", Some("acme"), None)));
+        assert_eq!(Filter::from_query([("since", "5")]), Ok(None));
+        assert!(Filter::from_query([("severity", "loud")]).is_err());
+    }
+
+    #[test]
+    fn entities_for_the_index() {
+        let filter = parse(json!({"type": ["agent.*", "agent.created", "user.created"]}));
+        assert_eq!(filter.expect("valid").entities(), Some(vec!["agent", "user"]));
+        let filter = parse(json!({"type": ["agent.*", "*.deleted"]})).expect("valid");
+        assert_eq!(filter.entities(), None);
+        assert_eq!(Filter::all().entities(), None);
+    }
+
+    #[test]
+    fn echo_is_normalized() {
+        let filter = parse(json!({"type": ["agent.*", "agent.*"], "severity": "error"}));
+        assert_eq!(
+            filter.expect("valid").to_json(),
+            json!({"type": ["agent.*"], "severity": "error"})
+        );
+        let filter = parse(json!({"type": ["agent.*", "*"]})).expect("valid");
+        assert_eq!(filter.to_json(), json!({}));
+    }
+}

@@ -1,0 +1,242 @@
+//! HTTP (SPEC §7): history, metadata, stats, health, and the routes of the whole front.
+//!
+//! Errors become `{"type":"error","code":...,"message":...}` with a fitting status; database
+//! failures are logged here and answered with a 503 that does not leak their details.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use crate::event::Timestamp;
+use crate::filter::Filter;
+use crate::log::Range;
+use crate::publisher::State as PublisherState;
+use crate::server::Shared;
+use crate::ws::protocol::{self, ProtocolError};
+
+/// Events per history page when `limit` is not given.
+const DEFAULT_PAGE: usize = 100;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/ws/events", get(crate::ws::upgrade))
+        .route("/api/events", get(history))
+        .route("/api/events/metadata", get(metadata_route))
+        .route("/api/events/stats", get(stats))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(shared)
+}
+
+pub enum AppError {
+    BadRequest(String),
+    Unavailable(&'static str),
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, err) = match self {
+            AppError::BadRequest(message) => {
+                (StatusCode::BAD_REQUEST, ProtocolError::bad_request(message))
+            }
+            AppError::Unavailable(what) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ProtocolError::bad_request(format!("{what} is unavailable; try again")),
+            ),
+        };
+        let mut body = protocol::error(&err, None);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            body =
+                json!({"type": "error", "code": "unavailable", "message": err.message}).to_string();
+        }
+        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+fn log_unavailable(err: impl std::fmt::Display) -> AppError {
+    tracing::warn!(error = %err, "event log query failed");
+    AppError::Unavailable("the event log")
+}
+
+/// `GET /api/events`: history in id order, `{"events":[...],"next":ID}`. `next` is the id to
+/// pass as `since` for the following page: the last id returned, or `since` when none was.
+async fn history(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, AppError> {
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()).into_owned().collect();
+    let param = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    for (key, _) in &pairs {
+        let known =
+            ["type", "organization_id", "domain_id", "severity", "since", "from", "to", "limit"];
+        if !known.contains(&key.as_str()) {
+            return Err(AppError::BadRequest(format!("unknown query parameter {key:?}")));
+        }
+    }
+    let filter = Filter::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|err| AppError::BadRequest(err.to_string()))?
+        .unwrap_or_else(Filter::all);
+    let number = |name: &str| -> Result<Option<u64>, AppError> {
+        param(name)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    AppError::BadRequest(format!("{name}={v:?} is not a non-negative integer"))
+                })
+            })
+            .transpose()
+    };
+    let time = |name: &str| -> Result<Option<std::time::SystemTime>, AppError> {
+        param(name)
+            .map(|v| {
+                Timestamp::parse_rfc3339(v).map(Timestamp::to_system_time).ok_or_else(|| {
+                    AppError::BadRequest(format!(
+                        "{name}={v:?} is not an RFC 3339 time like 2026-11-22T10:15:30Z"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let max = shared.settings.server.max_history_page;
+    let limit = match number("limit")? {
+        None => DEFAULT_PAGE.min(max),
+        Some(0) => return Err(AppError::BadRequest("limit must be at least 1".into())),
+        Some(n) => (n as usize).min(max),
+    };
+    let since = number("since")?.unwrap_or(0);
+    let range = Range { after: since, up_to: None, from: time("from")?, to: time("to")?, limit };
+    let client = shared.log.get().await.map_err(log_unavailable)?;
+    let page = crate::log::read(&client, &filter, &range).await.map_err(log_unavailable)?;
+    let next = page.events.last().map_or(since, |(id, _)| *id);
+    let mut body =
+        String::with_capacity(page.events.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 32);
+    body.push_str("{\"events\":[");
+    for (i, (_, envelope)) in page.events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(envelope);
+    }
+    body.push_str("],\"next\":");
+    body.push_str(&next.to_string());
+    body.push('}');
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Entities, event types with severities, filterable fields and known scopes.
+pub fn metadata(shared: &Shared) -> Value {
+    let mut entities = Vec::new();
+    let mut event_types = Vec::new();
+    for entity in shared.settings.mapping.entities() {
+        let mut types = Vec::new();
+        let plain = ["created", "updated", "deleted", "truncated"].map(|a| (a, "info"));
+        let extra = entity.events.iter().map(|e| (e.action.as_str(), e.severity.as_str()));
+        for (action, severity) in plain.into_iter().chain(extra) {
+            let kind = format!("{}.{action}", entity.name);
+            types.push(json!(kind));
+            event_types.push(json!({"type": kind, "entity": entity.name, "action": action, "severity": severity}));
+        }
+        entities.push(
+            json!({"name": entity.name, "table": entity.table.to_string(), "event_types": types}),
+        );
+    }
+    let scopes = shared.bus.scopes();
+    let organizations: Vec<&String> = scopes.keys().collect();
+    let domains: Vec<Value> = scopes
+        .iter()
+        .flat_map(|(org, domains)| {
+            domains.iter().map(move |d| json!({"id": d, "organization_id": org}))
+        })
+        .collect();
+    json!({
+        "entities": entities,
+        "event_types": event_types,
+        "fields": ["type", "organization_id", "domain_id", "severity"],
+        "severities": ["info", "warning", "error"],
+        "organizations": organizations,
+        "domains": domains,
+    })
+}
+
+async fn metadata_route(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(metadata(&shared)).into_response()
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    let bus = shared.bus.stats();
+    let state = shared.publisher.state.borrow().clone();
+    let (state_name, error) = match &state {
+        PublisherState::Starting => ("starting", None),
+        PublisherState::Streaming => ("streaming", None),
+        PublisherState::Reconnecting { error } => ("reconnecting", Some(error.clone())),
+        PublisherState::Stopped => ("stopped", None),
+    };
+    let log_size = async {
+        let client = shared.log.get().await.ok()?;
+        let row =
+            client.query_one("SELECT pg_total_relation_size('rowcast.events')", &[]).await.ok()?;
+        Some(row.get::<_, i64>(0))
+    };
+    let slot_lag = async {
+        let client = shared.source.get().await.ok()?;
+        let row = client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&shared.settings.slot],
+            )
+            .await
+            .ok()??;
+        row.get::<_, Option<i64>>(0)
+    };
+    let (log_size, slot_lag) = tokio::join!(log_size, slot_lag);
+    axum::Json(json!({
+        "running": state == PublisherState::Streaming,
+        "state": state_name,
+        "error": error,
+        "source": shared.source_mode,
+        "connections": bus.connections,
+        "subscriptions": bus.subscriptions,
+        "events_total": bus.head,
+        "events_per_second": shared.rate.per_second(),
+        "last_event_id": bus.head,
+        "last_event_time": bus.last_event_at.map(|t| t.to_string()),
+        "log_size_bytes": log_size,
+        "slot": shared.settings.slot,
+        "slot_lag_bytes": slot_lag,
+        "slow_consumer_closes": bus.slow_consumer_closes,
+    }))
+    .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready when the source is streaming and the log answers.
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let streaming = *shared.publisher.state.borrow() == PublisherState::Streaming;
+    let log = match shared.log.get().await {
+        Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
+    };
+    let status = if streaming && log { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        status,
+        axum::Json(
+            json!({"ready": streaming && log, "source_streaming": streaming, "log_reachable": log}),
+        ),
+    )
+        .into_response()
+}
+
+/// Until the web page lands: where things are.
+async fn page() -> Html<&'static str> {
+    Html(include_str!("../web/placeholder.html"))
+}

@@ -1,0 +1,35 @@
+//! A few shared Postgres connections for readers (history, catch-up, stats), opened lazily
+//! and replaced when they break. tokio-postgres pipelines concurrent queries on one
+//! connection, so a handful serve many readers; no reader ever waits for another's result.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+pub struct Pool {
+    config: tokio_postgres::Config,
+    role: &'static str,
+    slots: Vec<Mutex<Option<Arc<Client>>>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(config: tokio_postgres::Config, role: &'static str, size: usize) -> Self {
+        let slots = (0..size.max(1)).map(|_| Mutex::new(None)).collect();
+        Self { config, role, slots, next: AtomicUsize::new(0) }
+    }
+
+    /// A connection, round robin; a broken one is replaced first.
+    pub async fn get(&self) -> Result<Arc<Client>, tokio_postgres::Error> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[index].lock().await;
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(crate::log::connect(&self.config, self.role).await?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+}

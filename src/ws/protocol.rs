@@ -1,0 +1,260 @@
+//! The frames of SPEC §5: parsing what clients send and rendering what the server says.
+//! Pure; nothing here panics on input.
+
+use serde_json::{Map, Value, json};
+
+use crate::filter::{Filter, FilterError};
+
+/// The `code` of an error frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    TooManySubscriptions,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::BadRequest, message: message.into() }
+    }
+}
+
+impl From<FilterError> for ProtocolError {
+    fn from(err: FilterError) -> Self {
+        Self::bad_request(err.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Subscribe {
+        filter: Filter,
+        since: Option<u64>,
+    },
+    Unsubscribe {
+        subscription: String,
+    },
+    GetMetadata,
+    Ping,
+    /// Recognised but served by a later version: `replay`, `stop_replay`, `auth`.
+    Unsupported(&'static str),
+}
+
+/// A client frame: its `ref` (echoed in the reply) and what it asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub reference: Option<Value>,
+    pub action: Result<Action, ProtocolError>,
+}
+
+pub fn parse(text: &str) -> Request {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(err) => {
+            return Request {
+                reference: None,
+                action: Err(ProtocolError::bad_request(format!("frame is not valid JSON: {err}"))),
+            };
+        }
+    };
+    let Value::Object(mut object) = value else {
+        return Request {
+            reference: None,
+            action: Err(ProtocolError::bad_request("frame must be a JSON object with an action")),
+        };
+    };
+    let reference = object.remove("ref");
+    Request { reference, action: action(object) }
+}
+
+fn action(mut object: Map<String, Value>) -> Result<Action, ProtocolError> {
+    let name = match object.remove("action") {
+        Some(Value::String(name)) => name,
+        Some(_) => return Err(ProtocolError::bad_request("action must be a string")),
+        None => return Err(ProtocolError::bad_request("frame has no action")),
+    };
+    let allow = |object: &Map<String, Value>, fields: &[&str]| match object
+        .keys()
+        .find(|key| !fields.contains(&key.as_str()))
+    {
+        Some(key) => Err(ProtocolError::bad_request(format!("{name}: unknown field {key:?}"))),
+        None => Ok(()),
+    };
+    match name.as_str() {
+        "subscribe" => {
+            allow(&object, &["filter", "since"])?;
+            let filter = Filter::from_json(object.get("filter"))?;
+            let since = match object.get("since") {
+                None | Some(Value::Null) => None,
+                Some(value) => Some(value.as_u64().ok_or_else(|| {
+                    ProtocolError::bad_request("since must be a non-negative integer event id")
+                })?),
+            };
+            Ok(Action::Subscribe { filter, since })
+        }
+        "unsubscribe" => {
+            allow(&object, &["subscription_id"])?;
+            match object.remove("subscription_id") {
+                Some(Value::String(subscription)) => Ok(Action::Unsubscribe { subscription }),
+                _ => Err(ProtocolError::bad_request("unsubscribe needs a subscription_id string")),
+            }
+        }
+        "get_metadata" => allow(&object, &[]).map(|()| Action::GetMetadata),
+        "ping" => allow(&object, &[]).map(|()| Action::Ping),
+        "replay" => Ok(Action::Unsupported("replay")),
+        "stop_replay" => Ok(Action::Unsupported("stop_replay")),
+        "auth" => Ok(Action::Unsupported("auth")),
+        other => Err(ProtocolError::bad_request(format!(
+            "unknown action {other:?} (expected subscribe, unsubscribe, get_metadata or ping)"
+        ))),
+    }
+}
+
+/// `s7` → 7.
+pub fn subscription_number(id: &str) -> Option<u32> {
+    id.strip_prefix('s')?.parse().ok()
+}
+
+pub fn subscription_name(number: u32) -> String {
+    format!("s{number}")
+}
+
+fn render(mut frame: Value, reference: Option<&Value>) -> String {
+    if let (Some(reference), Value::Object(object)) = (reference, &mut frame) {
+        object.insert("ref".into(), reference.clone());
+    }
+    frame.to_string()
+}
+
+pub fn welcome(connection_id: &str, last_id: u64) -> String {
+    render(json!({"type": "welcome", "connection_id": connection_id, "last_id": last_id}), None)
+}
+
+pub fn subscribed(subscription: u32, filter: &Filter, last_id: u64, r: Option<&Value>) -> String {
+    let id = subscription_name(subscription);
+    let frame = json!({"type": "subscribed", "subscription_id": id, "filter": filter.to_json(), "last_id": last_id});
+    render(frame, r)
+}
+
+pub fn unsubscribed(subscription: &str, reference: Option<&Value>) -> String {
+    render(json!({"type": "unsubscribed", "subscription_id": subscription}), reference)
+}
+
+pub fn caught_up(subscription: u32, last_id: u64) -> String {
+    let id = subscription_name(subscription);
+    render(json!({"type": "caught_up", "subscription_id": id, "last_id": last_id}), None)
+}
+
+pub fn reset(subscription: u32, reason: &str, oldest_id: u64) -> String {
+    let id = subscription_name(subscription);
+    let frame =
+        json!({"type": "reset", "subscription_id": id, "reason": reason, "oldest_id": oldest_id});
+    render(frame, None)
+}
+
+pub fn pong(reference: Option<&Value>) -> String {
+    render(json!({"type": "pong"}), reference)
+}
+
+pub fn metadata(data: &Value, reference: Option<&Value>) -> String {
+    render(json!({"type": "metadata", "data": data}), reference)
+}
+
+pub fn error(err: &ProtocolError, reference: Option<&Value>) -> String {
+    render(json!({"type": "error", "code": err.code.as_str(), "message": err.message}), reference)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fails(text: &str) -> ProtocolError {
+        parse(text).action.expect_err("refused")
+    }
+
+    #[test]
+    fn subscribe_with_filter_since_and_ref() {
+        let request = parse(
+            r#"{"action":"subscribe","filter":{"type":"agent.*","organization_id":"quant"},"since":1040,"ref":"r1"}"#,
+        );
+        assert_eq!(request.reference, Some(json!("r1")));
+        let Ok(Action::Subscribe { filter, since }) = request.action else { panic!("subscribe") };
+        assert_eq!(since, Some(1040));
+        assert_eq!(filter.to_json(), json!({"type": ["agent.*"], "organization_id": ["quant"]}));
+    }
+
+    #[test]
+    fn bad_input_is_a_bad_request_with_its_ref() {
+        for text in [
+            "not json",
+            "[1,2]",
+            r#"{"no":"action"}"#,
+            r#"{"action":5}"#,
+            r#"{"action":"dance"}"#,
+            r#"{"action":"subscribe","filter":{"type":5}}"#,
+            r#"{"action":"subscribe","since":-1}"#,
+            r#"{"action":"subscribe","since":"10"}"#,
+            r#"{"action":"subscribe","filtre":{}}"#,
+            r#"{"action":"unsubscribe"}"#,
+            r#"{"action":"ping","extra":1}"#,
+        ] {
+            assert_eq!(fails(text).code, ErrorCode::BadRequest, "{text}");
+        }
+        let request = parse(r#"{"action":"dance","ref":{"n":1}}"#);
+        let err = request.action.expect_err("refused");
+        assert_eq!(
+            error(&err, request.reference.as_ref()),
+            r#"{"type":"error","code":"bad_request","message":"unknown action \"dance\" (expected subscribe, unsubscribe, get_metadata or ping)","ref":{"n":1}}"#
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(fails(&deep).code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn subscription_ids() {
+        assert_eq!(subscription_number("s12"), Some(12));
+        assert_eq!(subscription_number("12"), None);
+        assert_eq!(subscription_number("sx"), None);
+        assert_eq!(subscription_name(3), "s3");
+    }
+
+    #[test]
+    fn control_frames_have_no_dot_in_their_type() {
+        let filter = Filter::all();
+        for frame in [
+            welcome("c1", 5),
+            subscribed(1, &filter, 5, None),
+            unsubscribed("s1", None),
+            caught_up(1, 5),
+            reset(1, "cursor_expired", 3),
+            pong(None),
+        ] {
+            let value: Value = serde_json::from_str(&frame).expect("json");
+            assert!(!value["type"].as_str().expect("type").contains('.'), "{frame}");
+        }
+    }
+}

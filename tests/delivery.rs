@@ -1,0 +1,607 @@
+//! Delivery (SPEC §5, §7): real WebSocket and HTTP clients against a real server and Postgres.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::client::{Incoming, Ws, get, is_event};
+use crate::support::{Running, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The filter semantics of SPEC §5, written independently of the server's.
+fn matches(filter: &Value, event: &Value) -> bool {
+    let list = |v: &Value| -> Option<Vec<String>> {
+        match v {
+            Value::Null => None,
+            Value::String(s) => Some(vec![s.clone()]),
+            Value::Array(items) => {
+                Some(items.iter().map(|i| i.as_str().expect("str").to_owned()).collect())
+            }
+            other => panic!("bad test filter {other}"),
+        }
+    };
+    let kind = event["type"].as_str().expect("type");
+    let (entity, action) = kind.split_once('.').expect("dot");
+    let type_ok = list(&filter["type"]).is_none_or(|patterns| {
+        patterns.iter().any(|p| {
+            let (e, a) = p.split_once('.').unwrap_or(("*", "*"));
+            (e == "*" || e == entity) && (a == "*" || a == action)
+        })
+    });
+    let scope_ok = |field: &str| {
+        list(&filter[field]).is_none_or(|allowed| {
+            event[field].as_str().is_some_and(|v| allowed.iter().any(|a| a == v))
+        })
+    };
+    let rank =
+        |s: &str| ["info", "warning", "error"].iter().position(|x| *x == s).expect("severity");
+    let severity_ok = filter["severity"]
+        .as_str()
+        .is_none_or(|min| rank(event["severity"].as_str().expect("severity")) >= rank(min));
+    type_ok && scope_ok("organization_id") && scope_ok("domain_id") && severity_ok
+}
+
+fn ids(frames: &[Value]) -> Vec<u64> {
+    frames.iter().filter(|f| is_event(f)).map(|f| f["id"].as_u64().expect("id")).collect()
+}
+
+/// A workload touching all six entities in two organizations, with null scopes too.
+async fn workload(client: &tokio_postgres::Client, round: usize) {
+    let r = round;
+    let statements = format!(
+        "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant'), ('acme', 'Acme') ON CONFLICT DO NOTHING;
+         INSERT INTO domains (id, organization_id, name) VALUES ('quant-demo', 'quant', 'Demo'), ('acme-prod', 'acme', 'Prod') ON CONFLICT DO NOTHING;
+         INSERT INTO agents (id, organization_id, domain_id, name, status) VALUES ('agt-q{r}', 'quant', 'quant-demo', 'q', 'active'), ('agt-a{r}', 'acme', 'acme-prod', 'a', 'active'), ('agt-n{r}', 'acme', NULL, 'n', 'active');
+         UPDATE agents SET status = 'error' WHERE id IN ('agt-q{r}', 'agt-a{r}');
+         INSERT INTO instances (id, organization_id, domain_id, agent_id) VALUES ('ins-q{r}', 'quant', 'quant-demo', 'agt-q{r}'), ('ins-a{r}', 'acme', 'acme-prod', 'agt-a{r}');
+         UPDATE instances SET status = 'running' WHERE id = 'ins-a{r}';
+         INSERT INTO deployments (id, organization_id, domain_id, version) VALUES ('dep-q{r}', 'quant', 'quant-demo', 'v1'), ('dep-a{r}', 'acme', 'acme-prod', 'v1');
+         UPDATE deployments SET status = 'running' WHERE id IN ('dep-q{r}', 'dep-a{r}');
+         UPDATE deployments SET status = 'failed', error = 'boom' WHERE id = 'dep-q{r}';
+         UPDATE deployments SET status = 'completed' WHERE id = 'dep-a{r}';
+         INSERT INTO users (id, organization_id, email, name, password_hash) VALUES ('usr-q{r}', 'quant', 'q{r}@example.com', 'Q', 'x'), ('usr-a{r}', 'acme', 'a{r}@example.com', 'A', 'x');
+         DELETE FROM users WHERE id = 'usr-a{r}';
+         DELETE FROM agents WHERE id = 'agt-n{r}';
+         UPDATE organizations SET plan = 'team' WHERE id = 'acme';
+         UPDATE domains SET description = 'round {r}' WHERE id = 'quant-demo'"
+    );
+    for statement in statements.split(';') {
+        client.batch_execute(statement).await.expect(statement);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_receive_exactly_their_events() {
+    let db = TestDb::migrated().await;
+    let mut server = Running::start(db.settings()).await;
+    let filters = [
+        json!({"type": "agent.*", "organization_id": "quant"}),
+        json!({"type": "*.deleted"}),
+        json!({"organization_id": "acme", "domain_id": "acme-prod"}),
+        json!({"severity": "error"}),
+        json!({"type": ["deployment.failed", "user.created"], "organization_id": ["quant", "acme"]}),
+        json!({"type": "*"}),
+        json!({"type": ["organization.*", "domain.*", "instance.status_changed"]}),
+        json!({"organization_id": "nobody"}),
+        json!({"domain_id": ["quant-demo"], "severity": "warning"}),
+    ];
+    let mut clients = Vec::new();
+    for filter in &filters {
+        let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+        let (id, _) = ws.subscribe(filter.clone(), None).await;
+        clients.push((ws, id));
+    }
+    let client = db.client().await;
+    for round in 0..3 {
+        workload(&client, round).await;
+    }
+    client.batch_execute("TRUNCATE users").await.expect("truncate");
+    let log = db.events().await;
+    let head = log.last().and_then(|e| e["id"].as_u64()).expect("events");
+    server.wait_for_id(head, WAIT).await;
+    for (filter, (ws, subscription)) in filters.iter().zip(&mut clients) {
+        let frames = ws.drain().await;
+        let expected: Vec<u64> = log
+            .iter()
+            .filter(|e| matches(filter, e))
+            .map(|e| e["id"].as_u64().expect("id"))
+            .collect();
+        assert_eq!(ids(&frames), expected, "filter {filter}");
+        for frame in frames.iter().filter(|f| is_event(f)) {
+            assert_eq!(frame["subscription_ids"], json!([subscription]), "{frame}");
+        }
+    }
+    // The broad filters did see every entity; the narrow ones saw something.
+    let all: BTreeSet<&str> = log
+        .iter()
+        .map(|e| e["type"].as_str().expect("type").split('.').next().expect("entity"))
+        .collect();
+    assert_eq!(all.len(), 6, "{all:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_frame_per_event_for_all_matching_subscriptions() {
+    let db = TestDb::migrated().await;
+    let mut server = Running::start(db.settings()).await;
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    let (agents, _) = ws.subscribe(json!({"type": "agent.*"}), None).await;
+    let (quant, _) = ws.subscribe(json!({"organization_id": "quant"}), None).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Q'), ('acme', 'A');
+             INSERT INTO agents (id, organization_id, name) VALUES ('a1', 'quant', 'x'), ('a2', 'acme', 'y')",
+        )
+        .await
+        .expect("writes");
+    server.wait_for_id(4, WAIT).await;
+    let frames = ws.drain().await;
+    let seen: Vec<(String, Value)> = frames
+        .iter()
+        .map(|f| (f["type"].as_str().expect("type").to_owned(), f["subscription_ids"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("organization.created".into(), json!([quant])),
+            ("agent.created".into(), json!([agents, quant])),
+            ("agent.created".into(), json!([agents])),
+        ]
+    );
+    ws.send(json!({"action": "unsubscribe", "subscription_id": agents, "ref": 7})).await;
+    let reply = ws.frame().await;
+    assert_eq!(reply, json!({"type": "unsubscribed", "subscription_id": agents, "ref": 7}));
+    client
+        .batch_execute("INSERT INTO agents (id, organization_id, name) VALUES ('a3', 'acme', 'z'), ('a4', 'quant', 'w')")
+        .await
+        .expect("writes");
+    server.wait_for_id(6, WAIT).await;
+    let frames = ws.drain().await;
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0]["data"]["id"], "a4");
+    assert_eq!(frames[0]["subscription_ids"], json!([quant]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_since_is_gap_free_and_duplicate_free() {
+    let db = TestDb::migrated().await;
+    let mut server = Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q'), ('acme', 'A')")
+        .await
+        .expect("orgs");
+    let filter = json!({"type": ["agent.*"], "organization_id": "quant"});
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    ws.subscribe(filter.clone(), None).await;
+    client
+        .batch_execute("INSERT INTO agents (id, organization_id, name) SELECT 'q' || i, 'quant', 'x' FROM generate_series(1, 5) i")
+        .await
+        .expect("agents");
+    let last = loop {
+        let frame = ws.frame().await;
+        if frame["data"]["id"] == "q5" {
+            break frame["id"].as_u64().expect("id");
+        }
+    };
+    drop(ws);
+
+    // 500 matching changes while disconnected, with others around them.
+    for i in 0..250 {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO agents (id, organization_id, name) VALUES ('b{i}', 'quant', 'x'), ('o{i}', 'acme', 'x');
+                 UPDATE agents SET name = 'y' WHERE id = 'b{i}'"
+            ))
+            .await
+            .expect("offline writes");
+    }
+    // Writes go on while the client reconnects and catches up.
+    let writer = {
+        let client = db.client().await;
+        tokio::spawn(async move {
+            for i in 0..200 {
+                let org = if i % 3 == 0 { "acme" } else { "quant" };
+                client
+                    .batch_execute(&format!("INSERT INTO agents (id, organization_id, name) VALUES ('c{i}', '{org}', 'x')"))
+                    .await
+                    .expect("online writes");
+                if i % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    let url = server.ws_url(&format!("type=agent.*&organization_id=quant&since={last}"));
+    let (mut ws, _) = Ws::connect_welcomed(&url).await;
+    let subscribed = ws.frame().await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    let n = subscribed["last_id"].as_u64().expect("last_id");
+    writer.await.expect("writer");
+    let log = db.events().await;
+    let head = log.last().and_then(|e| e["id"].as_u64()).expect("events");
+    server.wait_for_id(head, WAIT).await;
+    let mut frames = ws.through("caught_up").await;
+    frames.extend(ws.drain().await);
+
+    let caught_up =
+        frames.iter().position(|f| f["type"] == "caught_up").expect("caught_up arrives");
+    assert_eq!(frames[caught_up]["last_id"], n);
+    assert!(frames[..caught_up].iter().all(|f| is_event(f) && f["id"].as_u64() <= Some(n)));
+    assert!(frames[caught_up + 1..].iter().all(|f| is_event(f) && f["id"].as_u64() > Some(n)));
+    let expected: Vec<u64> = log
+        .iter()
+        .filter(|e| e["id"].as_u64() > Some(last) && matches(&filter, e))
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect();
+    assert!(expected.len() >= 500, "{} matching changes", expected.len());
+    assert_eq!(ids(&frames), expected);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_after_subscribed_is_always_delivered() {
+    let db = TestDb::migrated().await;
+    let server = Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+    // Background traffic keeps the bus busy around each subscription.
+    let noise = {
+        let client = db.client().await;
+        tokio::spawn(async move {
+            for i in 0.. {
+                let sql = format!(
+                    "INSERT INTO users (id, organization_id, email, name, password_hash) VALUES ('n{i}', 'quant', 'n{i}@x', 'n', 'x')"
+                );
+                if client.batch_execute(&sql).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    for round in 0..25 {
+        let (subscription, _) = ws.subscribe(json!({"type": "agent.created"}), None).await;
+        client
+            .batch_execute(&format!(
+                "INSERT INTO agents (id, organization_id, name) VALUES ('r{round}', 'quant', 'x')"
+            ))
+            .await
+            .expect("insert");
+        let event = ws.until("agent.created").await;
+        assert_eq!(event["data"]["id"], format!("r{round}"));
+        assert_eq!(event["subscription_ids"], json!([subscription]));
+        ws.send(json!({"action": "unsubscribe", "subscription_id": subscription})).await;
+        ws.until("unsubscribed").await;
+    }
+    noise.abort();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_cursor_gets_reset_then_what_is_left() {
+    let db = TestDb::migrated().await;
+    let mut server = Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('old', 'Old')")
+        .await
+        .expect("old");
+    server.wait_for_id(1, WAIT).await;
+    let trimmed = rowcast::log::trim(&client, Duration::ZERO).await.expect("trim");
+    assert_eq!(trimmed, 1);
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('new', 'New')")
+        .await
+        .expect("new");
+    server.wait_for_id(2, WAIT).await;
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("since=0")).await;
+    let frames = ws.through("caught_up").await;
+    let kinds: Vec<&str> = frames.iter().map(|f| f["type"].as_str().expect("type")).collect();
+    assert_eq!(kinds, ["subscribed", "reset", "organization.created", "caught_up"], "{frames:?}");
+    assert_eq!(frames[1]["reason"], "cursor_expired");
+    assert_eq!(frames[1]["oldest_id"], 2);
+    assert_eq!(frames[2]["id"], 2);
+    // A cursor the log never reached.
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("since=99")).await;
+    let frames = ws.through("caught_up").await;
+    let kinds: Vec<&str> = frames.iter().map(|f| f["type"].as_str().expect("type")).collect();
+    assert_eq!(kinds, ["subscribed", "reset", "caught_up"], "{frames:?}");
+    assert_eq!(frames[1]["reason"], "cursor_ahead");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_and_the_others_lose_nothing() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    settings.batch_size = 50;
+    settings.server.outbound_frames = 512;
+    // Long enough for the slow client to come back and read its close frame.
+    settings.server.close_timeout = Duration::from_secs(60);
+    let mut server = Running::start(settings).await;
+    let addr = server.addr;
+
+    // The slow client: a tiny receive buffer, and it does not read at all for now.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(addr).await.expect("connect");
+    let (slow, _) = tokio_tungstenite::client_async(
+        server.ws_url("type=*"),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("handshake");
+    let mut slow = Ws { socket: slow };
+
+    let (mut good, _) = Ws::connect_welcomed(&server.ws_url("type=*")).await;
+    assert_eq!(good.frame().await["type"], "subscribed");
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while ids.len() < 3001 {
+            let frame = good.frame().await;
+            if is_event(&frame) {
+                ids.push(frame["id"].as_u64().expect("id"));
+            }
+        }
+        (ids, good)
+    });
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+    for batch in 0..30 {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO agents (id, organization_id, name)
+                 SELECT 'a{batch}-' || i, 'quant', repeat('x', 4000) FROM generate_series(1, 100) i"
+            ))
+            .await
+            .expect("agents");
+    }
+    server.wait_for_id(3001, Duration::from_secs(60)).await;
+    let (received, _good) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("good client in time")
+        .expect("reader");
+    assert_eq!(
+        received,
+        (1..=3001).collect::<Vec<u64>>(),
+        "the good client lost or repeated nothing"
+    );
+
+    let (_, stats) = get(addr, "/api/events/stats").await;
+    assert_eq!(stats["slow_consumer_closes"], 1, "{stats}");
+    assert_eq!(stats["connections"], 1, "only the good client is left: {stats}");
+
+    // Now the slow client reads: what was on the wire, then 4008 naming the last id it got.
+    let mut got = Vec::new();
+    let close = loop {
+        match slow.next_within(WAIT).await.expect("frames then a close") {
+            Incoming::Frame(frame) if is_event(&frame) => {
+                got.push(frame["id"].as_u64().expect("id"))
+            }
+            Incoming::Frame(_) => {}
+            Incoming::Closed(frame) => break frame.expect("a close frame"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 4008);
+    let last = *got.last().expect("some events arrived");
+    assert_eq!(close.reason.as_str(), format!("slow consumer; last delivered id {last}"));
+    assert_eq!(got, (1..=last).collect::<Vec<u64>>());
+    assert!(last < 3001);
+
+    // It resumes from there and loses nothing.
+    let (mut resumed, _) =
+        Ws::connect_welcomed(&server.ws_url(&format!("type=*&since={last}"))).await;
+    let frames = resumed.through("caught_up").await;
+    assert_eq!(ids(&frames), (last + 1..=3001).collect::<Vec<u64>>());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_error_frames_and_changes_nothing() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    settings.server.max_frame_bytes = 4096;
+    settings.server.max_subscriptions = 3;
+    let mut server = Running::start(settings).await;
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    let cases = [
+        ("not json", "bad_request"),
+        ("[]", "bad_request"),
+        (r#"{"action":"dance","ref":"r1"}"#, "bad_request"),
+        (r#"{"action":"subscribe","filter":{"type":5}}"#, "bad_request"),
+        (r#"{"action":"subscribe","filter":{"organization_id":[1]}}"#, "bad_request"),
+        (r#"{"action":"subscribe","filter":{"type":"agent.*.x"}}"#, "bad_request"),
+        (r#"{"action":"subscribe","filter":{"severity":"loud"}}"#, "bad_request"),
+        (r#"{"action":"subscribe","since":"yesterday"}"#, "bad_request"),
+        (r#"{"action":"unsubscribe","subscription_id":"s99","ref":2}"#, "not_found"),
+        (
+            r#"{"action":"replay","from":"2026-01-01T00:00:00Z","to":"2026-01-02T00:00:00Z"}"#,
+            "bad_request",
+        ),
+        ("\u{0}\u{ffff}", "bad_request"),
+    ];
+    for (text, code) in cases {
+        ws.send_raw(Message::text(text)).await;
+        let reply = ws.frame().await;
+        assert_eq!(reply["type"], "error", "{text}: {reply}");
+        assert_eq!(reply["code"], code, "{text}: {reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    ws.send_raw(Message::text(r#"{"action":"dance","ref":"r1"}"#)).await;
+    assert_eq!(ws.frame().await["ref"], "r1");
+    ws.send_raw(Message::binary(vec![0xff, 0xfe])).await;
+    assert_eq!(ws.frame().await["code"], "bad_request");
+    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    ws.send_raw(Message::text(deep)).await;
+    assert_eq!(ws.frame().await["code"], "bad_request");
+
+    // Limits: subscriptions per connection.
+    for _ in 0..3 {
+        ws.subscribe(json!({"type": "organization.*"}), None).await;
+    }
+    ws.send(json!({"action": "subscribe", "filter": {}})).await;
+    assert_eq!(ws.frame().await["code"], "too_many_subscriptions");
+
+    // An oversized frame closes that connection with 1009, and only that one.
+    let (mut big, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    big.send_raw(Message::text("x".repeat(10_000))).await;
+    match big.next_within(WAIT).await {
+        Some(Incoming::Closed(Some(frame))) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+
+    // Everything still works.
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+    server.wait_for_id(1, WAIT).await;
+    let frames = ws.drain().await;
+    assert_eq!(ids(&frames), [1]);
+    assert_eq!(frames[0]["subscription_ids"], json!(["s1", "s2", "s3"]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_metadata_stats_and_health_over_http() {
+    let db = TestDb::migrated().await;
+    let mut server = Running::start(db.settings()).await;
+    let addr = server.addr;
+    let client = db.client().await;
+    workload(&client, 0).await;
+    let log = db.events().await;
+    let head = log.last().and_then(|e| e["id"].as_u64()).expect("events");
+    server.wait_for_id(head, WAIT).await;
+
+    // Paging through one filter returns exactly its events, in order.
+    let filter = json!({"type": ["agent.*", "deployment.failed"], "organization_id": "quant"});
+    let mut since = 0;
+    let mut paged = Vec::new();
+    loop {
+        let path = format!(
+            "/api/events?type=agent.*,deployment.failed&organization_id=quant&limit=2&since={since}"
+        );
+        let (status, body) = get(addr, &path).await;
+        assert_eq!(status, 200, "{body}");
+        let events = body["events"].as_array().expect("events").clone();
+        if events.is_empty() {
+            assert_eq!(body["next"], since);
+            break;
+        }
+        assert!(events.len() <= 2);
+        since = body["next"].as_u64().expect("next");
+        assert_eq!(events.last().expect("last")["id"], since);
+        paged.extend(events);
+    }
+    let expected: Vec<&Value> = log.iter().filter(|e| matches(&filter, e)).collect();
+    assert_eq!(ids(&paged), ids(&expected.iter().map(|e| (*e).clone()).collect::<Vec<_>>()));
+    assert_eq!(paged.iter().collect::<Vec<_>>(), expected);
+
+    // A time range: everything committed from the first event's timestamp on; nothing before.
+    let first = log[0]["timestamp"].as_str().expect("timestamp");
+    let (_, body) = get(addr, &format!("/api/events?from={first}&limit=1000")).await;
+    assert_eq!(body["events"].as_array().expect("events").len(), log.len());
+    let (_, body) = get(addr, &format!("/api/events?to={first}")).await;
+    assert_eq!(body["events"], json!([]));
+    let (_, body) = get(addr, "/api/events?severity=error").await;
+    assert!(
+        body["events"].as_array().expect("events").iter().all(|e| e["type"] == "deployment.failed")
+    );
+
+    for bad in [
+        "/api/events?limit=x",
+        "/api/events?type=..",
+        "/api/events?from=yesterday",
+        "/api/events?colour=red",
+    ] {
+        let (status, body) = get(addr, bad).await;
+        assert_eq!(status, 400, "{bad}");
+        assert_eq!(body["code"], "bad_request", "{bad}: {body}");
+    }
+
+    let (status, metadata) = get(addr, "/api/events/metadata").await;
+    assert_eq!(status, 200);
+    let types: Vec<&str> = metadata["event_types"]
+        .as_array()
+        .expect("types")
+        .iter()
+        .map(|t| t["type"].as_str().expect("type"))
+        .collect();
+    assert!(types.contains(&"agent.status_changed") && types.contains(&"deployment.failed"));
+    let failed = metadata["event_types"]
+        .as_array()
+        .expect("types")
+        .iter()
+        .find(|t| t["type"] == "deployment.failed");
+    assert_eq!(failed.expect("failed")["severity"], "error");
+    assert_eq!(metadata["organizations"], json!(["acme", "quant"]));
+    assert!(
+        metadata["domains"]
+            .as_array()
+            .expect("domains")
+            .contains(&json!({"id": "acme-prod", "organization_id": "acme"}))
+    );
+
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("type=agent.*")).await;
+    ws.send(json!({"action": "get_metadata", "ref": "m"})).await;
+    ws.until("subscribed").await;
+    let reply = ws.frame().await;
+    assert_eq!(reply["type"], "metadata");
+    assert_eq!(reply["data"], metadata);
+
+    let (status, stats) = get(addr, "/api/events/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(stats["connections"], 1, "{stats}");
+    assert_eq!(stats["subscriptions"], 1, "{stats}");
+    assert_eq!(stats["events_total"], head, "{stats}");
+    assert_eq!(stats["source"], "replication");
+    assert_eq!(stats["running"], true);
+    assert!(stats["log_size_bytes"].as_u64().is_some_and(|s| s > 0), "{stats}");
+    assert!(stats["slot_lag_bytes"].as_i64().is_some(), "{stats}");
+    assert_eq!(stats["last_event_time"], log.last().expect("last")["timestamp"]);
+
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    let (status, ready) = get(addr, "/readyz").await;
+    assert_eq!((status, &ready["ready"]), (200, &json!(true)));
+    assert_eq!(get(addr, "/").await.0, 200);
+    assert_eq!(get(addr, "/nope").await.0, 404);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delivers_what_was_appended_then_closes_with_1001() {
+    let db = TestDb::migrated().await;
+    let mut server = Running::start(db.settings()).await;
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("type=*")).await;
+    assert_eq!(ws.frame().await["type"], "subscribed");
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) SELECT 'o' || i, 'x' FROM generate_series(1, 200) i")
+        .await
+        .expect("orgs");
+    server.wait_for_id(200, WAIT).await;
+    let stopping = tokio::spawn(server.stop());
+    let mut got = Vec::new();
+    let close = loop {
+        match ws.next_within(WAIT).await.expect("frames then a close") {
+            Incoming::Frame(frame) => got.push(frame["id"].as_u64().expect("id")),
+            Incoming::Closed(frame) => break frame.expect("a close frame"),
+        }
+    };
+    assert_eq!(got, (1..=200).collect::<Vec<u64>>());
+    assert_eq!(u16::from(close.code), 1001);
+    stopping.await.expect("stopped");
+}

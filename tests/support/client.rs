@@ -1,0 +1,162 @@
+//! Real clients for the server under test: a WebSocket client speaking SPEC §5 and a minimal
+//! HTTP/1.1 GET.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub struct Ws {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What arrived next.
+#[derive(Debug)]
+pub enum Incoming {
+    Frame(Value),
+    Closed(Option<CloseFrame>),
+}
+
+impl Ws {
+    pub async fn connect(url: &str) -> Ws {
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
+        Ws { socket }
+    }
+
+    /// Connects and reads the welcome; returns the client and `welcome.last_id`.
+    pub async fn connect_welcomed(url: &str) -> (Ws, u64) {
+        let mut ws = Ws::connect(url).await;
+        let welcome = ws.frame().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        let last_id = welcome["last_id"].as_u64().expect("welcome.last_id");
+        (ws, last_id)
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.socket.send(Message::text(frame.to_string())).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).await.expect("send");
+    }
+
+    /// The next text frame or the close, within `timeout`; `None` on timeout.
+    pub async fn next_within(&mut self, timeout: Duration) -> Option<Incoming> {
+        loop {
+            let message = tokio::time::timeout(timeout, self.socket.next()).await.ok()?;
+            match message {
+                None => return Some(Incoming::Closed(None)),
+                Some(Err(err)) => panic!("websocket error: {err}"),
+                Some(Ok(Message::Text(text))) => {
+                    let value = serde_json::from_str(text.as_str()).expect("frames are JSON");
+                    return Some(Incoming::Frame(value));
+                }
+                Some(Ok(Message::Close(frame))) => return Some(Incoming::Closed(frame)),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next text frame; panics on close or after 30 s.
+    pub async fn frame(&mut self) -> Value {
+        match self.next_within(Duration::from_secs(30)).await {
+            Some(Incoming::Frame(value)) => value,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// Skips frames until one of `kind`; returns it.
+    pub async fn until(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.frame().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Subscribes and returns `(subscription_id, last_id)` from `subscribed`.
+    pub async fn subscribe(&mut self, filter: Value, since: Option<u64>) -> (String, u64) {
+        let mut request = serde_json::json!({"action": "subscribe", "filter": filter});
+        if let Some(since) = since {
+            request["since"] = since.into();
+        }
+        self.send(request).await;
+        let reply = self.frame().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        (
+            reply["subscription_id"].as_str().expect("id").to_owned(),
+            reply["last_id"].as_u64().expect("last_id"),
+        )
+    }
+
+    /// Frames up to and including the first of type `kind`.
+    pub async fn through(&mut self, kind: &str) -> Vec<Value> {
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.frame().await;
+            let done = frame["type"] == kind;
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+    }
+
+    /// Every frame up to (not including) the pong answering a ping sent now: since frames
+    /// are written in order, this is everything the server had queued for us.
+    pub async fn drain(&mut self) -> Vec<Value> {
+        self.send(serde_json::json!({"action": "ping", "ref": "drain"})).await;
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.frame().await;
+            if frame["type"] == "pong" && frame["ref"] == "drain" {
+                return frames;
+            }
+            frames.push(frame);
+        }
+    }
+}
+
+/// Whether a frame is an event (its type has a dot).
+pub fn is_event(frame: &Value) -> bool {
+    frame["type"].as_str().is_some_and(|t| t.contains('.'))
+}
+
+/// A GET; returns the status and the body as JSON (or a string when it is not JSON).
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).await.expect("http connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("http write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("http read");
+    let text = String::from_utf8(response).expect("utf-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, value)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
