@@ -233,6 +233,12 @@ impl Outbound {
     pub fn is_closing(&self) -> bool {
         self.lock().closing.is_some()
     }
+
+    /// What is queued right now, for tests.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> Vec<Frame> {
+        self.lock().frames.iter().cloned().collect()
+    }
 }
 
 #[cfg(test)]
