@@ -99,7 +99,7 @@ async fn clients_receive_exactly_their_events() {
         workload(&client, round).await;
     }
     client.batch_execute("TRUNCATE users").await.expect("truncate");
-    let log = db.events().await;
+    let log = db.settled_events().await;
     let head = log.last().and_then(|e| e["id"].as_u64()).expect("events");
     server.wait_for_id(head, WAIT).await;
     for (filter, (ws, subscription)) in filters.iter().zip(&mut clients) {
@@ -223,7 +223,7 @@ async fn resume_with_since_is_gap_free_and_duplicate_free() {
     assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
     let n = subscribed["last_id"].as_u64().expect("last_id");
     writer.await.expect("writer");
-    let log = db.events().await;
+    let log = db.settled_events().await;
     let head = log.last().and_then(|e| e["id"].as_u64()).expect("events");
     server.wait_for_id(head, WAIT).await;
     let mut frames = ws.through("caught_up").await;
@@ -482,7 +482,7 @@ async fn history_metadata_stats_and_health_over_http() {
     let addr = server.addr;
     let client = db.client().await;
     workload(&client, 0).await;
-    let log = db.events().await;
+    let log = db.settled_events().await;
     let head = log.last().and_then(|e| e["id"].as_u64()).expect("events");
     server.wait_for_id(head, WAIT).await;
 

@@ -163,6 +163,14 @@ impl TestDb {
         }
     }
 
+    /// Every event of everything committed so far, in id order, once the publisher has them
+    /// all (its slot confirms only what the log holds, after the bus has published it).
+    pub async fn settled_events(&self) -> Vec<Value> {
+        let lsn = self.current_wal_lsn().await;
+        self.wait_for_slot_to_confirm(&lsn, Duration::from_secs(60)).await;
+        self.events().await
+    }
+
     /// Every event in the log, in id order.
     pub async fn events(&self) -> Vec<Value> {
         let client = self.client().await;
