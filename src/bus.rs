@@ -9,6 +9,12 @@
 //! The registry lock orders subscribing against publishing: a subscription registered with
 //! `last_id = N` is in the index before event N+1 is published, and its `subscribed` reply is
 //! queued before any event for it. That is what makes the `subscribed.last_id` guarantee hold.
+//!
+//! A subscription with `since` catches up from the log first. Meanwhile the bus keeps the
+//! events it matches (ids above `N`) in a bounded buffer; when the catch-up has read the log
+//! up to `N`, [`Bus::go_live`] queues the buffered events after it and makes it live, all
+//! under the lock, so the hand-off has no gap and no duplicate however busy the log is. If the
+//! buffer overflows, the catch-up reads further from the log and buffering starts over.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,21 +44,38 @@ struct ByEntity {
     any: Bucket,
 }
 
+/// Events buffered for one catching-up subscription before it reads from the log again.
+const CATCH_UP_BUFFER: usize = 4096;
+
 /// How far the catch-up of a subscription got when it asked to go live.
 #[derive(Debug, PartialEq, Eq)]
 pub enum GoLive {
     /// The subscription now receives live events after the given cursor.
     Live,
-    /// More events were published meanwhile; read up to this id first.
+    /// The buffer does not cover what was published after the cursor; read up to this id.
     Behind(u64),
     /// The connection or the subscription is gone.
     Gone,
 }
 
+struct Subscription {
+    filter: Arc<Filter>,
+    /// `None` once live.
+    catch_up: Option<CatchUpBuffer>,
+}
+
+/// Events for a catching-up subscription: every match with an id above `from`, unless it
+/// overflowed (`events` is `None`).
+struct CatchUpBuffer {
+    from: u64,
+    events: Option<Vec<(u64, Arc<str>)>>,
+}
+
 struct Connection {
     outbound: Arc<Outbound>,
-    /// Every subscription of the connection; `true` once it is live (in the index).
-    subscriptions: HashMap<SubscriptionId, (Arc<Filter>, bool)>,
+    subscriptions: HashMap<SubscriptionId, Subscription>,
+    /// How many of them are catching up; none is the common, fast case.
+    catching_up: usize,
 }
 
 struct Registry {
@@ -113,7 +136,8 @@ impl Bus {
         if registry.closed {
             outbound.close(Closing::Shutdown);
         }
-        registry.connections.insert(id, Connection { outbound, subscriptions: HashMap::new() });
+        let connection = Connection { outbound, subscriptions: HashMap::new(), catching_up: 0 };
+        registry.connections.insert(id, connection);
         (id, registry.head)
     }
 
@@ -123,39 +147,46 @@ impl Bus {
     }
 
     /// Adds a subscription and queues its `subscribed` reply, rendered by `reply` from the
-    /// head, in one step. A `live` subscription receives every matching event after the
-    /// head; otherwise it waits for [`Bus::go_live`]. Returns the head.
+    /// head, in one step. Without `since` it receives every matching event after the head;
+    /// with it, it catches up first and goes live with [`Bus::go_live`]. Returns the head.
     pub fn subscribe(
         &self,
         connection: ConnectionId,
         subscription: SubscriptionId,
         filter: Arc<Filter>,
-        live: bool,
+        since: Option<u64>,
         reply: impl FnOnce(u64) -> String,
     ) -> Result<u64, BusError> {
         let mut registry = self.lock();
         let head = registry.head;
-        let outbound = match registry.connections.get(&connection) {
-            Some(c) => c.outbound.clone(),
-            None => return Err(BusError::Closed),
-        };
-        if let Err(rejected) = outbound.push(Frame::Control(reply(head))) {
-            if rejected == Rejected::Full {
-                registry.slow_closes += 1;
-            }
-            registry.remove_connection(connection);
+        let Some(c) = registry.connections.get_mut(&connection) else {
             return Err(BusError::Closed);
+        };
+        let mut frames = Vec::with_capacity(2);
+        if let Some(since) = since {
+            frames.push(Frame::CatchingUp { subscription, from: since.min(head) });
         }
-        if let Some(c) = registry.connections.get_mut(&connection) {
-            c.subscriptions.insert(subscription, (filter.clone(), live));
+        frames.push(Frame::Control(reply(head)));
+        for frame in frames {
+            if let Err(rejected) = c.outbound.push(frame) {
+                registry.drop_connection(connection, rejected);
+                return Err(BusError::Closed);
+            }
         }
-        if live {
-            registry.index((connection, subscription), &filter);
+        let catch_up = since.map(|_| CatchUpBuffer { from: head, events: Some(Vec::new()) });
+        c.catching_up += usize::from(catch_up.is_some());
+        if let Some(old) =
+            c.subscriptions.insert(subscription, Subscription { filter: filter.clone(), catch_up })
+        {
+            // Ids are not reused by sessions; if one ever is, the old one must leave the index.
+            registry.unindex((connection, subscription), &old.filter);
         }
+        registry.index((connection, subscription), &filter);
         Ok(head)
     }
 
-    /// Makes a catching-up subscription live if nothing was published after `cursor`.
+    /// Ends the catch-up of a subscription whose log reads reached `cursor`: if its buffer
+    /// holds everything published after `cursor`, that is queued and the subscription is live.
     pub fn go_live(
         &self,
         connection: ConnectionId,
@@ -163,20 +194,35 @@ impl Bus {
         cursor: u64,
     ) -> GoLive {
         let mut registry = self.lock();
-        if registry.head > cursor {
-            return GoLive::Behind(registry.head);
-        }
-        let Some(entry) = registry
-            .connections
-            .get_mut(&connection)
-            .and_then(|c| c.subscriptions.get_mut(&subscription))
-        else {
-            return GoLive::Gone;
+        let head = registry.head;
+        let Some(c) = registry.connections.get_mut(&connection) else { return GoLive::Gone };
+        let Some(sub) = c.subscriptions.get_mut(&subscription) else { return GoLive::Gone };
+        let Some(buffer) = &mut sub.catch_up else { return GoLive::Live };
+        let events = match &mut buffer.events {
+            Some(events) if buffer.from <= cursor => std::mem::take(events),
+            _ => {
+                // Start over from here; the catch-up reads up to the head meanwhile.
+                *buffer = CatchUpBuffer { from: head, events: Some(Vec::new()) };
+                return GoLive::Behind(head);
+            }
         };
-        if !entry.1 {
-            entry.1 = true;
-            let filter = entry.0.clone();
-            registry.index((connection, subscription), &filter);
+        sub.catch_up = None;
+        c.catching_up -= 1;
+        let frames = events
+            .into_iter()
+            .filter(|(id, _)| *id > cursor)
+            .map(|(id, envelope)| Frame::Event {
+                id,
+                envelope,
+                subscriptions: vec![subscription],
+                history: true,
+            })
+            .chain([Frame::Live { subscription }]);
+        for frame in frames {
+            if let Err(rejected) = c.outbound.push(frame) {
+                registry.drop_connection(connection, rejected);
+                return GoLive::Gone;
+            }
         }
         GoLive::Live
     }
@@ -192,7 +238,7 @@ impl Bus {
     pub fn publish(&self, events: &[StoredEvent]) {
         let mut registry = self.lock();
         let mut matches: Vec<SubscriptionRef> = Vec::new();
-        let mut slow = Vec::new();
+        let mut slow: Vec<(ConnectionId, Rejected)> = Vec::new();
         for event in events {
             registry.head = registry.head.max(event.id);
             registry.last_event_at = Some(event.timestamp);
@@ -211,20 +257,37 @@ impl Bus {
             matches.sort_unstable();
             for group in matches.chunk_by(|a, b| a.0 == b.0) {
                 let connection = group[0].0;
-                let Some(c) = registry.connections.get(&connection) else { continue };
+                let Some(c) = registry.connections.get_mut(&connection) else { continue };
+                let mut live: Vec<SubscriptionId> = group.iter().map(|m| m.1).collect();
+                if c.catching_up > 0 {
+                    live.retain(|number| {
+                        let Some(sub) = c.subscriptions.get_mut(number) else { return false };
+                        let Some(buffer) = &mut sub.catch_up else { return true };
+                        if let Some(events) = &mut buffer.events {
+                            if events.len() < CATCH_UP_BUFFER {
+                                events.push((event.id, event.json.clone()));
+                            } else {
+                                buffer.events = None;
+                            }
+                        }
+                        false
+                    });
+                    if live.is_empty() {
+                        continue;
+                    }
+                }
                 let frame = Frame::Event {
                     id: event.id,
                     envelope: event.json.clone(),
-                    subscriptions: group.iter().map(|m| m.1).collect(),
+                    subscriptions: live,
+                    history: false,
                 };
-                if let Err(Rejected::Full) = c.outbound.push(frame) {
-                    slow.push(connection);
+                if let Err(rejected) = c.outbound.push(frame) {
+                    slow.push((connection, rejected));
                 }
             }
-            for connection in slow.drain(..) {
-                registry.slow_closes += 1;
-                tracing::info!(connection, "closing slow consumer");
-                registry.remove_connection(connection);
+            for (connection, rejected) in slow.drain(..) {
+                registry.drop_connection(connection, rejected);
             }
         }
     }
@@ -289,7 +352,7 @@ impl Registry {
         collect(&self.any_organization);
     }
 
-    /// Each live subscription sits in one bucket per (organization, entity) it names.
+    /// Each subscription sits in one bucket per (organization, entity) it names.
     fn index(&mut self, reference: SubscriptionRef, filter: &Arc<Filter>) {
         let entities = filter.entities();
         let add = |by_entity: &mut ByEntity| match &entities {
@@ -350,28 +413,27 @@ impl Registry {
         connection: ConnectionId,
         subscription: SubscriptionId,
     ) -> bool {
-        let removed = self
-            .connections
-            .get_mut(&connection)
-            .and_then(|c| c.subscriptions.remove(&subscription));
-        match removed {
-            Some((filter, live)) => {
-                if live {
-                    self.unindex((connection, subscription), &filter);
-                }
-                true
-            }
-            None => false,
-        }
+        let Some(c) = self.connections.get_mut(&connection) else { return false };
+        let Some(removed) = c.subscriptions.remove(&subscription) else { return false };
+        c.catching_up -= usize::from(removed.catch_up.is_some());
+        self.unindex((connection, subscription), &removed.filter);
+        true
     }
 
     fn remove_connection(&mut self, connection: ConnectionId) {
         let Some(removed) = self.connections.remove(&connection) else { return };
-        for (subscription, (filter, live)) in removed.subscriptions {
-            if live {
-                self.unindex((connection, subscription), &filter);
-            }
+        for (subscription, sub) in removed.subscriptions {
+            self.unindex((connection, subscription), &sub.filter);
         }
+    }
+
+    /// Drops a connection whose queue refused a frame.
+    fn drop_connection(&mut self, connection: ConnectionId, rejected: Rejected) {
+        if rejected == Rejected::Full {
+            self.slow_closes += 1;
+            tracing::info!(connection, "closing slow consumer");
+        }
+        self.remove_connection(connection);
     }
 
     fn note_scope(&mut self, event: &StoredEvent) {
@@ -419,7 +481,7 @@ mod tests {
             .into_iter()
             .filter_map(|frame| match frame {
                 Frame::Event { id, subscriptions, .. } => Some((id, subscriptions)),
-                Frame::Control(_) => None,
+                Frame::Control(_) | Frame::CatchingUp { .. } | Frame::Live { .. } => None,
             })
             .collect()
     }
@@ -474,7 +536,7 @@ mod tests {
                 for (number, filter) in filters.into_iter().enumerate() {
                     let number = number as u32 + 1;
                     let filter = Arc::new(filter);
-                    bus.subscribe(connection, number, filter.clone(), true, |_| String::new()).expect("open");
+                    bus.subscribe(connection, number, filter.clone(), None, |_| String::new()).expect("open");
                     if flags.next().unwrap_or(false) {
                         prop_assert!(bus.unsubscribe(connection, number));
                     } else {
@@ -514,20 +576,53 @@ mod tests {
     }
 
     #[test]
-    fn a_catching_up_subscription_goes_live_only_at_the_head() {
+    fn a_catch_up_hands_off_through_its_buffer() {
         let bus = Bus::new(10);
         let outbound = Outbound::new(100, usize::MAX);
         let (connection, head) = bus.connect(outbound.clone());
         assert_eq!(head, 10);
-        let filter = Arc::new(Filter::all());
-        assert_eq!(bus.subscribe(connection, 1, filter, false, |h| format!("at {h}")), Ok(10));
-        bus.publish(&[event(11, "agent.created", None, None, Severity::Info)]);
-        assert!(delivered(&outbound).is_empty(), "not live yet");
-        assert_eq!(bus.go_live(connection, 1, 10), GoLive::Behind(11));
-        assert_eq!(bus.go_live(connection, 1, 11), GoLive::Live);
-        bus.publish(&[event(12, "agent.created", None, None, Severity::Info)]);
-        assert_eq!(delivered(&outbound), [(12, vec![1])]);
-        assert_eq!(bus.go_live(connection, 2, 12), GoLive::Gone);
+        let (live, catching) = (Arc::new(Filter::all()), Arc::new(Filter::all()));
+        bus.subscribe(connection, 1, live, None, |_| String::new()).expect("open");
+        assert_eq!(bus.subscribe(connection, 2, catching, Some(3), |h| format!("at {h}")), Ok(10));
+        let agent = |id| event(id, "agent.created", None, None, Severity::Info);
+        bus.publish(&[agent(11), agent(12)]);
+        // Live frames name only the live subscription; the catching-up one buffers them.
+        assert_eq!(delivered(&outbound), [(11, vec![1]), (12, vec![1])]);
+        // Its catch-up read the log up to 10 (its `last_id`): the buffer covers the rest.
+        assert_eq!(bus.go_live(connection, 2, 10), GoLive::Live);
+        assert_eq!(delivered(&outbound)[2..], [(11, vec![2]), (12, vec![2])]);
+        bus.publish(&[agent(13)]);
+        assert_eq!(delivered(&outbound)[4..], [(13, vec![1, 2])]);
+        assert_eq!(bus.go_live(connection, 3, 13), GoLive::Gone);
+        let markers: Vec<String> = outbound
+            .queued()
+            .iter()
+            .filter(|f| matches!(f, Frame::CatchingUp { .. } | Frame::Live { .. }))
+            .map(|f| format!("{f:?}"))
+            .collect();
+        assert_eq!(
+            markers,
+            ["CatchingUp { subscription: 2, from: 3 }", "Live { subscription: 2 }"]
+        );
+    }
+
+    #[test]
+    fn an_overflowing_catch_up_buffer_sends_the_catch_up_back_to_the_log() {
+        let bus = Bus::new(0);
+        let outbound = Outbound::new(100_000, usize::MAX);
+        let (connection, _) = bus.connect(outbound.clone());
+        bus.subscribe(connection, 1, Arc::new(Filter::all()), Some(0), |_| String::new())
+            .expect("open");
+        let events: Vec<StoredEvent> = (1..=CATCH_UP_BUFFER as u64 + 1)
+            .map(|id| event(id, "agent.created", None, None, Severity::Info))
+            .collect();
+        bus.publish(&events);
+        let head = events.len() as u64;
+        assert_eq!(bus.go_live(connection, 1, 0), GoLive::Behind(head));
+        bus.publish(&[event(head + 1, "user.created", None, None, Severity::Info)]);
+        // Read up to `head` from the log; the new buffer holds the one after.
+        assert_eq!(bus.go_live(connection, 1, head), GoLive::Live);
+        assert_eq!(delivered(&outbound), [(head + 1, vec![1])]);
     }
 
     #[test]
@@ -537,7 +632,7 @@ mod tests {
         let fast = Outbound::new(100, usize::MAX);
         for outbound in [&slow, &fast] {
             let (connection, _) = bus.connect(outbound.clone());
-            bus.subscribe(connection, 1, Arc::new(Filter::all()), true, |_| String::new())
+            bus.subscribe(connection, 1, Arc::new(Filter::all()), None, |_| String::new())
                 .expect("open");
         }
         let events: Vec<StoredEvent> = (1..=5)

@@ -136,6 +136,13 @@ impl Timestamp {
         Some(Timestamp(seconds * 1_000_000 + micros))
     }
 
+    pub fn from_system_time(time: std::time::SystemTime) -> Self {
+        match time.duration_since(std::time::UNIX_EPOCH) {
+            Ok(after) => Timestamp(after.as_micros().min(i64::MAX as u128) as i64),
+            Err(before) => Timestamp(-(before.duration().as_micros().min(i64::MAX as u128) as i64)),
+        }
+    }
+
     pub fn to_system_time(self) -> std::time::SystemTime {
         let offset = std::time::Duration::from_micros(self.0.unsigned_abs());
         if self.0 >= 0 { std::time::UNIX_EPOCH + offset } else { std::time::UNIX_EPOCH - offset }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::event::{Event, Position};
+use crate::event::{Event, Position, Severity, Timestamp};
 
 /// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
 const WRITER_LOCK: i64 = 0x0072_6f77_6361_7374;
@@ -57,9 +57,9 @@ pub struct StoredEvent {
     pub kind: String,
     pub organization_id: Option<String>,
     pub domain_id: Option<String>,
-    pub severity: crate::event::Severity,
+    pub severity: Severity,
     /// Commit time of the source transaction.
-    pub timestamp: crate::event::Timestamp,
+    pub timestamp: Timestamp,
     /// The envelope, serialized once and shared by every reader.
     pub json: std::sync::Arc<str>,
 }
@@ -121,6 +121,31 @@ impl LogWriter {
 
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// Up to `limit` stored events after `after`, in id order, as the bus takes them.
+    pub async fn read_after(&self, after: u64, limit: i64) -> Result<Vec<StoredEvent>, LogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, type, organization_id, domain_id, severity, committed_at, body::text
+                   FROM rowcast.events WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&(after.min(i64::MAX as u64) as i64), &limit],
+            )
+            .await?;
+        let severities = [Severity::Info, Severity::Warning, Severity::Error];
+        Ok(rows
+            .into_iter()
+            .map(|row| StoredEvent {
+                id: row.get::<_, i64>(0) as u64,
+                kind: row.get(1),
+                organization_id: row.get(2),
+                domain_id: row.get(3),
+                severity: severities[usize::from(row.get::<_, i16>(4).clamp(0, 2) as u8)],
+                timestamp: Timestamp::from_system_time(row.get(5)),
+                json: row.get::<_, String>(6).into(),
+            })
+            .collect())
     }
 
     pub fn last_id(&self) -> u64 {

@@ -16,7 +16,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(config: tokio_postgres::Config, role: &'static str, size: usize) -> Self {
+    pub fn new(mut config: tokio_postgres::Config, role: &'static str, size: usize) -> Self {
+        // A reader waiting on an unreachable server holds its slot: give up in time.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(10));
+        }
         let slots = (0..size.max(1)).map(|_| Mutex::new(None)).collect();
         Self { config, role, slots, next: AtomicUsize::new(0) }
     }

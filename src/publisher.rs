@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::Bus;
 use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
-use crate::capture::replication::{ConnectParams, format_lsn, parse_lsn};
+use crate::capture::replication::{ConnectParams, ReplicationStream, format_lsn, parse_lsn};
 use crate::capture::stream::{Capture, CaptureError, StreamSettings};
 use crate::config::Settings;
 use crate::log::{self, LogError, LogWriter};
@@ -146,15 +146,24 @@ async fn supervise(
     }
 }
 
-/// One life of the pipeline: from the log's cursor until shutdown or the first error.
-async fn pipeline(
+/// Opens the log and the source, and hands the bus whatever the log holds that it has not
+/// seen: an append whose commit was in doubt when the last pipeline failed.
+async fn connect(
     settings: &Settings,
     params: &ConnectParams,
     signals: &Signals,
-    shutdown: &CancellationToken,
-) -> Result<(), PublisherError> {
-    let source = format!("replication:{}", settings.slot);
-    let mut writer = LogWriter::open(&settings.log, &source).await?;
+    source: &str,
+) -> Result<(LogWriter, Catalog, ReplicationStream, StreamSettings), PublisherError> {
+    let writer = LogWriter::open(&settings.log, source).await?;
+    if let Some(bus) = &signals.bus {
+        while writer.last_id() > bus.head() {
+            let missed = writer.read_after(bus.head(), 1000).await?;
+            if missed.is_empty() {
+                break;
+            }
+            bus.publish(&missed);
+        }
+    }
     signals.head.send_replace(writer.last_id());
     let cursor = writer.cursor();
     let catalog = log::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
@@ -168,6 +177,24 @@ async fn pipeline(
     };
     let stream = Capture::connect(params, &stream_settings, cursor.progress).await?;
     tracing::info!(slot = %settings.slot, from = %format_lsn(cursor.progress), last_id = writer.last_id(), "streaming");
+    Ok((writer, catalog, stream, stream_settings))
+}
+
+/// One life of the pipeline: from the log's cursor until shutdown or the first error.
+async fn pipeline(
+    settings: &Settings,
+    params: &ConnectParams,
+    signals: &Signals,
+    shutdown: &CancellationToken,
+) -> Result<(), PublisherError> {
+    let source = format!("replication:{}", settings.slot);
+    // Connecting can hang on an unreachable server: shutdown must not wait for it.
+    let connected = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        connected = connect(settings, params, signals, &source) => connected?,
+    };
+    let (mut writer, catalog, stream, stream_settings) = connected;
+    let cursor = writer.cursor();
     signals.state.send_replace(State::Streaming);
 
     let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);

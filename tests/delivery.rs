@@ -605,3 +605,83 @@ async fn shutdown_delivers_what_was_appended_then_closes_with_1001() {
     assert_eq!(u16::from(close.code), 1001);
     stopping.await.expect("stopped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_beside_a_live_subscription_and_an_unsubscribe_during_one() {
+    let db = TestDb::migrated().await;
+    let server = Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Q');
+             INSERT INTO agents (id, organization_id, name) SELECT 'h' || i, 'quant', 'x' FROM generate_series(1, 300) i",
+        )
+        .await
+        .expect("history");
+    db.settled_events().await;
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    let (live, _) = ws.subscribe(json!({"type": "agent.*"}), None).await;
+    // Steady writes while the second subscription catches up from the very start.
+    let writer = {
+        let client = db.client().await;
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let sql = format!(
+                    "INSERT INTO agents (id, organization_id, name) VALUES ('w{i}', 'quant', 'x')"
+                );
+                client.batch_execute(&sql).await.expect("write");
+            }
+        })
+    };
+    let (catching, n) = ws.subscribe(json!({"type": "agent.*"}), Some(0)).await;
+    // A third one is dropped in the middle of its catch-up.
+    let (dropped, _) = ws.subscribe(json!({"type": "*"}), Some(0)).await;
+    ws.send(json!({"action": "unsubscribe", "subscription_id": dropped})).await;
+    writer.await.expect("writer");
+    let log = db.settled_events().await;
+    let mut frames = Vec::new();
+    while !frames
+        .iter()
+        .any(|f: &Value| f["type"] == "caught_up" && f["subscription_id"] == catching)
+    {
+        frames.push(ws.frame().await);
+    }
+    frames.extend(ws.drain().await);
+
+    let for_sub = |subscription: &str| -> Vec<u64> {
+        frames
+            .iter()
+            .filter(|f| {
+                is_event(f)
+                    && f["subscription_ids"].as_array().expect("ids").contains(&json!(subscription))
+            })
+            .map(|f| f["id"].as_u64().expect("id"))
+            .collect()
+    };
+    let agents: Vec<u64> = log
+        .iter()
+        .filter(|e| e["type"] == "agent.created")
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(
+        for_sub(&catching),
+        agents,
+        "the catching-up subscription gets everything once, in order"
+    );
+    let live_ids = for_sub(&live);
+    assert_eq!(live_ids, agents.iter().copied().filter(|id| *id > 301).collect::<Vec<_>>());
+    let caught_up =
+        frames.iter().position(|f| f["type"] == "caught_up" && f["subscription_id"] == catching);
+    assert_eq!(frames[caught_up.expect("caught_up")]["last_id"], n);
+    let unsubscribed =
+        frames.iter().position(|f| f["type"] == "unsubscribed").expect("unsubscribed");
+    let after: Vec<&Value> = frames[unsubscribed..]
+        .iter()
+        .filter(|f| {
+            f["subscription_ids"].as_array().is_some_and(|ids| ids.contains(&json!(dropped)))
+                || f["subscription_id"] == dropped
+        })
+        .collect();
+    assert_eq!(after.len(), 1, "nothing for {dropped} after its unsubscribed: {after:?}");
+    server.stop().await;
+}

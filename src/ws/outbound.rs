@@ -16,10 +16,15 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone)]
 pub enum Frame {
     /// An event: the envelope as stored in the log (serialized once, shared by every
-    /// connection) and the subscriptions of this connection it matches.
-    Event { id: u64, envelope: Arc<str>, subscriptions: Vec<u32> },
+    /// connection) and the subscriptions of this connection it matches. `history` events
+    /// belong to a subscription's catch-up and may be older than live ones before them.
+    Event { id: u64, envelope: Arc<str>, subscriptions: Vec<u32>, history: bool },
     /// A control frame, already serialized.
     Control(String),
+    /// Not sent: a subscription starts catching up from `from`.
+    CatchingUp { subscription: u32, from: u64 },
+    /// Not sent: a subscription's catch-up ended; it is live.
+    Live { subscription: u32 },
 }
 
 impl Frame {
@@ -29,16 +34,19 @@ impl Frame {
                 envelope.len() + 8 * subscriptions.len()
             }
             Frame::Control(text) => text.len(),
+            Frame::CatchingUp { .. } | Frame::Live { .. } => 0,
         }
     }
 
-    /// The text sent on the wire: events get `"subscription_ids"` appended to the envelope.
-    pub fn render(&self) -> String {
+    /// The text sent on the wire (`None` for markers): events get `"subscription_ids"`
+    /// appended to the envelope.
+    pub fn render(&self) -> Option<String> {
         match self {
-            Frame::Control(text) => text.clone(),
+            Frame::CatchingUp { .. } | Frame::Live { .. } => None,
+            Frame::Control(text) => Some(text.clone()),
             Frame::Event { envelope, subscriptions, .. } => {
                 let body = envelope.trim_end();
-                let Some(open) = body.strip_suffix('}') else { return body.to_owned() };
+                let Some(open) = body.strip_suffix('}') else { return Some(body.to_owned()) };
                 let mut text = String::with_capacity(body.len() + 24 + 8 * subscriptions.len());
                 text.push_str(open);
                 text.push_str(if open.trim_end().ends_with('{') { "" } else { "," });
@@ -52,7 +60,7 @@ impl Frame {
                     text.push('"');
                 }
                 text.push_str("]}");
-                text
+                Some(text)
             }
         }
     }
@@ -162,8 +170,11 @@ impl Outbound {
                 if state.closing.is_some() {
                     return Err(Rejected::Closed);
                 }
-                if state.frames.len() < self.max_frames / 2 && state.bytes < self.max_bytes / 2 {
-                    state.bytes += frame.size();
+                let size = frame.size();
+                let room = state.frames.len() < self.max_frames / 2
+                    && (state.frames.is_empty() || state.bytes + size <= self.max_bytes / 2);
+                if room {
+                    state.bytes += size;
                     state.frames.push_back(frame);
                     drop(state);
                     self.readable.notify_one();
@@ -258,7 +269,7 @@ mod tests {
                 tokio::time::timeout(std::time::Duration::from_millis(50), outbound.next()).await
             });
         match next {
-            Ok(Next::Frame(frame)) => Some(frame.render()),
+            Ok(Next::Frame(frame)) => frame.render(),
             Ok(Next::Close(reason)) => Some(format!("close {reason:?}")),
             Err(_) => None,
         }
@@ -266,11 +277,17 @@ mod tests {
 
     #[test]
     fn events_carry_their_subscriptions() {
-        let frame =
-            Frame::Event { id: 1, envelope: r#"{"id":1}"#.into(), subscriptions: vec![1, 3] };
-        assert_eq!(frame.render(), r#"{"id":1,"subscription_ids":["s1","s3"]}"#);
-        let frame = Frame::Event { id: 1, envelope: "{}\n".into(), subscriptions: vec![2] };
-        assert_eq!(frame.render(), r#"{"subscription_ids":["s2"]}"#);
+        let event = |envelope: &str, subscriptions| Frame::Event {
+            id: 1,
+            envelope: envelope.into(),
+            subscriptions,
+            history: false,
+        };
+        let frame = event(r#"{"id":1}"#, vec![1, 3]);
+        assert_eq!(frame.render().as_deref(), Some(r#"{"id":1,"subscription_ids":["s1","s3"]}"#));
+        let frame = event("{}\n", vec![2]);
+        assert_eq!(frame.render().as_deref(), Some(r#"{"subscription_ids":["s2"]}"#));
+        assert_eq!(Frame::Live { subscription: 1 }.render(), None);
     }
 
     #[test]

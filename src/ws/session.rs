@@ -48,7 +48,7 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, initial: Initial) {
         Err(err) => session.reply(protocol::error(&err, None)),
     }
     let (sink, stream) = socket.split();
-    let writing = write_loop(sink, session.outbound.clone(), shared.clone());
+    let writing = write_loop(sink, session.outbound.clone(), shared.clone(), head);
     tokio::pin!(writing);
     let outbound = session.outbound.clone();
     tokio::select! {
@@ -99,7 +99,10 @@ impl Session {
                     self.outbound.close(Closing::Idle);
                     return;
                 }
-                Ok(None) => return,
+                Ok(None) => {
+                    self.outbound.close(Closing::Gone);
+                    return;
+                }
                 Ok(Some(Err(err))) => {
                     if too_large(err) {
                         self.outbound.close(Closing::FrameTooLarge);
@@ -158,6 +161,8 @@ impl Session {
                     let _ = catch_up.await;
                 }
                 self.shared.bus.unsubscribe(self.connection, number);
+                // Its catch-up position no longer counts for the slow-consumer reason.
+                let _ = self.outbound.push(Frame::Live { subscription: number });
                 self.reply(protocol::unsubscribed(&subscription, reference));
             }
             Action::GetMetadata => {
@@ -179,11 +184,14 @@ impl Session {
         reference: Option<&serde_json::Value>,
     ) {
         let number = self.next;
-        self.next += 1;
+        let Some(next) = self.next.checked_add(1) else {
+            let message = "this connection has used up its subscription ids; reconnect";
+            return self.error(ErrorCode::TooManySubscriptions, message, reference);
+        };
+        self.next = next;
         let filter = Arc::new(filter);
-        let live = since.is_none();
         let subscribed =
-            self.shared.bus.subscribe(self.connection, number, filter.clone(), live, |head| {
+            self.shared.bus.subscribe(self.connection, number, filter.clone(), since, |head| {
                 protocol::subscribed(number, &filter, head, reference)
             });
         let Ok(last_id) = subscribed else { return };
@@ -299,6 +307,7 @@ impl CatchUp {
                 id,
                 envelope: envelope.into(),
                 subscriptions: vec![self.subscription],
+                history: true,
             };
             self.push(frame).await.ok()?;
         }
@@ -310,71 +319,95 @@ impl CatchUp {
     }
 }
 
+/// Where a connection's delivery stands, for the 4008 reason: an id such that everything up
+/// to it that any subscription should get has been handed to the socket.
+struct Delivered {
+    /// The last live event written (the welcome's `last_id` before any).
+    live: u64,
+    /// Catching-up subscriptions and the last history event written for each.
+    catching_up: HashMap<SubscriptionId, u64>,
+}
+
+impl Delivered {
+    fn note(&mut self, frame: &Frame) {
+        match frame {
+            Frame::Event { id, history: false, .. } => self.live = *id,
+            Frame::Event { id, subscriptions, history: true, .. } => {
+                for subscription in subscriptions {
+                    if let Some(at) = self.catching_up.get_mut(subscription) {
+                        *at = (*at).max(*id);
+                    }
+                }
+            }
+            Frame::CatchingUp { subscription, from } => {
+                self.catching_up.insert(*subscription, *from);
+            }
+            Frame::Live { subscription } => {
+                self.catching_up.remove(subscription);
+            }
+            Frame::Control(_) => {}
+        }
+    }
+
+    fn resume_from(&self) -> u64 {
+        self.catching_up.values().copied().fold(self.live, u64::min)
+    }
+}
+
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     outbound: Arc<Outbound>,
     shared: Arc<Shared>,
+    welcome_id: u64,
 ) {
     let limits = &shared.settings.server;
-    let mut last_delivered = None;
+    let mut delivered = Delivered { live: welcome_id, catching_up: HashMap::new() };
     let start = tokio::time::Instant::now() + limits.ping_interval;
     let mut ping = tokio::time::interval_at(start, limits.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let next = tokio::select! {
-            next = outbound.next() => next,
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    outbound.close(Closing::Gone);
+        let message = tokio::select! {
+            next = outbound.next() => match next {
+                Next::Frame(frame) => {
+                    delivered.note(&frame);
+                    match frame.render() {
+                        Some(text) => Message::Text(text.into()),
+                        None => continue,
+                    }
+                }
+                Next::Close(reason) => {
+                    let close = match reason {
+                        Closing::SlowConsumer => Some((
+                            4008,
+                            format!("slow consumer; last delivered id {}", delivered.resume_from()),
+                        )),
+                        Closing::Shutdown => Some((1001, "server shutting down".to_owned())),
+                        Closing::FrameTooLarge => Some((
+                            1009,
+                            format!("frame too large (limit {} bytes)", limits.max_frame_bytes),
+                        )),
+                        Closing::Idle => Some((1000, "idle timeout".to_owned())),
+                        Closing::Gone => None,
+                    };
+                    if let Some((code, reason)) = close {
+                        let frame = CloseFrame { code, reason: reason.into() };
+                        let closing = sink.send(Message::Close(Some(frame)));
+                        let _ = tokio::time::timeout(limits.close_timeout, closing).await;
+                    }
+                    let _ = tokio::time::timeout(limits.close_timeout, sink.close()).await;
                     return;
                 }
-                continue;
-            }
+            },
+            _ = ping.tick() => Message::Ping(Default::default()),
         };
-        match next {
-            Next::Frame(frame) => {
-                if let Frame::Event { id, .. } = &frame {
-                    last_delivered = Some(*id);
-                }
-                let message = Message::Text(frame.render().into());
-                tokio::select! {
-                    sent = sink.send(message) => if sent.is_err() {
-                        outbound.close(Closing::Gone);
-                        return;
-                    },
-                    // A write stuck on a client that stopped reading; the close frame
-                    // follows what was already handed to the socket.
-                    () = outbound.interrupted() => {}
-                }
-            }
-            Next::Close(reason) => {
-                let close = match reason {
-                    Closing::SlowConsumer => Some((
-                        4008,
-                        match last_delivered {
-                            Some(id) => format!("slow consumer; last delivered id {id}"),
-                            None => "slow consumer; no event delivered".to_owned(),
-                        },
-                    )),
-                    Closing::Shutdown => Some((1001, "server shutting down".to_owned())),
-                    Closing::FrameTooLarge => Some((
-                        1009,
-                        format!("frame too large (limit {} bytes)", limits.max_frame_bytes),
-                    )),
-                    Closing::Idle => Some((1000, "idle timeout".to_owned())),
-                    Closing::Gone => None,
-                };
-                if let Some((code, reason)) = close {
-                    let frame = CloseFrame { code, reason: reason.into() };
-                    let _ = tokio::time::timeout(
-                        limits.close_timeout,
-                        sink.send(Message::Close(Some(frame))),
-                    )
-                    .await;
-                }
-                let _ = tokio::time::timeout(limits.close_timeout, sink.close()).await;
+        tokio::select! {
+            sent = sink.send(message) => if sent.is_err() {
+                outbound.close(Closing::Gone);
                 return;
-            }
+            },
+            // A write stuck on a client that stopped reading; the close frame follows what
+            // was already handed to the socket.
+            () = outbound.interrupted() => {}
         }
     }
 }
