@@ -29,3 +29,4 @@ pub mod publisher;
 pub mod render;
 pub mod server;
 pub mod setup;
+pub mod tail;
