@@ -6,3 +6,4 @@ mod auth;
 mod capture;
 mod durability;
 mod fidelity;
+mod tail;
