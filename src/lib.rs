@@ -33,4 +33,5 @@ pub mod publisher;
 pub mod render;
 pub mod server;
 pub mod setup;
+pub mod tail;
 pub mod ws;

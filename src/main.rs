@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use rowcast::config::{self, Settings, SourceMode};
 use rowcast::mapping::Mapping;
+use rowcast::tail::{Tail, TailArgs};
 use rowcast::{log, server, setup};
 
 #[derive(Parser)]
@@ -34,6 +35,8 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// Print events of a running server as JSON lines, resuming by itself after disconnections.
+    Tail(TailArgs),
 }
 
 #[derive(Args)]
@@ -125,6 +128,14 @@ async fn main() -> anyhow::Result<()> {
             setup::migrate(&client).await?;
             println!("reference schema applied");
             Ok(())
+        }
+        Command::Tail(args) => {
+            let tail = Tail::new(args)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            tail.run(tokio::io::stdout(), shutdown).await?;
+            // Not a return: the runtime would wait for a write stuck on a stalled stdout.
+            std::process::exit(0)
         }
     }
 }

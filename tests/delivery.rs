@@ -685,3 +685,65 @@ async fn a_catch_up_beside_a_live_subscription_and_an_unsubscribe_during_one() {
     assert_eq!(after.len(), 1, "nothing for {dropped} after its unsubscribed: {after:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_prints_a_real_servers_events_and_resumes_after_a_restart() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::migrated().await;
+    let server = Running::start(db.settings()).await;
+    let addr = server.addr;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+    db.settled_events().await;
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
+        .args(["tail", "--url", &format!("ws://{addr}"), "--type", "agent.*", "--since", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tail starts");
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().expect("stdout")).lines();
+    let mut next_line = async move || -> Value {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("a line in time");
+        serde_json::from_str(&line.expect("read").expect("a line")).expect("a JSON line")
+    };
+    client
+        .batch_execute("INSERT INTO agents (id, organization_id, name) VALUES ('a1', 'quant', 'x')")
+        .await
+        .expect("a1");
+    let first = next_line().await;
+    assert_eq!(
+        (first["type"].as_str(), first["data"]["id"].as_str()),
+        (Some("agent.created"), Some("a1"))
+    );
+    assert!(first.get("subscription_ids").is_none());
+
+    // The server goes away; changes commit meanwhile; a new server comes up on the same port.
+    server.stop().await;
+    client
+        .batch_execute("INSERT INTO agents (id, organization_id, name) VALUES ('a2', 'quant', 'x')")
+        .await
+        .expect("a2");
+    let mut settings = db.settings();
+    settings.server.listen = addr;
+    rowcast::setup::setup_replication(&settings).await.expect("setup");
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("same port");
+    let restarted = rowcast::server::Server::new(settings).await.expect("server");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(restarted.run(listener, shutdown.clone()));
+    client
+        .batch_execute("INSERT INTO agents (id, organization_id, name) VALUES ('a3', 'quant', 'x')")
+        .await
+        .expect("a3");
+    let ids: Vec<String> = [next_line().await, next_line().await]
+        .iter()
+        .map(|e| e["data"]["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids, ["a2", "a3"], "nothing lost, nothing repeated");
+    shutdown.cancel();
+    running.await.expect("joined").expect("clean stop");
+    let _ = tail.kill().await;
+}

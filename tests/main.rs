@@ -7,3 +7,4 @@ mod capture;
 mod delivery;
 mod durability;
 mod fidelity;
+mod tail;

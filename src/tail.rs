@@ -1,0 +1,554 @@
+//! `rowcast tail`: a terminal subscriber printing events as JSON lines.
+//!
+//! ```text
+//! server --GET /ws/events?type=..&since=K--> frame --event, id > cursor--> stdout, one line
+//!                                              \--control-------------> stderr (tracing)
+//! ```
+//!
+//! What tail guarantees, given a server that keeps SPEC §5:
+//!
+//! - stdout carries events only, one per line: the envelope as the server sent it (key order
+//!   and value text kept) without `subscription_ids`. Each line is flushed when printed.
+//! - Ids on stdout strictly increase: nothing is printed twice, across reconnections too.
+//! - Nothing is lost across reconnections while the log still holds it. The cursor is the
+//!   last id printed, or further when the server vouched for it (`subscribed` in live mode,
+//!   `caught_up`); every connection subscribes with `since=<cursor>`. A cursor older than
+//!   retention gets `reset` from the server, and tail reports that gap as a warning.
+//! - A reader of stdout that falls behind slows tail down in turn (each line is written
+//!   before the next frame is read); the server may then close with 4008, and tail resumes.
+//! - Drops (network, server restart, 1001, 4008 slow consumer, silence) are retried forever
+//!   with backoff; refusals that retrying cannot fix (401/403 or another 4xx at the
+//!   handshake, a refused filter, a bad flag) end the command with a [`TailError`].
+
+use std::io;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Severity;
+
+mod endpoint;
+mod frame;
+
+use endpoint::{Endpoint, Filter, check_pattern};
+use frame::{Connection, Cursor, Step, handle};
+
+/// Where tail connects unless told otherwise: `rowcast serve`'s default listen address.
+pub const DEFAULT_URL: &str = "ws://127.0.0.1:8080";
+/// Largest frame accepted by default (64 MiB, tungstenite's own default).
+pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 << 20;
+/// First wait before reconnecting; doubles per failed attempt up to `--max-backoff`.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// A connection that lived this long counts as healthy and resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// TCP connect plus WebSocket handshake; a black-holed address must not hang tail.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often tail pings the server, so that a dead peer is noticed on a quiet connection.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// A connection that has received nothing (pongs included) for this long is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+/// How long a polite close may take before tail leaves anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most bytes of a refusal's body repeated in the error.
+const REFUSAL_BODY_CHARS: usize = 200;
+
+/// Flags of `rowcast tail`; each also reads an environment variable.
+#[derive(Clone, clap::Args)]
+pub struct TailArgs {
+    /// Server to subscribe to: its base URL or the full `.../ws/events` URL. ws:// and http://
+    /// are accepted; wss:// and https:// are not supported yet.
+    #[arg(long, env = "ROWCAST_URL", default_value = DEFAULT_URL)]
+    pub url: String,
+    /// Event types: `*`, `entity.*`, `*.action` or `entity.action`. Repeat the flag or separate
+    /// patterns with commas [default: *].
+    #[arg(long = "type", env = "ROWCAST_TAIL_TYPE", value_name = "PATTERN", value_delimiter = ',')]
+    pub types: Vec<String>,
+    /// Only events of these organizations (repeatable, or comma-separated).
+    #[arg(long, env = "ROWCAST_TAIL_ORGANIZATION_ID", value_name = "ID", value_delimiter = ',')]
+    pub organization_id: Vec<String>,
+    /// Only events of these domains (repeatable, or comma-separated).
+    #[arg(long, env = "ROWCAST_TAIL_DOMAIN_ID", value_name = "ID", value_delimiter = ',')]
+    pub domain_id: Vec<String>,
+    /// Minimum severity.
+    #[arg(long, env = "ROWCAST_TAIL_SEVERITY", value_name = "info|warning|error")]
+    pub severity: Option<Severity>,
+    /// Start after this event id: retained events with a greater id come first, then live
+    /// ones [default: live events only].
+    #[arg(long, env = "ROWCAST_TAIL_SINCE", value_name = "ID")]
+    pub since: Option<u64>,
+    /// Bearer token for a server run with `--auth jwt`; sent in the Authorization header,
+    /// never printed or logged.
+    #[arg(long, env = "ROWCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Longest wait between reconnection attempts (1s, 30s, 5m).
+    #[arg(long, env = "ROWCAST_TAIL_MAX_BACKOFF", default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub max_backoff: Duration,
+    /// Largest frame accepted from the server, in bytes; a bigger event cannot be printed.
+    #[arg(long, env = "ROWCAST_TAIL_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_frame_bytes: u64,
+}
+
+/// Why `rowcast tail` stopped. All of these are definite: retrying cannot fix them, so the
+/// retryable failures (network, restarts, closes) never leave this module.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("invalid --{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+    #[error(
+        "wss:// and https:// are not supported yet: rowcast tail is built without TLS; \
+         connect with ws:// (for a remote server, through an SSH tunnel or a local TLS proxy)"
+    )]
+    TlsUnsupported,
+    #[error("the server refused the WebSocket handshake: HTTP {status}{detail}{hint}")]
+    Refused { status: StatusCode, detail: String, hint: &'static str },
+    #[error("the server refused the subscription ({code}): {message}")]
+    Subscription { code: String, message: String },
+    #[error("cannot build the handshake request")]
+    Request(#[source] tungstenite::Error),
+    #[error("writing to stdout failed")]
+    Output(#[source] io::Error),
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> TailError {
+    TailError::Invalid { flag, reason: reason.into() }
+}
+
+/// A validated `rowcast tail`: where to connect, what to ask for, how to retry.
+#[derive(Debug)]
+pub struct Tail {
+    endpoint: Endpoint,
+    filter: Filter,
+    since: Option<u64>,
+    /// `Bearer <token>`, marked sensitive so that no `Debug` shows it.
+    authorization: Option<HeaderValue>,
+    max_backoff: Duration,
+    max_frame_bytes: usize,
+}
+
+impl Tail {
+    pub fn new(args: TailArgs) -> Result<Self, TailError> {
+        let endpoint = Endpoint::parse(&args.url)?;
+        for pattern in &args.types {
+            check_pattern(pattern)?;
+        }
+        for (flag, ids) in
+            [("organization-id", &args.organization_id), ("domain-id", &args.domain_id)]
+        {
+            if ids.iter().any(|id| id.is_empty()) {
+                return Err(invalid(flag, "empty id"));
+            }
+        }
+        let authorization = match args.token {
+            Some(token) if token.is_empty() => return Err(invalid("token", "empty token")),
+            Some(token) => {
+                // Never echo the token, not even in this error.
+                let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| invalid("token", "it holds characters an HTTP header cannot"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        if args.max_backoff.is_zero() {
+            return Err(invalid("max-backoff", "must be at least 1s"));
+        }
+        Ok(Self {
+            endpoint,
+            filter: Filter {
+                types: args.types,
+                organization_ids: args.organization_id,
+                domain_ids: args.domain_id,
+                severity: args.severity,
+            },
+            since: args.since,
+            authorization,
+            max_backoff: args.max_backoff,
+            max_frame_bytes: usize::try_from(args.max_frame_bytes).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Prints events to `out` until `shutdown` (then closes the socket politely), until `out`
+    /// is closed (a finished `| head`), or until a definite refusal.
+    pub async fn run<W>(&self, mut out: W, shutdown: CancellationToken) -> Result<(), TailError>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let mut cursor = Cursor(self.since);
+        let mut backoff = Backoff::new(self.max_backoff);
+        tracing::info!(url = %self.endpoint.as_str(), since = self.since, "tailing");
+        loop {
+            let url = self.endpoint.with_query(&self.filter.query(cursor.0));
+            let ended = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                connected = self.connect(&url) => match connected {
+                    Ok(ws) => {
+                        tracing::debug!(since = cursor.0, "connected");
+                        self.session(ws, &mut cursor, &mut out, &shutdown).await?
+                    }
+                    Err(Failure::Definite(err)) => return Err(err),
+                    Err(Failure::Retryable(reason)) => {
+                        Ended::Dropped { reason: format!("cannot connect: {reason}"), healthy: false }
+                    }
+                },
+            };
+            let Ended::Dropped { reason, healthy } = ended else { return Ok(()) };
+            if healthy {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                %reason, retry_in_ms = delay.as_millis() as u64, since = cursor.0,
+                "not connected; retrying"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn connect(&self, url: &str) -> Result<Socket, Failure> {
+        let mut request =
+            url.into_client_request().map_err(|err| Failure::Definite(TailError::Request(err)))?;
+        if let Some(authorization) = &self.authorization {
+            request.headers_mut().insert(header::AUTHORIZATION, authorization.clone());
+        }
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.max_frame_bytes))
+            .max_frame_size(Some(self.max_frame_bytes));
+        let handshake = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(Ok((socket, _response))) => Ok(socket),
+            Ok(Err(err)) => Err(Failure::from_handshake(err)),
+            Err(_) => Err(Failure::Retryable(format!(
+                "no handshake within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// One connection, from handshake to its end.
+    async fn session<W>(
+        &self,
+        mut socket: Socket,
+        cursor: &mut Cursor,
+        out: &mut W,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, TailError>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let started = Instant::now();
+        let mut connection = Connection::default();
+        let mut heard = Instant::now();
+        let mut ping = tokio::time::interval_at(started + PING_INTERVAL, PING_INTERVAL);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let dropped = |reason: String, connection: &Connection| Ended::Dropped {
+            reason,
+            healthy: connection.printed > 0 || started.elapsed() >= HEALTHY_AFTER,
+        };
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    goodbye(socket).await;
+                    return Ok(Ended::Stopped);
+                }
+                message = socket.next() => message,
+                _ = ping.tick() => {
+                    if heard.elapsed() >= SILENCE_LIMIT {
+                        return Ok(dropped("the server went silent".into(), &connection));
+                    }
+                    if let Err(err) = socket.send(Message::Ping(Default::default())).await {
+                        return Ok(dropped(err.to_string(), &connection));
+                    }
+                    continue;
+                }
+            };
+            heard = Instant::now();
+            let text = match message {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Binary(bytes))) => {
+                    tracing::warn!(bytes = bytes.len(), "ignoring a binary frame");
+                    continue;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    // tungstenite has queued the answer; send it, but do not wait for the
+                    // server to end TCP, which a confused server may never do.
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                    return Ok(dropped(describe_close(frame.as_ref()), &connection));
+                }
+                // Pings are answered by tungstenite; pongs only prove the peer is alive.
+                Some(Ok(_)) => continue,
+                Some(Err(tungstenite::Error::Capacity(err))) => {
+                    let reason = format!("{err} (raise --max-frame-bytes to receive it)");
+                    return Ok(dropped(reason, &connection));
+                }
+                Some(Err(err)) => return Ok(dropped(err.to_string(), &connection)),
+                None => {
+                    return Ok(dropped(
+                        "the connection ended without a close frame".into(),
+                        &connection,
+                    ));
+                }
+            };
+            match handle(&text, cursor, &mut connection) {
+                Step::Skip => {}
+                Step::Fatal(err) => {
+                    goodbye(socket).await;
+                    return Err(err);
+                }
+                Step::Print { id, line } => match print(out, line, shutdown).await {
+                    Printed::Done => {
+                        cursor.advance(id);
+                        connection.printed += 1;
+                        // Time spent blocked on stdout is not the server's silence.
+                        heard = Instant::now();
+                    }
+                    Printed::Stopped => {
+                        goodbye(socket).await;
+                        return Ok(Ended::Stopped);
+                    }
+                    Printed::Failed(err) => {
+                        goodbye(socket).await;
+                        return Err(TailError::Output(err));
+                    }
+                },
+            }
+        }
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What became of one line.
+enum Printed {
+    Done,
+    /// Shutdown was asked for while writing, or stdout is closed (a finished `| head`).
+    Stopped,
+    Failed(io::Error),
+}
+
+/// Writes and flushes one line. A reader that stopped reading blocks this, which is the
+/// backpressure wanted, but must not keep tail from stopping.
+async fn print<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    mut line: String,
+    shutdown: &CancellationToken,
+) -> Printed {
+    line.push('\n');
+    let write = async {
+        out.write_all(line.as_bytes()).await?;
+        out.flush().await
+    };
+    let written = tokio::select! {
+        written = write => written,
+        _ = shutdown.cancelled() => return Printed::Stopped,
+    };
+    match written {
+        Ok(()) => Printed::Done,
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
+            tracing::debug!("stdout closed");
+            Printed::Stopped
+        }
+        Err(err) => Printed::Failed(err),
+    }
+}
+
+/// Closes with 1000 and waits briefly for the server's close reply.
+async fn goodbye(mut socket: Socket) {
+    let polite = async {
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+        if socket.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = socket.next().await {}
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, polite).await;
+}
+
+fn describe_close(frame: Option<&CloseFrame>) -> String {
+    let Some(frame) = frame else { return "closed by the server without a code".into() };
+    let meaning = match u16::from(frame.code) {
+        1000 => "closed by the server",
+        1001 => "the server is shutting down",
+        1008 => "closed by the server for a policy violation",
+        1009 => "closed by the server: a frame was too big",
+        4001 => "the token expired",
+        4008 => "too slow for the server (slow consumer)",
+        _ => "closed by the server",
+    };
+    format!("{meaning} (close {}: {:?})", u16::from(frame.code), frame.reason.as_str())
+}
+
+/// How one connection ended, when it did not end the command.
+#[derive(Debug)]
+enum Ended {
+    /// Shutdown was asked for, or stdout is gone.
+    Stopped,
+    /// Worth reconnecting; `healthy` connections reset the backoff.
+    Dropped { reason: String, healthy: bool },
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+enum Failure {
+    Retryable(String),
+    Definite(TailError),
+}
+
+impl Failure {
+    fn from_handshake(err: tungstenite::Error) -> Self {
+        let response = match err {
+            tungstenite::Error::Http(response) => response,
+            tungstenite::Error::Url(_) | tungstenite::Error::HttpFormat(_) => {
+                return Failure::Definite(TailError::Request(err));
+            }
+            other => return Failure::Retryable(other.to_string()),
+        };
+        let status = response.status();
+        let retryable = status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        if retryable {
+            return Failure::Retryable(format!("the server answered HTTP {status}"));
+        }
+        let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+        let body: String =
+            body.trim().chars().filter(|c| !c.is_control()).take(REFUSAL_BODY_CHARS).collect();
+        let detail = if body.is_empty() { String::new() } else { format!(": {body}") };
+        let hint = match status.as_u16() {
+            401 => " (check --token / ROWCAST_TOKEN)",
+            403 => " (the token does not grant this, or the server does not allow this origin)",
+            404 => " (is --url a rowcast server?)",
+            200..=299 => " instead of switching to WebSocket (is --url a rowcast server?)",
+            300..=399 => " (redirects are not followed; point --url at the final address)",
+            _ => "",
+        };
+        Failure::Definite(TailError::Refused { status, detail, hint })
+    }
+}
+
+/// Exponential backoff with jitter: each wait is drawn from [delay/2, delay], so clients of a
+/// restarted server do not all come back at the same instant.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self { next: INITIAL_BACKOFF.min(max), max }
+    }
+
+    fn reset(&mut self) {
+        self.next = INITIAL_BACKOFF.min(self.max);
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        let half = delay / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Tail, TailError> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            tail: TailArgs,
+        }
+        let argv = ["tail"].iter().chain(extra);
+        let cli = <Cli as clap::Parser>::try_parse_from(argv)
+            .map_err(|err| invalid("cli", err.to_string()))?;
+        Tail::new(cli.tail)
+    }
+
+    #[test]
+    fn flags() {
+        let tail = args(&["--type", "agent.*,user.created", "--type", "*.failed"]).expect("tail");
+        assert_eq!(tail.filter.types, ["agent.*", "user.created", "*.failed"]);
+        assert_eq!(tail.endpoint.as_str(), "ws://127.0.0.1:8080/ws/events");
+        let tail =
+            args(&["--severity", "error", "--since", "7", "--organization-id", "q"]).expect("tail");
+        assert_eq!(tail.filter.severity, Some(Severity::Error));
+        assert_eq!(tail.since, Some(7));
+        assert!(args(&["--severity", "loud"]).is_err());
+        assert!(args(&["--type", "agent.*,"]).is_err(), "an empty pattern");
+        assert!(args(&["--organization-id", ""]).is_err());
+        assert!(args(&["--max-backoff", "0s"]).is_err());
+        assert!(args(&["--max-frame-bytes", "10"]).is_err());
+    }
+
+    #[test]
+    fn token_is_never_shown() {
+        let tail = args(&["--token", "s3cret-token"]).expect("tail");
+        assert!(!format!("{tail:?}").contains("s3cret"));
+        let err = args(&["--token", "bad\ntoken"]).expect_err("a newline in a token");
+        assert!(!err.to_string().contains("token\n") && !err.to_string().contains("bad"), "{err}");
+        assert!(args(&["--token", ""]).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= INITIAL_BACKOFF);
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[7] >= Duration::from_secs(1));
+        backoff.reset();
+        assert!(backoff.next_delay() <= INITIAL_BACKOFF);
+    }
+
+    #[test]
+    fn refusals_are_definite_and_server_errors_retryable() {
+        let http = |status: u16, body: &str| {
+            let mut response = tungstenite::http::Response::new(Some(body.as_bytes().to_vec()));
+            *response.status_mut() = StatusCode::from_u16(status).expect("status");
+            Failure::from_handshake(tungstenite::Error::Http(Box::new(response)))
+        };
+        let Failure::Definite(err) = http(401, "invalid token\x1b[31m") else {
+            panic!("401 retried")
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("401 Unauthorized: invalid token[31m") && err.contains("--token"),
+            "{err}"
+        );
+        for status in [400, 403, 404, 200, 301] {
+            assert!(matches!(http(status, ""), Failure::Definite(_)), "{status}");
+        }
+        for status in [500, 502, 503, 408, 429] {
+            assert!(matches!(http(status, ""), Failure::Retryable(_)), "{status}");
+        }
+        let io = tungstenite::Error::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert!(matches!(Failure::from_handshake(io), Failure::Retryable(_)));
+    }
+
+    #[test]
+    fn close_reasons_are_named() {
+        let close = |code: u16, reason: &str| {
+            describe_close(Some(&CloseFrame { code: code.into(), reason: reason.into() }))
+        };
+        assert!(close(4008, "slow consumer; last delivered id 3").contains("slow consumer"));
+        assert!(close(1001, "").contains("shutting down"));
+        assert!(describe_close(None).contains("without a code"));
+    }
+}

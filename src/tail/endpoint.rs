@@ -1,0 +1,224 @@
+//! Where tail connects and what it subscribes to: the URL of `/ws/events` with SPEC §5's
+//! query parameters.
+
+use tokio_tungstenite::tungstenite::http::Uri;
+
+use super::{TailError, invalid};
+use crate::event::Severity;
+
+/// The WebSocket address of a server: `ws://host[:port][/prefix]/ws/events`, no query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Endpoint(String);
+
+impl Endpoint {
+    /// Accepts a base URL or the full endpoint URL; http:// means ws://.
+    pub(super) fn parse(url: &str) -> Result<Self, TailError> {
+        let url = url.trim();
+        let (scheme, rest) = url.split_once("://").unwrap_or(("ws", url));
+        match scheme.to_ascii_lowercase().as_str() {
+            "ws" | "http" => {}
+            "wss" | "https" => return Err(TailError::TlsUnsupported),
+            _ => return Err(invalid("url", "the scheme must be ws:// or http://")),
+        }
+        // The URL is not repeated in these errors: it may hold a password.
+        if rest.contains(['?', '#']) {
+            return Err(invalid(
+                "url",
+                "no query or fragment, please: filters go in --type, --organization-id, \
+                 --domain-id, --severity and --since",
+            ));
+        }
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if authority.contains('@') {
+            return Err(invalid("url", "credentials in the URL are not supported; use --token"));
+        }
+        let path = path.trim_end_matches('/');
+        let path = path.strip_suffix("/ws/events").unwrap_or(path);
+        let endpoint = format!("ws://{authority}{path}/ws/events");
+        let uri: Uri =
+            endpoint.parse().map_err(|_| invalid("url", "not a valid host, port or path"))?;
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(invalid("url", "no host"));
+        }
+        // `Uri` accepts any digits as a port; one that is not a u16 would silently become 80.
+        let after_host = authority.rsplit_once(']').map_or(authority, |(_, after)| after);
+        if after_host.contains(':') && uri.port_u16().is_none_or(|port| port == 0) {
+            return Err(invalid("url", "the port must be a number from 1 to 65535"));
+        }
+        Ok(Self(endpoint))
+    }
+
+    pub(super) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub(super) fn with_query(&self, query: &str) -> String {
+        format!("{}?{query}", self.0)
+    }
+}
+
+/// The subscription: SPEC §5's connect-time query parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Filter {
+    pub(super) types: Vec<String>,
+    pub(super) organization_ids: Vec<String>,
+    pub(super) domain_ids: Vec<String>,
+    pub(super) severity: Option<Severity>,
+}
+
+impl Filter {
+    /// The query subscribing with this filter after `since`. Lists are repeated parameters.
+    pub(super) fn query(&self, since: Option<u64>) -> String {
+        let mut query = Query::default();
+        if self.types.is_empty() {
+            // Explicit, so that the connection has a subscription even without filters.
+            query.push("type", "*");
+        }
+        for pattern in &self.types {
+            query.push("type", pattern);
+        }
+        for id in &self.organization_ids {
+            query.push("organization_id", id);
+        }
+        for id in &self.domain_ids {
+            query.push("domain_id", id);
+        }
+        if let Some(severity) = self.severity {
+            query.push("severity", severity.as_str());
+        }
+        if let Some(since) = since {
+            query.push("since", &since.to_string());
+        }
+        query.0
+    }
+}
+
+#[derive(Default)]
+struct Query(String);
+
+impl Query {
+    fn push(&mut self, key: &str, value: &str) {
+        if !self.0.is_empty() {
+            self.0.push('&');
+        }
+        self.0.push_str(key);
+        self.0.push('=');
+        // Percent-encode all but the unreserved characters (and `*`, for readable patterns).
+        for byte in value.bytes() {
+            if byte.is_ascii_alphanumeric() || b"-._~*".contains(&byte) {
+                self.0.push(char::from(byte));
+            } else {
+                self.0.push_str(&format!("%{byte:02X}"));
+            }
+        }
+    }
+}
+
+/// `*`, `entity.*`, `*.action` or `entity.action` (SPEC §5), checked before connecting so a
+/// typo is an error at once rather than a quiet terminal.
+pub(super) fn check_pattern(pattern: &str) -> Result<(), TailError> {
+    let part_ok = |part: &str| {
+        part == "*"
+            || (!part.is_empty() && !part.contains('*') && !part.contains(char::is_whitespace))
+    };
+    let ok = pattern == "*"
+        || pattern.split_once('.').is_some_and(|(entity, action)| {
+            part_ok(entity) && part_ok(action) && !action.contains('.')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "type",
+            format!("{pattern:?} is not a pattern (*, entity.*, *.action or entity.action)"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(url: &str) -> Result<String, String> {
+        Endpoint::parse(url).map(|endpoint| endpoint.0).map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn endpoints() {
+        let local = Ok("ws://127.0.0.1:8080/ws/events".to_owned());
+        for url in [
+            "ws://127.0.0.1:8080",
+            "ws://127.0.0.1:8080/",
+            "http://127.0.0.1:8080",
+            "HTTP://127.0.0.1:8080/ws/events",
+            "ws://127.0.0.1:8080/ws/events/",
+            "127.0.0.1:8080",
+            " ws://127.0.0.1:8080 ",
+        ] {
+            assert_eq!(endpoint(url), local, "{url}");
+        }
+        assert_eq!(endpoint("ws://[::1]:9000/"), Ok("ws://[::1]:9000/ws/events".into()));
+        assert_eq!(endpoint("http://example.com"), Ok("ws://example.com/ws/events".into()));
+        assert_eq!(
+            endpoint("http://example.com/rowcast/"),
+            Ok("ws://example.com/rowcast/ws/events".into())
+        );
+    }
+
+    #[test]
+    fn refused_endpoints() {
+        for url in ["wss://example.com", "https://example.com/ws/events"] {
+            assert!(matches!(Endpoint::parse(url), Err(TailError::TlsUnsupported)), "{url}");
+        }
+        for (url, words) in [
+            ("ftp://example.com", "scheme"),
+            ("ws://", "host"),
+            ("ws:///ws/events", "host"),
+            ("ws://:8080", "host"),
+            ("ws://example.com:99999", "port"),
+            ("ws://example.com:0", "port"),
+            ("ws://example.com:http", "valid"),
+            ("ws://example.com/ws/events?type=agent.*", "--type"),
+            ("ws://example.com/#top", "query"),
+            ("ws://exa mple.com", "valid"),
+        ] {
+            let err = endpoint(url).expect_err(url);
+            assert!(err.starts_with("invalid --url") && err.contains(words), "{url}: {err}");
+        }
+        // A password in the URL is refused without being repeated.
+        let err = endpoint("ws://me:hunter2@example.com").expect_err("credentials");
+        assert!(err.contains("--token") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn queries() {
+        let filter = Filter::default();
+        assert_eq!(filter.query(None), "type=*");
+        assert_eq!(filter.query(Some(0)), "type=*&since=0");
+        let filter = Filter {
+            types: vec!["agent.*".into(), "*.failed".into()],
+            organization_ids: vec!["quant".into(), "a&b=c d".into()],
+            domain_ids: vec!["démo/1".into()],
+            severity: Some(Severity::Warning),
+        };
+        assert_eq!(
+            filter.query(Some(42)),
+            "type=agent.*&type=*.failed&organization_id=quant&organization_id=a%26b%3Dc%20d\
+             &domain_id=d%C3%A9mo%2F1&severity=warning&since=42"
+        );
+        let url = Endpoint::parse("ws://h:1").expect("endpoint").with_query(&filter.query(None));
+        assert!(url.parse::<Uri>().is_ok(), "{url}");
+    }
+
+    #[test]
+    fn patterns() {
+        for pattern in ["*", "agent.*", "*.failed", "agent.created", "agent.status_changed", "*.*"]
+        {
+            assert!(check_pattern(pattern).is_ok(), "{pattern}");
+        }
+        for pattern in ["", "agent", ".created", "agent.", "a.b.c", "ag*.created", "agent.cr eated"]
+        {
+            assert!(check_pattern(pattern).is_err(), "{pattern:?}");
+        }
+    }
+}
