@@ -163,14 +163,115 @@ impl LogWriter {
         if let Some(progress) = progress {
             cursor.progress = cursor.progress.max(progress);
         }
-        let mut stored = Vec::with_capacity(events.len());
-        let mut times = Vec::with_capacity(events.len());
-        let mut id = self.last_id;
-        for (position, mut event) in events {
+        let mut fresh = Vec::with_capacity(events.len());
+        for (position, event) in events {
             if position <= self.cursor.position {
                 continue;
             }
             cursor.position = position;
+            fresh.push(event);
+        }
+        if fresh.is_empty() {
+            // Progress alone need not be written: after a restart the source re-sends from the
+            // last written progress and everything up to the position is dropped again.
+            self.cursor.progress = cursor.progress;
+            return Ok(Vec::new());
+        }
+        let batch = Batch::new(self.last_id, fresh)?;
+        let statement = format!(
+            "{}, moved AS (
+                INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
+                VALUES ($9, $10, $11, $12)
+                ON CONFLICT (source) DO UPDATE SET position_major = excluded.position_major,
+                    position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
+            )
+            SELECT count(*) FROM appended",
+            Batch::STATEMENT
+        );
+        let arrays = batch.arrays();
+        let mut params = arrays.params();
+        let (major, minor, progress) =
+            (cursor.position.major as i64, cursor.position.minor as i64, cursor.progress as i64);
+        params.extend::<[Param<'_>; 4]>([&self.source, &major, &minor, &progress]);
+        self.client.query_one(&statement, &params).await?;
+        self.last_id = batch.last_id;
+        self.cursor = cursor;
+        Ok(batch.stored)
+    }
+
+    /// Appends events drained from the trigger outbox and deletes their outbox rows (and the
+    /// commit records of transactions drained completely) in the same transaction, which is
+    /// what makes trigger capture exactly-once. The outbox lives in the log's database.
+    pub async fn append_drained(
+        &mut self,
+        events: Vec<Event>,
+        outbox_ids: &[i64],
+        finished_xids: &[String],
+    ) -> Result<Vec<StoredEvent>, LogError> {
+        let batch = Batch::new(self.last_id, events)?;
+        let statement = format!(
+            "{}, drained AS (
+                DELETE FROM rowcast.outbox WHERE id = ANY($9)
+            ), finished AS (
+                DELETE FROM rowcast.outbox_commits WHERE xid = ANY($10::text[]::xid8[])
+            )
+            SELECT count(*) FROM appended",
+            Batch::STATEMENT
+        );
+        let arrays = batch.arrays();
+        let mut params = arrays.params();
+        params.extend::<[Param<'_>; 2]>([&outbox_ids, &finished_xids]);
+        self.client.query_one(&statement, &params).await?;
+        self.last_id = batch.last_id;
+        Ok(batch.stored)
+    }
+
+    /// The writer's connection: the trigger source reads the outbox through it.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Events numbered and serialized for one append.
+struct Batch {
+    stored: Vec<StoredEvent>,
+    times: Vec<std::time::SystemTime>,
+    last_id: u64,
+}
+
+/// The statement's parameters, borrowing from the batch: each body is serialized once and
+/// never copied.
+struct Arrays<'a> {
+    ids: Vec<i64>,
+    kinds: Vec<&'a str>,
+    times: &'a [std::time::SystemTime],
+    organizations: Vec<Option<&'a str>>,
+    domains: Vec<Option<&'a str>>,
+    severities: Vec<i16>,
+    bodies: Vec<&'a str>,
+    last_id: i64,
+}
+
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+impl Batch {
+    /// The common head of every append: the events (`$1..$7`) and the new log head (`$8`).
+    const STATEMENT: &'static str = "\
+        WITH appended AS (
+            INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body)
+            SELECT id, type, committed_at, organization_id, domain_id, severity, body::json
+              FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[])
+                   AS e(id, type, committed_at, organization_id, domain_id, severity, body)
+            RETURNING 1
+        ), head AS (
+            UPDATE rowcast.log_head SET last_id = greatest(last_id, $8)
+        )";
+
+    fn new(last_id: u64, events: Vec<Event>) -> Result<Self, LogError> {
+        let mut stored = Vec::with_capacity(events.len());
+        let mut times = Vec::with_capacity(events.len());
+        let mut id = last_id;
+        for mut event in events {
             id += 1;
             event.id = id;
             let json = serde_json::to_string(&event)?.into();
@@ -185,58 +286,36 @@ impl LogWriter {
                 json,
             });
         }
-        if stored.is_empty() {
-            // Progress alone need not be written: after a restart the source re-sends from the
-            // last written progress and everything up to the position is dropped again.
-            self.cursor.progress = cursor.progress;
-            return Ok(stored);
+        Ok(Self { stored, times, last_id: id })
+    }
+
+    fn arrays(&self) -> Arrays<'_> {
+        let stored = &self.stored;
+        Arrays {
+            ids: stored.iter().map(|e| e.id as i64).collect(),
+            kinds: stored.iter().map(|e| e.kind.as_str()).collect(),
+            times: &self.times,
+            organizations: stored.iter().map(|e| e.organization_id.as_deref()).collect(),
+            domains: stored.iter().map(|e| e.domain_id.as_deref()).collect(),
+            severities: stored.iter().map(|e| e.severity.rank()).collect(),
+            bodies: stored.iter().map(|e| &*e.json).collect(),
+            last_id: self.last_id as i64,
         }
-        let statement = "\
-            WITH appended AS (
-                INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body)
-                SELECT id, type, committed_at, organization_id, domain_id, severity, body::json
-                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[])
-                       AS e(id, type, committed_at, organization_id, domain_id, severity, body)
-                RETURNING 1
-            ), head AS (
-                UPDATE rowcast.log_head SET last_id = greatest(last_id, $8)
-            ), moved AS (
-                INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
-                VALUES ($9, $10, $11, $12)
-                ON CONFLICT (source) DO UPDATE SET position_major = excluded.position_major,
-                    position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
-            )
-            SELECT count(*) FROM appended";
-        // The statement's arrays borrow from `stored`: each body is serialized once, copied never.
-        let ids: Vec<i64> = stored.iter().map(|e| e.id as i64).collect();
-        let kinds: Vec<&str> = stored.iter().map(|e| e.kind.as_str()).collect();
-        let organizations: Vec<Option<&str>> =
-            stored.iter().map(|e| e.organization_id.as_deref()).collect();
-        let domains: Vec<Option<&str>> = stored.iter().map(|e| e.domain_id.as_deref()).collect();
-        let severities: Vec<i16> = stored.iter().map(|e| e.severity.rank()).collect();
-        let bodies: Vec<&str> = stored.iter().map(|e| &*e.json).collect();
-        self.client
-            .query_one(
-                statement,
-                &[
-                    &ids,
-                    &kinds,
-                    &times,
-                    &organizations,
-                    &domains,
-                    &severities,
-                    &bodies,
-                    &(id as i64),
-                    &self.source,
-                    &(cursor.position.major as i64),
-                    &(cursor.position.minor as i64),
-                    &(cursor.progress as i64),
-                ],
-            )
-            .await?;
-        self.last_id = id;
-        self.cursor = cursor;
-        Ok(stored)
+    }
+}
+
+impl<'a> Arrays<'a> {
+    fn params(&'a self) -> Vec<Param<'a>> {
+        vec![
+            &self.ids,
+            &self.kinds,
+            &self.times,
+            &self.organizations,
+            &self.domains,
+            &self.severities,
+            &self.bodies,
+            &self.last_id,
+        ]
     }
 }
 

@@ -16,6 +16,7 @@ use crate::log::{self, LogError};
 use crate::mapping::{Mapping, MappingError, TableName};
 
 pub const REFERENCE_SCHEMA_SQL: &str = include_str!("../migrations/reference.sql");
+pub const TRIGGER_CAPTURE_SQL: &str = include_str!("../triggers/capture.sql");
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -29,6 +30,11 @@ pub enum SetupError {
     Catalog(#[from] CatalogError),
     #[error("replication slot {slot:?} {problem}; choose another --slot")]
     Slot { slot: String, problem: String },
+    #[error(
+        "trigger capture keeps its outbox in the source database and appends to the event log \
+         in the same transaction: the log must live there too (leave out --log-url)"
+    )]
+    SeparateLog,
 }
 
 impl SetupError {
@@ -36,7 +42,10 @@ impl SetupError {
         match self {
             SetupError::Postgres(err) => err.is_closed() || err.code().is_none(),
             SetupError::Log(err) => err.is_retryable(),
-            SetupError::Mapping(_) | SetupError::Catalog(_) | SetupError::Slot { .. } => false,
+            SetupError::Mapping(_)
+            | SetupError::Catalog(_)
+            | SetupError::Slot { .. }
+            | SetupError::SeparateLog => false,
         }
     }
 }
@@ -111,6 +120,97 @@ pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
         tracing::info!(publication = %settings.publication, "created publication");
     }
     Ok(())
+}
+
+/// Whether two connection configs name the same database on the same server.
+pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> bool {
+    a.get_hosts() == b.get_hosts()
+        && a.get_ports() == b.get_ports()
+        && a.get_dbname() == b.get_dbname()
+}
+
+/// Installs the log schema, the outbox and the capture function, then the capture triggers
+/// of every mapped table (`triggers/capture.sql`).
+pub async fn setup_triggers(settings: &Settings) -> Result<(), SetupError> {
+    if !same_database(&settings.database, &settings.log) {
+        return Err(SetupError::SeparateLog);
+    }
+    let catalog = Catalog::new(log::connect(&settings.database, "setup").await?);
+    check_mapping(&catalog, &settings.mapping).await?;
+    let client = catalog.client();
+    log::install(client).await?;
+    client.batch_execute(TRIGGER_CAPTURE_SQL).await?;
+    for entity in settings.mapping.entities() {
+        let table = &entity.table;
+        let args = format!(
+            "{}, {}",
+            crate::capture::replication::quote_literal(&table.schema),
+            crate::capture::replication::quote_literal(&table.name)
+        );
+        client
+            .batch_execute(&format!(
+                "CREATE OR REPLACE TRIGGER rowcast_capture
+                     AFTER INSERT OR UPDATE OR DELETE ON {t}
+                     FOR EACH ROW EXECUTE FUNCTION rowcast.capture({args});
+                 CREATE OR REPLACE TRIGGER rowcast_capture_truncate
+                     AFTER TRUNCATE ON {t}
+                     FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture({args})",
+                t = table.sql()
+            ))
+            .await?;
+        tracing::info!(table = %table, "installed capture triggers");
+    }
+    Ok(())
+}
+
+/// Removes the capture triggers from every table that has them, and the capture functions.
+/// The outbox stays if it still holds changes not yet in the log. Returns how many tables
+/// had triggers.
+pub async fn uninstall_triggers(config: &tokio_postgres::Config) -> Result<usize, SetupError> {
+    let client = log::connect(config, "setup").await?;
+    let rows = client
+        .query(
+            "SELECT DISTINCT n.nspname::text, c.relname::text
+               FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE t.tgname IN ('rowcast_capture', 'rowcast_capture_truncate') AND NOT t.tgisinternal
+                AND t.tgparentid = 0",
+            &[],
+        )
+        .await?;
+    for row in &rows {
+        let table = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        client
+            .batch_execute(&format!(
+                "DROP TRIGGER IF EXISTS rowcast_capture ON {t};
+                 DROP TRIGGER IF EXISTS rowcast_capture_truncate ON {t}",
+                t = table.sql()
+            ))
+            .await?;
+        tracing::info!(table = %table, "removed capture triggers");
+    }
+    client.batch_execute("DROP FUNCTION IF EXISTS rowcast.capture() CASCADE").await?;
+    let pending: Option<i64> = client
+        .query_one("SELECT CASE WHEN to_regclass('rowcast.outbox') IS NOT NULL THEN (SELECT count(*) FROM rowcast.outbox) END", &[])
+        .await?
+        .get(0);
+    match pending {
+        Some(0) => {
+            client
+                .batch_execute(
+                    "DROP TABLE IF EXISTS rowcast.outbox, rowcast.outbox_commits;
+                     DROP SEQUENCE IF EXISTS rowcast.commit_seq;
+                     DROP FUNCTION IF EXISTS rowcast.stamp_commit() CASCADE",
+                )
+                .await?;
+        }
+        Some(pending) => tracing::warn!(
+            pending,
+            "the outbox still holds changes not yet in the event log; kept it (run serve to drain it, then uninstall again)"
+        ),
+        None => {}
+    }
+    Ok(rows.len())
 }
 
 /// `--source auto`: replication when the server and role allow it, otherwise triggers. Returns

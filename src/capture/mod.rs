@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod pgoutput;
 pub mod replication;
 pub mod stream;
+pub mod triggers;
 
 use crate::event::{Event, Op, Position, Row, Timestamp};
 use crate::mapping::TableName;

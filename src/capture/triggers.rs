@@ -1,0 +1,214 @@
+//! Trigger capture (SPEC §2): drains the outbox that `triggers/capture.sql` fills into the
+//! event log, for databases without logical replication.
+//!
+//! ```text
+//!   app txn --row trigger--> rowcast.outbox (+ commit number at COMMIT) --NOTIFY (empty)--+
+//!                                                                                        v
+//!   log <--append + delete, one transaction-- drain (commit order) <-- LISTEN / poll timer
+//! ```
+//!
+//! Guarantees: every committed change is appended exactly once: the drained outbox rows are
+//! deleted in the transaction that appends their events, so a crash at any point leaves them
+//! either drained and gone or still there. Transactions are drained in the order they were
+//! numbered at commit, each contiguous (a large one continues across batches before anything
+//! else), so the changes of one row keep their commit order. Notifications are only a wake-up:
+//! the outbox itself is the truth, so a notification lost while the listener was disconnected
+//! costs at most one poll interval, and every (re)start drains whatever is waiting.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::Change;
+use crate::event::{Op, Row, Timestamp};
+use crate::log::{LogError, LogWriter, StoredEvent};
+use crate::mapping::{Mapping, TableName};
+
+/// The NOTIFY channel the capture function signals.
+pub const CHANNEL: &str = "rowcast";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    #[error("trigger capture: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("the LISTEN connection was lost")]
+    ListenerLost,
+    #[error("outbox row {id}: {problem}")]
+    Row { id: i64, problem: String },
+}
+
+impl TriggerError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            // An undefined table or function means setup was not run: retrying will not help.
+            TriggerError::Postgres(err) => {
+                err.code().is_none_or(|code| !code.code().starts_with("42"))
+            }
+            TriggerError::Log(err) => err.is_retryable(),
+            TriggerError::ListenerLost => true,
+            TriggerError::Row { .. } => false,
+        }
+    }
+}
+
+pub struct TriggerSettings {
+    /// Most outbox rows per log transaction.
+    pub batch_size: usize,
+    /// How often the outbox is checked without a notification.
+    pub poll_interval: Duration,
+}
+
+/// Listens and drains until `shutdown`. `appended` sees each batch once it is committed.
+pub async fn run(
+    writer: &mut LogWriter,
+    source: &tokio_postgres::Config,
+    mapping: &Mapping,
+    settings: &TriggerSettings,
+    mut appended: impl FnMut(&[StoredEvent]),
+    ready: impl FnOnce(),
+    shutdown: &CancellationToken,
+) -> Result<(), TriggerError> {
+    let mut wake = listen_on(source).await?;
+    ready();
+    let mut drain = Drain { current: None };
+    loop {
+        // Drain first: whatever committed while nobody listened is waiting.
+        while drain.batch(writer, mapping, settings.batch_size, &mut appended).await? {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            woken = wake.recv() => if woken.is_none() {
+                return Err(TriggerError::ListenerLost);
+            },
+            _ = tokio::time::sleep(settings.poll_interval) => {}
+        }
+    }
+}
+
+/// The listener: its own connection, whose notifications arrive on the returned channel;
+/// the channel closes when the connection ends.
+async fn listen_on(source: &tokio_postgres::Config) -> Result<mpsc::Receiver<()>, TriggerError> {
+    let (client, mut connection) = source.connect(NoTls).await?;
+    let (wake_tx, wake_rx) = mpsc::channel(1);
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    // A full channel already holds a wake-up: dropping this one loses nothing.
+                    let _ = wake_tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "listener connection ended");
+                    break;
+                }
+            }
+        }
+        drop(ended_tx);
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // The client must outlive the LISTEN: park it with the watcher until the connection ends.
+    tokio::spawn(async move {
+        let _ = ended_rx.await;
+        drop(client);
+    });
+    Ok(wake_rx)
+}
+
+/// Drain state: the transaction a full batch stopped in, which the next batch finishes first.
+struct Drain {
+    current: Option<String>,
+}
+
+const DRAIN_SQL: &str = "\
+    SELECT o.id, c.xid::text, o.at, o.table_schema, o.table_name, o.op, o.new_row::text, o.old_row::text
+      FROM rowcast.outbox_commits c JOIN rowcast.outbox o ON o.xid = c.xid
+     ORDER BY (c.xid::text = $1) DESC, c.seq, o.id
+     LIMIT $2";
+
+impl Drain {
+    /// Appends one batch; `false` when the outbox had nothing.
+    async fn batch(
+        &mut self,
+        writer: &mut LogWriter,
+        mapping: &Mapping,
+        batch_size: usize,
+        appended: &mut impl FnMut(&[StoredEvent]),
+    ) -> Result<bool, TriggerError> {
+        let current = self.current.clone().unwrap_or_default();
+        let rows = writer.client().query(DRAIN_SQL, &[&current, &(batch_size as i64)]).await?;
+        if rows.is_empty() {
+            self.current = None;
+            // Commit records whose transactions were drained at a batch boundary.
+            writer
+                .client()
+                .execute(
+                    "DELETE FROM rowcast.outbox_commits c
+                      WHERE NOT EXISTS (SELECT 1 FROM rowcast.outbox o WHERE o.xid = c.xid)",
+                    &[],
+                )
+                .await?;
+            return Ok(false);
+        }
+        let full = rows.len() == batch_size;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut xids: Vec<String> = Vec::new();
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let xid: String = row.get(1);
+            let change = change(row, id, &xid)?;
+            if let Some(entity) = mapping.entity_for(&change.table) {
+                events.extend(entity.events(change));
+            }
+            ids.push(id);
+            if xids.last() != Some(&xid) {
+                xids.push(xid);
+            }
+        }
+        // The last transaction of a full batch may go on in the next one.
+        self.current = if full { xids.pop() } else { None };
+        let stored = writer.append_drained(events, &ids, &xids).await?;
+        appended(&stored);
+        Ok(true)
+    }
+}
+
+fn change(row: &tokio_postgres::Row, id: i64, xid: &str) -> Result<Change, TriggerError> {
+    let problem = |problem: String| TriggerError::Row { id, problem };
+    let parse_row = |text: Option<String>| -> Result<Option<Row>, TriggerError> {
+        text.map(|t| {
+            serde_json::from_str::<Row>(&t)
+                .map_err(|e| problem(format!("row is not a JSON object: {e}")))
+        })
+        .transpose()
+    };
+    let op = match row.get::<_, &str>(5) {
+        "insert" => Op::Insert,
+        "update" => Op::Update,
+        "delete" => Op::Delete,
+        "truncate" => Op::Truncate,
+        other => return Err(problem(format!("unknown operation {other:?}"))),
+    };
+    let xid: u64 = xid.parse().map_err(|_| problem(format!("bad transaction id {xid:?}")))?;
+    Ok(Change {
+        table: TableName::new(row.get::<_, String>(3), row.get::<_, String>(4)),
+        op,
+        new: parse_row(row.get(6))?,
+        old: parse_row(row.get(7))?,
+        timestamp: Timestamp::from_system_time(row.get(2)),
+        lsn: None,
+        // The 32-bit transaction id, as replication reports it (xid8 adds the epoch above).
+        xid: xid & 0xffff_ffff,
+    })
+}

@@ -1,0 +1,82 @@
+-- rowcast trigger capture (SPEC §2): the outbox, the commit order and the capture function.
+-- Applied by `rowcast setup --source triggers`; idempotent. Needs Postgres 14 or newer.
+--
+-- A row trigger on each mapped table writes the change into rowcast.outbox, rendered by
+-- to_jsonb in a pinned session (UTC, ISO, hex bytea, shortest exact floats) so the data is
+-- byte-for-byte what logical replication would give, and sends an empty NOTIFY: a wake-up
+-- that carries no row data, so the 8000-byte NOTIFY limit never matters.
+--
+-- Commit order: a deferred trigger numbers each capturing transaction when it commits
+-- (rowcast.outbox_commits). A transaction that waited for another's row lock can only reach
+-- its commit after that one committed, so changes of one row are numbered in commit order.
+-- The publisher drains transactions in that order and deletes what it appended in the same
+-- transaction as the append: a transaction that commits late is simply drained later; nothing
+-- is skipped and nothing is drained twice.
+
+CREATE SCHEMA IF NOT EXISTS rowcast;
+
+CREATE TABLE IF NOT EXISTS rowcast.outbox (
+    id           bigserial   PRIMARY KEY,
+    xid          xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    at           timestamptz NOT NULL DEFAULT statement_timestamp(),
+    table_schema text        NOT NULL,
+    table_name   text        NOT NULL,
+    op           text        NOT NULL CHECK (op IN ('insert', 'update', 'delete', 'truncate')),
+    new_row      jsonb,
+    old_row      jsonb
+);
+CREATE INDEX IF NOT EXISTS outbox_xid ON rowcast.outbox (xid);
+
+CREATE SEQUENCE IF NOT EXISTS rowcast.commit_seq;
+CREATE TABLE IF NOT EXISTS rowcast.outbox_commits (
+    xid xid8   PRIMARY KEY,
+    seq bigint NOT NULL
+);
+
+-- Row and TRUNCATE trigger of every mapped table. The arguments name the mapped table, so a
+-- partition (which inherits the trigger) reports its root, as replication does.
+CREATE OR REPLACE FUNCTION rowcast.capture() RETURNS trigger
+LANGUAGE plpgsql
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'insert', to_jsonb(NEW));
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row, old_row)
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'update', to_jsonb(NEW), to_jsonb(OLD));
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO rowcast.outbox (table_schema, table_name, op, old_row)
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'delete', to_jsonb(OLD));
+    ELSE
+        INSERT INTO rowcast.outbox (table_schema, table_name, op)
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'truncate');
+    END IF;
+    -- Identical notifications of one transaction are folded into one by Postgres.
+    PERFORM pg_notify('rowcast', '');
+    RETURN NULL;
+END
+$$;
+
+-- Numbers the transaction at commit, once (the transaction-local setting remembers it).
+CREATE OR REPLACE FUNCTION rowcast.stamp_commit() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('rowcast.stamped', true) IS DISTINCT FROM pg_current_xact_id()::text THEN
+        INSERT INTO rowcast.outbox_commits (xid, seq)
+        VALUES (pg_current_xact_id(), nextval('rowcast.commit_seq'))
+        ON CONFLICT (xid) DO NOTHING;
+        PERFORM set_config('rowcast.stamped', pg_current_xact_id()::text, true);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS stamp_commit ON rowcast.outbox;
+CREATE CONSTRAINT TRIGGER stamp_commit AFTER INSERT ON rowcast.outbox
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION rowcast.stamp_commit();
