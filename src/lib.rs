@@ -21,6 +21,7 @@
 //! whose events are committed in the log; an idle source does not make the slot hold WAL.
 
 pub mod capture;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod log;
