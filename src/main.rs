@@ -86,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // When stderr goes away (a closed pipe, a parent that died), logging must not panic
+        // the task that logs: that could be the one handling SIGTERM.
+        .log_internal_errors(false)
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
