@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use rowcast::config::{self, Settings, SourceMode};
+use rowcast::demo::{Demo, DemoArgs};
 use rowcast::mapping::Mapping;
 use rowcast::publisher::Publisher;
 use rowcast::{log, setup};
@@ -33,6 +34,10 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// The one-command tour: a throwaway Postgres from this machine's binaries
+    /// (/usr/lib/postgresql/*/bin, or ROWCAST_PG_BIN), the reference schema, a simulated
+    /// workload, and the page, WebSocket and history served live.
+    Demo(DemoArgs),
 }
 
 #[derive(Args)]
@@ -105,6 +110,14 @@ async fn main() -> anyhow::Result<()> {
             let client = log::connect(&parse_url(&database_url)?, "migrate").await?;
             setup::migrate(&client).await?;
             println!("reference schema applied");
+            Ok(())
+        }
+        Command::Demo(args) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            let demo = Demo::start(&args).await?;
+            println!("{}", demo.banner());
+            demo.run(shutdown).await?;
             Ok(())
         }
     }
