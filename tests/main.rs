@@ -4,5 +4,6 @@ mod support;
 
 mod auth;
 mod capture;
+mod demo;
 mod durability;
 mod fidelity;
