@@ -16,13 +16,18 @@
 //! 3. [`log`] appends events in batches, each with its source cursor, in one transaction.
 //! 4. [`publisher`] supervises the pipeline and reconnects.
 //!
+//! [`demo`] is the one-command tour: a throwaway [`cluster`] from the machine's own Postgres
+//! binaries, a simulated workload, and the server.
+//!
 //! Guarantees: every committed change on a mapped table becomes its events exactly once, in
 //! commit order, with strictly increasing ids; the slot is acknowledged only up to changes
 //! whose events are committed in the log; an idle source does not make the slot hold WAL.
 
 pub mod bus;
 pub mod capture;
+pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod filter;
 pub mod http;

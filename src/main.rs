@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use rowcast::config::{self, Settings, SourceMode};
+use rowcast::demo::{Demo, DemoArgs};
 use rowcast::mapping::Mapping;
 use rowcast::tail::{Tail, TailArgs};
 use rowcast::{log, server, setup};
@@ -37,6 +38,10 @@ enum Command {
     },
     /// Print events of a running server as JSON lines, resuming by itself after disconnections.
     Tail(TailArgs),
+    /// The one-command tour: a throwaway Postgres from this machine's binaries
+    /// (/usr/lib/postgresql/*/bin, or ROWCAST_PG_BIN), the reference schema, a simulated
+    /// workload, and the page, WebSocket and history served live.
+    Demo(DemoArgs),
 }
 
 #[derive(Args)]
@@ -111,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // When stderr goes away (a closed pipe, a parent that died), logging must not panic
+        // the task that logs: that could be the one handling SIGTERM.
+        .log_internal_errors(false)
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
@@ -136,6 +144,14 @@ async fn main() -> anyhow::Result<()> {
             tail.run(tokio::io::stdout(), shutdown).await?;
             // Not a return: the runtime would wait for a write stuck on a stalled stdout.
             std::process::exit(0)
+        }
+        Command::Demo(args) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            let demo = Demo::start(&args).await?;
+            println!("{}", demo.banner());
+            demo.run(shutdown).await?;
+            Ok(())
         }
     }
 }

@@ -24,7 +24,7 @@ async fn identify(url: &str) -> Result<Vec<Option<String>>, ReplicationError> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_md5_and_trust_authenticate() {
-    let cluster = Cluster::start_with_hba(&[], Some(HBA));
+    let cluster = Cluster::start_with_hba(&[], Some(HBA)).expect("start cluster");
     let admin = connect(&cluster.url("postgres")).await;
     admin
         .batch_execute(
@@ -35,7 +35,7 @@ async fn scram_md5_and_trust_authenticate() {
         )
         .await
         .expect("roles");
-    let port = cluster.port;
+    let port = cluster.port();
     for url in [
         format!("postgres://scram_user:s3cret@127.0.0.1:{port}/postgres"),
         format!("postgres://md5_user:md5-pass@127.0.0.1:{port}/postgres"),

@@ -209,7 +209,7 @@ async fn sigkill_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_immediate_restart_loses_nothing() {
-    let mut cluster = Cluster::start(&[]);
+    let mut cluster = Cluster::start(&[]).expect("start cluster");
     let db = TestDb::on(&cluster).await;
     db.migrate().await;
     seed(&db.client().await).await;
@@ -218,7 +218,7 @@ async fn postgres_immediate_restart_loses_nothing() {
     // Commit 1..=400, crash the server, commit 401..=800 once it is back.
     write_numbered(db.client().await, 400).await;
     publisher.wait_for_id(100, WAIT).await;
-    tokio::task::block_in_place(|| cluster.restart_immediate());
+    tokio::task::block_in_place(|| cluster.restart_immediate()).expect("restart cluster");
     let client = connect(&db.url).await;
     let mut next = 401;
     while next <= 800 {

@@ -5,6 +5,7 @@ mod support;
 mod auth;
 mod capture;
 mod delivery;
+mod demo;
 mod durability;
 mod fidelity;
 mod tail;

@@ -1,13 +1,12 @@
 //! Test support: a real Postgres for every test, a fresh database each, and a publisher
 //! driven through the library's public interface.
 //!
-//! By default one throwaway cluster (see [`cluster`]) is shared by the whole test binary and
+//! By default one throwaway cluster (see `rowcast::cluster`) is shared by the whole test binary and
 //! each test gets its own database in it, so tests never see each other's slots or events.
 //! With `ROWCAST_TEST_DATABASE_URL` set (a superuser on a server with `wal_level=logical`),
 //! databases are created on that server instead, and dropped with their slots afterwards.
 
 pub mod client;
-pub mod cluster;
 #[cfg(feature = "testcontainers")]
 pub mod docker;
 
@@ -26,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-pub use cluster::Cluster;
+pub use rowcast::cluster::Cluster;
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -50,8 +49,8 @@ fn server() -> (String, UrlOf) {
         return (url, Box::new(move |name| with_database(&base, name)));
     }
     #[allow(unreachable_code)]
-    let cluster = SHARED.get_or_init(|| Cluster::start(&[]));
-    let port = cluster.port;
+    let cluster = SHARED.get_or_init(|| Cluster::start(&[]).expect("start the test cluster"));
+    let port = cluster.port();
     (
         cluster.url("postgres"),
         Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")),
@@ -92,7 +91,7 @@ impl TestDb {
 
     /// A database on a given cluster (for tests that own their cluster).
     pub async fn on(cluster: &Cluster) -> TestDb {
-        let port = cluster.port;
+        let port = cluster.port();
         Self::create(
             cluster.url("postgres"),
             Box::new(move |name| format!("postgres://postgres@127.0.0.1:{port}/{name}")),
