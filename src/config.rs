@@ -45,6 +45,10 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Longest wait between reconnection attempts (default 30 s).
     pub max_backoff: Duration,
+    /// Trigger capture: how often the outbox is checked without a notification (default 1 s).
+    pub poll_interval: Duration,
+    /// Why `--source auto` chose the source, for stats.
+    pub source_reason: Option<String>,
     /// The WebSocket and HTTP side.
     pub server: ServerSettings,
 }
@@ -105,6 +109,8 @@ impl Settings {
             status_interval: Duration::from_secs(10),
             max_message_bytes: (1 << 30) + (64 << 10),
             max_backoff: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            source_reason: None,
             server: ServerSettings::default(),
         }
     }

@@ -201,6 +201,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "state": state_name,
         "error": error,
         "source": shared.source_mode,
+        "source_reason": shared.settings.source_reason,
         "connections": bus.connections,
         "subscriptions": bus.subscriptions,
         "events_total": bus.head,

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +28,9 @@ enum Command {
     /// Capture changes into the event log and serve them over WebSocket and HTTP (runs `setup`
     /// first unless --no-setup).
     Serve(ServeArgs),
-    /// Idempotently install the event log schema, the publication and replica identity.
-    Setup(SourceArgs),
+    /// Idempotently install the event log schema and the capture source: the publication and
+    /// replica identity, or the outbox and capture triggers (--source triggers).
+    Setup(SetupArgs),
     /// Apply the reference six-table application schema (migrations/reference.sql).
     Migrate {
         /// The application database.
@@ -67,6 +68,15 @@ struct SourceArgs {
 }
 
 #[derive(Args)]
+struct SetupArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Remove the capture triggers and functions (and the outbox once it is empty) instead.
+    #[arg(long)]
+    uninstall_triggers: bool,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
     source: SourceArgs,
@@ -82,6 +92,9 @@ struct ServeArgs {
     /// How often the slot position is reported to the server when idle.
     #[arg(long, env = "ROWCAST_STATUS_INTERVAL", default_value = "10s", value_parser = config::parse_duration)]
     status_interval: Duration,
+    /// Trigger capture: how often the outbox is checked when no notification arrives.
+    #[arg(long, env = "ROWCAST_POLL_INTERVAL", default_value = "1s", value_parser = config::parse_duration)]
+    poll_interval: Duration,
     /// Do not run `setup` before serving.
     #[arg(long, env = "ROWCAST_NO_SETUP")]
     no_setup: bool,
@@ -123,12 +136,24 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Setup(args) => {
-            let settings = settings(&args).await?;
-            setup::setup_replication(&settings).await?;
-            println!(
-                "rowcast setup done: log schema, publication {:?}, replica identity full",
-                settings.publication
-            );
+            if args.uninstall_triggers {
+                let tables =
+                    setup::uninstall_triggers(&parse_url(&args.source.database_url)?).await?;
+                println!("rowcast capture triggers removed from {tables} tables");
+                return Ok(());
+            }
+            let settings = settings(&args.source).await?;
+            install(&settings).await?;
+            match settings.source {
+                SourceMode::Triggers => println!(
+                    "rowcast setup done: log schema, outbox and capture triggers on {} tables",
+                    settings.mapping.entities().len()
+                ),
+                _ => println!(
+                    "rowcast setup done: log schema, publication {:?}, replica identity full",
+                    settings.publication
+                ),
+            }
             Ok(())
         }
         Command::Migrate { database_url } => {
@@ -178,14 +203,24 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<Settings> {
             let client = log::connect(&settings.database, "probe").await?;
             let (mode, reason) = setup::choose_source(&client).await?;
             tracing::info!(source = ?mode, %reason, "capture source chosen");
+            settings.source_reason = Some(reason);
             mode
         }
-        mode => mode,
+        mode => {
+            settings.source_reason = Some("chosen with --source".into());
+            mode
+        }
     };
-    if settings.source == SourceMode::Triggers {
-        bail!("trigger capture is not available yet; this server needs logical replication");
-    }
     Ok(settings)
+}
+
+/// `setup` for the chosen source.
+async fn install(settings: &Settings) -> anyhow::Result<()> {
+    match settings.source {
+        SourceMode::Triggers => setup::setup_triggers(settings).await?,
+        _ => setup::setup_replication(settings).await?,
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -202,8 +237,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.ping_interval = args.ping_interval.max(Duration::from_secs(1));
     server.idle_timeout = args.idle_timeout.max(Duration::from_secs(1));
     server.max_subscriptions = args.max_subscriptions as usize;
+    settings.poll_interval = args.poll_interval.max(Duration::from_millis(10));
     if !args.no_setup {
-        setup::setup_replication(&settings).await?;
+        install(&settings).await?;
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
         format!("cannot listen on {} (choose another with --listen)", args.listen)

@@ -23,14 +23,18 @@ use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
 use crate::capture::replication::{ConnectParams, ReplicationStream, format_lsn, parse_lsn};
 use crate::capture::stream::{Capture, CaptureError, StreamSettings};
+use crate::capture::triggers::{self, TriggerError, TriggerSettings};
 use crate::config::Settings;
-use crate::log::{self, LogError, LogWriter};
+use crate::config::SourceMode;
+use crate::log::{self, LogError, LogWriter, StoredEvent};
 use crate::setup::{self, SetupError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Triggers(#[from] TriggerError),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -41,6 +45,7 @@ impl PublisherError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Capture(err) => err.is_retryable(),
+            Self::Triggers(err) => err.is_retryable(),
             Self::Log(err) => err.is_retryable(),
             Self::Setup(err) => err.is_retryable(),
         }
@@ -123,7 +128,11 @@ async fn supervise(
     let mut backoff = FIRST_BACKOFF;
     loop {
         let started = tokio::time::Instant::now();
-        match pipeline(settings, &params, signals, shutdown).await {
+        let life = match settings.source {
+            SourceMode::Triggers => trigger_pipeline(settings, signals, shutdown).await,
+            _ => pipeline(settings, &params, signals, shutdown).await,
+        };
+        match life {
             Ok(()) => return Ok(()),
             Err(err) if err.is_retryable() => {
                 tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "capture interrupted");
@@ -154,17 +163,7 @@ async fn connect(
     signals: &Signals,
     source: &str,
 ) -> Result<(LogWriter, Catalog, ReplicationStream, StreamSettings), PublisherError> {
-    let writer = LogWriter::open(&settings.log, source).await?;
-    if let Some(bus) = &signals.bus {
-        while writer.last_id() > bus.head() {
-            let missed = writer.read_after(bus.head(), 1000).await?;
-            if missed.is_empty() {
-                break;
-            }
-            bus.publish(&missed);
-        }
-    }
-    signals.head.send_replace(writer.last_id());
+    let writer = open_log(settings, signals, source).await?;
     let cursor = writer.cursor();
     let catalog = log::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
     let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
@@ -178,6 +177,71 @@ async fn connect(
     let stream = Capture::connect(params, &stream_settings, cursor.progress).await?;
     tracing::info!(slot = %settings.slot, from = %format_lsn(cursor.progress), last_id = writer.last_id(), "streaming");
     Ok((writer, catalog, stream, stream_settings))
+}
+
+/// Takes the log's writer lock and brings the bus up to the log's head.
+async fn open_log(
+    settings: &Settings,
+    signals: &Signals,
+    source: &str,
+) -> Result<LogWriter, PublisherError> {
+    let writer = LogWriter::open(&settings.log, source).await?;
+    if let Some(bus) = &signals.bus {
+        while writer.last_id() > bus.head() {
+            let missed = writer.read_after(bus.head(), 1000).await?;
+            if missed.is_empty() {
+                break;
+            }
+            bus.publish(&missed);
+        }
+    }
+    signals.head.send_replace(writer.last_id());
+    Ok(writer)
+}
+
+/// One life of the trigger source: drains the outbox until shutdown or the first error.
+async fn trigger_pipeline(
+    settings: &Settings,
+    signals: &Signals,
+    shutdown: &CancellationToken,
+) -> Result<(), PublisherError> {
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        opened = async {
+            let writer = open_log(settings, signals, "triggers").await?;
+            let catalog = log::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
+            let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
+            setup::check_mapping(&catalog, &settings.mapping).await?;
+            Ok::<_, PublisherError>(writer)
+        } => opened?,
+    };
+    let mut writer = opened;
+    let trigger_settings =
+        TriggerSettings { batch_size: settings.batch_size, poll_interval: settings.poll_interval };
+    let appended = |stored: &[StoredEvent]| {
+        if let Some(bus) = &signals.bus {
+            bus.publish(stored);
+        }
+        if let Some(last) = stored.last() {
+            signals.head.send_replace(last.id);
+        }
+    };
+    let ready = || {
+        tracing::info!(last_id = *signals.head.borrow(), "draining the trigger outbox");
+        signals.state.send_replace(State::Streaming);
+    };
+    triggers::run(
+        &mut writer,
+        &settings.database,
+        &settings.mapping,
+        &trigger_settings,
+        appended,
+        ready,
+        shutdown,
+    )
+    .await?;
+    tracing::info!("trigger capture stopped");
+    Ok(())
 }
 
 /// One life of the pipeline: from the log's cursor until shutdown or the first error.

@@ -14,7 +14,7 @@ use crate::support::{Cluster, Running, TestDb, connect};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-async fn seed(client: &Client) {
+pub async fn seed(client: &Client) {
     client
         .batch_execute(
             "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
@@ -26,7 +26,7 @@ async fn seed(client: &Client) {
 
 /// Asserts `actual` is exactly `1..=total`; on failure says where it first differs and how many
 /// are missing or repeated, instead of printing thousands of numbers.
-fn assert_sequence(actual: &[u64], total: u64, context: &str) {
+pub fn assert_sequence(actual: &[u64], total: u64, context: &str) {
     if actual.iter().copied().eq(1..=total) {
         return;
     }
@@ -46,7 +46,7 @@ fn assert_sequence(actual: &[u64], total: u64, context: &str) {
 }
 
 /// The sequence numbers carried in `agent.created` events' names (`n-<seq>`), in log order.
-fn created_sequence(events: &[Value]) -> Vec<u64> {
+pub fn created_sequence(events: &[Value]) -> Vec<u64> {
     events
         .iter()
         .filter(|e| e["type"] == "agent.created")
@@ -159,7 +159,7 @@ async fn wait_for_slot(db: &TestDb) {
 }
 
 /// Commits numbered agents in transactions of 1 to 120 rows until `total` rows exist.
-async fn write_numbered(client: Client, total: u64) {
+pub async fn write_numbered(client: Client, total: u64) {
     let mut next = 1;
     while next <= total {
         let size = if next % 7 == 0 { 120 } else { 1 + next % 4 };

@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::support::{Running, TestDb};
 
-const SCHEMA: &str = r#"
+pub const SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN positive AS numeric CHECK (VALUE > 0);
 CREATE DOMAIN label AS text;

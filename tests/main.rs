@@ -9,3 +9,4 @@ mod demo;
 mod durability;
 mod fidelity;
 mod tail;
+mod triggers;

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use rowcast::config::Settings;
+use rowcast::config::{Settings, SourceMode};
 use rowcast::publisher::{State, Watch};
 use rowcast::server::{ServeError, Server};
 use serde_json::Value;
@@ -263,7 +263,10 @@ impl Running {
     /// Runs `setup`, starts the server on a free port and waits until it streams: every
     /// change committed after this returns is captured.
     pub async fn start(mut settings: Settings) -> Running {
-        rowcast::setup::setup_replication(&settings).await.expect("setup");
+        match settings.source {
+            SourceMode::Triggers => rowcast::setup::setup_triggers(&settings).await.expect("setup"),
+            _ => rowcast::setup::setup_replication(&settings).await.expect("setup"),
+        }
         let url = settings.database.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
