@@ -6,8 +6,8 @@
 -- byte-for-byte what logical replication would give, and sends an empty NOTIFY: a wake-up
 -- that carries no row data, so the 8000-byte NOTIFY limit never matters.
 --
--- Commit order: a deferred trigger numbers each capturing transaction when it commits
--- (rowcast.outbox_commits). A transaction that waited for another's row lock can only reach
+-- Commit order: each capturing transaction registers once in rowcast.outbox_commits, and a
+-- deferred trigger numbers it when it commits. A transaction that waited for another's row lock can only reach
 -- its commit after that one committed, so changes of one row are numbered in commit order.
 -- The publisher drains transactions in that order and deletes what it appended in the same
 -- transaction as the append: a transaction that commits late is simply drained later; nothing
@@ -57,26 +57,28 @@ BEGIN
         INSERT INTO rowcast.outbox (table_schema, table_name, op)
         VALUES (TG_ARGV[0], TG_ARGV[1], 'truncate');
     END IF;
+    -- Once per transaction: after the first change this is an index probe that inserts nothing
+    -- (so the deferred numbering below fires once).
+    INSERT INTO rowcast.outbox_commits (xid, seq) VALUES (pg_current_xact_id(), 0)
+    ON CONFLICT (xid) DO NOTHING;
     -- Identical notifications of one transaction are folded into one by Postgres.
     PERFORM pg_notify('rowcast', '');
     RETURN NULL;
 END
 $$;
 
--- Numbers the transaction at commit, once (the transaction-local setting remembers it).
+-- Numbers the transaction when it commits. (An application that runs SET CONSTRAINTS ALL
+-- IMMEDIATE numbers its transactions at their first change instead: still exactly once, but
+-- the commit order of one row's changes across such transactions is then not guaranteed.)
 CREATE OR REPLACE FUNCTION rowcast.stamp_commit() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('rowcast.stamped', true) IS DISTINCT FROM pg_current_xact_id()::text THEN
-        INSERT INTO rowcast.outbox_commits (xid, seq)
-        VALUES (pg_current_xact_id(), nextval('rowcast.commit_seq'))
-        ON CONFLICT (xid) DO NOTHING;
-        PERFORM set_config('rowcast.stamped', pg_current_xact_id()::text, true);
-    END IF;
+    UPDATE rowcast.outbox_commits SET seq = nextval('rowcast.commit_seq') WHERE xid = NEW.xid;
     RETURN NULL;
 END
 $$;
 
 DROP TRIGGER IF EXISTS stamp_commit ON rowcast.outbox;
-CREATE CONSTRAINT TRIGGER stamp_commit AFTER INSERT ON rowcast.outbox
+DROP TRIGGER IF EXISTS stamp_commit ON rowcast.outbox_commits;
+CREATE CONSTRAINT TRIGGER stamp_commit AFTER INSERT ON rowcast.outbox_commits
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION rowcast.stamp_commit();
