@@ -1,27 +1,31 @@
-//! rowcast: committed Postgres row changes become typed events in a durable log.
+//! rowcast: committed Postgres row changes become typed events in a durable log, pushed to
+//! subscribers over WebSocket.
 //!
 //! ```text
-//! Postgres --(slot, pgoutput)--> capture --> decode/map --> event log
-//!          capture/replication.rs   capture/pgoutput.rs      log.rs
-//!                                   render.rs, mapping.rs
+//! Postgres --(slot, pgoutput)--> capture --> decode/map --> event log --> bus --> WebSocket / REST
+//!          --(triggers+NOTIFY)-->   ^ same events, from either source
 //! ```
 //!
 //! The data flow, module by module:
 //!
 //! 1. [`capture::replication`] speaks the streaming replication protocol: a logical slot with
 //!    the built-in `pgoutput` plugin, in a session pinned to UTC/ISO output.
+//!    [`capture::triggers`] is the fallback: it drains the outbox that row triggers fill.
 //! 2. [`capture::pgoutput`] decodes its messages; [`capture::stream`] keeps the relation cache,
 //!    renders rows with [`render`] (exactly `to_jsonb(row)` in a UTC session) and maps them to
 //!    events with [`mapping`].
 //! 3. [`log`] appends events in batches, each with its source cursor, in one transaction.
-//! 4. [`publisher`] supervises the pipeline and reconnects.
-//!
-//! [`demo`] is the one-command tour: a throwaway [`cluster`] from the machine's own Postgres
-//! binaries, a simulated workload, and the server.
+//! 4. [`publisher`] supervises the pipeline, reconnects, and hands each committed batch to the
+//!    [`bus`], which matches it against subscriptions ([`filter`]) by index.
+//! 5. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log, bounded outbound
+//!    queues); [`http`] the history, metadata, stats and health routes; [`server`] wires it all
+//!    and shuts it down in order.
 //!
 //! Guarantees: every committed change on a mapped table becomes its events exactly once, in
 //! commit order, with strictly increasing ids; the slot is acknowledged only up to changes
-//! whose events are committed in the log; an idle source does not make the slot hold WAL.
+//! whose events are committed in the log; an idle source does not make the slot hold WAL; a
+//! subscriber gets every matching event after its `subscribed.last_id` (or its `since`) once,
+//! in order.
 
 pub mod bus;
 pub mod capture;
