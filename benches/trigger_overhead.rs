@@ -58,6 +58,14 @@ async fn write(url: &str, rows: usize, clients: usize, per_txn: usize) -> f64 {
     (rows / clients * clients) as f64 / started.elapsed().as_secs_f64()
 }
 
+type Serving = tokio::task::JoinHandle<Result<(), rowcast::server::ServeError>>;
+
+/// Starts the publisher (and its idle HTTP side) on a free port.
+async fn serve(settings: &Settings, shutdown: &CancellationToken) -> Serving {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    tokio::spawn(rowcast::server::run(settings.clone(), listener, shutdown.clone()))
+}
+
 #[tokio::main]
 async fn main() {
     let rows = arg(1, 20_000);
@@ -88,17 +96,13 @@ async fn main() {
         if triggers {
             rowcast::setup::setup_triggers(&settings).await.expect("setup");
         }
-        let serve = || async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            tokio::spawn(rowcast::server::run(settings.clone(), listener, shutdown.clone()))
-        };
-        let mut server = if draining { Some(serve().await) } else { None };
+        let mut server = if draining { Some(serve(&settings, &shutdown).await) } else { None };
         // Warm up, then measure.
         write(&url, 1_000.min(rows), clients, per_txn).await;
         app.batch_execute("DELETE FROM agents").await.expect("reset");
         let rate = write(&url, rows, clients, per_txn).await;
         if triggers && server.is_none() {
-            server = Some(serve().await);
+            server = Some(serve(&settings, &shutdown).await);
         }
         if let Some(server) = server {
             // Let the publisher finish draining before it stops.
