@@ -317,3 +317,46 @@ async fn auto_picks_triggers_without_logical_wal_and_replication_with_it() {
     drop(on_replica);
     drop(replica);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_removes_the_triggers_and_keeps_an_undrained_outbox() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let settings = trigger_settings(&db);
+    rowcast::setup::setup_triggers(&settings).await.expect("setup");
+    rowcast::setup::setup_triggers(&settings).await.expect("setup is idempotent");
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.expect(sql).get::<_, i64>(0) }
+    };
+    let triggers = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'rowcast_capture%'";
+    assert_eq!(count(triggers).await, 12, "two triggers on each of the six tables");
+    seed(&client).await;
+    assert_eq!(count("SELECT count(*) FROM rowcast.outbox").await, 2);
+
+    // Changes not yet in the log keep the outbox; the triggers go.
+    let removed = rowcast::setup::uninstall_triggers(&db.config()).await.expect("uninstall");
+    assert_eq!(removed, 6);
+    assert_eq!(count(triggers).await, 0);
+    assert_eq!(count("SELECT count(*) FROM rowcast.outbox").await, 2);
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('after', 'A')")
+        .await
+        .expect("plain write");
+    assert_eq!(count("SELECT count(*) FROM rowcast.outbox").await, 2, "nothing captured any more");
+
+    // Drained, a second uninstall removes the outbox too.
+    client
+        .batch_execute("DELETE FROM rowcast.outbox; DELETE FROM rowcast.outbox_commits")
+        .await
+        .expect("drain");
+    rowcast::setup::uninstall_triggers(&db.config()).await.expect("uninstall again");
+    assert_eq!(
+        count("SELECT count(*) FROM pg_class WHERE relname IN ('outbox', 'outbox_commits')").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM pg_proc WHERE proname IN ('capture', 'stamp_commit')").await,
+        0
+    );
+}
