@@ -76,6 +76,19 @@ pub struct ServerSettings {
     pub max_history_page: usize,
     /// How long a closing connection may take to flush its close frame (default 5 s).
     pub close_timeout: Duration,
+    /// Who may connect and what they see (default: no tokens, loopback only).
+    pub auth: crate::auth::Auth,
+    /// Browser origins allowed to open WebSockets; `None`: any.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Open WebSocket connections at most; more are refused with 503 (default 10,000).
+    pub max_connections: usize,
+    /// Client frames per second one connection may send, on average (default 20).
+    pub message_rate: u32,
+    /// Client frames one connection may send in a burst (default 40). Frames over the rate get
+    /// `rate_limited` errors; sustained abuse closes the connection with 1008.
+    pub message_burst: u32,
+    /// Time a client has to send its request headers (default 10 s).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -90,6 +103,12 @@ impl Default for ServerSettings {
             max_subscriptions: 100,
             max_history_page: 1000,
             close_timeout: Duration::from_secs(5),
+            auth: crate::auth::Auth::None,
+            allowed_origins: None,
+            max_connections: 10_000,
+            message_rate: 20,
+            message_burst: 40,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -222,6 +222,22 @@ impl Filter {
         self.organizations.as_deref()
     }
 
+    /// The domains this filter is confined to; `None`: any.
+    pub fn domains(&self) -> Option<&[String]> {
+        self.domains.as_deref()
+    }
+
+    /// The same filter with its organizations and domains replaced (see `auth::Scope`).
+    pub fn with_scope(
+        mut self,
+        organizations: Option<Vec<String>>,
+        domains: Option<Vec<String>>,
+    ) -> Self {
+        self.organizations = organizations;
+        self.domains = domains;
+        self.normalized()
+    }
+
     /// The entities this filter can match; `None`: any (a `*` or `*.action` pattern).
     pub fn entities(&self) -> Option<Vec<&str>> {
         if self.types.is_empty() {

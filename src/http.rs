@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
+use crate::auth::Scope;
 use crate::event::Timestamp;
 use crate::filter::Filter;
 use crate::log::Range;
@@ -36,6 +37,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 pub enum AppError {
     BadRequest(String),
+    Unauthorized(String),
+    Forbidden(String),
     Unavailable(&'static str),
 }
 
@@ -45,6 +48,18 @@ impl IntoResponse for AppError {
             AppError::BadRequest(message) => {
                 (StatusCode::BAD_REQUEST, ProtocolError::bad_request(message))
             }
+            AppError::Unauthorized(message) => {
+                let body = json!({"type": "error", "code": "unauthorized", "message": message});
+                let headers = [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::WWW_AUTHENTICATE, "Bearer"),
+                ];
+                return (StatusCode::UNAUTHORIZED, headers, body.to_string()).into_response();
+            }
+            AppError::Forbidden(message) => (
+                StatusCode::FORBIDDEN,
+                ProtocolError { code: crate::ws::protocol::ErrorCode::Forbidden, message },
+            ),
             AppError::Unavailable(what) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ProtocolError::bad_request(format!("{what} is unavailable; try again")),
@@ -59,6 +74,25 @@ impl IntoResponse for AppError {
     }
 }
 
+/// The scope of a request's token (`Authorization: Bearer` or `?token=`).
+fn authorize(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+) -> Result<Scope, AppError> {
+    let token = crate::auth::token_from(headers, query);
+    shared
+        .settings
+        .server
+        .auth
+        .verify(token.as_deref())
+        .map_err(|err| AppError::Unauthorized(err.to_string()))
+}
+
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect()
+}
+
 fn log_unavailable(err: impl std::fmt::Display) -> AppError {
     tracing::warn!(error = %err, "event log query failed");
     AppError::Unavailable("the event log")
@@ -69,9 +103,10 @@ fn log_unavailable(err: impl std::fmt::Display) -> AppError {
 async fn history(
     State(shared): State<Arc<Shared>>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    let pairs: Vec<(String, String)> =
-        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()).into_owned().collect();
+    let pairs = query_pairs(query.as_deref());
+    let scope = authorize(&shared, &headers, &pairs)?;
     let param = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     for (key, _) in &pairs {
         let known =
@@ -83,6 +118,7 @@ async fn history(
     let filter = Filter::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|err| AppError::BadRequest(err.to_string()))?
         .unwrap_or_else(Filter::all);
+    let filter = scope.confine(filter).map_err(AppError::Forbidden)?;
     let number = |name: &str| -> Result<Option<u64>, AppError> {
         param(name)
             .map(|v| {
@@ -129,8 +165,9 @@ async fn history(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// Entities, event types with severities, filterable fields and known scopes.
-pub fn metadata(shared: &Shared) -> Value {
+/// Entities, event types with severities, filterable fields and the organizations and
+/// domains `scope` may use.
+pub fn metadata(shared: &Shared, scope: &Scope) -> Value {
     let mut entities = Vec::new();
     let mut event_types = Vec::new();
     for entity in shared.settings.mapping.entities() {
@@ -146,12 +183,16 @@ pub fn metadata(shared: &Shared) -> Value {
             json!({"name": entity.name, "table": entity.table.to_string(), "event_types": types}),
         );
     }
-    let scopes = shared.bus.scopes();
+    let mut scopes = shared.bus.scopes();
+    scopes.retain(|org, _| scope.allows_organization(org));
     let organizations: Vec<&String> = scopes.keys().collect();
     let domains: Vec<Value> = scopes
         .iter()
         .flat_map(|(org, domains)| {
-            domains.iter().map(move |d| json!({"id": d, "organization_id": org}))
+            domains
+                .iter()
+                .filter(|d| scope.allows_domain(d))
+                .map(move |d| json!({"id": d, "organization_id": org}))
         })
         .collect();
     json!({
@@ -164,11 +205,21 @@ pub fn metadata(shared: &Shared) -> Value {
     })
 }
 
-async fn metadata_route(State(shared): State<Arc<Shared>>) -> Response {
-    axum::Json(metadata(&shared)).into_response()
+async fn metadata_route(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let scope = authorize(&shared, &headers, &query_pairs(query.as_deref()))?;
+    Ok(axum::Json(metadata(&shared, &scope)).into_response())
 }
 
-async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+async fn stats(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    authorize(&shared, &headers, &query_pairs(query.as_deref()))?;
     let bus = shared.bus.stats();
     let state = shared.publisher.state.borrow().clone();
     let (state_name, error) = match &state {
@@ -196,7 +247,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         row.get::<_, Option<i64>>(0)
     };
     let (log_size, slot_lag) = tokio::join!(log_size, slot_lag);
-    axum::Json(json!({
+    Ok(axum::Json(json!({
         "running": state == PublisherState::Streaming,
         "state": state_name,
         "error": error,
@@ -213,7 +264,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "slot_lag_bytes": slot_lag,
         "slow_consumer_closes": bus.slow_consumer_closes,
     }))
-    .into_response()
+    .into_response())
 }
 
 async fn healthz() -> &'static str {

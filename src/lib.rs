@@ -27,6 +27,7 @@
 //! subscriber gets every matching event after its `subscribed.last_id` (or its `since`) once,
 //! in order.
 
+pub mod auth;
 pub mod bus;
 pub mod capture;
 pub mod cluster;

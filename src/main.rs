@@ -24,6 +24,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the biggest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Capture changes into the event log and serve them over WebSocket and HTTP (runs `setup`
     /// first unless --no-setup).
@@ -116,6 +118,30 @@ struct ServeArgs {
     /// A WebSocket client silent this long (pongs count) is disconnected.
     #[arg(long, env = "ROWCAST_IDLE_TIMEOUT", default_value = "60s", value_parser = config::parse_duration)]
     idle_timeout: Duration,
+    /// Who may connect: `none` (loopback addresses only) or `jwt`.
+    #[arg(long, env = "ROWCAST_AUTH", default_value = "none", value_parser = ["none", "jwt"])]
+    auth: String,
+    /// HS256 secret for --auth jwt.
+    #[arg(long, env = "ROWCAST_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// RS256 or ES256 public key (PEM file) for --auth jwt.
+    #[arg(long, env = "ROWCAST_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<PathBuf>,
+    /// Browser origins allowed to open WebSockets (comma-separated); others get 403.
+    #[arg(long, env = "ROWCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Option<Vec<String>>,
+    /// Open WebSocket connections at most; more get 503.
+    #[arg(long, env = "ROWCAST_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Client frames per second per connection; more get `rate_limited`, a flood 1008.
+    #[arg(long, env = "ROWCAST_MESSAGE_RATE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    message_rate: u32,
+    /// Client frames per connection allowed in a burst.
+    #[arg(long, env = "ROWCAST_MESSAGE_BURST", default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..))]
+    message_burst: u32,
+    /// Time a client has to send its request headers.
+    #[arg(long, env = "ROWCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    handshake_timeout: Duration,
     /// Subscriptions one WebSocket connection may hold.
     #[arg(long, env = "ROWCAST_MAX_SUBSCRIPTIONS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     max_subscriptions: u32,
@@ -237,6 +263,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.ping_interval = args.ping_interval.max(Duration::from_secs(1));
     server.idle_timeout = args.idle_timeout.max(Duration::from_secs(1));
     server.max_subscriptions = args.max_subscriptions as usize;
+    server.max_connections = args.max_connections as usize;
+    server.message_rate = args.message_rate;
+    server.message_burst = args.message_burst;
+    server.handshake_timeout = args.handshake_timeout.max(Duration::from_secs(1));
+    server.allowed_origins = args.allowed_origins.clone();
+    let public_key = match &args.jwt_public_key {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading --jwt-public-key {}", path.display()))?,
+        ),
+        None => None,
+    };
+    server.auth = rowcast::auth::Auth::new(
+        &args.auth,
+        args.jwt_secret.as_deref(),
+        public_key.as_deref(),
+        args.listen,
+    )?;
     settings.poll_interval = args.poll_interval.max(Duration::from_millis(10));
     if !args.no_setup {
         install(&settings).await?;

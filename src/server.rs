@@ -105,10 +105,8 @@ impl Server {
         background.close();
 
         let app = crate::http::router(shared.clone());
-        let accepting = shutdown.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(accepting.cancelled_owned()).await
-        });
+        let handshake_timeout = shared.settings.server.handshake_timeout;
+        let http = tokio::spawn(accept(listener, app, handshake_timeout, shutdown.clone()));
         tracing::info!(listen = %shared.settings.server.listen, "serving");
 
         let published = self.publisher.run(shutdown.clone()).await;
@@ -139,6 +137,53 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     Server::new(settings).await?.run(listener, shutdown).await
+}
+
+/// Accepts HTTP/1.1 connections until `shutdown`, then asks open ones to finish. A client
+/// gets `handshake_timeout` to send its request headers, so idle or trickling sockets cannot
+/// pile up before they are even counted as connections.
+async fn accept(
+    listener: TcpListener,
+    app: axum::Router,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), std::io::Error> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    Ok(())
 }
 
 /// The organizations and domains already in the log, for metadata.

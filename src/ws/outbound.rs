@@ -77,6 +77,10 @@ pub enum Closing {
     FrameTooLarge,
     /// Nothing heard from the client for too long (1000).
     Idle,
+    /// The connection's token expired and was not refreshed (4001).
+    TokenExpired,
+    /// The client kept sending over its message rate (1008).
+    RateLimited,
     /// The client closed or the socket failed: nothing more to write.
     Gone,
 }

@@ -56,7 +56,11 @@ pub enum Action {
     },
     GetMetadata,
     Ping,
-    /// Recognised but served by a later version: `replay`, `stop_replay`, `auth`.
+    /// A fresh token for this connection.
+    Auth {
+        token: String,
+    },
+    /// Recognised but served by a later version: `replay`, `stop_replay`.
     Unsupported(&'static str),
 }
 
@@ -123,9 +127,15 @@ fn action(mut object: Map<String, Value>) -> Result<Action, ProtocolError> {
         "ping" => allow(&object, &[]).map(|()| Action::Ping),
         "replay" => Ok(Action::Unsupported("replay")),
         "stop_replay" => Ok(Action::Unsupported("stop_replay")),
-        "auth" => Ok(Action::Unsupported("auth")),
+        "auth" => {
+            allow(&object, &["token"])?;
+            match object.remove("token") {
+                Some(Value::String(token)) => Ok(Action::Auth { token }),
+                _ => Err(ProtocolError::bad_request("auth needs a token string")),
+            }
+        }
         other => Err(ProtocolError::bad_request(format!(
-            "unknown action {other:?} (expected subscribe, unsubscribe, get_metadata or ping)"
+            "unknown action {other:?} (expected subscribe, unsubscribe, get_metadata, ping or auth)"
         ))),
     }
 }
@@ -170,6 +180,10 @@ pub fn reset(subscription: u32, reason: &str, oldest_id: u64) -> String {
     let frame =
         json!({"type": "reset", "subscription_id": id, "reason": reason, "oldest_id": oldest_id});
     render(frame, None)
+}
+
+pub fn authenticated(expires_at: Option<u64>, reference: Option<&Value>) -> String {
+    render(json!({"type": "authenticated", "expires_at": expires_at}), reference)
 }
 
 pub fn pong(reference: Option<&Value>) -> String {
@@ -224,7 +238,7 @@ mod tests {
         let err = request.action.expect_err("refused");
         assert_eq!(
             error(&err, request.reference.as_ref()),
-            r#"{"type":"error","code":"bad_request","message":"unknown action \"dance\" (expected subscribe, unsubscribe, get_metadata or ping)","ref":{"n":1}}"#
+            r#"{"type":"error","code":"bad_request","message":"unknown action \"dance\" (expected subscribe, unsubscribe, get_metadata, ping or auth)","ref":{"n":1}}"#
         );
     }
 

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::outbound::{Closing, Frame, Next, Outbound};
 use super::protocol::{self, Action, ErrorCode, ProtocolError};
+use crate::auth::Scope;
 use crate::bus::{ConnectionId, GoLive, SubscriptionId};
 use crate::filter::Filter;
 use crate::log::Range;
@@ -28,19 +29,22 @@ const CATCH_UP_PAGE: usize = 500;
 /// What the handshake's query string asked for.
 pub type Initial = Result<Option<(Filter, Option<u64>)>, ProtocolError>;
 
-pub async fn run(socket: WebSocket, shared: Arc<Shared>, initial: Initial) {
+pub async fn run(socket: WebSocket, shared: Arc<Shared>, scope: Scope, initial: Initial) {
     let limits = &shared.settings.server;
     let outbound = Outbound::new(limits.outbound_frames, limits.outbound_bytes);
     let (connection, head) = shared.bus.connect(outbound.clone());
     tracing::debug!(connection, "websocket connected");
     // The queue is empty: the welcome always fits.
     let _ = outbound.push(Frame::Control(protocol::welcome(&format!("c{connection}"), head)));
+    let rate = RateLimit::new(limits.message_rate, limits.message_burst);
     let mut session = Session {
         shared: shared.clone(),
         connection,
         outbound,
         next: 1,
         subscriptions: HashMap::new(),
+        scope,
+        rate,
     };
     match initial {
         Ok(Some((filter, since))) => session.subscribe(filter, since, None),
@@ -71,6 +75,9 @@ struct Session {
     next: SubscriptionId,
     /// Every subscription with its catch-up task while it catches up.
     subscriptions: HashMap<SubscriptionId, Option<JoinHandle<()>>>,
+    /// What the connection's token grants.
+    scope: Scope,
+    rate: RateLimit,
 }
 
 impl Session {
@@ -94,7 +101,15 @@ impl Session {
     async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>) {
         let limits = self.shared.settings.server.clone();
         loop {
-            let message = match tokio::time::timeout(limits.idle_timeout, stream.next()).await {
+            let expiry = self.scope.expires_at.map(deadline);
+            let message = tokio::select! {
+                message = tokio::time::timeout(limits.idle_timeout, stream.next()) => message,
+                () = sleep_until(expiry) => {
+                    self.outbound.close(Closing::TokenExpired);
+                    return;
+                }
+            };
+            let message = match message {
                 Err(_) => {
                     self.outbound.close(Closing::Idle);
                     return;
@@ -113,6 +128,21 @@ impl Session {
                 }
                 Ok(Some(Ok(message))) => message,
             };
+            if matches!(message, Message::Text(_) | Message::Binary(_)) {
+                match self.rate.take() {
+                    Verdict::Allowed => {}
+                    Verdict::Limited => {
+                        let limit = limits.message_rate;
+                        let message = format!("more than {limit} frames per second; slow down");
+                        self.error(ErrorCode::RateLimited, message, None);
+                        continue;
+                    }
+                    Verdict::Abusive => {
+                        self.outbound.close(Closing::RateLimited);
+                        return;
+                    }
+                }
+            }
             match message {
                 Message::Text(text) => self.handle(text.as_str()).await,
                 Message::Binary(_) => self.error(
@@ -166,8 +196,23 @@ impl Session {
                 self.reply(protocol::unsubscribed(&subscription, reference));
             }
             Action::GetMetadata => {
-                self.reply(protocol::metadata(&crate::http::metadata(&self.shared), reference))
+                let metadata = crate::http::metadata(&self.shared, &self.scope);
+                self.reply(protocol::metadata(&metadata, reference))
             }
+            Action::Auth { token } => match self.shared.settings.server.auth.verify(Some(&token)) {
+                Ok(fresh) if fresh.organizations == self.scope.organizations
+                    && fresh.domains == self.scope.domains =>
+                {
+                    self.scope = fresh;
+                    self.reply(protocol::authenticated(self.scope.expires_at, reference));
+                }
+                Ok(_) => self.error(
+                    ErrorCode::Forbidden,
+                    "a refreshed token must grant the same organizations and domains; reconnect to change them",
+                    reference,
+                ),
+                Err(err) => self.error(ErrorCode::Forbidden, err.to_string(), reference),
+            },
             Action::Ping => self.reply(protocol::pong(reference)),
             Action::Unsupported(name) => self.error(
                 ErrorCode::BadRequest,
@@ -183,6 +228,10 @@ impl Session {
         since: Option<u64>,
         reference: Option<&serde_json::Value>,
     ) {
+        let filter = match self.scope.confine(filter) {
+            Ok(filter) => filter,
+            Err(message) => return self.error(ErrorCode::Forbidden, message, reference),
+        };
         let number = self.next;
         let Some(next) = self.next.checked_add(1) else {
             let message = "this connection has used up its subscription ids; reconnect";
@@ -387,6 +436,8 @@ async fn write_loop(
                             format!("frame too large (limit {} bytes)", limits.max_frame_bytes),
                         )),
                         Closing::Idle => Some((1000, "idle timeout".to_owned())),
+                        Closing::TokenExpired => Some((4001, "token expired".to_owned())),
+                        Closing::RateLimited => Some((1008, "rate limit exceeded".to_owned())),
                         Closing::Gone => None,
                     };
                     if let Some((code, reason)) = close {
@@ -409,5 +460,80 @@ async fn write_loop(
             // was already handed to the socket.
             () = outbound.interrupted() => {}
         }
+    }
+}
+
+/// The tokio instant of a Unix time in seconds.
+fn deadline(unix_seconds: u64) -> tokio::time::Instant {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let left = std::time::Duration::from_secs(unix_seconds).saturating_sub(now);
+    tokio::time::Instant::now() + left
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A token bucket for client frames. Frames beyond it are refused; refusals fill an abuse
+/// meter that drains at the allowed rate, and a full meter (a client that keeps flooding)
+/// ends the connection.
+struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    abuse: f64,
+    at: tokio::time::Instant,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Allowed,
+    Limited,
+    Abusive,
+}
+
+impl RateLimit {
+    fn new(rate: u32, burst: u32) -> Self {
+        let (rate, burst) = (f64::from(rate.max(1)), f64::from(burst.max(1)));
+        Self { rate, burst, tokens: burst, abuse: 0.0, at: tokio::time::Instant::now() }
+    }
+
+    fn take(&mut self) -> Verdict {
+        let now = tokio::time::Instant::now();
+        let elapsed = (now - self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.abuse = (self.abuse - elapsed * self.rate).max(0.0);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Allowed;
+        }
+        self.abuse += 1.0;
+        if self.abuse > 2.0 * self.burst { Verdict::Abusive } else { Verdict::Limited }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_refuses_then_closes_a_flood_but_not_a_burst() {
+        let mut limit = RateLimit::new(10, 5);
+        for _ in 0..5 {
+            assert_eq!(limit.take(), Verdict::Allowed);
+        }
+        assert_eq!(limit.take(), Verdict::Limited);
+        tokio::time::advance(std::time::Duration::from_millis(1000)).await;
+        for _ in 0..5 {
+            assert_eq!(limit.take(), Verdict::Allowed, "refilled");
+        }
+        let verdicts: Vec<Verdict> = (0..20).map(|_| limit.take()).collect();
+        assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Limited).count(), 10);
+        assert_eq!(verdicts.last(), Some(&Verdict::Abusive));
     }
 }

@@ -189,6 +189,9 @@ impl TestDb {
         settings.slot.clone_from(&self.name);
         settings.status_interval = Duration::from_millis(500);
         settings.max_backoff = Duration::from_secs(2);
+        // Tests drive sessions faster than a person would; the rate limit has its own test.
+        settings.server.message_rate = 10_000;
+        settings.server.message_burst = 10_000;
         settings
     }
 }

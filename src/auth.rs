@@ -1,0 +1,274 @@
+//! Authorization (SPEC §6): bearer tokens (JWT) and the scope they grant.
+//!
+//! A token's `orgs` claim (`["*"]` for all) and optional `domains` claim confine everything
+//! its holder sees: a filter naming anything outside them is `forbidden`, and a filter that
+//! leaves organizations or domains out is narrowed to the claimed ones. Events with a null
+//! organization are visible only to `["*"]`. Tokens are never logged.
+
+use std::net::SocketAddr;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::filter::Filter;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a bearer token is required")]
+    Missing,
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+    #[error("the token has expired")]
+    Expired,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--auth none is only allowed on a loopback address; {0} is not one (use --auth jwt)")]
+    NoneOnPublicAddress(SocketAddr),
+    #[error("--auth jwt needs --jwt-secret or --jwt-public-key")]
+    NoKey,
+    #[error("--jwt-public-key: {0}")]
+    BadKey(String),
+}
+
+/// How connections and requests are authorized.
+#[derive(Clone)]
+pub enum Auth {
+    /// Everyone sees everything (loopback only).
+    None,
+    Jwt(Box<Verifier>),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.write_str(match self {
+            Auth::None => "Auth::None",
+            Auth::Jwt(_) => "Auth::Jwt",
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+    exp: u64,
+    orgs: Vec<String>,
+    #[serde(default)]
+    domains: Option<Vec<String>>,
+}
+
+/// What a token (or its absence, with `--auth none`) grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub subject: Option<String>,
+    /// `None`: every organization, and events without one.
+    pub organizations: Option<Vec<String>>,
+    /// `None`: every domain of those organizations.
+    pub domains: Option<Vec<String>>,
+    /// Seconds since the epoch; `None` never expires.
+    pub expires_at: Option<u64>,
+}
+
+impl Scope {
+    pub fn everything() -> Self {
+        Self { subject: None, organizations: None, domains: None, expires_at: None }
+    }
+
+    /// Confines `filter` to this scope: names outside it are refused; missing ones become the
+    /// claimed ones.
+    pub fn confine(&self, filter: Filter) -> Result<Filter, String> {
+        let organizations = confine(&self.organizations, filter.organizations(), "organization")?;
+        let domains = confine(&self.domains, filter.domains(), "domain")?;
+        Ok(filter.with_scope(organizations, domains))
+    }
+
+    pub fn allows_organization(&self, organization: &str) -> bool {
+        self.organizations.as_ref().is_none_or(|orgs| orgs.iter().any(|o| o == organization))
+    }
+
+    pub fn allows_domain(&self, domain: &str) -> bool {
+        self.domains.as_ref().is_none_or(|domains| domains.iter().any(|d| d == domain))
+    }
+}
+
+fn confine(
+    granted: &Option<Vec<String>>,
+    asked: Option<&[String]>,
+    what: &str,
+) -> Result<Option<Vec<String>>, String> {
+    match (granted, asked) {
+        (None, asked) => Ok(asked.map(<[String]>::to_vec)),
+        (Some(granted), None) => Ok(Some(granted.clone())),
+        (Some(granted), Some(asked)) => match asked.iter().find(|a| !granted.contains(a)) {
+            Some(outside) => Err(format!("{what} {outside:?} is outside your token's scope")),
+            None => Ok(Some(asked.to_vec())),
+        },
+    }
+}
+
+impl Auth {
+    /// Builds the verifier from the flags; `--auth none` only on loopback.
+    pub fn new(
+        mode: &str,
+        secret: Option<&str>,
+        public_key_pem: Option<&[u8]>,
+        listen: SocketAddr,
+    ) -> Result<Self, ConfigError> {
+        if mode == "none" {
+            if !listen.ip().is_loopback() {
+                return Err(ConfigError::NoneOnPublicAddress(listen));
+            }
+            return Ok(Auth::None);
+        }
+        let (key, algorithm) = match (secret, public_key_pem) {
+            (Some(secret), _) => (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256),
+            (None, Some(pem)) => match DecodingKey::from_rsa_pem(pem) {
+                Ok(key) => (key, Algorithm::RS256),
+                Err(_) => match DecodingKey::from_ec_pem(pem) {
+                    Ok(key) => (key, Algorithm::ES256),
+                    Err(err) => {
+                        return Err(ConfigError::BadKey(format!(
+                            "not an RSA or EC public key in PEM form ({err})"
+                        )));
+                    }
+                },
+            },
+            (None, None) => return Err(ConfigError::NoKey),
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = 0;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp"]);
+        Ok(Auth::Jwt(Box::new(Verifier { key, validation })))
+    }
+
+    /// The scope `token` grants.
+    pub fn verify(&self, token: Option<&str>) -> Result<Scope, AuthError> {
+        let Auth::Jwt(verifier) = self else { return Ok(Scope::everything()) };
+        let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation)
+            .map_err(|err| match err.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(err.to_string()),
+            })?;
+        let claims = data.claims;
+        let organizations =
+            if claims.orgs.iter().any(|o| o == "*") { None } else { Some(claims.orgs) };
+        let domains = claims.domains.filter(|d| !d.iter().any(|d| d == "*"));
+        Ok(Scope { subject: claims.sub, organizations, domains, expires_at: Some(claims.exp) })
+    }
+
+    pub fn is_required(&self) -> bool {
+        matches!(self, Auth::Jwt(_))
+    }
+}
+
+/// The token of a request: `Authorization: Bearer`, the `rowcast.bearer.<token>` subprotocol,
+/// or `?token=`, in that order.
+pub fn token_from(headers: &axum::http::HeaderMap, query: &[(String, String)]) -> Option<String> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|t| t.trim().to_owned());
+    let subprotocol = || {
+        headers
+            .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix(BEARER_PROTOCOL).map(str::to_owned))
+    };
+    let query = || query.iter().rev().find(|(k, _)| k == "token").map(|(_, v)| v.clone());
+    bearer.or_else(subprotocol).or_else(query)
+}
+
+/// Browsers pass their token as this subprotocol prefix; the server answers with
+/// [`PROTOCOL`].
+pub const BEARER_PROTOCOL: &str = "rowcast.bearer.";
+pub const PROTOCOL: &str = "rowcast.v1";
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    use super::*;
+
+    const SECRET: &str = "test-secret";
+
+    fn local() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8080))
+    }
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    fn in_an_hour() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now").as_secs()
+            + 3600
+    }
+
+    #[test]
+    fn none_only_on_loopback() {
+        assert!(Auth::new("none", None, None, local()).is_ok());
+        let public = SocketAddr::from(([0, 0, 0, 0], 8080));
+        assert_eq!(
+            Auth::new("none", None, None, public).err(),
+            Some(ConfigError::NoneOnPublicAddress(public))
+        );
+        assert_eq!(Auth::new("jwt", None, None, public).err(), Some(ConfigError::NoKey));
+        assert!(matches!(
+            Auth::new("jwt", None, Some(b"not a key"), public),
+            Err(ConfigError::BadKey(_))
+        ));
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        let auth = Auth::new("jwt", Some(SECRET), None, local()).expect("auth");
+        let good = token(json!({"sub": "ann", "exp": in_an_hour(), "orgs": ["quant"]}), SECRET);
+        let scope = auth.verify(Some(&good)).expect("valid");
+        assert_eq!(scope.organizations, Some(vec!["quant".to_owned()]));
+        assert_eq!(auth.verify(None), Err(AuthError::Missing));
+        let forged = token(json!({"exp": in_an_hour(), "orgs": ["*"]}), "other");
+        assert!(matches!(auth.verify(Some(&forged)), Err(AuthError::Invalid(_))));
+        let expired = token(json!({"exp": 1_000_000, "orgs": ["*"]}), SECRET);
+        assert_eq!(auth.verify(Some(&expired)), Err(AuthError::Expired));
+        let no_orgs = token(json!({"exp": in_an_hour()}), SECRET);
+        assert!(matches!(auth.verify(Some(&no_orgs)), Err(AuthError::Invalid(_))));
+        assert!(matches!(auth.verify(Some("garbage")), Err(AuthError::Invalid(_))));
+        let all = token(json!({"exp": in_an_hour(), "orgs": ["*"]}), SECRET);
+        assert_eq!(auth.verify(Some(&all)).expect("valid").organizations, None);
+    }
+
+    #[test]
+    fn scope_confines_filters() {
+        let scope = Scope {
+            subject: None,
+            organizations: Some(vec!["quant".into()]),
+            domains: None,
+            expires_at: None,
+        };
+        let open = scope.confine(Filter::all()).expect("narrowed");
+        assert_eq!(open.organizations(), Some(&["quant".to_owned()][..]));
+        let foreign = Filter::from_json(Some(&json!({"organization_id": ["quant", "acme"]})))
+            .expect("filter");
+        assert!(scope.confine(foreign).expect_err("refused").contains("acme"));
+    }
+}
