@@ -2,6 +2,7 @@
 
 mod support;
 
+mod access;
 mod auth;
 mod capture;
 mod delivery;

@@ -1,0 +1,252 @@
+//! Access (SPEC §5, §6): tokens, scopes, origins and limits, with real clients; every refusal.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::SinkExt;
+use jsonwebtoken::{EncodingKey, Header};
+use rowcast::auth::Auth;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use crate::support::client::{Incoming, Ws, get, is_event};
+use crate::support::{Running, TestDb};
+
+const SECRET: &str = "access-test-secret";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+}
+
+fn token(orgs: &[&str], domains: Option<&[&str]>, exp: u64, secret: &str) -> String {
+    let mut claims = json!({"sub": "tester", "exp": exp, "orgs": orgs});
+    if let Some(domains) = domains {
+        claims["domains"] = json!(domains);
+    }
+    jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+        .expect("encode")
+}
+
+fn quant_token() -> String {
+    token(&["quant"], None, now() + 3600, SECRET)
+}
+
+async fn start(db: &TestDb, tweak: impl FnOnce(&mut rowcast::config::Settings)) -> Running {
+    let mut settings = db.settings();
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.server.auth = Auth::new("jwt", Some(SECRET), None, local).expect("auth");
+    tweak(&mut settings);
+    Running::start(settings).await
+}
+
+/// Tries a handshake; returns the HTTP status of a refusal, or the socket.
+async fn handshake(url: &str, headers: &[(&str, &str)]) -> Result<(Ws, Option<String>), u16> {
+    let mut request = url.into_client_request().expect("request");
+    for (name, value) in headers {
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+            .expect("name");
+        request.headers_mut().insert(name, HeaderValue::from_str(value).expect("header"));
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, response)) => {
+            let protocol = response
+                .headers()
+                .get("sec-websocket-protocol")
+                .map(|v| v.to_str().expect("ascii").to_owned());
+            Ok((Ws { socket }, protocol))
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(err) => panic!("handshake failed oddly: {err}"),
+    }
+}
+
+/// A GET with headers; returns the status and JSON body.
+async fn get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = authorization.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_says_why() {
+    let db = TestDb::migrated().await;
+    let server = start(&db, |s| {
+        s.server.allowed_origins = Some(vec!["https://app.example".into()]);
+        s.server.max_subscriptions = 2;
+        s.server.max_frame_bytes = 4096;
+    })
+    .await;
+    let url = server.ws_url("");
+    let addr = server.addr;
+
+    // No token, a forged one, an expired one: 401 before the upgrade, over WebSocket and HTTP.
+    assert_eq!(handshake(&url, &[]).await.err(), Some(401));
+    let forged = token(&["quant"], None, now() + 3600, "not-the-secret");
+    let expired = token(&["quant"], None, now() - 10, SECRET);
+    for bad in [&forged, &expired] {
+        let auth = format!("Bearer {bad}");
+        assert_eq!(handshake(&url, &[("authorization", &auth)]).await.err(), Some(401));
+        assert_eq!(get_with(addr, "/api/events", Some(bad)).await.0, 401);
+    }
+    let (status, body) = get(addr, "/api/events").await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    assert_eq!(get(addr, "/api/events/stats").await.0, 401);
+    assert_eq!(get(addr, "/healthz").await.0, 200, "health needs no token");
+
+    // A foreign origin: 403; the allowed one and non-browser clients pass.
+    let good = quant_token();
+    let auth = format!("Bearer {good}");
+    let evil = [("authorization", auth.as_str()), ("origin", "https://evil.example")];
+    assert_eq!(handshake(&url, &evil).await.err(), Some(403));
+    let fine = [("authorization", auth.as_str()), ("origin", "https://app.example")];
+    assert!(handshake(&url, &fine).await.is_ok());
+
+    // The token as a subprotocol (browsers) gets `rowcast.v1` back; as `?token=` it works too.
+    let protocols = format!("rowcast.v1, rowcast.bearer.{good}");
+    let (_, protocol) =
+        handshake(&url, &[("sec-websocket-protocol", &protocols)]).await.expect("subprotocol");
+    assert_eq!(protocol.as_deref(), Some("rowcast.v1"));
+    let (mut ws, _) =
+        handshake(&server.ws_url(&format!("token={good}")), &[]).await.expect("query token");
+    assert_eq!(ws.frame().await["type"], "welcome");
+
+    // A foreign organization: forbidden, over WebSocket and HTTP.
+    ws.send(json!({"action": "subscribe", "filter": {"organization_id": "acme"}, "ref": 1})).await;
+    let reply = ws.frame().await;
+    assert_eq!((reply["code"].as_str(), &reply["ref"]), (Some("forbidden"), &json!(1)), "{reply}");
+    let (status, body) = get_with(addr, "/api/events?organization_id=acme", Some(&good)).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    let (status, _) = get_with(addr, "/api/events?organization_id=quant", Some(&good)).await;
+    assert_eq!(status, 200);
+
+    // Too many subscriptions.
+    ws.subscribe(json!({}), None).await;
+    ws.subscribe(json!({"type": "agent.*"}), None).await;
+    ws.send(json!({"action": "subscribe", "filter": {}})).await;
+    assert_eq!(ws.frame().await["code"], "too_many_subscriptions");
+
+    // An oversized frame: 1009.
+    ws.send_raw(Message::text("x".repeat(8192))).await;
+    match ws.next_within(WAIT).await {
+        Some(Incoming::Closed(Some(frame))) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("expected 1009, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_gets_rate_limited_then_closed_and_disturbs_no_one() {
+    let db = TestDb::migrated().await;
+    let mut server = start(&db, |s| {
+        s.server.message_rate = 5;
+        s.server.message_burst = 5;
+    })
+    .await;
+    let good = quant_token();
+    let (mut steady, _) = handshake(&server.ws_url(&format!("token={good}&type=agent.*")), &[])
+        .await
+        .expect("steady");
+    assert_eq!(steady.frame().await["type"], "welcome");
+    assert_eq!(steady.frame().await["type"], "subscribed");
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+
+    // Floods of malformed frames, reconnecting each time they are cut off.
+    let url = server.ws_url(&format!("token={good}"));
+    let flooder = tokio::spawn(async move {
+        let mut limited = 0;
+        let mut closes = Vec::new();
+        for _ in 0..3 {
+            let (mut ws, _) = handshake(&url, &[]).await.expect("flooder connects");
+            for i in 0..200 {
+                if ws.socket.send(Message::text(format!("{{not json {i}"))).await.is_err() {
+                    break;
+                }
+            }
+            loop {
+                match ws.next_within(WAIT).await.expect("frames then a close") {
+                    Incoming::Frame(frame) if frame["code"] == "rate_limited" => limited += 1,
+                    Incoming::Frame(_) => {}
+                    Incoming::Closed(frame) => {
+                        closes.push(frame.map(|f| u16::from(f.code)));
+                        break;
+                    }
+                }
+            }
+        }
+        (limited, closes)
+    });
+    for i in 0..300 {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO agents (id, organization_id, name) VALUES ('a{i}', 'quant', 'x')"
+            ))
+            .await
+            .expect("insert");
+    }
+    let (limited, closes) = flooder.await.expect("flooder");
+    assert!(limited > 0, "the flood got rate_limited errors first");
+    assert_eq!(closes, [Some(1008); 3]);
+    server.wait_for_id(301, WAIT).await;
+    let frames = steady.drain().await;
+    let ids: Vec<u64> =
+        frames.iter().filter(|f| is_event(f)).map(|f| f["id"].as_u64().expect("id")).collect();
+    assert_eq!(ids, (2..=301).collect::<Vec<u64>>(), "the steady client lost nothing");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_closes_with_4001_unless_refreshed() {
+    let db = TestDb::migrated().await;
+    let server = start(&db, |_| {}).await;
+    let short = token(&["quant"], None, now() + 2, SECRET);
+    let (mut refreshed, _) =
+        handshake(&server.ws_url(&format!("token={short}")), &[]).await.expect("connect");
+    let (mut lapsing, _) =
+        handshake(&server.ws_url(&format!("token={short}")), &[]).await.expect("connect");
+    assert_eq!(refreshed.frame().await["type"], "welcome");
+    assert_eq!(lapsing.frame().await["type"], "welcome");
+    // A refresh must keep the same scope.
+    refreshed
+        .send(json!({"action": "auth", "token": token(&["acme"], None, now() + 3600, SECRET)}))
+        .await;
+    assert_eq!(refreshed.frame().await["code"], "forbidden");
+    let later = now() + 3600;
+    refreshed
+        .send(
+            json!({"action": "auth", "token": token(&["quant"], None, later, SECRET), "ref": "r"}),
+        )
+        .await;
+    let reply = refreshed.frame().await;
+    assert_eq!(reply, json!({"type": "authenticated", "expires_at": later, "ref": "r"}));
+    match lapsing.next_within(Duration::from_secs(10)).await {
+        Some(Incoming::Closed(Some(frame))) => {
+            assert_eq!(u16::from(frame.code), 4001);
+            assert_eq!(frame.reason.as_str(), "token expired");
+        }
+        other => panic!("expected 4001, got {other:?}"),
+    }
+    // The refreshed one outlived the first expiry.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    refreshed.send(json!({"action": "ping"})).await;
+    assert_eq!(refreshed.frame().await["type"], "pong");
+    server.stop().await;
+}
