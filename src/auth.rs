@@ -257,6 +257,55 @@ mod tests {
         assert_eq!(auth.verify(Some(&all)).expect("valid").organizations, None);
     }
 
+    use proptest::prelude::*;
+
+    use crate::event::Severity;
+    use crate::filter::Subject;
+
+    const ORGS: [&str; 5] = ["quant", "acme", "globex", "", "ünï"];
+    const DOMAINS: [&str; 4] = ["demo", "prod", "", "dömain"];
+
+    fn some_of(items: &'static [&'static str]) -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(prop::sample::select(items), 1..4)
+            .prop_map(|v| v.into_iter().map(String::from).collect())
+    }
+
+    proptest! {
+        /// Whatever the filter, once confined it matches nothing outside the token's scope:
+        /// no foreign organization, no foreign domain, no null organization unless `*`.
+        #[test]
+        fn confined_filters_never_leave_the_scope(
+            granted_orgs in prop::option::of(some_of(&ORGS)),
+            granted_domains in prop::option::of(some_of(&DOMAINS)),
+            asked_orgs in prop::option::of(some_of(&ORGS)),
+            asked_domains in prop::option::of(some_of(&DOMAINS)),
+            types in prop::option::of(prop::collection::vec(prop::sample::select(&["*", "agent.*", "*.deleted", "user.created"][..]), 1..3)),
+            events in prop::collection::vec((prop::option::of(prop::sample::select(&ORGS[..])), prop::option::of(prop::sample::select(&DOMAINS[..])), prop::sample::select(&["agent.created", "user.deleted", "user.created"][..])), 1..50),
+        ) {
+            let scope = Scope { subject: None, organizations: granted_orgs.clone(), domains: granted_domains.clone(), expires_at: None };
+            let filter = Filter::from_json(Some(&json!({"type": types, "organization_id": asked_orgs, "domain_id": asked_domains})))
+                .expect("valid filter");
+            let Ok(confined) = scope.confine(filter) else {
+                // Refused: it named something outside the scope.
+                let outside_org = asked_orgs.iter().flatten().any(|o| !granted_orgs.as_ref().is_none_or(|g| g.contains(o)));
+                let outside_domain = asked_domains.iter().flatten().any(|d| !granted_domains.as_ref().is_none_or(|g| g.contains(d)));
+                prop_assert!(outside_org || outside_domain);
+                return Ok(());
+            };
+            for (org, domain, kind) in events {
+                let subject = Subject { kind, organization_id: org, domain_id: domain, severity: Severity::Info };
+                if confined.matches(&subject) {
+                    if let Some(granted) = &granted_orgs {
+                        prop_assert!(org.is_some_and(|o| granted.iter().any(|g| g == o)), "org {org:?} leaked");
+                    }
+                    if let Some(granted) = &granted_domains {
+                        prop_assert!(domain.is_some_and(|d| granted.iter().any(|g| g == d)), "domain {domain:?} leaked");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn scope_confines_filters() {
         let scope = Scope {

@@ -429,6 +429,44 @@ mod tests {
         assert_eq!(Filter::all().entities(), None);
     }
 
+    use proptest::prelude::*;
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            prop::sample::select(
+                &["*", "agent.*", "*.x", "a.b", "", ".", "**", "info", "error", "ünï"][..]
+            )
+            .prop_map(Value::from),
+            "\\PC{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            let keys = prop::sample::select(
+                &["type", "organization_id", "domain_id", "severity", "x"][..],
+            );
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::vec((keys, inner), 0..4).prop_map(|pairs| {
+                    Value::Object(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Any JSON and any query string: a filter or an error, never a panic; and whatever
+        /// parses echoes to JSON that parses to the same filter.
+        #[test]
+        fn the_filter_parsers_never_panic(value in any_json(), pairs in prop::collection::vec(("\\PC{0,10}", "\\PC{0,20}"), 0..6)) {
+            if let Ok(filter) = Filter::from_json(Some(&value)) {
+                prop_assert_eq!(Filter::from_json(Some(&filter.to_json())), Ok(filter));
+            }
+            let _ = Filter::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+    }
+
     #[test]
     fn echo_is_normalized() {
         let filter = parse(json!({"type": ["agent.*", "agent.*"], "severity": "error"}));

@@ -250,3 +250,176 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
     assert_eq!(refreshed.frame().await["type"], "pong");
     server.stop().await;
 }
+
+/// Tenant isolation, as a randomized test against a real server: several organizations
+/// (including an empty and a unicode id), thousands of events (some with a null scope), and
+/// clients with random tokens and random filters. Live, on resume and in history, each client
+/// receives exactly the events its filter matches within its token's scope, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_ever_sees_outside_its_claims() {
+    use rand::seq::IndexedRandom;
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = rand::random();
+    println!("isolation seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    const ORGS: [&str; 4] = ["quant", "acme", "", "ünï"];
+    const DOMAINS: [&str; 4] = ["d1", "d2", "", "dö"];
+    const TYPES: [&str; 7] = [
+        "*",
+        "agent.*",
+        "*.deleted",
+        "user.created",
+        "deployment.failed",
+        "agent.status_changed",
+        "*.truncated",
+    ];
+
+    let db = TestDb::migrated().await;
+    let mut server = start(&db, |_| {}).await;
+    let pick = |rng: &mut rand::rngs::StdRng, items: &[&str]| -> Vec<String> {
+        let n = rng.random_range(1..=items.len().min(3));
+        items.choose_multiple(rng, n).map(|s| (*s).to_owned()).collect()
+    };
+    // Clients: a token scope and a filter each.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let orgs = if rng.random_bool(0.2) { vec!["*".to_owned()] } else { pick(&mut rng, &ORGS) };
+        let domains = rng.random_bool(0.3).then(|| pick(&mut rng, &DOMAINS));
+        let mut filter = json!({});
+        if rng.random_bool(0.7) {
+            filter["type"] = json!(pick(&mut rng, &TYPES));
+        }
+        if rng.random_bool(0.5) {
+            // Sometimes within the claims, sometimes not: the latter must be refused.
+            filter["organization_id"] = json!(pick(&mut rng, &ORGS));
+        }
+        if rng.random_bool(0.3) {
+            filter["domain_id"] = json!(pick(&mut rng, &DOMAINS));
+        }
+        let org_refs: Vec<&str> = orgs.iter().map(String::as_str).collect();
+        let domain_refs: Option<Vec<&str>> =
+            domains.as_ref().map(|d| d.iter().map(String::as_str).collect());
+        let token = token(&org_refs, domain_refs.as_deref(), now() + 3600, SECRET);
+        clients.push((orgs, domains, filter, token));
+    }
+    let mut live = Vec::new();
+    for (_, _, filter, token) in &clients {
+        let (mut ws, _) =
+            handshake(&server.ws_url(&format!("token={token}")), &[]).await.expect("connect");
+        assert_eq!(ws.frame().await["type"], "welcome");
+        ws.send(json!({"action": "subscribe", "filter": filter})).await;
+        let reply = ws.frame().await;
+        live.push((ws, reply));
+    }
+
+    let client = db.client().await;
+    for org in ORGS {
+        client
+            .execute("INSERT INTO organizations (id, name) VALUES ($1, 'o')", &[&org])
+            .await
+            .expect("org");
+    }
+    for domain in DOMAINS {
+        client
+            .execute(
+                "INSERT INTO domains (id, organization_id, name) VALUES ($1, 'quant', 'd')",
+                &[&domain],
+            )
+            .await
+            .expect("domain");
+    }
+    for i in 0..2000 {
+        let org = *ORGS.choose(&mut rng).expect("org");
+        let domain = DOMAINS.choose(&mut rng).copied().filter(|_| rng.random_bool(0.8));
+        let sql = match i % 5 {
+            0 | 1 => {
+                "INSERT INTO agents (id, organization_id, domain_id, name) VALUES ('a' || $1::int, $2, $3, 'x')"
+            }
+            2 => {
+                "UPDATE agents SET status = 'error', domain_id = $3 WHERE id = 'a' || ($1::int - 1) AND organization_id = $2"
+            }
+            3 => {
+                "INSERT INTO users (id, organization_id, email, name, password_hash) VALUES ('u' || $1::int, $2, $1::int || '@x', 'u' || coalesce($3::text, ''), 'hunter2')"
+            }
+            _ => {
+                "DELETE FROM users WHERE id = 'u' || ($1::int - 1) AND $2::text IS NOT NULL AND $3::text IS DISTINCT FROM 'zz'"
+            }
+        };
+        client.execute(sql, &[&(i as i32), &org, &domain]).await.expect(sql);
+    }
+    client.batch_execute("TRUNCATE users").await.expect("truncate");
+    let log = db.settled_events().await;
+    let head = log.last().and_then(|e| e["id"].as_u64()).expect("events");
+    server.wait_for_id(head, WAIT).await;
+    assert!(log.len() > 1500, "{} events", log.len());
+    assert!(
+        !log.iter().any(|e| e.to_string().contains("hunter2")),
+        "redacted columns never reach the log"
+    );
+
+    let addr = server.addr;
+    for ((orgs, domains, filter, token), (mut ws, reply)) in clients.into_iter().zip(live) {
+        let in_claims = |e: &Value| {
+            let org_ok = orgs.contains(&"*".to_owned())
+                || e["organization_id"].as_str().is_some_and(|o| orgs.iter().any(|g| g == o));
+            let domain_ok = domains
+                .as_ref()
+                .is_none_or(|d| e["domain_id"].as_str().is_some_and(|x| d.iter().any(|g| g == x)));
+            org_ok && domain_ok
+        };
+        let asked_outside = filter["organization_id"].as_array().is_some_and(|asked| {
+            !orgs.contains(&"*".to_owned()) && asked.iter().any(|o| !orgs.iter().any(|g| g == o))
+        }) || filter["domain_id"].as_array().is_some_and(|asked| {
+            domains.as_ref().is_some_and(|d| asked.iter().any(|x| !d.iter().any(|g| g == x)))
+        });
+        if asked_outside {
+            assert_eq!(reply["code"], "forbidden", "{filter} with {orgs:?}/{domains:?}: {reply}");
+            continue;
+        }
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        let expected: Vec<u64> = log
+            .iter()
+            .filter(|e| in_claims(e) && crate::delivery::matches(&filter, e))
+            .map(|e| e["id"].as_u64().expect("id"))
+            .collect();
+        let event_ids = |frames: &[Value]| -> Vec<u64> {
+            frames.iter().filter(|f| is_event(f)).map(|f| f["id"].as_u64().expect("id")).collect()
+        };
+        let context = format!("seed {seed}, token {orgs:?}/{domains:?}, filter {filter}");
+        assert_eq!(event_ids(&ws.drain().await), expected, "live: {context}");
+
+        let (mut resumed, _) =
+            handshake(&server.ws_url(&format!("token={token}")), &[]).await.expect("connect");
+        let mut request = json!({"action": "subscribe", "filter": filter, "since": 0});
+        request["ref"] = json!("resume");
+        resumed.send(request).await;
+        let frames = resumed.through("caught_up").await;
+        assert_eq!(event_ids(&frames), expected, "resume: {context}");
+
+        let mut history = Vec::new();
+        let mut since = 0;
+        loop {
+            let mut query = format!("since={since}&limit=1000");
+            for (key, value) in filter.as_object().expect("object") {
+                for item in value.as_array().cloned().unwrap_or_else(|| vec![value.clone()]) {
+                    let item = item.as_str().expect("string").to_owned();
+                    let encoded: String =
+                        form_urlencoded::byte_serialize(item.as_bytes()).collect();
+                    // Repeated parameters keep empty and comma-free ids distinct.
+                    query.push_str(&format!("&{key}={encoded}"));
+                }
+            }
+            let (status, body) =
+                get_with(addr, &format!("/api/events?{query}"), Some(&token)).await;
+            assert_eq!(status, 200, "{body}");
+            let page = body["events"].as_array().expect("events").clone();
+            if page.is_empty() {
+                break;
+            }
+            since = body["next"].as_u64().expect("next");
+            history.extend(page);
+        }
+        assert_eq!(event_ids(&history), expected, "history: {context}");
+    }
+    server.stop().await;
+}

@@ -12,7 +12,7 @@ use crate::support::{Running, TestDb};
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The filter semantics of SPEC §5, written independently of the server's.
-fn matches(filter: &Value, event: &Value) -> bool {
+pub fn matches(filter: &Value, event: &Value) -> bool {
     let list = |v: &Value| -> Option<Vec<String>> {
         match v {
             Value::Null => None,

@@ -248,6 +248,67 @@ mod tests {
         assert_eq!(fails(&deep).code, ErrorCode::BadRequest);
     }
 
+    use proptest::prelude::*;
+
+    /// JSON-ish text: fragments of real frames, shuffled, cut and glued.
+    fn jsonish() -> impl Strategy<Value = String> {
+        let pieces = prop::sample::select(
+            &[
+                "{",
+                "}",
+                "[",
+                "]",
+                ",",
+                ":",
+                "\"action\"",
+                "\"subscribe\"",
+                "\"filter\"",
+                "\"type\"",
+                "\"agent.*\"",
+                "\"since\"",
+                "1e400",
+                "-1",
+                "18446744073709551616",
+                "null",
+                "true",
+                "\"ref\"",
+                "\"\\ud800\"",
+                "\"organization_id\"",
+                "[]",
+                "{}",
+                "\"*\"",
+                " ",
+                "\u{0}",
+            ][..],
+        );
+        prop::collection::vec(pieces, 0..40).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn the_frame_parser_never_panics(text in ".{0,200}", glued in jsonish()) {
+            let _ = parse(&text);
+            let _ = parse(&glued);
+        }
+
+        #[test]
+        fn every_well_formed_subscribe_parses(
+            types in prop::collection::vec(prop::sample::select(&["*", "agent.*", "*.deleted", "user.created"][..]), 1..4),
+            orgs in prop::collection::vec("\\PC{0,12}", 1..3),
+            since in prop::option::of(any::<u64>()),
+            reference in any::<i64>(),
+        ) {
+            let frame = json!({"action": "subscribe", "filter": {"type": types, "organization_id": orgs}, "since": since, "ref": reference});
+            let request = parse(&frame.to_string());
+            prop_assert_eq!(request.reference, Some(json!(reference)));
+            let Ok(Action::Subscribe { filter, since: parsed }) = request.action else {
+                return Err(TestCaseError::fail("not a subscribe"));
+            };
+            prop_assert_eq!(parsed, since);
+            prop_assert!(filter.organizations().is_some_and(|o| o.iter().all(|x| orgs.contains(x))));
+        }
+    }
+
     #[test]
     fn subscription_ids() {
         assert_eq!(subscription_number("s12"), Some(12));
