@@ -149,11 +149,17 @@ struct ServeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The WebSocket library traces whole messages, which carry `auth` tokens and row data:
+    // never below debug, whatever RUST_LOG says.
+    for quiet in ["tungstenite=debug", "tokio_tungstenite=debug"] {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // When stderr goes away (a closed pipe, a parent that died), logging must not panic
         // the task that logs: that could be the one handling SIGTERM.

@@ -423,3 +423,63 @@ async fn no_client_ever_sees_outside_its_claims() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_never_reach_the_logs() {
+    let db = TestDb::migrated().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
+        .args(["serve", "--auth", "jwt", "--listen", &addr.to_string(), "--slot", &db.name])
+        .env("DATABASE_URL", &db.url)
+        .env("ROWCAST_JWT_SECRET", SECRET)
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let logs = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut text = String::new();
+        let _ = tokio::io::BufReader::new(stderr).read_to_string(&mut text).await;
+        text
+    });
+    let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
+    for _ in 0..600 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nudge.abort();
+    let good = quant_token();
+    let forged = token(&["*"], None, now() + 3600, "forged-secret");
+    for token in [&good, &forged] {
+        let _ = handshake(&format!("ws://{addr}/ws/events?token={token}"), &[]).await;
+        let _ = get(addr, &format!("/api/events?token={token}")).await;
+        let _ = get_with(addr, "/api/events", Some(token)).await;
+    }
+    let (mut ws, _) = handshake(&format!("ws://{addr}/ws/events?token={good}"), &[]).await.expect("connect");
+    ws.send(json!({"action": "auth", "token": forged})).await;
+    assert_eq!(ws.until("error").await["code"], "forbidden");
+    let pid = child.id().expect("pid") as i32;
+    assert_eq!(terminate(pid), 0);
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("stops").expect("status");
+    assert!(status.success(), "{status}");
+    let logs = logs.await.expect("logs");
+    assert!(logs.contains("serving"), "the server ran and logged: {logs:.2000}");
+    for token in [&good, &forged] {
+        let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(token.as_str())).collect();
+        assert!(leaks.is_empty(), "a token reached the logs: {leaks:#?}");
+        let signature = token.rsplit('.').next().expect("signature");
+        assert!(!logs.contains(signature), "a token signature reached the logs");
+    }
+}
+
+/// SIGTERM to `pid`, through the `kill` command: the crate denies unsafe code.
+fn terminate(pid: i32) -> i32 {
+    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    status.map(|s| s.code().unwrap_or(-1)).unwrap_or(-1)
+}
