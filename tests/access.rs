@@ -427,7 +427,11 @@ async fn no_client_ever_sees_outside_its_claims() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_reach_the_logs() {
     let db = TestDb::migrated().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--auth", "jwt", "--listen", &addr.to_string(), "--slot", &db.name])
@@ -461,7 +465,8 @@ async fn tokens_never_reach_the_logs() {
         let _ = get(addr, &format!("/api/events?token={token}")).await;
         let _ = get_with(addr, "/api/events", Some(token)).await;
     }
-    let (mut ws, _) = handshake(&format!("ws://{addr}/ws/events?token={good}"), &[]).await.expect("connect");
+    let (mut ws, _) =
+        handshake(&format!("ws://{addr}/ws/events?token={good}"), &[]).await.expect("connect");
     ws.send(json!({"action": "auth", "token": forged})).await;
     assert_eq!(ws.until("error").await["code"], "forbidden");
     let pid = child.id().expect("pid") as i32;
@@ -482,4 +487,80 @@ async fn tokens_never_reach_the_logs() {
 fn terminate(pid: i32) -> i32 {
     let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     status.map(|s| s.code().unwrap_or(-1)).unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_frames_and_connection_churn_leave_the_server_healthy() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::migrated().await;
+    let mut server = start(&db, |_| {}).await;
+    let good = quant_token();
+    let url = server.ws_url(&format!("token={good}"));
+    let (mut steady, _) = handshake(&format!("{url}&type=*"), &[]).await.expect("steady");
+    assert_eq!(steady.frame().await["type"], "welcome");
+    assert_eq!(steady.frame().await["type"], "subscribed");
+
+    // A text frame that is not UTF-8 (masked with a zero key): closed with 1007.
+    let (mut broken, _) = handshake(&url, &[]).await.expect("connect");
+    assert_eq!(broken.frame().await["type"], "welcome");
+    let raw = [0x81, 0x82, 0, 0, 0, 0, 0xc3, 0x28];
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = broken.socket.get_mut() else {
+        panic!("plain")
+    };
+    tcp.write_all(&raw).await.expect("raw frame");
+    match broken.next_within(WAIT).await {
+        Some(Incoming::Closed(Some(frame))) => assert_eq!(u16::from(frame.code), 1007),
+        other => panic!("expected 1007, got {other:?}"),
+    }
+
+    // Churn: connections opened and dropped at once, some mid-handshake.
+    for i in 0..200 {
+        if i % 2 == 0 {
+            let (ws, _) = handshake(&url, &[]).await.expect("connect");
+            drop(ws);
+        } else {
+            let mut tcp = tokio::net::TcpStream::connect(server.addr).await.expect("tcp");
+            let _ = tcp.write_all(b"GET /ws/events HTTP/1.1\r\nHost: x\r\n").await;
+        }
+    }
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+    server.wait_for_id(1, WAIT).await;
+    let frames = steady.drain().await;
+    assert_eq!(frames.iter().filter(|f| is_event(f)).count(), 1);
+    // Every dropped connection has left the bus.
+    let mut connections = Value::Null;
+    for _ in 0..100 {
+        let (_, stats) = get_with(server.addr, "/api/events/stats", Some(&good)).await;
+        connections = stats["connections"].clone();
+        if connections == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(connections, 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::migrated().await;
+    let server = start(&db, |s| s.server.handshake_timeout = Duration::from_secs(1)).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.expect("tcp");
+    tcp.write_all(b"GET /ws/events HTTP/1.1\r\nHost: x\r\n").await.expect("partial headers");
+    let mut buffer = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buffer)).await;
+    // hyper answers 408 or just closes; either way the socket ends.
+    let ended = match read {
+        Ok(Ok(0)) => true,
+        Ok(Ok(n)) => String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 408"),
+        Ok(Err(_)) => true,
+        Err(_) => false,
+    };
+    assert!(ended, "the server kept a trickling client");
+    server.stop().await;
 }

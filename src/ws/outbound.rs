@@ -81,6 +81,8 @@ pub enum Closing {
     TokenExpired,
     /// The client kept sending over its message rate (1008).
     RateLimited,
+    /// The client broke the WebSocket protocol: 1007 for text that is not UTF-8, else 1002.
+    BadFrame { code: u16, reason: &'static str },
     /// The client closed or the socket failed: nothing more to write.
     Gone,
 }

@@ -119,11 +119,7 @@ impl Session {
                     return;
                 }
                 Ok(Some(Err(err))) => {
-                    if too_large(err) {
-                        self.outbound.close(Closing::FrameTooLarge);
-                    } else {
-                        self.outbound.close(Closing::Gone);
-                    }
+                    self.outbound.close(closing_for(err));
                     return;
                 }
                 Ok(Some(Ok(message))) => message,
@@ -265,9 +261,17 @@ impl Session {
     }
 }
 
-fn too_large(err: axum::Error) -> bool {
+/// How to close after a read error.
+fn closing_for(err: axum::Error) -> Closing {
     use tokio_tungstenite::tungstenite::Error;
-    matches!(err.into_inner().downcast_ref::<Error>(), Some(Error::Capacity(_)))
+    match err.into_inner().downcast_ref::<Error>() {
+        Some(Error::Capacity(_)) => Closing::FrameTooLarge,
+        Some(Error::Utf8(_)) => Closing::BadFrame { code: 1007, reason: "text frame is not UTF-8" },
+        Some(Error::Protocol(_)) => {
+            Closing::BadFrame { code: 1002, reason: "websocket protocol error" }
+        }
+        _ => Closing::Gone,
+    }
 }
 
 /// Sends history from the log to a new subscription with `since`, then makes it live.
@@ -438,6 +442,7 @@ async fn write_loop(
                         Closing::Idle => Some((1000, "idle timeout".to_owned())),
                         Closing::TokenExpired => Some((4001, "token expired".to_owned())),
                         Closing::RateLimited => Some((1008, "rate limit exceeded".to_owned())),
+                        Closing::BadFrame { code, reason } => Some((code, reason.to_owned())),
                         Closing::Gone => None,
                     };
                     if let Some((code, reason)) = close {
