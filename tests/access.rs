@@ -328,7 +328,7 @@ async fn no_client_ever_sees_outside_its_claims() {
             .await
             .expect("domain");
     }
-    for i in 0..2000 {
+    for i in 0..2000i32 {
         let org = *ORGS.choose(&mut rng).expect("org");
         let domain = DOMAINS.choose(&mut rng).copied().filter(|_| rng.random_bool(0.8));
         let sql = match i % 5 {
@@ -345,7 +345,7 @@ async fn no_client_ever_sees_outside_its_claims() {
                 "DELETE FROM users WHERE id = 'u' || ($1::int - 1) AND $2::text IS NOT NULL AND $3::text IS DISTINCT FROM 'zz'"
             }
         };
-        client.execute(sql, &[&(i as i32), &org, &domain]).await.expect(sql);
+        client.execute(sql, &[&i, &org, &domain]).await.expect(sql);
     }
     client.batch_execute("TRUNCATE users").await.expect("truncate");
     let log = db.settled_events().await;

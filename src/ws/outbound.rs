@@ -88,9 +88,17 @@ pub enum Closing {
 }
 
 impl Closing {
-    /// Whether queued frames are still written before closing.
+    /// Whether queued frames are still written before closing: yes, unless the client cannot
+    /// take them (slow, gone) or may no longer see them (expired token).
     fn drains(&self) -> bool {
-        matches!(self, Closing::Shutdown)
+        matches!(
+            self,
+            Closing::Shutdown
+                | Closing::RateLimited
+                | Closing::FrameTooLarge
+                | Closing::BadFrame { .. }
+                | Closing::Idle
+        )
     }
 }
 
