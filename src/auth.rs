@@ -307,6 +307,43 @@ mod tests {
     }
 
     #[test]
+    fn rs256_and_es256_public_keys() {
+        let claims = json!({"exp": in_an_hour(), "orgs": ["quant"]});
+        let pairs: [(&[u8], &[u8], Algorithm); 2] = [
+            (
+                include_bytes!("../tests/fixtures/rsa-private.pem"),
+                include_bytes!("../tests/fixtures/rsa-public.pem"),
+                Algorithm::RS256,
+            ),
+            (
+                include_bytes!("../tests/fixtures/ec-private.pem"),
+                include_bytes!("../tests/fixtures/ec-public.pem"),
+                Algorithm::ES256,
+            ),
+        ];
+        for (private, public, algorithm) in pairs {
+            let key = match algorithm {
+                Algorithm::RS256 => EncodingKey::from_rsa_pem(private),
+                _ => EncodingKey::from_ec_pem(private),
+            }
+            .expect("private key");
+            let signed =
+                jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).expect("sign");
+            let auth = Auth::new("jwt", None, Some(public), local()).expect("public key");
+            let scope = auth.verify(Some(&signed)).expect("verifies");
+            assert_eq!(scope.organizations, Some(vec!["quant".to_owned()]), "{algorithm:?}");
+            // A token signed with the HMAC of the public key (algorithm confusion) is refused.
+            let confused = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(public),
+            )
+            .expect("sign");
+            assert!(matches!(auth.verify(Some(&confused)), Err(AuthError::Invalid(_))));
+        }
+    }
+
+    #[test]
     fn scope_confines_filters() {
         let scope = Scope {
             subject: None,
