@@ -481,7 +481,10 @@ mod tests {
             .into_iter()
             .filter_map(|frame| match frame {
                 Frame::Event { id, subscriptions, .. } => Some((id, subscriptions)),
-                Frame::Control(_) | Frame::CatchingUp { .. } | Frame::Live { .. } => None,
+                Frame::Control(_)
+                | Frame::Replay { .. }
+                | Frame::CatchingUp { .. }
+                | Frame::Live { .. } => None,
             })
             .collect()
     }

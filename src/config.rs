@@ -72,6 +72,8 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// Subscriptions one connection may hold (default 100).
     pub max_subscriptions: usize,
+    /// Replays one connection may run at once (default 4).
+    pub max_replays: usize,
     /// Most events one history request returns (default 1000; 100 when `limit` is not given).
     pub max_history_page: usize,
     /// How long a closing connection may take to flush its close frame (default 5 s).
@@ -101,6 +103,7 @@ impl Default for ServerSettings {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             max_subscriptions: 100,
+            max_replays: 4,
             max_history_page: 1000,
             close_timeout: Duration::from_secs(5),
             auth: crate::auth::Auth::None,

@@ -360,6 +360,8 @@ pub struct Page {
     pub oldest: u64,
     /// `(id, envelope)` in id order.
     pub events: Vec<(u64, String)>,
+    /// The commit time of each event, in the same order.
+    pub committed_at: Vec<std::time::SystemTime>,
 }
 
 /// Reads a page of history; the page and `oldest` come from one snapshot.
@@ -369,11 +371,11 @@ pub async fn read(
     range: &Range,
 ) -> Result<Page, LogError> {
     let statement = format!(
-        "SELECT o.oldest, e.id, e.body
+        "SELECT o.oldest, e.id, e.body, e.committed_at
            FROM (SELECT coalesce((SELECT min(id) FROM rowcast.events),
                                  (SELECT last_id + 1 FROM rowcast.log_head)) AS oldest) o
            LEFT JOIN LATERAL (
-               SELECT id, body::text AS body FROM rowcast.events
+               SELECT id, body::text AS body, committed_at FROM rowcast.events
                 WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2)
                   AND ($3::timestamptz IS NULL OR committed_at >= $3)
                   AND ($4::timestamptz IS NULL OR committed_at < $4)
@@ -405,13 +407,48 @@ pub async fn read(
     let mut page = Page::default();
     for row in rows {
         page.oldest = row.get::<_, i64>(0) as u64;
-        if let (Some(id), Some(body)) =
-            (row.get::<_, Option<i64>>(1), row.get::<_, Option<String>>(2))
-        {
+        if let (Some(id), Some(body), Some(at)) = (
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, Option<String>>(2),
+            row.get::<_, Option<std::time::SystemTime>>(3),
+        ) {
             page.events.push((id as u64, body));
+            page.committed_at.push(at);
         }
     }
     Ok(page)
+}
+
+/// How many events match `filter` in `[from, to)`.
+pub async fn count(
+    client: &Client,
+    filter: &crate::filter::Filter,
+    from: std::time::SystemTime,
+    to: std::time::SystemTime,
+) -> Result<u64, LogError> {
+    let statement = format!(
+        "SELECT count(*) FROM rowcast.events
+          WHERE committed_at >= $1 AND committed_at < $2 AND {}",
+        crate::filter::sql_condition(3)
+    );
+    let sql = filter.sql();
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &from,
+                &to,
+                &sql.any_type,
+                &sql.types,
+                &sql.entities,
+                &sql.actions,
+                &sql.organizations,
+                &sql.domains,
+                &sql.severity,
+            ],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }
 
 /// The organizations and domains the log's events carry, for metadata.

@@ -9,5 +9,6 @@ mod delivery;
 mod demo;
 mod durability;
 mod fidelity;
+mod replay;
 mod tail;
 mod triggers;

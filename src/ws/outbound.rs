@@ -21,6 +21,8 @@ pub enum Frame {
     Event { id: u64, envelope: Arc<str>, subscriptions: Vec<u32>, history: bool },
     /// A control frame, already serialized.
     Control(String),
+    /// A historic event of a replay: the envelope and `"replay_id"`.
+    Replay { id: u64, envelope: Arc<str>, replay: u32 },
     /// Not sent: a subscription starts catching up from `from`.
     CatchingUp { subscription: u32, from: u64 },
     /// Not sent: a subscription's catch-up ended; it is live.
@@ -34,6 +36,7 @@ impl Frame {
                 envelope.len() + 8 * subscriptions.len()
             }
             Frame::Control(text) => text.len(),
+            Frame::Replay { envelope, .. } => envelope.len() + 20,
             Frame::CatchingUp { .. } | Frame::Live { .. } => 0,
         }
     }
@@ -44,6 +47,12 @@ impl Frame {
         match self {
             Frame::CatchingUp { .. } | Frame::Live { .. } => None,
             Frame::Control(text) => Some(text.clone()),
+            Frame::Replay { envelope, replay, .. } => {
+                let body = envelope.trim_end();
+                let Some(open) = body.strip_suffix('}') else { return Some(body.to_owned()) };
+                let comma = if open.trim_end().ends_with('{') { "" } else { "," };
+                Some(format!("{open}{comma}\"replay_id\":\"r{replay}\"}}"))
+            }
             Frame::Event { envelope, subscriptions, .. } => {
                 let body = envelope.trim_end();
                 let Some(open) = body.strip_suffix('}') else { return Some(body.to_owned()) };

@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::event::Timestamp;
 use crate::filter::{Filter, FilterError};
 
 /// The `code` of an error frame.
@@ -60,8 +61,16 @@ pub enum Action {
     Auth {
         token: String,
     },
-    /// Recognised but served by a later version: `replay`, `stop_replay`.
-    Unsupported(&'static str),
+    /// Historic events in `[from, to)` with their spacing divided by `speed`.
+    Replay {
+        filter: Filter,
+        from: Timestamp,
+        to: Timestamp,
+        speed: f64,
+    },
+    StopReplay {
+        replay: String,
+    },
 }
 
 /// A client frame: its `ref` (echoed in the reply) and what it asks for.
@@ -125,8 +134,41 @@ fn action(mut object: Map<String, Value>) -> Result<Action, ProtocolError> {
         }
         "get_metadata" => allow(&object, &[]).map(|()| Action::GetMetadata),
         "ping" => allow(&object, &[]).map(|()| Action::Ping),
-        "replay" => Ok(Action::Unsupported("replay")),
-        "stop_replay" => Ok(Action::Unsupported("stop_replay")),
+        "replay" => {
+            allow(&object, &["filter", "from", "to", "speed"])?;
+            let filter = Filter::from_json(object.get("filter"))?;
+            let time = |field: &str| {
+                object
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .and_then(Timestamp::parse_rfc3339)
+                    .ok_or_else(|| {
+                        ProtocolError::bad_request(format!(
+                            "replay needs {field} as an RFC 3339 time like 2026-11-22T10:15:30Z"
+                        ))
+                    })
+            };
+            let (from, to) = (time("from")?, time("to")?);
+            if from >= to {
+                return Err(ProtocolError::bad_request("replay: from must be before to"));
+            }
+            let speed = match object.get("speed") {
+                None | Some(Value::Null) => 1.0,
+                Some(value) => {
+                    value.as_f64().filter(|s| *s > 0.0 && *s <= 100.0).ok_or_else(|| {
+                        ProtocolError::bad_request("replay: speed must be a number in (0, 100]")
+                    })?
+                }
+            };
+            Ok(Action::Replay { filter, from, to, speed })
+        }
+        "stop_replay" => {
+            allow(&object, &["replay_id"])?;
+            match object.remove("replay_id") {
+                Some(Value::String(replay)) => Ok(Action::StopReplay { replay }),
+                _ => Err(ProtocolError::bad_request("stop_replay needs a replay_id string")),
+            }
+        }
         "auth" => {
             allow(&object, &["token"])?;
             match object.remove("token") {
@@ -135,7 +177,7 @@ fn action(mut object: Map<String, Value>) -> Result<Action, ProtocolError> {
             }
         }
         other => Err(ProtocolError::bad_request(format!(
-            "unknown action {other:?} (expected subscribe, unsubscribe, get_metadata, ping or auth)"
+            "unknown action {other:?} (expected subscribe, unsubscribe, get_metadata, ping, auth, replay or stop_replay)"
         ))),
     }
 }
@@ -184,6 +226,37 @@ pub fn reset(subscription: u32, reason: &str, oldest_id: u64) -> String {
 
 pub fn authenticated(expires_at: Option<u64>, reference: Option<&Value>) -> String {
     render(json!({"type": "authenticated", "expires_at": expires_at}), reference)
+}
+
+pub fn replay_started(replay: u32, total: u64, reference: Option<&Value>) -> String {
+    render(
+        json!({"type": "replay_started", "replay_id": replay_name(replay), "total": total}),
+        reference,
+    )
+}
+
+pub fn replay_progress(replay: u32, sent: u64, total: u64) -> String {
+    render(
+        json!({"type": "replay_progress", "replay_id": replay_name(replay), "sent": sent, "total": total}),
+        None,
+    )
+}
+
+pub fn replay_finished(replay: u32, sent: u64) -> String {
+    render(json!({"type": "replay_finished", "replay_id": replay_name(replay), "sent": sent}), None)
+}
+
+pub fn replay_stopped(replay: &str, reference: Option<&Value>) -> String {
+    render(json!({"type": "replay_stopped", "replay_id": replay}), reference)
+}
+
+/// `r7` → 7.
+pub fn replay_number(id: &str) -> Option<u32> {
+    id.strip_prefix('r')?.parse().ok()
+}
+
+pub fn replay_name(number: u32) -> String {
+    format!("r{number}")
 }
 
 pub fn pong(reference: Option<&Value>) -> String {
@@ -238,7 +311,7 @@ mod tests {
         let err = request.action.expect_err("refused");
         assert_eq!(
             error(&err, request.reference.as_ref()),
-            r#"{"type":"error","code":"bad_request","message":"unknown action \"dance\" (expected subscribe, unsubscribe, get_metadata, ping or auth)","ref":{"n":1}}"#
+            r#"{"type":"error","code":"bad_request","message":"unknown action \"dance\" (expected subscribe, unsubscribe, get_metadata, ping, auth, replay or stop_replay)","ref":{"n":1}}"#
         );
     }
 

@@ -45,6 +45,8 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, scope: Scope, initial: 
         subscriptions: HashMap::new(),
         scope,
         rate,
+        next_replay: 1,
+        replays: HashMap::new(),
     };
     match initial {
         Ok(Some((filter, since))) => session.subscribe(filter, since, None),
@@ -78,6 +80,8 @@ struct Session {
     /// What the connection's token grants.
     scope: Scope,
     rate: RateLimit,
+    next_replay: u32,
+    replays: HashMap<u32, JoinHandle<()>>,
 }
 
 impl Session {
@@ -210,11 +214,42 @@ impl Session {
                 Err(err) => self.error(ErrorCode::Forbidden, err.to_string(), reference),
             },
             Action::Ping => self.reply(protocol::pong(reference)),
-            Action::Unsupported(name) => self.error(
-                ErrorCode::BadRequest,
-                format!("{name} is not available in this version of rowcast"),
-                reference,
-            ),
+            Action::Replay { filter, from, to, speed } => {
+                self.replays.retain(|_, task| !task.is_finished());
+                let limit = self.shared.settings.server.max_replays;
+                if self.replays.len() >= limit {
+                    let message = format!("at most {limit} replays may run at once");
+                    return self.error(ErrorCode::TooManySubscriptions, message, reference);
+                }
+                let filter = match self.scope.confine(filter) {
+                    Ok(filter) => filter,
+                    Err(message) => return self.error(ErrorCode::Forbidden, message, reference),
+                };
+                let number = self.next_replay;
+                self.next_replay = self.next_replay.wrapping_add(1).max(1);
+                let replay = Replay {
+                    shared: self.shared.clone(),
+                    outbound: self.outbound.clone(),
+                    number,
+                    filter,
+                    from: from.to_system_time(),
+                    to: to.to_system_time(),
+                    speed,
+                };
+                let reference = reference.cloned();
+                self.replays.insert(number, tokio::spawn(replay.run(reference)));
+            }
+            Action::StopReplay { replay } => {
+                let number = protocol::replay_number(&replay);
+                let Some(task) = number.and_then(|n| self.replays.remove(&n)) else {
+                    let message = format!("no replay {replay:?} on this connection");
+                    return self.error(ErrorCode::NotFound, message, reference);
+                };
+                // Wait for it to stop so none of its frames follow `replay_stopped`.
+                task.abort();
+                let _ = task.await;
+                self.reply(protocol::replay_stopped(&replay, reference));
+            }
         }
     }
 
@@ -257,6 +292,9 @@ impl Session {
         self.shared.bus.disconnect(self.connection);
         for catch_up in self.subscriptions.into_values().flatten() {
             catch_up.abort();
+        }
+        for replay in self.replays.into_values() {
+            replay.abort();
         }
     }
 }
@@ -398,7 +436,7 @@ impl Delivered {
             Frame::Live { subscription } => {
                 self.catching_up.remove(subscription);
             }
-            Frame::Control(_) => {}
+            Frame::Control(_) | Frame::Replay { .. } => {}
         }
     }
 
@@ -468,6 +506,98 @@ async fn write_loop(
     }
 }
 
+/// Events per replay read.
+const REPLAY_PAGE: usize = 500;
+/// The longest a replay waits between two events, however far apart they were.
+const REPLAY_MAX_GAP: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often a replay reports progress, in events.
+const REPLAY_PROGRESS_EVERY: u64 = 100;
+
+/// One replay: historic events in `[from, to)`, paced like they happened, `speed` times faster.
+struct Replay {
+    shared: Arc<Shared>,
+    outbound: Arc<Outbound>,
+    number: u32,
+    filter: Filter,
+    from: std::time::SystemTime,
+    to: std::time::SystemTime,
+    speed: f64,
+}
+
+impl Replay {
+    async fn run(self, reference: Option<serde_json::Value>) {
+        if let Err(err) = self.play(reference.as_ref()).await {
+            tracing::warn!(error = %err, "replay failed");
+            let err = ProtocolError {
+                code: ErrorCode::BadRequest,
+                message: format!("replay r{} failed: the event log is unavailable", self.number),
+            };
+            let _ = self.outbound.push_paced(Frame::Control(protocol::error(&err, None))).await;
+        }
+    }
+
+    async fn play(
+        &self,
+        reference: Option<&serde_json::Value>,
+    ) -> Result<(), crate::log::LogError> {
+        let client = self.shared.log.get().await?;
+        let total = crate::log::count(&client, &self.filter, self.from, self.to).await?;
+        let push = |frame| self.outbound.push_paced(frame);
+        if push(Frame::Control(protocol::replay_started(self.number, total, reference)))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let (mut after, mut sent, mut previous) = (0, 0u64, None);
+        loop {
+            let range = Range {
+                after,
+                up_to: None,
+                from: Some(self.from),
+                to: Some(self.to),
+                limit: REPLAY_PAGE,
+            };
+            let page = crate::log::read(&client, &self.filter, &range).await?;
+            let done = page.events.len() < REPLAY_PAGE;
+            for ((id, envelope), at) in page.events.into_iter().zip(page.committed_at) {
+                if let Some(previous) = previous {
+                    tokio::time::sleep(replay_wait(previous, at, self.speed)).await;
+                }
+                previous = Some(at);
+                after = id;
+                let frame = Frame::Replay { id, envelope: envelope.into(), replay: self.number };
+                if push(frame).await.is_err() {
+                    return Ok(());
+                }
+                sent += 1;
+                if sent % REPLAY_PROGRESS_EVERY == 0 {
+                    let _ =
+                        push(Frame::Control(protocol::replay_progress(self.number, sent, total)))
+                            .await;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        let _ = push(Frame::Control(protocol::replay_progress(self.number, sent, total))).await;
+        let _ = push(Frame::Control(protocol::replay_finished(self.number, sent))).await;
+        Ok(())
+    }
+}
+
+/// The wait before an event committed at `next`, after one committed at `previous`: their
+/// original spacing divided by `speed`, at most `REPLAY_MAX_GAP`.
+fn replay_wait(
+    previous: std::time::SystemTime,
+    next: std::time::SystemTime,
+    speed: f64,
+) -> std::time::Duration {
+    let gap = next.duration_since(previous).unwrap_or_default();
+    gap.div_f64(speed.clamp(f64::MIN_POSITIVE, 100.0)).min(REPLAY_MAX_GAP)
+}
+
 /// The tokio instant of a Unix time in seconds.
 fn deadline(unix_seconds: u64) -> tokio::time::Instant {
     let now =
@@ -525,6 +655,17 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replays_keep_spacing_divided_by_speed_and_cap_long_gaps() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(replay_wait(at(1000), at(1400), 4.0), Duration::from_millis(100));
+        assert_eq!(replay_wait(at(1000), at(1400), 0.5), Duration::from_millis(800));
+        assert_eq!(replay_wait(at(0), at(3_600_000), 2.0), REPLAY_MAX_GAP);
+        // Commit times that go backwards (trigger mode's statement times) do not wait.
+        assert_eq!(replay_wait(at(1400), at(1000), 1.0), Duration::ZERO);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn rate_limit_refuses_then_closes_a_flood_but_not_a_burst() {
