@@ -253,7 +253,7 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
 
 /// Tenant isolation, as a randomized test against a real server: several organizations
 /// (including an empty and a unicode id), thousands of events (some with a null scope), and
-/// clients with random tokens and random filters. Live, on resume and in history, each client
+/// clients with random tokens and random filters. Live, on resume, in replay and in history, each client
 /// receives exactly the events its filter matches within its token's scope, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_client_ever_sees_outside_its_claims() {
@@ -395,6 +395,21 @@ async fn no_client_ever_sees_outside_its_claims() {
         resumed.send(request).await;
         let frames = resumed.through("caught_up").await;
         assert_eq!(event_ids(&frames), expected, "resume: {context}");
+
+        resumed
+            .send(json!({"action": "replay", "filter": filter, "from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z", "speed": 100}))
+            .await;
+        let mut replayed = Vec::new();
+        loop {
+            let frame = resumed.frame().await;
+            if frame["type"] == "replay_finished" {
+                break;
+            }
+            if is_event(&frame) && frame["replay_id"].is_string() {
+                replayed.push(frame);
+            }
+        }
+        assert_eq!(event_ids(&replayed), expected, "replay: {context}");
 
         let mut history = Vec::new();
         let mut since = 0;

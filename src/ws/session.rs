@@ -550,6 +550,9 @@ impl Replay {
             return Ok(());
         }
         let (mut after, mut sent, mut previous) = (0, 0u64, None);
+        // When the next event is due: advancing a schedule, rather than sleeping each gap,
+        // keeps sub-millisecond gaps from adding up to timer granularity.
+        let mut due = tokio::time::Instant::now();
         loop {
             let range = Range {
                 after,
@@ -562,7 +565,10 @@ impl Replay {
             let done = page.events.len() < REPLAY_PAGE;
             for ((id, envelope), at) in page.events.into_iter().zip(page.committed_at) {
                 if let Some(previous) = previous {
-                    tokio::time::sleep(replay_wait(previous, at, self.speed)).await;
+                    due += replay_wait(previous, at, self.speed);
+                    if due > tokio::time::Instant::now() {
+                        tokio::time::sleep_until(due).await;
+                    }
                 }
                 previous = Some(at);
                 after = id;
