@@ -28,9 +28,18 @@ pub enum ConfigError {
     NoneOnPublicAddress(SocketAddr),
     #[error("--auth jwt needs --jwt-secret or --jwt-public-key")]
     NoKey,
+    #[error("give --jwt-secret or --jwt-public-key, not both")]
+    BothKeys,
+    #[error(
+        "--jwt-secret must be at least {MIN_SECRET_BYTES} bytes; a short HS256 secret can be guessed"
+    )]
+    WeakSecret,
     #[error("--jwt-public-key: {0}")]
     BadKey(String),
 }
+
+/// Shortest HS256 secret accepted (RFC 7518 asks for at least the hash size).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// How connections and requests are authorized.
 #[derive(Clone)]
@@ -91,6 +100,15 @@ impl Scope {
         Ok(filter.with_scope(organizations, domains))
     }
 
+    /// Whether two scopes grant the same organizations and domains, in any order.
+    pub fn same_grant(&self, other: &Scope) -> bool {
+        fn set(list: &Option<Vec<String>>) -> Option<std::collections::BTreeSet<&str>> {
+            list.as_ref().map(|l| l.iter().map(String::as_str).collect())
+        }
+        set(&self.organizations) == set(&other.organizations)
+            && set(&self.domains) == set(&other.domains)
+    }
+
     pub fn allows_organization(&self, organization: &str) -> bool {
         self.organizations.as_ref().is_none_or(|orgs| orgs.iter().any(|o| o == organization))
     }
@@ -130,7 +148,11 @@ impl Auth {
             return Ok(Auth::None);
         }
         let (key, algorithm) = match (secret, public_key_pem) {
-            (Some(secret), _) => (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256),
+            (Some(_), Some(_)) => return Err(ConfigError::BothKeys),
+            (Some(secret), None) if secret.len() < MIN_SECRET_BYTES => {
+                return Err(ConfigError::WeakSecret);
+            }
+            (Some(secret), None) => (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256),
             (None, Some(pem)) => match DecodingKey::from_rsa_pem(pem) {
                 Ok(key) => (key, Algorithm::RS256),
                 Err(_) => match DecodingKey::from_ec_pem(pem) {
@@ -204,7 +226,7 @@ mod tests {
 
     use super::*;
 
-    const SECRET: &str = "test-secret";
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes";
 
     fn local() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 8080))
@@ -233,6 +255,15 @@ mod tests {
             Some(ConfigError::NoneOnPublicAddress(public))
         );
         assert_eq!(Auth::new("jwt", None, None, public).err(), Some(ConfigError::NoKey));
+        assert_eq!(Auth::new("jwt", Some(""), None, public).err(), Some(ConfigError::WeakSecret));
+        assert_eq!(
+            Auth::new("jwt", Some("short"), None, public).err(),
+            Some(ConfigError::WeakSecret)
+        );
+        assert_eq!(
+            Auth::new("jwt", Some(SECRET), Some(b"pem"), public).err(),
+            Some(ConfigError::BothKeys)
+        );
         assert!(matches!(
             Auth::new("jwt", None, Some(b"not a key"), public),
             Err(ConfigError::BadKey(_))

@@ -10,6 +10,9 @@ use serde_json::{Map, Value, json};
 
 use crate::event::Severity;
 
+/// Most values one list of a filter may hold.
+pub const MAX_LIST: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct FilterError(String);
@@ -164,7 +167,23 @@ impl Filter {
                 }
             }
         }
+        filter.check_sizes()?;
         Ok(filter.normalized())
+    }
+
+    /// Every list is matched per event; long ones would slow everyone's delivery.
+    fn check_sizes(&self) -> Result<(), FilterError> {
+        let sizes = [
+            ("type", self.types.len()),
+            ("organization_id", self.organizations.as_ref().map_or(0, Vec::len)),
+            ("domain_id", self.domains.as_ref().map_or(0, Vec::len)),
+        ];
+        match sizes.iter().find(|(_, n)| *n > MAX_LIST) {
+            Some((field, n)) => Err(FilterError::new(format!(
+                "filter.{field} lists {n} values; at most {MAX_LIST} are allowed"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Builds a filter from query parameters (`type`, `organization_id`, `domain_id`,
@@ -195,6 +214,7 @@ impl Filter {
             }
             present = true;
         }
+        filter.check_sizes()?;
         Ok(present.then(|| filter.normalized()))
     }
 
@@ -304,15 +324,9 @@ fn within(allowed: &Option<Vec<String>>, value: Option<&str>) -> bool {
     }
 }
 
-fn dedup<T: PartialEq + Clone>(list: &mut Vec<T>) {
-    let mut seen = Vec::with_capacity(list.len());
-    list.retain(|item| {
-        let new = !seen.contains(item);
-        if new {
-            seen.push(item.clone());
-        }
-        new
-    });
+fn dedup<T: Eq + std::hash::Hash + Clone>(list: &mut Vec<T>) {
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    list.retain(|item| seen.insert(item.clone()));
 }
 
 /// A string or a non-empty list of strings.
@@ -403,6 +417,8 @@ mod tests {
         assert!(message(json!({"colour": "red"})).contains("colour"));
         assert!(message(json!(["agent.*"])).contains("object"));
         assert!(message(json!({"type": "agent.*.x"})).contains("agent.*.x"));
+        let many: Vec<String> = (0..=MAX_LIST).map(|i| format!("org{i}")).collect();
+        assert!(message(json!({"organization_id": many})).contains("at most"));
     }
 
     #[test]

@@ -26,13 +26,49 @@ const DEFAULT_PAGE: usize = 100;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(page))
+        .route("/client.js", get(|| asset("text/javascript", include_str!("../web/client.js"))))
+        .route("/app.js", get(|| asset("text/javascript", include_str!("../web/app.js"))))
+        .route("/style.css", get(|| asset("text/css", include_str!("../web/style.css"))))
         .route("/ws/events", get(crate::ws::upgrade))
         .route("/api/events", get(history))
         .route("/api/events/metadata", get(metadata_route))
         .route("/api/events/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), loopback_host))
         .with_state(shared)
+}
+
+/// Without tokens (`--auth none`, loopback only) every request must also name a loopback
+/// host: a web page whose domain was rebound to 127.0.0.1 sends its own name and is refused.
+async fn loopback_host(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if shared.settings.server.auth.is_required() || is_loopback_host(host) {
+        return next.run(request).await;
+    }
+    crate::ws::refuse(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "without --auth jwt only loopback host names are served",
+    )
+}
+
+/// `localhost:8080`, `127.0.0.1`, `[::1]:80`, `app.localhost`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }
+        }),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 pub enum AppError {
@@ -109,8 +145,17 @@ async fn history(
     let scope = authorize(&shared, &headers, &pairs)?;
     let param = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     for (key, _) in &pairs {
-        let known =
-            ["type", "organization_id", "domain_id", "severity", "since", "from", "to", "limit"];
+        let known = [
+            "type",
+            "organization_id",
+            "domain_id",
+            "severity",
+            "since",
+            "from",
+            "to",
+            "limit",
+            "token",
+        ];
         if !known.contains(&key.as_str()) {
             return Err(AppError::BadRequest(format!("unknown query parameter {key:?}")));
         }
@@ -288,7 +333,40 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-/// Until the web page lands: where things are.
+/// The live event page (`web/`).
 async fn page() -> Html<&'static str> {
-    Html(include_str!("../web/placeholder.html"))
+    Html(include_str!("../web/index.html"))
+}
+
+/// A file of the page, compiled in.
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:80",
+            "app.localhost:3000",
+        ] {
+            assert!(super::is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:8080",
+            "localhost.evil.example",
+            "[::2]:80",
+        ] {
+            assert!(!super::is_loopback_host(host), "{host}");
+        }
+    }
 }

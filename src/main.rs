@@ -149,22 +149,22 @@ struct ServeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // The WebSocket library traces whole messages, which carry `auth` tokens and row data:
-    // never below debug, whatever RUST_LOG says.
-    for quiet in ["tungstenite=debug", "tokio_tungstenite=debug"] {
-        if let Ok(directive) = quiet.parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // those events are dropped whatever RUST_LOG says.
+    let payloads = filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().contains("tungstenite"))
+    });
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // When stderr goes away (a closed pipe, a parent that died), logging must not panic
         // the task that logs: that could be the one handling SIGTERM.
         .log_internal_errors(false)
-        .init();
+        .with_filter(filter.and(payloads));
+    tracing_subscriber::registry().with(layer).init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Setup(args) => {

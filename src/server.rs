@@ -48,6 +48,8 @@ pub struct Shared {
     pub publisher: publisher::Watch,
     pub sessions: TaskTracker,
     pub rate: Rate,
+    /// WebSocket connections open or being opened (see `ws::Slot`).
+    pub connections: std::sync::atomic::AtomicUsize,
 }
 
 /// A server ready to run: its state is observable before it starts.
@@ -72,6 +74,7 @@ impl Server {
             publisher: publisher.watch(),
             sessions: TaskTracker::new(),
             rate: Rate::new(head),
+            connections: std::sync::atomic::AtomicUsize::new(0),
             bus,
             log,
             settings,

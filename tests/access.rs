@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use crate::support::client::{Incoming, Ws, get, is_event};
 use crate::support::{Running, TestDb};
 
-const SECRET: &str = "access-test-secret";
+const SECRET: &str = "access-test-secret-of-32-bytes-or-more";
 const WAIT: Duration = Duration::from_secs(30);
 
 fn now() -> u64 {
@@ -452,7 +452,7 @@ async fn tokens_never_reach_the_logs() {
         .args(["serve", "--auth", "jwt", "--listen", &addr.to_string(), "--slot", &db.name])
         .env("DATABASE_URL", &db.url)
         .env("ROWCAST_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "trace")
+        .env("RUST_LOG", "trace,tungstenite::protocol=trace")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -427,7 +427,7 @@ async fn bad_input_gets_error_frames_and_changes_nothing() {
         (r#"{"action":"subscribe","since":"yesterday"}"#, "bad_request"),
         (r#"{"action":"unsubscribe","subscription_id":"s99","ref":2}"#, "not_found"),
         (
-            r#"{"action":"replay","from":"2026-01-01T00:00:00Z","to":"2026-01-02T00:00:00Z"}"#,
+            r#"{"action":"replay","from":"2026-01-02T00:00:00Z","to":"2026-01-01T00:00:00Z"}"#,
             "bad_request",
         ),
         ("\u{0}\u{ffff}", "bad_request"),

@@ -9,6 +9,7 @@ pub mod protocol;
 pub mod session;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
@@ -29,11 +30,8 @@ pub async fn upgrade(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let limits = &shared.settings.server;
-    if let (Some(allowed), Some(origin)) = (&limits.allowed_origins, headers.get(header::ORIGIN)) {
-        let origin = origin.to_str().unwrap_or("");
-        if !allowed.iter().any(|a| a == origin) {
-            return refuse(StatusCode::FORBIDDEN, "forbidden", "this origin may not connect");
-        }
+    if !origin_allowed(limits.allowed_origins.as_deref(), &headers) {
+        return refuse(StatusCode::FORBIDDEN, "forbidden", "this origin may not connect");
     }
     let pairs: Vec<(String, String)> =
         form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()).into_owned().collect();
@@ -41,9 +39,9 @@ pub async fn upgrade(
         Ok(scope) => scope,
         Err(err) => return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &err.to_string()),
     };
-    if shared.bus.stats().connections >= limits.max_connections {
+    let Some(slot) = Slot::reserve(&shared) else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many connections");
-    }
+    };
     let initial = initial_subscription(&pairs);
     let tracker = shared.sessions.clone();
     let limits = limits.clone();
@@ -52,8 +50,52 @@ pub async fn upgrade(
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
         .on_upgrade(move |socket| {
-            tracker.track_future(session::run(socket, shared, scope, initial))
+            tracker.track_future(async move {
+                session::run(socket, shared, scope, initial).await;
+                drop(slot);
+            })
         })
+}
+
+/// A place among `max_connections`, taken before the upgrade and given back when the
+/// connection ends (or the upgrade fails), so concurrent handshakes cannot overshoot.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn reserve(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.settings.server.max_connections;
+        let taken = shared
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        taken.is_ok().then(|| Slot(shared.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Browsers always send `Origin`; other clients may not (and could forge it anyway). With an
+/// allow-list, only listed origins pass; without one, only the server's own origin does, so
+/// a random web page cannot read the stream of a server on the developer's machine.
+fn origin_allowed(allowed: Option<&[String]>, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else { return true };
+    let origin = normalize_origin(origin.to_str().unwrap_or(""));
+    match allowed {
+        Some(allowed) => allowed.iter().any(|a| normalize_origin(a) == origin),
+        None => {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
+            !host.is_empty() && origin_host == host.to_ascii_lowercase()
+        }
+    }
+}
+
+/// `HTTPS://App.Example/` → `https://app.example`.
+pub fn normalize_origin(origin: &str) -> String {
+    origin.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// A refusal before the upgrade, as an error body clients can read.

@@ -200,9 +200,7 @@ impl Session {
                 self.reply(protocol::metadata(&metadata, reference))
             }
             Action::Auth { token } => match self.shared.settings.server.auth.verify(Some(&token)) {
-                Ok(fresh) if fresh.organizations == self.scope.organizations
-                    && fresh.domains == self.scope.domains =>
-                {
+                Ok(fresh) if fresh.same_grant(&self.scope) => {
                     self.scope = fresh;
                     self.reply(protocol::authenticated(self.scope.expires_at, reference));
                 }
@@ -608,7 +606,10 @@ fn replay_wait(
 fn deadline(unix_seconds: u64) -> tokio::time::Instant {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let left = std::time::Duration::from_secs(unix_seconds).saturating_sub(now);
+    // A token may claim an `exp` centuries away; a year is forever enough for a connection.
+    let left = std::time::Duration::from_secs(unix_seconds)
+        .saturating_sub(now)
+        .min(std::time::Duration::from_secs(365 * 24 * 3600));
     tokio::time::Instant::now() + left
 }
 
@@ -648,7 +649,9 @@ impl RateLimit {
         let elapsed = (now - self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.abuse = (self.abuse - elapsed * self.rate).max(0.0);
+        // The meter drains at a tenth of the rate: a client that keeps sending faster than the
+        // rate fills it sooner or later, however slightly faster.
+        self.abuse = (self.abuse - elapsed * self.rate / 10.0).max(0.0);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Verdict::Allowed;

@@ -1,0 +1,280 @@
+// rowcast JavaScript client: an ES module, no build step. Served by rowcast at /client.js.
+//
+//   import { connect } from "/client.js";
+//   const rowcast = connect("ws://127.0.0.1:8080/ws/events", { token, onState: console.log });
+//   const stop = rowcast.subscribe({ type: "agent.*", organization_id: "quant" }, (event) => {});
+//   stop(); // unsubscribe
+//
+// Guarantees: each subscription remembers the id of the last event it delivered and resumes
+// from it (`since`) after a reconnect, and drops anything at or below it, so a reconnect loses
+// nothing and repeats nothing. Identical filters share one server subscription. Reconnects
+// back off exponentially with jitter.
+
+/** Connection states passed to `onState`. */
+export const State = Object.freeze({
+  CONNECTING: "connecting",
+  OPEN: "open",
+  RECONNECTING: "reconnecting",
+  CLOSED: "closed",
+});
+
+/**
+ * Opens a client. `url` is the WebSocket URL (`ws://host/ws/events`); options:
+ * - `token`: a string, or a function returning one (or a promise of one), asked at each
+ *   (re)connection; sent as the `rowcast.bearer.<token>` subprotocol.
+ * - `onState(state, detail)`: connection state changes.
+ * - `onReset(filter, oldestId)`: the log no longer held a subscription's resume point.
+ * - `onError(frame)`: error frames from the server.
+ * - `minBackoff`, `maxBackoff` (ms): reconnect delays (default 250 and 15000).
+ */
+export function connect(url, options = {}) {
+  return new Client(url, options);
+}
+
+/** Canonical key of a filter, so identical filters (in any key or list order) share. */
+export function filterKey(filter = {}) {
+  const out = {};
+  for (const key of Object.keys(filter).sort()) {
+    const value = filter[key];
+    if (value === undefined || value === null) continue;
+    out[key] = Array.isArray(value) ? [...new Set(value)].sort() : value;
+  }
+  return JSON.stringify(out);
+}
+
+class Client {
+  constructor(url, options) {
+    this.url = url;
+    this.options = options;
+    this.minBackoff = options.minBackoff ?? 250;
+    this.maxBackoff = options.maxBackoff ?? 15000;
+    this.attempt = 0;
+    this.state = null;
+    this.socket = null;
+    this.closed = false;
+    this.nextRef = 1;
+    // key -> { filter, handlers: Set, serverId, lastId }
+    this.subscriptions = new Map();
+    // server subscription id -> key
+    this.byServerId = new Map();
+    // ref -> key (subscribe) or replay
+    this.pending = new Map();
+    // replay id -> replay
+    this.replays = new Map();
+    this.open();
+  }
+
+  setState(state, detail) {
+    if (this.state === state) return;
+    this.state = state;
+    this.options.onState?.(state, detail);
+  }
+
+  async open() {
+    this.setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING);
+    let token = this.options.token;
+    try {
+      if (typeof token === "function") token = await token();
+    } catch (err) {
+      return this.retry(`token: ${err}`);
+    }
+    if (this.closed) return;
+    const protocols = token ? ["rowcast.v1", `rowcast.bearer.${token}`] : [];
+    let socket;
+    try {
+      socket = new WebSocket(this.url, protocols);
+    } catch (err) {
+      return this.retry(String(err));
+    }
+    this.socket = socket;
+    socket.onmessage = (message) => this.receive(message.data);
+    socket.onclose = (event) => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      this.byServerId.clear();
+      this.pending.clear();
+      for (const replay of this.replays.values()) replay.fail("connection lost");
+      this.replays.clear();
+      if (this.closed) return this.setState(State.CLOSED);
+      this.retry(`closed ${event.code}${event.reason ? `: ${event.reason}` : ""}`);
+    };
+  }
+
+  retry(why) {
+    if (this.closed) return;
+    this.setState(State.RECONNECTING, why);
+    const ceiling = Math.min(this.maxBackoff, this.minBackoff * 2 ** this.attempt);
+    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+    this.attempt += 1;
+    setTimeout(() => this.open(), delay);
+  }
+
+  send(frame) {
+    if (this.socket?.readyState === WebSocket.OPEN) {
+      this.socket.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  receive(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const type = String(frame.type ?? "");
+    if (type.includes(".")) return this.event(frame);
+    switch (type) {
+      case "welcome":
+        this.attempt = 0;
+        this.setState(State.OPEN);
+        for (const [key, sub] of this.subscriptions) this.sendSubscribe(key, sub);
+        break;
+      case "subscribed": {
+        const key = this.pending.get(frame.ref);
+        this.pending.delete(frame.ref);
+        const sub = this.subscriptions.get(key);
+        if (!sub) {
+          // Unsubscribed meanwhile.
+          this.send({ action: "unsubscribe", subscription_id: frame.subscription_id });
+          break;
+        }
+        sub.serverId = frame.subscription_id;
+        this.byServerId.set(frame.subscription_id, key);
+        if (sub.lastId === null) sub.lastId = frame.last_id;
+        break;
+      }
+      case "caught_up": {
+        const sub = this.subscriptions.get(this.byServerId.get(frame.subscription_id));
+        if (sub) sub.lastId = Math.max(sub.lastId ?? 0, frame.last_id);
+        break;
+      }
+      case "reset": {
+        const sub = this.subscriptions.get(this.byServerId.get(frame.subscription_id));
+        if (sub) {
+          sub.lastId = frame.oldest_id - 1;
+          this.options.onReset?.(sub.filter, frame.oldest_id);
+        }
+        break;
+      }
+      case "replay_started": {
+        const replay = this.pending.get(frame.ref);
+        this.pending.delete(frame.ref);
+        if (replay) {
+          replay.id = frame.replay_id;
+          this.replays.set(frame.replay_id, replay);
+          replay.handlers.onStarted?.(frame.total);
+        }
+        break;
+      }
+      case "replay_progress":
+        this.replays.get(frame.replay_id)?.handlers.onProgress?.(frame.sent, frame.total);
+        break;
+      case "replay_finished":
+      case "replay_stopped": {
+        const replay = this.replays.get(frame.replay_id);
+        this.replays.delete(frame.replay_id);
+        replay?.handlers.onFinished?.(frame.sent ?? null, type === "replay_stopped");
+        break;
+      }
+      case "error":
+        if (this.pending.has(frame.ref)) {
+          const waiting = this.pending.get(frame.ref);
+          this.pending.delete(frame.ref);
+          if (waiting?.fail) waiting.fail(frame.message);
+        }
+        this.options.onError?.(frame);
+        break;
+      default:
+        break;
+    }
+  }
+
+  event(frame) {
+    if (frame.replay_id) {
+      this.replays.get(frame.replay_id)?.handlers.onEvent?.(frame);
+      return;
+    }
+    const { subscription_ids: ids = [], ...event } = frame;
+    for (const id of ids) {
+      const sub = this.subscriptions.get(this.byServerId.get(id));
+      if (!sub || (sub.lastId !== null && event.id <= sub.lastId)) continue;
+      sub.lastId = event.id;
+      for (const handler of sub.handlers) {
+        try {
+          handler(event);
+        } catch (err) {
+          console.error("rowcast handler failed", err);
+        }
+      }
+    }
+  }
+
+  sendSubscribe(key, sub) {
+    const ref = `s${this.nextRef++}`;
+    this.pending.set(ref, key);
+    const frame = { action: "subscribe", filter: sub.filter, ref };
+    if (sub.lastId !== null) frame.since = sub.lastId;
+    this.send(frame);
+  }
+
+  /**
+   * Calls `handler(event)` for every event matching `filter`, once, in order. Returns the
+   * function that unsubscribes. `options.since` resumes from a known event id.
+   */
+  subscribe(filter, handler, options = {}) {
+    const key = filterKey(filter);
+    let sub = this.subscriptions.get(key);
+    if (!sub) {
+      sub = { filter, handlers: new Set(), serverId: null, lastId: options.since ?? null };
+      this.subscriptions.set(key, sub);
+      if (this.state === State.OPEN) this.sendSubscribe(key, sub);
+    }
+    const entry = (event) => handler(event);
+    sub.handlers.add(entry);
+    return () => {
+      sub.handlers.delete(entry);
+      if (sub.handlers.size > 0 || this.subscriptions.get(key) !== sub) return;
+      this.subscriptions.delete(key);
+      if (sub.serverId) {
+        this.byServerId.delete(sub.serverId);
+        this.send({ action: "unsubscribe", subscription_id: sub.serverId });
+      }
+    };
+  }
+
+  /**
+   * Replays historic events: `{filter, from, to, speed}` (times as Date or RFC 3339 strings).
+   * Handlers: `onStarted(total)`, `onEvent(event)`, `onProgress(sent, total)`,
+   * `onFinished(sent, stopped)`, `onError(message)`. Returns `{ stop() }`.
+   */
+  replay({ filter = {}, from, to, speed = 1 }, handlers = {}) {
+    const iso = (t) => (t instanceof Date ? t.toISOString() : t);
+    const ref = `r${this.nextRef++}`;
+    const replay = {
+      id: null,
+      handlers,
+      fail: (message) => handlers.onError?.(message),
+    };
+    this.pending.set(ref, replay);
+    const sent = this.send({ action: "replay", filter, from: iso(from), to: iso(to), speed, ref });
+    if (!sent) {
+      this.pending.delete(ref);
+      replay.fail("not connected");
+    }
+    return {
+      stop: () => {
+        if (replay.id) this.send({ action: "stop_replay", replay_id: replay.id });
+      },
+    };
+  }
+
+  /** Closes for good. */
+  close() {
+    this.closed = true;
+    this.socket?.close(1000);
+    if (!this.socket) this.setState(State.CLOSED);
+  }
+}
