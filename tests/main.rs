@@ -4,6 +4,7 @@ mod support;
 
 mod access;
 mod auth;
+mod browser;
 mod capture;
 mod delivery;
 mod demo;

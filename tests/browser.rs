@@ -1,0 +1,120 @@
+//! The live page in a real headless Chromium (Debian's; never a downloaded browser), driven by
+//! `tests/browser/page.mjs` with playwright-core: the page loads, a subscription shows events
+//! from database writes, a server restart shows `reconnecting` and then resumes without losing
+//! or repeating events, and a replay plays back. Under `CI=true` a missing Chromium or
+//! missing node modules fail the test instead of skipping it.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::support::{Running, TestDb};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn browser_available() -> bool {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/playwright-core");
+    let ready = Path::new(&chromium).exists() && modules.exists();
+    if !ready {
+        let why = "browser tests need /usr/bin/chromium (apt-get install chromium) and \
+                   `npm ci` in tests/browser";
+        assert!(std::env::var("CI").is_err(), "{why}");
+        eprintln!("skipping: {why}");
+    }
+    ready
+}
+
+async fn ids(client: &tokio_postgres::Client) -> Vec<String> {
+    let rows = client.query("SELECT id FROM rowcast.events ORDER BY id", &[]).await.expect("ids");
+    rows.iter().map(|r| r.get::<_, i64>(0).to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_live_events_survives_a_restart_and_replays() {
+    if !browser_available() {
+        return;
+    }
+    let db = TestDb::migrated().await;
+    let server = Running::start(db.settings()).await;
+    let addr = server.addr;
+    let mut node = tokio::process::Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/page.mjs"))
+        .arg(format!("http://{addr}/"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let mut to_node = node.stdin.take().expect("stdin");
+    let mut from_node = BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let mut expect = async |line: &str| {
+        let got = tokio::time::timeout(WAIT, from_node.next_line()).await.expect("node answers in time");
+        let got = got.expect("read").unwrap_or_default();
+        assert_eq!(got, line, "the page check failed");
+    };
+    expect("ready").await;
+
+    let client = db.client().await;
+    client.batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Quant')").await.expect("org");
+    for i in 0..20 {
+        let status = if i % 5 == 0 { "failed" } else { "running" };
+        client
+            .execute(
+                "INSERT INTO deployments (id, organization_id, version, status) VALUES ($1, 'quant', 'v1', $2)",
+                &[&format!("dep-{i}"), &status],
+            )
+            .await
+            .expect("deployment");
+    }
+    db.settled_events().await;
+    to_node.write_all(format!("expect {}\n", ids(&client).await.join(",")).as_bytes()).await.expect("write");
+    expect("seen").await;
+
+    // The server goes away; writes go on; a new server comes up on the same address.
+    server.stop().await;
+    for i in 0..10 {
+        client
+            .execute("INSERT INTO agents (id, organization_id, name) VALUES ($1, 'quant', 'down')", &[&format!("down-{i}")])
+            .await
+            .expect("agent");
+    }
+    let mut settings = db.settings();
+    settings.server.listen = addr;
+    rowcast::setup::setup_replication(&settings).await.expect("setup");
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("same address");
+    let restarted = rowcast::server::Server::new(settings).await.expect("server");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(restarted.run(listener, shutdown.clone()));
+    for i in 0..10 {
+        client
+            .execute("INSERT INTO agents (id, organization_id, name) VALUES ($1, 'quant', 'up')", &[&format!("up-{i}")])
+            .await
+            .expect("agent");
+    }
+    db.settled_events().await;
+    let all = ids(&client).await;
+    to_node.write_all(format!("expect {}\n", all.join(",")).as_bytes()).await.expect("write");
+    expect("seen").await;
+    to_node.write_all(b"states\n").await.expect("write");
+    let states = tokio::time::timeout(WAIT, from_node.next_line()).await.expect("states").expect("read").unwrap_or_default();
+    assert!(states.contains("\"reconnecting\",\"open\""), "the indicator showed reconnecting, then open: {states}");
+
+    to_node.write_all(format!("replay {}\n", all.len()).as_bytes()).await.expect("write");
+    let mut expect = async |line: &str| {
+        let got = tokio::time::timeout(WAIT, from_node.next_line()).await.expect("node answers in time");
+        assert_eq!(got.expect("read").unwrap_or_default(), line, "the page check failed");
+    };
+    expect("replayed").await;
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("page.png");
+    to_node.write_all(format!("screenshot {}\n", shot.display()).as_bytes()).await.expect("write");
+    expect("done").await;
+    drop(to_node);
+    let status = tokio::time::timeout(WAIT, node.wait()).await.expect("node exits").expect("status");
+    assert!(status.success());
+    shutdown.cancel();
+    running.await.expect("joined").expect("clean stop");
+}
