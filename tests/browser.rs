@@ -16,7 +16,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 fn browser_available() -> bool {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/playwright-core");
+    let modules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/playwright-core");
     let ready = Path::new(&chromium).exists() && modules.exists();
     if !ready {
         let why = "browser tests need /usr/bin/chromium (apt-get install chromium) and \
@@ -52,14 +53,18 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
     let mut to_node = node.stdin.take().expect("stdin");
     let mut from_node = BufReader::new(node.stdout.take().expect("stdout")).lines();
     let mut expect = async |line: &str| {
-        let got = tokio::time::timeout(WAIT, from_node.next_line()).await.expect("node answers in time");
+        let got =
+            tokio::time::timeout(WAIT, from_node.next_line()).await.expect("node answers in time");
         let got = got.expect("read").unwrap_or_default();
         assert_eq!(got, line, "the page check failed");
     };
     expect("ready").await;
 
     let client = db.client().await;
-    client.batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Quant')").await.expect("org");
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Quant')")
+        .await
+        .expect("org");
     for i in 0..20 {
         let status = if i % 5 == 0 { "failed" } else { "running" };
         client
@@ -71,14 +76,20 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
             .expect("deployment");
     }
     db.settled_events().await;
-    to_node.write_all(format!("expect {}\n", ids(&client).await.join(",")).as_bytes()).await.expect("write");
+    to_node
+        .write_all(format!("expect {}\n", ids(&client).await.join(",")).as_bytes())
+        .await
+        .expect("write");
     expect("seen").await;
 
     // The server goes away; writes go on; a new server comes up on the same address.
     server.stop().await;
     for i in 0..10 {
         client
-            .execute("INSERT INTO agents (id, organization_id, name) VALUES ($1, 'quant', 'down')", &[&format!("down-{i}")])
+            .execute(
+                "INSERT INTO agents (id, organization_id, name) VALUES ($1, 'quant', 'down')",
+                &[&format!("down-{i}")],
+            )
             .await
             .expect("agent");
     }
@@ -91,7 +102,10 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
     let running = tokio::spawn(restarted.run(listener, shutdown.clone()));
     for i in 0..10 {
         client
-            .execute("INSERT INTO agents (id, organization_id, name) VALUES ($1, 'quant', 'up')", &[&format!("up-{i}")])
+            .execute(
+                "INSERT INTO agents (id, organization_id, name) VALUES ($1, 'quant', 'up')",
+                &[&format!("up-{i}")],
+            )
             .await
             .expect("agent");
     }
@@ -100,12 +114,30 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
     to_node.write_all(format!("expect {}\n", all.join(",")).as_bytes()).await.expect("write");
     expect("seen").await;
     to_node.write_all(b"states\n").await.expect("write");
-    let states = tokio::time::timeout(WAIT, from_node.next_line()).await.expect("states").expect("read").unwrap_or_default();
-    assert!(states.contains("\"reconnecting\",\"open\""), "the indicator showed reconnecting, then open: {states}");
+    let states = tokio::time::timeout(WAIT, from_node.next_line())
+        .await
+        .expect("states")
+        .expect("read")
+        .unwrap_or_default();
+    assert!(
+        states.contains("\"reconnecting\",\"open\""),
+        "the indicator showed reconnecting, then open: {states}"
+    );
+
+    to_node.write_all(b"cards\n").await.expect("write");
+    let cards =
+        tokio::time::timeout(WAIT, from_node.next_line()).await.expect("cards").expect("read");
+    let count = all.len();
+    assert_eq!(
+        cards.unwrap_or_default(),
+        format!("cards {count},{count}"),
+        "both cards got every event once"
+    );
 
     to_node.write_all(format!("replay {}\n", all.len()).as_bytes()).await.expect("write");
     let mut expect = async |line: &str| {
-        let got = tokio::time::timeout(WAIT, from_node.next_line()).await.expect("node answers in time");
+        let got =
+            tokio::time::timeout(WAIT, from_node.next_line()).await.expect("node answers in time");
         assert_eq!(got.expect("read").unwrap_or_default(), line, "the page check failed");
     };
     expect("replayed").await;
@@ -113,7 +145,8 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
     to_node.write_all(format!("screenshot {}\n", shot.display()).as_bytes()).await.expect("write");
     expect("done").await;
     drop(to_node);
-    let status = tokio::time::timeout(WAIT, node.wait()).await.expect("node exits").expect("status");
+    let status =
+        tokio::time::timeout(WAIT, node.wait()).await.expect("node exits").expect("status");
     assert!(status.success());
     shutdown.cancel();
     running.await.expect("joined").expect("clean stop");

@@ -30,7 +30,11 @@ try {
   });
   await page.waitForSelector("#entities input");
   await page.click("#subscribe");
-  await page.waitForSelector("#cards .card");
+  await page.click("#subscribe");
+  await page.waitForFunction(() => document.querySelectorAll("#cards .card").length === 2);
+  // Identical filters share one server subscription.
+  const shared = await page.evaluate(() => window.rowcast.subscriptions.size);
+  if (shared !== 1) throw new Error(`two identical filters made ${shared} subscriptions`);
   say("ready");
 
   const liveIds = () =>
@@ -54,6 +58,9 @@ try {
       say("seen");
     } else if (command === "states") {
       say(`states ${JSON.stringify(await page.evaluate(() => window.__states))}`);
+    } else if (command === "cards") {
+      // Both cards of the shared subscription counted every event.
+      say(`cards ${await page.$$eval("#cards .count", (c) => c.map((e) => e.textContent).join(","))}`);
     } else if (command === "replay") {
       const count = Number(argument);
       await page.fill("#replay-speed", "100");

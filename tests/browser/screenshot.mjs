@@ -1,0 +1,22 @@
+// Takes the README's screenshot of a running page (e.g. `rowcast demo`):
+//   node tests/browser/screenshot.mjs http://127.0.0.1:8080/ docs/page.png
+import { chromium } from "playwright-core";
+
+const [url, path] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu"],
+});
+const page = await browser.newPage({ viewport: { width: 1440, height: 860 } });
+await page.goto(url);
+await page.waitForSelector('#connection[data-state="open"]');
+await page.waitForSelector("#entities input");
+// One subscription to everything, one narrower, then let events arrive.
+await page.click("#subscribe");
+await page.check('#entities input[value="deployment.*"]');
+await page.click("#subscribe");
+await page.waitForTimeout(12000);
+const changed = await page.$("#feed li[data-type$='status_changed'], #feed li[data-type$='.updated']");
+if (changed) await changed.click();
+await page.screenshot({ path });
+await browser.close();
