@@ -155,6 +155,7 @@ $("pause").addEventListener("click", () => {
 });
 $("clear").addEventListener("click", () => {
   feed.replaceChildren();
+  seen.clear();
   total = 0;
   counts();
 });
@@ -181,6 +182,7 @@ function render(event, replayed) {
   const item = document.createElement("li");
   item.className = `event ${event.severity}${replayed ? " replayed" : ""}`;
   item.dataset.id = event.id;
+  item.dataset.key = `${replayed ? "r" : "l"}${event.id}`;
   item.dataset.type = event.type;
   item.dataset.search = JSON.stringify(event).toLowerCase();
   const time = event.timestamp.slice(11, 23);
@@ -192,7 +194,11 @@ function render(event, replayed) {
   item.addEventListener("click", () => details(event, item));
   applySearch(item);
   feed.prepend(item);
-  while (feed.children.length > FEED_LIMIT) feed.lastElementChild.remove();
+  while (feed.children.length > FEED_LIMIT) {
+    const oldest = feed.lastElementChild;
+    seen.delete(oldest.dataset.key);
+    oldest.remove();
+  }
   total += 1;
   counts();
 }
