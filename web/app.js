@@ -11,10 +11,13 @@ const params = new URLSearchParams(location.search);
 const tokenInput = $("token");
 tokenInput.value = params.get("token") ?? localStorage.getItem("rowcast.token") ?? "";
 tokenInput.addEventListener("change", () => {
-  localStorage.setItem("rowcast.token", tokenInput.value);
+  localStorage.setItem("rowcast.token", tokenInput.value.trim());
+  // The input wins from now on; keep the token out of the address bar and history.
+  params.delete("token");
+  history.replaceState(null, "", `${location.pathname}${params.size ? `?${params}` : ""}`);
   location.reload();
 });
-const token = () => tokenInput.value || undefined;
+const token = () => tokenInput.value.trim() || undefined;
 
 const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/events`;
 const indicator = $("connection");
@@ -27,7 +30,8 @@ const client = connect(wsUrl, {
     if (state === State.OPEN) loadMetadata();
   },
   onError: (frame) => toast(`${frame.code}: ${frame.message}`, "warning"),
-  onReset: (_filter, oldest) => toast(`history before event ${oldest} has expired`, "warning"),
+  onReset: (_filter, oldest) => toast(`resuming from event ${oldest}: the log no longer holds what came before`, "warning"),
+  onRefused: (filter, message) => toast(`subscription refused: ${message}`, "error"),
 });
 
 // ---- builder -------------------------------------------------------------------------------
@@ -173,6 +177,11 @@ function show(event, replayed) {
   }
   if (paused) {
     buffered.push([event, replayed]);
+    // Only the newest FEED_LIMIT would be shown anyway.
+    if (buffered.length > FEED_LIMIT) {
+      const [dropped, wasReplay] = buffered.shift();
+      seen.delete(`${wasReplay ? "r" : "l"}${dropped.id}`);
+    }
     return;
   }
   render(event, replayed);

@@ -25,6 +25,7 @@ export const State = Object.freeze({
  * - `onState(state, detail)`: connection state changes.
  * - `onReset(filter, oldestId)`: the log no longer held a subscription's resume point.
  * - `onError(frame)`: error frames from the server.
+ * - `onRefused(filter, message, code)`: a subscription the server refused (and dropped).
  * - `minBackoff`, `maxBackoff` (ms): reconnect delays (default 250 and 15000).
  */
 export function connect(url, options = {}) {
@@ -37,7 +38,8 @@ export function filterKey(filter = {}) {
   for (const key of Object.keys(filter).sort()) {
     const value = filter[key];
     if (value === undefined || value === null) continue;
-    out[key] = Array.isArray(value) ? [...new Set(value)].sort() : value;
+    const list = Array.isArray(value) ? value : key === "severity" ? null : [value];
+    out[key] = list ? [...new Set(list)].sort() : value;
   }
   return JSON.stringify(out);
 }
@@ -71,6 +73,8 @@ class Client {
   }
 
   async open() {
+    this.timer = null;
+    if (this.closed) return;
     this.setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING);
     let token = this.options.token;
     try {
@@ -79,6 +83,7 @@ class Client {
       return this.retry(`token: ${err}`);
     }
     if (this.closed) return;
+    token = typeof token === "string" ? token.trim() : token;
     const protocols = token ? ["rowcast.v1", `rowcast.bearer.${token}`] : [];
     let socket;
     try {
@@ -91,7 +96,13 @@ class Client {
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
       this.socket = null;
+      // Server ids are per connection (`s1` again after a reconnect): forget them all.
       this.byServerId.clear();
+      for (const sub of this.subscriptions.values()) {
+        sub.serverId = null;
+        sub.ref = null;
+      }
+      for (const waiting of this.pending.values()) waiting.fail?.("connection lost");
       this.pending.clear();
       for (const replay of this.replays.values()) replay.fail("connection lost");
       this.replays.clear();
@@ -106,7 +117,8 @@ class Client {
     const ceiling = Math.min(this.maxBackoff, this.minBackoff * 2 ** this.attempt);
     const delay = ceiling / 2 + Math.random() * (ceiling / 2);
     this.attempt += 1;
-    setTimeout(() => this.open(), delay);
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.open(), delay);
   }
 
   send(frame) {
@@ -129,20 +141,20 @@ class Client {
     switch (type) {
       case "welcome":
         this.attempt = 0;
+        for (const sub of this.subscriptions.values()) this.sendSubscribe(sub);
         this.setState(State.OPEN);
-        for (const [key, sub] of this.subscriptions) this.sendSubscribe(key, sub);
         break;
       case "subscribed": {
-        const key = this.pending.get(frame.ref);
+        const sub = this.pending.get(frame.ref)?.sub;
         this.pending.delete(frame.ref);
-        const sub = this.subscriptions.get(key);
-        if (!sub) {
-          // Unsubscribed meanwhile.
+        if (!sub || this.subscriptions.get(sub.key) !== sub || sub.ref !== frame.ref) {
+          // Unsubscribed (or replaced) meanwhile: drop the server's copy.
           this.send({ action: "unsubscribe", subscription_id: frame.subscription_id });
           break;
         }
+        sub.ref = null;
         sub.serverId = frame.subscription_id;
-        this.byServerId.set(frame.subscription_id, key);
+        this.byServerId.set(frame.subscription_id, sub.key);
         if (sub.lastId === null) sub.lastId = frame.last_id;
         break;
       }
@@ -166,6 +178,7 @@ class Client {
           replay.id = frame.replay_id;
           this.replays.set(frame.replay_id, replay);
           replay.handlers.onStarted?.(frame.total);
+          if (replay.stopped) this.send({ action: "stop_replay", replay_id: replay.id });
         }
         break;
       }
@@ -180,10 +193,26 @@ class Client {
         break;
       }
       case "error":
+        if (frame.replay_id && this.replays.has(frame.replay_id)) {
+          this.replays.get(frame.replay_id).fail(frame.message);
+          this.replays.delete(frame.replay_id);
+        }
+        if (frame.code === "rate_limited") {
+          // Refused before being read, so without a ref: send what is still unanswered again.
+          clearTimeout(this.resendTimer);
+          this.resendTimer = setTimeout(() => {
+            for (const sub of this.subscriptions.values()) {
+              if (sub.ref && !sub.serverId) {
+                this.pending.delete(sub.ref);
+                this.sendSubscribe(sub);
+              }
+            }
+          }, 1000);
+        }
         if (this.pending.has(frame.ref)) {
           const waiting = this.pending.get(frame.ref);
           this.pending.delete(frame.ref);
-          if (waiting?.fail) waiting.fail(frame.message);
+          waiting.fail?.(frame.message, frame.code);
         }
         this.options.onError?.(frame);
         break;
@@ -212,9 +241,20 @@ class Client {
     }
   }
 
-  sendSubscribe(key, sub) {
+  sendSubscribe(sub) {
     const ref = `s${this.nextRef++}`;
-    this.pending.set(ref, key);
+    sub.ref = ref;
+    // A refusal is reported once and the subscription dropped: a forbidden filter will not
+    // become allowed by retrying. (Rate-limited frames carry no ref; see `receive`.)
+    const fail = (message, code) => {
+      if (this.subscriptions.get(sub.key) !== sub || sub.ref !== ref) return;
+      sub.ref = null;
+      if (code && code !== "rate_limited") {
+        this.subscriptions.delete(sub.key);
+        this.options.onRefused?.(sub.filter, message, code);
+      }
+    };
+    this.pending.set(ref, { sub, fail });
     const frame = { action: "subscribe", filter: sub.filter, ref };
     if (sub.lastId !== null) frame.since = sub.lastId;
     this.send(frame);
@@ -225,12 +265,15 @@ class Client {
    * function that unsubscribes. `options.since` resumes from a known event id.
    */
   subscribe(filter, handler, options = {}) {
-    const key = filterKey(filter);
+    // A subscription resuming from a given id cannot share with one that is further along.
+    const since = options.since ?? null;
+    const key = filterKey(filter) + (since === null ? "" : `@${since}`);
     let sub = this.subscriptions.get(key);
     if (!sub) {
-      sub = { filter, handlers: new Set(), serverId: null, lastId: options.since ?? null };
+      const copy = JSON.parse(JSON.stringify(filter ?? {}));
+      sub = { key, filter: copy, handlers: new Set(), serverId: null, ref: null, lastId: since };
       this.subscriptions.set(key, sub);
-      if (this.state === State.OPEN) this.sendSubscribe(key, sub);
+      if (this.socket?.readyState === WebSocket.OPEN && this.state === State.OPEN) this.sendSubscribe(sub);
     }
     const entry = (event) => handler(event);
     sub.handlers.add(entry);
@@ -255,6 +298,7 @@ class Client {
     const ref = `r${this.nextRef++}`;
     const replay = {
       id: null,
+      stopped: false,
       handlers,
       fail: (message) => handlers.onError?.(message),
     };
@@ -266,6 +310,7 @@ class Client {
     }
     return {
       stop: () => {
+        replay.stopped = true;
         if (replay.id) this.send({ action: "stop_replay", replay_id: replay.id });
       },
     };
@@ -274,6 +319,7 @@ class Client {
   /** Closes for good. */
   close() {
     this.closed = true;
+    clearTimeout(this.timer);
     this.socket?.close(1000);
     if (!this.socket) this.setState(State.CLOSED);
   }

@@ -246,6 +246,15 @@ pub fn replay_finished(replay: u32, sent: u64) -> String {
     render(json!({"type": "replay_finished", "replay_id": replay_name(replay), "sent": sent}), None)
 }
 
+/// A replay that could not go on (the event log failed): an error naming it.
+pub fn replay_failed(replay: u32) -> String {
+    let message = "the replay stopped: the event log is unavailable";
+    render(
+        json!({"type": "error", "code": "unavailable", "message": message, "replay_id": replay_name(replay)}),
+        None,
+    )
+}
+
 pub fn replay_stopped(replay: &str, reference: Option<&Value>) -> String {
     render(json!({"type": "replay_stopped", "replay_id": replay}), reference)
 }

@@ -526,11 +526,8 @@ impl Replay {
     async fn run(self, reference: Option<serde_json::Value>) {
         if let Err(err) = self.play(reference.as_ref()).await {
             tracing::warn!(error = %err, "replay failed");
-            let err = ProtocolError {
-                code: ErrorCode::BadRequest,
-                message: format!("replay r{} failed: the event log is unavailable", self.number),
-            };
-            let _ = self.outbound.push_paced(Frame::Control(protocol::error(&err, None))).await;
+            let failed = protocol::replay_failed(self.number);
+            let _ = self.outbound.push_paced(Frame::Control(failed)).await;
         }
     }
 
