@@ -1,7 +1,8 @@
 //! The live page in a real headless Chromium (Debian's; never a downloaded browser), driven by
 //! `tests/browser/page.mjs` with playwright-core: the page loads, a subscription shows events
-//! from database writes, a server restart shows `reconnecting` and then resumes without losing
-//! or repeating events, and a replay plays back. Under `CI=true` a missing Chromium or
+//! from database writes, the server process is killed (SIGKILL) and started again while writes
+//! go on, the page shows `reconnecting` and then resumes without losing or repeating events,
+//! and a replay plays back. Under `CI=true` a missing Chromium or
 //! missing node modules fail the test instead of skipping it.
 
 use std::path::Path;
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::support::{Running, TestDb};
+use crate::support::TestDb;
+use crate::support::client::get;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -28,6 +30,36 @@ fn browser_available() -> bool {
     ready
 }
 
+/// `rowcast serve` for `db` on `addr`, once it is ready (streaming, log reachable).
+async fn serve(db: &TestDb, addr: std::net::SocketAddr) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--slot",
+            &db.name,
+            "--status-interval",
+            "1s",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("rowcast serve");
+    let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
+    for _ in 0..1200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() && get(addr, "/readyz").await.0 == 200
+        {
+            nudge.abort();
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("rowcast serve never became ready");
+}
+
 async fn ids(client: &tokio_postgres::Client) -> Vec<String> {
     let rows = client.query("SELECT id FROM rowcast.events ORDER BY id", &[]).await.expect("ids");
     rows.iter().map(|r| r.get::<_, i64>(0).to_string()).collect()
@@ -39,8 +71,13 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
         return;
     }
     let db = TestDb::migrated().await;
-    let server = Running::start(db.settings()).await;
-    let addr = server.addr;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut server = serve(&db, addr).await;
     let mut node = tokio::process::Command::new("node")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/page.mjs"))
         .arg(format!("http://{addr}/"))
@@ -82,8 +119,9 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
         .expect("write");
     expect("seen").await;
 
-    // The server goes away; writes go on; a new server comes up on the same address.
-    server.stop().await;
+    // The server is killed; writes go on; a new one comes up on the same address.
+    server.kill().expect("SIGKILL");
+    server.wait().expect("reaped");
     for i in 0..10 {
         client
             .execute(
@@ -93,13 +131,7 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
             .await
             .expect("agent");
     }
-    let mut settings = db.settings();
-    settings.server.listen = addr;
-    rowcast::setup::setup_replication(&settings).await.expect("setup");
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("same address");
-    let restarted = rowcast::server::Server::new(settings).await.expect("server");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(restarted.run(listener, shutdown.clone()));
+    let mut server = serve(&db, addr).await;
     for i in 0..10 {
         client
             .execute(
@@ -148,6 +180,6 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
     let status =
         tokio::time::timeout(WAIT, node.wait()).await.expect("node exits").expect("status");
     assert!(status.success());
-    shutdown.cancel();
-    running.await.expect("joined").expect("clean stop");
+    server.kill().expect("stop");
+    server.wait().expect("reaped");
 }
