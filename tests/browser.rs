@@ -30,8 +30,18 @@ fn browser_available() -> bool {
     ready
 }
 
+/// A `rowcast serve` process, killed (SIGKILL) when dropped, however the test ends.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `rowcast serve` for `db` on `addr`, once it is ready (streaming, log reachable).
-async fn serve(db: &TestDb, addr: std::net::SocketAddr) -> std::process::Child {
+async fn serve(db: &TestDb, addr: std::net::SocketAddr) -> Serve {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args([
             "serve",
@@ -48,6 +58,7 @@ async fn serve(db: &TestDb, addr: std::net::SocketAddr) -> std::process::Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("rowcast serve");
+    let child = Serve(child);
     let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
     for _ in 0..1200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() && get(addr, "/readyz").await.0 == 200
@@ -77,7 +88,7 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
         .expect("addr")
         .port();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut server = serve(&db, addr).await;
+    let server = serve(&db, addr).await;
     let mut node = tokio::process::Command::new("node")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/page.mjs"))
         .arg(format!("http://{addr}/"))
@@ -120,8 +131,7 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
     expect("seen").await;
 
     // The server is killed; writes go on; a new one comes up on the same address.
-    server.kill().expect("SIGKILL");
-    server.wait().expect("reaped");
+    drop(server);
     for i in 0..10 {
         client
             .execute(
@@ -131,7 +141,7 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
             .await
             .expect("agent");
     }
-    let mut server = serve(&db, addr).await;
+    let server = serve(&db, addr).await;
     for i in 0..10 {
         client
             .execute(
@@ -180,6 +190,5 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
     let status =
         tokio::time::timeout(WAIT, node.wait()).await.expect("node exits").expect("status");
     assert!(status.success());
-    server.kill().expect("stop");
-    server.wait().expect("reaped");
+    drop(server);
 }
