@@ -94,6 +94,8 @@ struct Registry {
 
 pub struct Bus {
     registry: Mutex<Registry>,
+    /// What `/metrics` reports; the bus sees every event, so it keeps most of it.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Counters for stats.
@@ -121,6 +123,7 @@ impl Bus {
                 slow_closes: 0,
                 scopes: BTreeMap::new(),
             }),
+            metrics: crate::metrics::Metrics::default(),
         }
     }
 
@@ -216,6 +219,7 @@ impl Bus {
                 envelope,
                 subscriptions: vec![subscription],
                 history: true,
+                committed_at: 0,
             })
             .chain([Frame::Live { subscription }]);
         for frame in frames {
@@ -251,7 +255,9 @@ impl Bus {
             };
             matches.clear();
             registry.candidates(&subject, &mut matches);
+            let mut queued = 0;
             if matches.is_empty() {
+                self.metrics.published(&event.kind, 0);
                 continue;
             }
             matches.sort_unstable();
@@ -281,15 +287,26 @@ impl Bus {
                     envelope: event.json.clone(),
                     subscriptions: live,
                     history: false,
+                    committed_at: event.timestamp.0,
                 };
-                if let Err(rejected) = c.outbound.push(frame) {
-                    slow.push((connection, rejected));
+                match c.outbound.push(frame) {
+                    Ok(()) => queued += 1,
+                    Err(rejected) => slow.push((connection, rejected)),
                 }
             }
+            self.metrics.published(&event.kind, queued);
             for (connection, rejected) in slow.drain(..) {
                 registry.drop_connection(connection, rejected);
             }
         }
+        if let Some(last) = events.last() {
+            self.metrics.source_lag(crate::event::Timestamp::now().0 - last.timestamp.0);
+        }
+    }
+
+    /// Frames queued for all connections now.
+    pub fn outbound_frames(&self) -> usize {
+        self.lock().connections.values().map(|c| c.outbound.len()).sum()
     }
 
     /// Stops the bus: every connection writes what it has queued and closes with 1001.

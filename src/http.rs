@@ -35,6 +35,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/events/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), loopback_host))
         .with_state(shared)
 }
@@ -279,19 +280,7 @@ async fn stats(
             client.query_one("SELECT pg_total_relation_size('rowcast.events')", &[]).await.ok()?;
         Some(row.get::<_, i64>(0))
     };
-    let slot_lag = async {
-        let client = shared.source.get().await.ok()?;
-        let row = client
-            .query_opt(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-                   FROM pg_replication_slots WHERE slot_name = $1",
-                &[&shared.settings.slot],
-            )
-            .await
-            .ok()??;
-        row.get::<_, Option<i64>>(0)
-    };
-    let (log_size, slot_lag) = tokio::join!(log_size, slot_lag);
+    let (log_size, slot_lag) = tokio::join!(log_size, slot_lag(&shared));
     Ok(axum::Json(json!({
         "running": state == PublisherState::Streaming,
         "state": state_name,
@@ -310,6 +299,40 @@ async fn stats(
         "slow_consumer_closes": bus.slow_consumer_closes,
     }))
     .into_response())
+}
+
+/// Prometheus text format; needs a token like stats when `--auth jwt`.
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    authorize(&shared, &headers, &query_pairs(query.as_deref()))?;
+    let bus = shared.bus.stats();
+    let snapshot = crate::metrics::Snapshot {
+        connections: bus.connections,
+        subscriptions: bus.subscriptions,
+        slow_consumer_closes: bus.slow_consumer_closes,
+        outbound_frames: shared.bus.outbound_frames(),
+        slot_lag_bytes: slot_lag(&shared).await,
+        source: shared.source_mode,
+    };
+    let body = shared.bus.metrics.render(&snapshot);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
+}
+
+/// Bytes of WAL the slot has not confirmed (replication only).
+async fn slot_lag(shared: &Shared) -> Option<i64> {
+    let client = shared.source.get().await.ok()?;
+    let row = client
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&shared.settings.slot],
+        )
+        .await
+        .ok()??;
+    row.get::<_, Option<i64>>(0)
 }
 
 async fn healthz() -> &'static str {

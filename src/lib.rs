@@ -38,6 +38,7 @@ pub mod filter;
 pub mod http;
 pub mod log;
 pub mod mapping;
+pub mod metrics;
 pub mod pool;
 pub mod publisher;
 pub mod render;

@@ -42,6 +42,19 @@ pub enum PublisherError {
 }
 
 impl PublisherError {
+    /// The `kind` label of `rowcast_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Capture(CaptureError::Decode(_)) => "decode",
+            Self::Capture(CaptureError::Protocol(_)) => "protocol",
+            Self::Capture(CaptureError::Replication(_)) => "replication",
+            Self::Capture(CaptureError::Catalog(_)) => "catalog",
+            Self::Capture(CaptureError::WriterGone) | Self::Log(_) => "log",
+            Self::Setup(_) => "setup",
+            Self::Triggers(_) => "triggers",
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Capture(err) => err.is_retryable(),
@@ -132,6 +145,9 @@ async fn supervise(
             SourceMode::Triggers => trigger_pipeline(settings, signals, shutdown).await,
             _ => pipeline(settings, &params, signals, shutdown).await,
         };
+        if let (Err(err), Some(bus)) = (&life, &signals.bus) {
+            bus.metrics.error(err.kind());
+        }
         match life {
             Ok(()) => return Ok(()),
             Err(err) if err.is_retryable() => {
@@ -307,6 +323,11 @@ async fn write_loop(
     let mut items = Vec::with_capacity(batch_size);
     // Waits for at least one item, then takes what is already queued, up to a batch.
     while queue.recv_many(&mut items, batch_size).await > 0 {
+        if let Some(bus) = &signals.bus {
+            bus.metrics
+                .capture_queue
+                .store(queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut batch = Vec::with_capacity(items.len());
         let mut progress = None;
         for item in items.drain(..) {

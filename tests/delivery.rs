@@ -152,6 +152,11 @@ async fn one_frame_per_event_for_all_matching_subscriptions() {
             ("agent.created".into(), json!([agents])),
         ]
     );
+    // Three live frames were written: the latency histogram counted them.
+    let (_, metrics) = get(server.addr, "/metrics").await;
+    let text = metrics.as_str().expect("text").to_owned();
+    assert!(text.contains("rowcast_commit_to_send_seconds_count 3\n"), "{text}");
+    assert!(text.contains("rowcast_events_delivered_total{type=\"agent.created\"} 2\n"), "{text}");
     ws.send(json!({"action": "unsubscribe", "subscription_id": agents, "ref": 7})).await;
     let reply = ws.frame().await;
     assert_eq!(reply, json!({"type": "unsubscribed", "subscription_id": agents, "ref": 7}));
@@ -572,6 +577,22 @@ async fn history_metadata_stats_and_health_over_http() {
     assert!(stats["log_size_bytes"].as_u64().is_some_and(|s| s > 0), "{stats}");
     assert!(stats["slot_lag_bytes"].as_i64().is_some(), "{stats}");
     assert_eq!(stats["last_event_time"], log.last().expect("last")["timestamp"]);
+
+    // Metrics: appended per type, delivered to the one subscribed connection, latency counted.
+    let (status, metrics) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let text = metrics.as_str().expect("text");
+    let appended = log.iter().filter(|e| e["type"] == "agent.created").count();
+    assert!(
+        text.contains(&format!(
+            "rowcast_events_appended_total{{type=\"agent.created\"}} {appended}\n"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("rowcast_connections 1\n"), "{text}");
+    assert!(text.contains("rowcast_errors_total{kind=\"decode\"} 0\n"), "{text}");
+    assert!(text.contains("# TYPE rowcast_commit_to_send_seconds histogram"), "{text}");
+    assert!(text.contains("rowcast_source_info{source=\"replication\"} 1"), "{text}");
 
     assert_eq!(get(addr, "/healthz").await.0, 200);
     let (status, ready) = get(addr, "/readyz").await;

@@ -18,7 +18,8 @@ pub enum Frame {
     /// An event: the envelope as stored in the log (serialized once, shared by every
     /// connection) and the subscriptions of this connection it matches. `history` events
     /// belong to a subscription's catch-up and may be older than live ones before them.
-    Event { id: u64, envelope: Arc<str>, subscriptions: Vec<u32>, history: bool },
+    /// `committed_at` (µs since the epoch) is the source commit of live events, 0 otherwise.
+    Event { id: u64, envelope: Arc<str>, subscriptions: Vec<u32>, history: bool, committed_at: i64 },
     /// A control frame, already serialized.
     Control(String),
     /// A historic event of a replay: the envelope and `"replay_id"`.
@@ -264,6 +265,15 @@ impl Outbound {
         }
     }
 
+    /// Frames waiting now.
+    pub fn len(&self) -> usize {
+        self.lock().frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn is_closing(&self) -> bool {
         self.lock().closing.is_some()
     }
@@ -305,6 +315,7 @@ mod tests {
             envelope: envelope.into(),
             subscriptions,
             history: false,
+            committed_at: 0,
         };
         let frame = event(r#"{"id":1}"#, vec![1, 3]);
         assert_eq!(frame.render().as_deref(), Some(r#"{"id":1,"subscription_ids":["s1","s3"]}"#));

@@ -397,6 +397,7 @@ impl CatchUp {
                 envelope: envelope.into(),
                 subscriptions: vec![self.subscription],
                 history: true,
+                committed_at: 0,
             };
             self.push(frame).await.ok()?;
         }
@@ -459,6 +460,9 @@ async fn write_loop(
             next = outbound.next() => match next {
                 Next::Frame(frame) => {
                     delivered.note(&frame);
+                    if let Frame::Event { history: false, committed_at, .. } = &frame {
+                        shared.bus.metrics.sent(crate::event::Timestamp::now().0 - committed_at);
+                    }
                     match frame.render() {
                         Some(text) => Message::Text(text.into()),
                         None => continue,
