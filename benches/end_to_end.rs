@@ -1,0 +1,380 @@
+//! End-to-end benchmark: rowcast's release binary against its own throwaway Postgres, with
+//! real WebSocket clients, next to `pg_recvlogical` draining the same WAL (the physical limit).
+//!
+//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS]` (defaults 100000 10000 1000)
+//!
+//! Prints, per scenario: changes/s sustained, events delivered/s, commit-to-client latency
+//! p50/p99/max (commit time from Postgres, receive time on the same clock), server RSS, RSS per
+//! idle connection and server CPU. See docs/benchmarks.md for the figures and the machine.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use rowcast::cluster::Cluster;
+use tokio_postgres::NoTls;
+use tokio_tungstenite::tungstenite::Message;
+
+fn arg(index: usize, default: usize) -> usize {
+    std::env::args()
+        .filter(|a| !a.starts_with('-'))
+        .nth(index)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let hz: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    ticks as f64 / hz
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as i64
+}
+
+fn micros_of(timestamp: &str) -> i64 {
+    rowcast::event::Timestamp::parse_rfc3339(timestamp).map_or(0, |t| t.0)
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_server(url: &str) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
+        .args(["serve", "--listen", &addr.to_string(), "--max-connections", "20000"])
+        .args(["--outbound-frames", "100000", "--status-interval", "1s"])
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("rowcast serve (build it with cargo bench)");
+    let server = Server { child, addr };
+    let admin = client(url).await;
+    for _ in 0..600 {
+        // Slot creation waits for running transactions; a checkpoint lets it finish at once.
+        let _ = admin.batch_execute("CHECKPOINT").await;
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response).await;
+            if response.starts_with("HTTP/1.1 200") {
+                return server;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("rowcast serve never became ready");
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    frames: AtomicU64,
+    latencies: std::sync::Mutex<Vec<i64>>,
+    last_frame_micros: AtomicU64,
+}
+
+/// A client subscribed with `query`; reads forever unless `reads` is false.
+async fn subscriber(
+    addr: SocketAddr,
+    query: String,
+    seen: Arc<Seen>,
+    reads: bool,
+) -> tokio::task::JoinHandle<()> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/events?{query}"))
+        .await
+        .expect("ws");
+    tokio::spawn(async move {
+        if !reads {
+            // Never read: the server must close it (4008) without slowing the others.
+            std::future::pending::<()>().await;
+        }
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else { continue };
+            // Cheap extraction: the envelope starts with id, type and timestamp.
+            let Some(at) = text.find("\"timestamp\":\"") else { continue };
+            let stamp = &text[at + 13..at + 13 + 27];
+            let received = now_micros();
+            seen.latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(received - micros_of(stamp));
+            seen.frames.fetch_add(1, Ordering::Relaxed);
+            seen.last_frame_micros.store(received as u64, Ordering::Relaxed);
+        }
+    })
+}
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index] as f64 / 1000.0
+}
+
+async fn log_head(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT last_id FROM rowcast.log_head", &[]).await.expect("head").get(0)
+}
+
+/// Inserts `rows` agents over 4 connections in transactions of `per_txn`, spread over `orgs`
+/// organizations, as fast as possible or at `rate` changes per second.
+async fn write(url: &str, rows: usize, per_txn: usize, orgs: usize, rate: Option<f64>, tag: &str) {
+    let writers = 4;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let db = client(url).await;
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let share = rows / writers;
+            let mut done = 0;
+            while done < share {
+                let n = per_txn.min(share - done);
+                db.execute(
+                    "INSERT INTO agents (id, organization_id, name, status)
+                     SELECT $1 || '-' || $2::int || '-' || i, 'org' || (i % $4::int), 'agent', 'active'
+                       FROM generate_series($3::int, $3::int + $5::int - 1) i",
+                    &[&tag, &(w as i32), &(done as i32), &(orgs as i32), &(n as i32)],
+                )
+                .await
+                .expect("insert");
+                done += n;
+                if let Some(rate) = rate {
+                    let due = Duration::from_secs_f64((done * writers) as f64 / rate);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = arg(1, 100_000);
+    let idle = arg(2, 10_000);
+    let latency_clients = arg(3, 1_000);
+    println!(
+        "rowcast end-to-end benchmark: rows={rows} idle={idle} latency_clients={latency_clients}"
+    );
+    let cluster =
+        Cluster::start(&[("wal_level", "logical"), ("max_wal_size", "4GB")]).expect("cluster");
+    let admin = client(&cluster.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE bench").await.expect("database");
+    let url = cluster.url("bench");
+    let db = client(&url).await;
+    rowcast::setup::migrate(&db).await.expect("schema");
+    db.batch_execute(
+        "INSERT INTO organizations (id, name) SELECT 'org' || i, 'o' FROM generate_series(0, 99) i",
+    )
+    .await
+    .expect("orgs");
+    let server = start_server(&url).await;
+    let pid = server.child.id();
+    let addr = server.addr;
+
+    // 1. Idle connections.
+    let rss_before = rss_kb(pid);
+    let mut idle_sockets = Vec::with_capacity(idle);
+    for _ in 0..idle {
+        match tokio_tungstenite::connect_async(format!("ws://{addr}/ws/events")).await {
+            Ok((ws, _)) => idle_sockets.push(ws),
+            Err(err) => {
+                println!("idle connection {} failed: {err}", idle_sockets.len());
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_kb(pid);
+    let per_idle =
+        (rss_idle.saturating_sub(rss_before)) as f64 * 1024.0 / idle_sockets.len().max(1) as f64;
+    println!(
+        "idle: {} connections, server RSS {} KB -> {} KB, {:.1} KB per idle connection",
+        idle_sockets.len(),
+        rss_before,
+        rss_idle,
+        per_idle / 1024.0
+    );
+    drop(idle_sockets);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 2. Throughput, with pg_recvlogical draining the same WAL afterwards.
+    db.batch_execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
+        .await
+        .expect("raw slot");
+    let seen = Arc::new(Seen::default());
+    let mut readers = Vec::new();
+    for _ in 0..10 {
+        readers.push(subscriber(addr, "type=*".into(), seen.clone(), true).await);
+    }
+    let head_before = log_head(&db).await;
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    write(&url, rows, 100, 100, None, "t").await;
+    let written = started.elapsed();
+    let target = head_before + rows as i64;
+    while log_head(&db).await < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let appended = started.elapsed();
+    while seen.frames.load(Ordering::Relaxed) < (rows * 10) as u64
+        && started.elapsed() < appended + Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = started.elapsed();
+    let cpu = (cpu_seconds(pid) - cpu_before) / delivered.as_secs_f64() * 100.0;
+    let end_lsn: String =
+        db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    let raw_started = Instant::now();
+    let status =
+        Command::new(rowcast::cluster::find_binaries().expect("binaries").join("pg_recvlogical"))
+            .args([
+                "-d",
+                &url,
+                "--slot",
+                "bench_raw",
+                "--start",
+                "--endpos",
+                &end_lsn,
+                "-f",
+                "/dev/null",
+            ])
+            .args(["-o", "proto_version=1", "-o", "publication_names=rowcast", "--no-loop"])
+            .status()
+            .expect("pg_recvlogical");
+    let raw = raw_started.elapsed();
+    assert!(status.success(), "pg_recvlogical failed");
+    let sustained = rows as f64 / appended.as_secs_f64();
+    let raw_rate = rows as f64 / raw.as_secs_f64();
+    let frames = seen.frames.load(Ordering::Relaxed);
+    let mut latencies =
+        std::mem::take(&mut *seen.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    latencies.sort_unstable();
+    println!(
+        "throughput: {rows} rows by 4 writers in {:.2}s; appended in {:.2}s = {:.0} changes/s; \
+         {frames} frames to 10 clients in {:.2}s = {:.0} events/s; server CPU {:.0}% (of one core); RSS {} KB",
+        written.as_secs_f64(),
+        appended.as_secs_f64(),
+        sustained,
+        delivered.as_secs_f64(),
+        frames as f64 / delivered.as_secs_f64(),
+        cpu,
+        rss_kb(pid)
+    );
+    println!(
+        "physical limit: pg_recvlogical (pgoutput) drained the same WAL in {:.2}s = {:.0} changes/s; rowcast = {:.0}% of it",
+        raw.as_secs_f64(),
+        raw_rate,
+        sustained / raw_rate * 100.0
+    );
+    println!(
+        "throughput latency (saturated): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 1.0)
+    );
+    for reader in readers {
+        reader.abort();
+    }
+    db.batch_execute("SELECT pg_drop_replication_slot('bench_raw')").await.expect("drop raw slot");
+
+    // 3 and 4. Latency at 1,000 changes/s with many subscribed clients (each organization's
+    // events go to its 10 clients), then the same with one client that never reads.
+    for slow in [false, true] {
+        let seen = Arc::new(Seen::default());
+        let mut clients = Vec::new();
+        for i in 0..latency_clients {
+            let query = format!("type=agent.*&organization_id=org{}", i % 100);
+            clients.push(subscriber(addr, query, seen.clone(), true).await);
+        }
+        if slow {
+            clients.push(subscriber(addr, "type=*".into(), seen.clone(), false).await);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cpu_before = cpu_seconds(pid);
+        let started = Instant::now();
+        let changes = 10_000;
+        write(&url, changes, 10, 100, Some(1_000.0), if slow { "s" } else { "l" }).await;
+        let expected = (changes * latency_clients / 100) as u64;
+        while seen.frames.load(Ordering::Relaxed) < expected
+            && started.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        let cpu = (cpu_seconds(pid) - cpu_before) / elapsed.as_secs_f64() * 100.0;
+        let mut latencies =
+            std::mem::take(&mut *seen.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+        latencies.sort_unstable();
+        println!(
+            "latency{}: {changes} changes at 1,000/s, {} clients ({} frames of {expected}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; server CPU {:.0}%, RSS {} KB",
+            if slow { " with one slow client" } else { "" },
+            clients.len(),
+            seen.frames.load(Ordering::Relaxed),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            percentile(&latencies, 1.0),
+            cpu,
+            rss_kb(pid)
+        );
+        for client in clients {
+            client.abort();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
