@@ -283,6 +283,16 @@ impl Outbound {
     pub(crate) fn queued(&self) -> Vec<Frame> {
         self.lock().frames.iter().cloned().collect()
     }
+
+    /// Takes everything queued without waiting (benchmarks drain queues with this).
+    pub fn drain_now(&self) -> Vec<Frame> {
+        let mut state = self.lock();
+        state.bytes = 0;
+        let frames = state.frames.drain(..).collect();
+        drop(state);
+        self.writable.notify_waiters();
+        frames
+    }
 }
 
 #[cfg(test)]
