@@ -19,6 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use axum::extract::ws::Utf8Bytes;
+
 use crate::event::Timestamp;
 use crate::filter::{Filter, Subject};
 use crate::log::StoredEvent;
@@ -220,6 +222,7 @@ impl Bus {
                 subscriptions: vec![subscription],
                 history: true,
                 committed_at: 0,
+                text: None,
             })
             .chain([Frame::Live { subscription }]);
         for frame in frames {
@@ -256,6 +259,7 @@ impl Bus {
             matches.clear();
             registry.candidates(&subject, &mut matches);
             let mut queued = 0;
+            let mut rendered: Vec<(Vec<SubscriptionId>, Utf8Bytes)> = Vec::new();
             if matches.is_empty() {
                 self.metrics.published(&event.kind, 0);
                 continue;
@@ -282,12 +286,24 @@ impl Bus {
                         continue;
                     }
                 }
+                // Connections whose matching ids are the same (typically just `s1`) share one
+                // rendered frame: no per-connection copy of the envelope.
+                let text = match rendered.iter().find(|(ids, _)| *ids == live) {
+                    Some((_, text)) => text.clone(),
+                    None => {
+                        let text =
+                            Utf8Bytes::from(crate::ws::outbound::event_text(&event.json, &live));
+                        rendered.push((live.clone(), text.clone()));
+                        text
+                    }
+                };
                 let frame = Frame::Event {
                     id: event.id,
                     envelope: event.json.clone(),
                     subscriptions: live,
                     history: false,
                     committed_at: event.timestamp.0,
+                    text: Some(text),
                 };
                 match c.outbound.push(frame) {
                     Ok(()) => queued += 1,

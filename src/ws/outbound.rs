@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
 
 /// A frame waiting to be written.
@@ -19,7 +20,16 @@ pub enum Frame {
     /// connection) and the subscriptions of this connection it matches. `history` events
     /// belong to a subscription's catch-up and may be older than live ones before them.
     /// `committed_at` (µs since the epoch) is the source commit of live events, 0 otherwise.
-    Event { id: u64, envelope: Arc<str>, subscriptions: Vec<u32>, history: bool, committed_at: i64 },
+    /// `text` is the frame already rendered when the bus shares one rendering between
+    /// connections whose subscription ids are the same.
+    Event {
+        id: u64,
+        envelope: Arc<str>,
+        subscriptions: Vec<u32>,
+        history: bool,
+        committed_at: i64,
+        text: Option<Utf8Bytes>,
+    },
     /// A control frame, already serialized.
     Control(String),
     /// A historic event of a replay: the envelope and `"replay_id"`.
@@ -42,6 +52,14 @@ impl Frame {
         }
     }
 
+    /// The message sent on the wire (`None` for markers).
+    pub fn message(&self) -> Option<Utf8Bytes> {
+        match self {
+            Frame::Event { text: Some(text), .. } => Some(text.clone()),
+            _ => self.render().map(Utf8Bytes::from),
+        }
+    }
+
     /// The text sent on the wire (`None` for markers): events get `"subscription_ids"`
     /// appended to the envelope.
     pub fn render(&self) -> Option<String> {
@@ -55,25 +73,30 @@ impl Frame {
                 Some(format!("{open}{comma}\"replay_id\":\"r{replay}\"}}"))
             }
             Frame::Event { envelope, subscriptions, .. } => {
-                let body = envelope.trim_end();
-                let Some(open) = body.strip_suffix('}') else { return Some(body.to_owned()) };
-                let mut text = String::with_capacity(body.len() + 24 + 8 * subscriptions.len());
-                text.push_str(open);
-                text.push_str(if open.trim_end().ends_with('{') { "" } else { "," });
-                text.push_str("\"subscription_ids\":[");
-                for (i, id) in subscriptions.iter().enumerate() {
-                    if i > 0 {
-                        text.push(',');
-                    }
-                    text.push_str("\"s");
-                    text.push_str(&id.to_string());
-                    text.push('"');
-                }
-                text.push_str("]}");
-                Some(text)
+                Some(event_text(envelope, subscriptions))
             }
         }
     }
+}
+
+/// An event frame: the envelope with `"subscription_ids"` appended.
+pub fn event_text(envelope: &str, subscriptions: &[u32]) -> String {
+    let body = envelope.trim_end();
+    let Some(open) = body.strip_suffix('}') else { return body.to_owned() };
+    let mut text = String::with_capacity(body.len() + 24 + 8 * subscriptions.len());
+    text.push_str(open);
+    text.push_str(if open.trim_end().ends_with('{') { "" } else { "," });
+    text.push_str("\"subscription_ids\":[");
+    for (i, id) in subscriptions.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str("\"s");
+        text.push_str(&id.to_string());
+        text.push('"');
+    }
+    text.push_str("]}");
+    text
 }
 
 /// Why a connection is being closed.
@@ -326,6 +349,7 @@ mod tests {
             subscriptions,
             history: false,
             committed_at: 0,
+            text: None,
         };
         let frame = event(r#"{"id":1}"#, vec![1, 3]);
         assert_eq!(frame.render().as_deref(), Some(r#"{"id":1,"subscription_ids":["s1","s3"]}"#));

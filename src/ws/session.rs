@@ -398,6 +398,7 @@ impl CatchUp {
                 subscriptions: vec![self.subscription],
                 history: true,
                 committed_at: 0,
+                text: None,
             };
             self.push(frame).await.ok()?;
         }
@@ -463,8 +464,8 @@ async fn write_loop(
                     if let Frame::Event { history: false, committed_at, .. } = &frame {
                         shared.bus.metrics.sent(crate::event::Timestamp::now().0 - committed_at);
                     }
-                    match frame.render() {
-                        Some(text) => Message::Text(text.into()),
+                    match frame.message() {
+                        Some(text) => Message::Text(text),
                         None => continue,
                     }
                 }
