@@ -1,7 +1,8 @@
 //! End-to-end benchmark: rowcast's release binary against its own throwaway Postgres, with
 //! real WebSocket clients, next to `pg_recvlogical` draining the same WAL (the physical limit).
 //!
-//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS]` (defaults 100000 10000 1000)
+//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS]` (defaults 100000
+//! 10000 1000 10; READERS are the clients subscribed to everything during the throughput run)
 //!
 //! Prints, per scenario: changes/s sustained, events delivered/s, commit-to-client latency
 //! p50/p99/max (commit time from Postgres, receive time on the same clock), server RSS, RSS per
@@ -207,6 +208,7 @@ async fn main() {
     let rows = arg(1, 100_000);
     let idle = arg(2, 10_000);
     let latency_clients = arg(3, 1_000);
+    let readers_count = arg(4, 10);
     println!(
         "rowcast end-to-end benchmark: rows={rows} idle={idle} latency_clients={latency_clients}"
     );
@@ -258,7 +260,7 @@ async fn main() {
         .expect("raw slot");
     let seen = Arc::new(Seen::default());
     let mut readers = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..readers_count {
         readers.push(subscriber(addr, "type=*".into(), seen.clone(), true).await);
     }
     let head_before = log_head(&db).await;
@@ -307,7 +309,7 @@ async fn main() {
     latencies.sort_unstable();
     println!(
         "throughput: {rows} rows by 4 writers in {:.2}s; appended in {:.2}s = {:.0} changes/s; \
-         {frames} frames to 10 clients in {:.2}s = {:.0} events/s; server CPU {:.0}% (of one core); RSS {} KB",
+         {frames} frames to {readers_count} clients in {:.2}s = {:.0} events/s; server CPU {:.0}% (of one core); RSS {} KB",
         written.as_secs_f64(),
         appended.as_secs_f64(),
         sustained,
