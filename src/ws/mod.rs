@@ -47,10 +47,10 @@ pub async fn upgrade(
     let limits = limits.clone();
     upgrade
         .protocols([auth::PROTOCOL])
-        // tungstenite's defaults (128 KiB each way) would dominate an idle connection's memory;
-        // reads are small JSON frames and every write is flushed at once anyway.
+        // tungstenite's default 128 KiB read buffer would dominate an idle connection's
+        // memory; reads are small JSON frames. Writes are batched up to WRITE_BUFFER.
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
         .on_upgrade(move |socket| {
@@ -63,6 +63,8 @@ pub async fn upgrade(
 
 /// Initial read buffer of a connection; it grows for bigger frames (up to the frame limit).
 const READ_BUFFER: usize = 4 << 10;
+/// Bytes of frames gathered before a write to the socket (a flush writes the rest).
+const WRITE_BUFFER: usize = 32 << 10;
 
 /// A place among `max_connections`, taken before the upgrade and given back when the
 /// connection ends (or the upgrade fails), so concurrent handshakes cannot overshoot.

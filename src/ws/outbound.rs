@@ -274,6 +274,16 @@ impl Outbound {
         }
     }
 
+    /// The next frame if one is queued now (never the close).
+    pub fn try_next(&self) -> Option<Frame> {
+        let mut state = self.lock();
+        let frame = state.frames.pop_front()?;
+        state.bytes -= frame.size();
+        drop(state);
+        self.writable.notify_waiters();
+        Some(frame)
+    }
+
     /// Resolves once closing started for a reason that drops what is queued: a write in
     /// progress is abandoned then.
     pub async fn interrupted(&self) {

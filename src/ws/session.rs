@@ -457,18 +457,16 @@ async fn write_loop(
     let mut ping = tokio::time::interval_at(start, limits.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let message = tokio::select! {
+        let message: (Message, Option<Frame>) = tokio::select! {
             next = outbound.next() => match next {
-                Next::Frame(frame) => {
-                    delivered.note(&frame);
-                    if let Frame::Event { history: false, committed_at, .. } = &frame {
-                        shared.bus.metrics.sent(crate::event::Timestamp::now().0 - committed_at);
+                Next::Frame(frame) => match frame.message() {
+                    Some(text) => (Message::Text(text), Some(frame)),
+                    None => {
+                        // Markers only move the delivery position.
+                        delivered.note(&frame);
+                        continue;
                     }
-                    match frame.message() {
-                        Some(text) => Message::Text(text),
-                        None => continue,
-                    }
-                }
+                },
                 Next::Close(reason) => {
                     let close = match reason {
                         Closing::SlowConsumer => Some((
@@ -495,10 +493,35 @@ async fn write_loop(
                     return;
                 }
             },
-            _ = ping.tick() => Message::Ping(Default::default()),
+            _ = ping.tick() => (Message::Ping(Default::default()), None),
+        };
+        // Whatever else is already queued goes in the same write: one syscall for a burst.
+        // Markers have no message; they only move the delivery position, in order.
+        let (first, frame) = message;
+        let mut batch: Vec<(Option<Message>, Option<Frame>)> = vec![(Some(first), frame)];
+        while batch.len() < WRITE_BATCH {
+            let Some(frame) = outbound.try_next() else { break };
+            batch.push((frame.message().map(Message::Text), Some(frame)));
+        }
+        let metrics = &shared.bus.metrics;
+        let delivered = &mut delivered;
+        let write = async {
+            for (message, frame) in batch {
+                if let Some(message) = message {
+                    sink.feed(message).await?;
+                }
+                // Delivered once tungstenite holds it: a close frame written later follows it.
+                if let Some(frame) = frame {
+                    delivered.note(&frame);
+                    if let Frame::Event { history: false, committed_at, .. } = &frame {
+                        metrics.sent(crate::event::Timestamp::now().0 - committed_at);
+                    }
+                }
+            }
+            sink.flush().await
         };
         tokio::select! {
-            sent = sink.send(message) => if sent.is_err() {
+            sent = write => if sent.is_err() {
                 outbound.close(Closing::Gone);
                 return;
             },
@@ -508,6 +531,9 @@ async fn write_loop(
         }
     }
 }
+
+/// Most frames written to one connection per flush.
+const WRITE_BATCH: usize = 64;
 
 /// Events per replay read.
 const REPLAY_PAGE: usize = 500;
