@@ -273,7 +273,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let appended = started.elapsed();
-    while seen.frames.load(Ordering::Relaxed) < (rows * 10) as u64
+    while readers_count > 0
+        && seen.frames.load(Ordering::Relaxed) < (rows * readers_count) as u64
         && started.elapsed() < appended + Duration::from_secs(60)
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
