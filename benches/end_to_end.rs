@@ -8,6 +8,8 @@
 //! p50/p99/max (commit time from Postgres, receive time on the same clock), server RSS, RSS per
 //! idle connection and server CPU. See docs/benchmarks.md for the figures and the machine.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -16,22 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use rowcast::cluster::Cluster;
-use tokio_postgres::NoTls;
+use support::{arg, client};
 use tokio_tungstenite::tungstenite::Message;
-
-fn arg(index: usize, default: usize) -> usize {
-    std::env::args()
-        .filter(|a| !a.starts_with('-'))
-        .nth(index)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(default)
-}
-
-async fn client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
-}
 
 fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

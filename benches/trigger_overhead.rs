@@ -7,26 +7,14 @@
 //! draining it (as in production), and has CLIENTS connections insert ROWS agents in
 //! transactions of ROWS_PER_TXN rows into each. Prints rows per second for both.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use rowcast::cluster::Cluster;
 use rowcast::config::{Settings, SourceMode};
-use tokio_postgres::NoTls;
+use support::{arg, client};
 use tokio_util::sync::CancellationToken;
-
-fn arg(index: usize, default: usize) -> usize {
-    std::env::args()
-        .filter(|a| !a.starts_with('-'))
-        .nth(index)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(default)
-}
-
-async fn client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
-}
 
 /// Inserts `rows` agents over `clients` connections; returns rows per second.
 async fn write(url: &str, rows: usize, clients: usize, per_txn: usize) -> f64 {

@@ -126,6 +126,22 @@ fn authorize(
         .map_err(|err| AppError::Unauthorized(err.to_string()))
 }
 
+/// The scope of the request's token, as an extractor: routes that need one take it as an
+/// argument and a refusal becomes the 401 response.
+pub struct Authorized(pub Scope);
+
+impl axum::extract::FromRequestParts<Arc<Shared>> for Authorized {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        shared: &Arc<Shared>,
+    ) -> Result<Self, Self::Rejection> {
+        let pairs = query_pairs(parts.uri.query());
+        authorize(shared, &parts.headers, &pairs).map(Authorized)
+    }
+}
+
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect()
 }
@@ -253,19 +269,12 @@ pub fn metadata(shared: &Shared, scope: &Scope) -> Value {
 
 async fn metadata_route(
     State(shared): State<Arc<Shared>>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Result<Response, AppError> {
-    let scope = authorize(&shared, &headers, &query_pairs(query.as_deref()))?;
-    Ok(axum::Json(metadata(&shared, &scope)).into_response())
+    Authorized(scope): Authorized,
+) -> Response {
+    axum::Json(metadata(&shared, &scope)).into_response()
 }
 
-async fn stats(
-    State(shared): State<Arc<Shared>>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Result<Response, AppError> {
-    authorize(&shared, &headers, &query_pairs(query.as_deref()))?;
+async fn stats(State(shared): State<Arc<Shared>>, _: Authorized) -> Response {
     let bus = shared.bus.stats();
     let state = shared.publisher.state.borrow().clone();
     let (state_name, error) = match &state {
@@ -281,7 +290,7 @@ async fn stats(
         Some(row.get::<_, i64>(0))
     };
     let (log_size, slot_lag) = tokio::join!(log_size, slot_lag(&shared));
-    Ok(axum::Json(json!({
+    axum::Json(json!({
         "running": state == PublisherState::Streaming,
         "state": state_name,
         "error": error,
@@ -298,16 +307,11 @@ async fn stats(
         "slot_lag_bytes": slot_lag,
         "slow_consumer_closes": bus.slow_consumer_closes,
     }))
-    .into_response())
+    .into_response()
 }
 
 /// Prometheus text format; needs a token like stats when `--auth jwt`.
-async fn metrics(
-    State(shared): State<Arc<Shared>>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Result<Response, AppError> {
-    authorize(&shared, &headers, &query_pairs(query.as_deref()))?;
+async fn metrics(State(shared): State<Arc<Shared>>, _: Authorized) -> Response {
     let bus = shared.bus.stats();
     let snapshot = crate::metrics::Snapshot {
         connections: bus.connections,
@@ -318,7 +322,7 @@ async fn metrics(
         source: shared.source_mode,
     };
     let body = shared.bus.metrics.render(&snapshot);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 /// Bytes of WAL the slot has not confirmed (replication only).

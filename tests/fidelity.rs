@@ -77,17 +77,7 @@ async fn data_and_old_equal_postgres_to_jsonb() {
     client.batch_execute(SCHEMA).await.expect("schema");
     // Sessions of this database default to output settings unlike the ones rowcast expects: the
     // replication session must pin its own.
-    client
-        .batch_execute(&format!(
-            "ALTER DATABASE {name} SET TimeZone = 'Asia/Kolkata';
-             ALTER DATABASE {name} SET DateStyle = 'SQL, DMY';
-             ALTER DATABASE {name} SET IntervalStyle = 'sql_standard';
-             ALTER DATABASE {name} SET extra_float_digits = 0;
-             ALTER DATABASE {name} SET bytea_output = 'escape';",
-            name = db.name
-        ))
-        .await
-        .expect("hostile defaults");
+    db.set_hostile_output_defaults().await;
     let mut settings = db.settings();
     settings.mapping = Arc::new(Mapping::from_toml(MAPPING).expect("mapping"));
     let mut publisher = Running::start(settings).await;

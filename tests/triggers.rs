@@ -103,17 +103,7 @@ async fn triggers_and_replication_produce_identical_events() {
         let client = db.client().await;
         client.batch_execute(crate::fidelity::SCHEMA).await.expect("schema");
         // Application sessions with hostile output settings must not change the data.
-        client
-            .batch_execute(&format!(
-                "ALTER DATABASE {name} SET TimeZone = 'Asia/Kolkata';
-                 ALTER DATABASE {name} SET DateStyle = 'SQL, DMY';
-                 ALTER DATABASE {name} SET IntervalStyle = 'sql_standard';
-                 ALTER DATABASE {name} SET extra_float_digits = 0;
-                 ALTER DATABASE {name} SET bytea_output = 'escape';",
-                name = db.name
-            ))
-            .await
-            .expect("hostile defaults");
+        db.set_hostile_output_defaults().await;
         let mut settings =
             if source == SourceMode::Triggers { trigger_settings(&db) } else { db.settings() };
         settings.mapping = mapping.clone();

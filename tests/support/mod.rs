@@ -162,6 +162,24 @@ impl TestDb {
         }
     }
 
+    /// Makes this database's sessions default to output settings unlike the ones rowcast
+    /// expects (time zone, date and interval styles, float digits, bytea): capture must pin its
+    /// own and never depend on them.
+    pub async fn set_hostile_output_defaults(&self) {
+        let client = self.client().await;
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET TimeZone = 'Asia/Kolkata';
+                 ALTER DATABASE {name} SET DateStyle = 'SQL, DMY';
+                 ALTER DATABASE {name} SET IntervalStyle = 'sql_standard';
+                 ALTER DATABASE {name} SET extra_float_digits = 0;
+                 ALTER DATABASE {name} SET bytea_output = 'escape';",
+                name = self.name
+            ))
+            .await
+            .expect("hostile defaults");
+    }
+
     /// Every event of everything committed so far, in id order, once the publisher has them
     /// all (its slot confirms only what the log holds, after the bus has published it).
     pub async fn settled_events(&self) -> Vec<Value> {
