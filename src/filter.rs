@@ -107,6 +107,21 @@ pub struct SqlFilter {
     pub severity: i16,
 }
 
+impl SqlFilter {
+    /// The parameters of [`sql_condition`], in its order.
+    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 7] {
+        [
+            &self.any_type,
+            &self.types,
+            &self.entities,
+            &self.actions,
+            &self.organizations,
+            &self.domains,
+            &self.severity,
+        ]
+    }
+}
+
 /// The `WHERE` fragment matching [`SqlFilter`] given as parameters `$first..$first+6`, in the
 /// order of its fields.
 pub fn sql_condition(first: usize) -> String {

@@ -385,25 +385,15 @@ pub async fn read(
         crate::filter::sql_condition(5)
     );
     let sql = filter.sql();
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &(range.after.min(i64::MAX as u64) as i64),
-                &range.up_to.map(|id| id.min(i64::MAX as u64) as i64),
-                &range.from,
-                &range.to,
-                &sql.any_type,
-                &sql.types,
-                &sql.entities,
-                &sql.actions,
-                &sql.organizations,
-                &sql.domains,
-                &sql.severity,
-                &(range.limit.min(i64::MAX as usize) as i64),
-            ],
-        )
-        .await?;
+    let (after, up_to) = (
+        range.after.min(i64::MAX as u64) as i64,
+        range.up_to.map(|id| id.min(i64::MAX as u64) as i64),
+    );
+    let limit = range.limit.min(i64::MAX as usize) as i64;
+    let mut params: Vec<Param<'_>> = vec![&after, &up_to, &range.from, &range.to];
+    params.extend(sql.params());
+    params.push(&limit);
+    let rows = client.query(&statement, &params).await?;
     let mut page = Page::default();
     for row in rows {
         page.oldest = row.get::<_, i64>(0) as u64;
@@ -432,22 +422,9 @@ pub async fn count(
         crate::filter::sql_condition(3)
     );
     let sql = filter.sql();
-    let row = client
-        .query_one(
-            &statement,
-            &[
-                &from,
-                &to,
-                &sql.any_type,
-                &sql.types,
-                &sql.entities,
-                &sql.actions,
-                &sql.organizations,
-                &sql.domains,
-                &sql.severity,
-            ],
-        )
-        .await?;
+    let mut params: Vec<Param<'_>> = vec![&from, &to];
+    params.extend(sql.params());
+    let row = client.query_one(&statement, &params).await?;
     Ok(row.get::<_, i64>(0) as u64)
 }
 

@@ -158,6 +158,27 @@ async fn wait_for_slot(db: &TestDb) {
     panic!("rowcast never created its slot");
 }
 
+/// SIGKILLs `child` after random pauses (ms in `pauses`) and starts a new one with `spawn`,
+/// at least 5 times and until `writer` is done. Returns how many kills there were.
+pub async fn kill_while_writing(
+    child: &mut Child,
+    writer: tokio::task::JoinHandle<()>,
+    pauses: std::ops::Range<u64>,
+    spawn: impl Fn() -> Child,
+) -> usize {
+    let mut kills = 0;
+    while !writer.is_finished() || kills < 5 {
+        let pause = rand::rng().random_range(pauses.clone());
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        kills += 1;
+        *child = spawn();
+    }
+    writer.await.expect("writer");
+    kills
+}
+
 /// Commits numbered agents in transactions of 1 to 120 rows until `total` rows exist.
 pub async fn write_numbered(client: Client, total: u64) {
     let mut next = 1;
@@ -186,16 +207,7 @@ async fn sigkill_loses_and_duplicates_nothing() {
 
     const TOTAL: u64 = 3_000;
     let writer = tokio::spawn(write_numbered(db.client().await, TOTAL));
-    let mut kills = 0;
-    while !writer.is_finished() || kills < 5 {
-        let pause = rand::rng().random_range(200..900);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
-        kills += 1;
-        child = spawn_serve(&db);
-    }
-    writer.await.expect("writer");
+    let kills = kill_while_writing(&mut child, writer, 200..900, || spawn_serve(&db)).await;
     let written = db.current_wal_lsn().await;
     db.wait_for_slot_to_confirm(&written, WAIT).await;
     child.kill().expect("SIGKILL");

@@ -10,7 +10,9 @@ use rowcast::config::SourceMode;
 use rowcast::mapping::{DEFAULT_MAPPING, Mapping};
 use serde_json::Value;
 
-use crate::durability::{assert_sequence, created_sequence, seed, write_numbered};
+use crate::durability::{
+    assert_sequence, created_sequence, kill_while_writing, seed, write_numbered,
+};
 use crate::support::{Cluster, Running, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -239,16 +241,7 @@ async fn sigkill_mid_drain_loses_and_duplicates_nothing() {
     let mut child = spawn_serve(&db);
     const TOTAL: u64 = 3_000;
     let writer = tokio::spawn(write_numbered(db.client().await, TOTAL));
-    let mut kills = 0;
-    while !writer.is_finished() || kills < 5 {
-        let pause = rand::rng().random_range(100..600);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
-        kills += 1;
-        child = spawn_serve(&db);
-    }
-    writer.await.expect("writer");
+    let kills = kill_while_writing(&mut child, writer, 100..600, || spawn_serve(&db)).await;
     let events = drained_events(&db).await;
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
