@@ -18,7 +18,6 @@ use crate::filter::Filter;
 use crate::log::Range;
 use crate::publisher::State as PublisherState;
 use crate::server::Shared;
-use crate::ws::protocol::{self, ProtocolError};
 
 /// Events per history page when `limit` is not given.
 const DEFAULT_PAGE: usize = 100;
@@ -51,11 +50,8 @@ async fn loopback_host(
     if shared.settings.server.auth.is_required() || is_loopback_host(host) {
         return next.run(request).await;
     }
-    crate::ws::refuse(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        "without --auth jwt only loopback host names are served",
-    )
+    AppError::Forbidden("without --auth jwt only loopback host names are served".into())
+        .into_response()
 }
 
 /// `localhost:8080`, `127.0.0.1`, `[::1]:80`, `app.localhost`.
@@ -72,47 +68,40 @@ fn is_loopback_host(host: &str) -> bool {
         || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Every refusal of the HTTP side, WebSocket handshakes included, rendered one way:
+/// `{"type":"error","code":...,"message":...}` with the matching status.
 pub enum AppError {
     BadRequest(String),
     Unauthorized(String),
     Forbidden(String),
-    Unavailable(&'static str),
+    Unavailable(String),
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let (status, err) = match self {
-            AppError::BadRequest(message) => {
-                (StatusCode::BAD_REQUEST, ProtocolError::bad_request(message))
+        let (status, code, message) = match self {
+            AppError::BadRequest(message) => (StatusCode::BAD_REQUEST, "bad_request", message),
+            AppError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "unauthorized", message),
+            AppError::Forbidden(message) => (StatusCode::FORBIDDEN, "forbidden", message),
+            AppError::Unavailable(message) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
             }
-            AppError::Unauthorized(message) => {
-                let body = json!({"type": "error", "code": "unauthorized", "message": message});
-                let headers = [
-                    (header::CONTENT_TYPE, "application/json"),
-                    (header::WWW_AUTHENTICATE, "Bearer"),
-                ];
-                return (StatusCode::UNAUTHORIZED, headers, body.to_string()).into_response();
-            }
-            AppError::Forbidden(message) => (
-                StatusCode::FORBIDDEN,
-                ProtocolError { code: crate::ws::protocol::ErrorCode::Forbidden, message },
-            ),
-            AppError::Unavailable(what) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                ProtocolError::bad_request(format!("{what} is unavailable; try again")),
-            ),
         };
-        let mut body = protocol::error(&err, None);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            body =
-                json!({"type": "error", "code": "unavailable", "message": err.message}).to_string();
+        let body = json!({"type": "error", "code": code, "message": message}).to_string();
+        let mut response =
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
-        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        response
     }
 }
 
-/// The scope of a request's token (`Authorization: Bearer` or `?token=`).
-fn authorize(
+/// The scope of a request's token (`Authorization: Bearer`, the bearer subprotocol or
+/// `?token=`).
+pub fn authorize(
     shared: &Shared,
     headers: &HeaderMap,
     query: &[(String, String)],
@@ -142,13 +131,13 @@ impl axum::extract::FromRequestParts<Arc<Shared>> for Authorized {
     }
 }
 
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect()
 }
 
 fn log_unavailable(err: impl std::fmt::Display) -> AppError {
     tracing::warn!(error = %err, "event log query failed");
-    AppError::Unavailable("the event log")
+    AppError::Unavailable("the event log is unavailable; try again".into())
 }
 
 /// `GET /api/events`: history in id order, `{"events":[...],"next":ID}`. `next` is the id to

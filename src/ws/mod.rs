@@ -13,11 +13,12 @@ use std::sync::atomic::Ordering;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
 
 use crate::auth;
 use crate::filter::Filter;
+use crate::http::{self, AppError};
 use crate::server::Shared;
 use protocol::ProtocolError;
 
@@ -28,24 +29,20 @@ pub async fn upgrade(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
-) -> Response {
+) -> Result<Response, AppError> {
     let limits = &shared.settings.server;
     if !origin_allowed(limits.allowed_origins.as_deref(), &headers) {
-        return refuse(StatusCode::FORBIDDEN, "forbidden", "this origin may not connect");
+        return Err(AppError::Forbidden("this origin may not connect".into()));
     }
-    let pairs: Vec<(String, String)> =
-        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()).into_owned().collect();
-    let scope = match limits.auth.verify(auth::token_from(&headers, &pairs).as_deref()) {
-        Ok(scope) => scope,
-        Err(err) => return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &err.to_string()),
-    };
+    let pairs = http::query_pairs(query.as_deref());
+    let scope = http::authorize(&shared, &headers, &pairs)?;
     let Some(slot) = Slot::reserve(&shared) else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many connections");
+        return Err(AppError::Unavailable("too many connections".into()));
     };
     let initial = initial_subscription(&pairs);
     let tracker = shared.sessions.clone();
     let limits = limits.clone();
-    upgrade
+    let response = upgrade
         .protocols([auth::PROTOCOL])
         // tungstenite's default 128 KiB read buffer would dominate an idle connection's
         // memory; reads are small JSON frames. Writes are batched up to WRITE_BUFFER.
@@ -58,7 +55,8 @@ pub async fn upgrade(
                 session::run(socket, shared, scope, initial).await;
                 drop(slot);
             })
-        })
+        });
+    Ok(response)
 }
 
 /// Initial read buffer of a connection; it grows for bigger frames (up to the frame limit).
@@ -105,12 +103,6 @@ fn origin_allowed(allowed: Option<&[String]>, headers: &HeaderMap) -> bool {
 /// `HTTPS://App.Example/` → `https://app.example`.
 pub fn normalize_origin(origin: &str) -> String {
     origin.trim().trim_end_matches('/').to_ascii_lowercase()
-}
-
-/// A refusal before the upgrade, as an error body clients can read.
-pub fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({"type": "error", "code": code, "message": message}).to_string();
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn initial_subscription(pairs: &[(String, String)]) -> session::Initial {
