@@ -67,8 +67,6 @@ pub struct Verifier {
 
 #[derive(Debug, Clone, Deserialize)]
 struct Claims {
-    #[serde(default)]
-    sub: Option<String>,
     exp: u64,
     orgs: Vec<String>,
     #[serde(default)]
@@ -78,7 +76,6 @@ struct Claims {
 /// What a token (or its absence, with `--auth none`) grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
-    pub subject: Option<String>,
     /// `None`: every organization, and events without one.
     pub organizations: Option<Vec<String>>,
     /// `None`: every domain of those organizations.
@@ -89,7 +86,7 @@ pub struct Scope {
 
 impl Scope {
     pub fn everything() -> Self {
-        Self { subject: None, organizations: None, domains: None, expires_at: None }
+        Self { organizations: None, domains: None, expires_at: None }
     }
 
     /// Confines `filter` to this scope: names outside it are refused; missing ones become the
@@ -186,7 +183,7 @@ impl Auth {
         let organizations =
             if claims.orgs.iter().any(|o| o == "*") { None } else { Some(claims.orgs) };
         let domains = claims.domains.filter(|d| !d.iter().any(|d| d == "*"));
-        Ok(Scope { subject: claims.sub, organizations, domains, expires_at: Some(claims.exp) })
+        Ok(Scope { organizations, domains, expires_at: Some(claims.exp) })
     }
 
     pub fn is_required(&self) -> bool {
@@ -313,7 +310,7 @@ mod tests {
             types in prop::option::of(prop::collection::vec(prop::sample::select(&["*", "agent.*", "*.deleted", "user.created"][..]), 1..3)),
             events in prop::collection::vec((prop::option::of(prop::sample::select(&ORGS[..])), prop::option::of(prop::sample::select(&DOMAINS[..])), prop::sample::select(&["agent.created", "user.deleted", "user.created"][..])), 1..50),
         ) {
-            let scope = Scope { subject: None, organizations: granted_orgs.clone(), domains: granted_domains.clone(), expires_at: None };
+            let scope = Scope { organizations: granted_orgs.clone(), domains: granted_domains.clone(), expires_at: None };
             let filter = Filter::from_json(Some(&json!({"type": types, "organization_id": asked_orgs, "domain_id": asked_domains})))
                 .expect("valid filter");
             let Ok(confined) = scope.confine(filter) else {
@@ -376,12 +373,8 @@ mod tests {
 
     #[test]
     fn scope_confines_filters() {
-        let scope = Scope {
-            subject: None,
-            organizations: Some(vec!["quant".into()]),
-            domains: None,
-            expires_at: None,
-        };
+        let scope =
+            Scope { organizations: Some(vec!["quant".into()]), domains: None, expires_at: None };
         let open = scope.confine(Filter::all()).expect("narrowed");
         assert_eq!(open.organizations(), Some(&["quant".to_owned()][..]));
         let foreign = Filter::from_json(Some(&json!({"organization_id": ["quant", "acme"]})))

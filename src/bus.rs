@@ -246,6 +246,8 @@ impl Bus {
         let mut registry = self.lock();
         let mut matches: Vec<SubscriptionRef> = Vec::new();
         let mut slow: Vec<(ConnectionId, Rejected)> = Vec::new();
+        // Connections each event was queued for, recorded in the metrics once per batch.
+        let mut counts: Vec<(&str, u64)> = Vec::with_capacity(events.len());
         for event in events {
             registry.head = registry.head.max(event.id);
             registry.last_event_at = Some(event.timestamp);
@@ -261,7 +263,7 @@ impl Bus {
             let mut queued = 0;
             let mut rendered: Vec<(Vec<SubscriptionId>, Utf8Bytes)> = Vec::new();
             if matches.is_empty() {
-                self.metrics.published(&event.kind, 0);
+                counts.push((&event.kind, 0));
                 continue;
             }
             matches.sort_unstable();
@@ -310,11 +312,12 @@ impl Bus {
                     Err(rejected) => slow.push((connection, rejected)),
                 }
             }
-            self.metrics.published(&event.kind, queued);
+            counts.push((&event.kind, queued));
             for (connection, rejected) in slow.drain(..) {
                 registry.drop_connection(connection, rejected);
             }
         }
+        self.metrics.published(counts);
         if let Some(last) = events.last() {
             self.metrics.source_lag(crate::event::Timestamp::now().0 - last.timestamp.0);
         }

@@ -36,6 +36,15 @@ impl Severity {
     pub fn rank(self) -> i16 {
         self as i16
     }
+
+    /// The severity a stored rank stands for; out-of-range ranks clamp to the nearest.
+    pub fn from_rank(rank: i16) -> Self {
+        match rank {
+            ..=0 => Severity::Info,
+            1 => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
 }
 
 impl std::str::FromStr for Severity {
@@ -331,6 +340,9 @@ mod tests {
     fn severity_orders_and_parses() {
         assert!(Severity::Info < Severity::Warning && Severity::Warning < Severity::Error);
         assert_eq!("error".parse::<Severity>(), Ok(Severity::Error));
+        for severity in [Severity::Info, Severity::Warning, Severity::Error] {
+            assert_eq!(Severity::from_rank(severity.rank()), severity);
+        }
         assert!("fatal".parse::<Severity>().is_err());
     }
 

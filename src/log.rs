@@ -133,7 +133,6 @@ impl LogWriter {
                 &[&(after.min(i64::MAX as u64) as i64), &limit],
             )
             .await?;
-        let severities = [Severity::Info, Severity::Warning, Severity::Error];
         Ok(rows
             .into_iter()
             .map(|row| StoredEvent {
@@ -141,7 +140,7 @@ impl LogWriter {
                 kind: row.get(1),
                 organization_id: row.get(2),
                 domain_id: row.get(3),
-                severity: severities[usize::from(row.get::<_, i16>(4).clamp(0, 2) as u8)],
+                severity: Severity::from_rank(row.get(4)),
                 timestamp: Timestamp::from_system_time(row.get(5)),
                 json: row.get::<_, String>(6).into(),
             })

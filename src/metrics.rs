@@ -47,12 +47,15 @@ impl Metrics {
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An event appended to the log, and how many connections it was queued for.
-    pub fn published(&self, kind: &str, connections: u64) {
+    /// Events appended to the log (their types), each with how many connections it was
+    /// queued for; one lock for the whole batch.
+    pub fn published<'a>(&self, events: impl IntoIterator<Item = (&'a str, u64)>) {
         let mut counters = self.counters();
-        bump(&mut counters.appended, kind, 1);
-        if connections > 0 {
-            bump(&mut counters.delivered, kind, connections);
+        for (kind, connections) in events {
+            bump(&mut counters.appended, kind, 1);
+            if connections > 0 {
+                bump(&mut counters.delivered, kind, connections);
+            }
         }
     }
 
@@ -213,9 +216,7 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let metrics = Metrics::default();
-        metrics.published("agent.created", 3);
-        metrics.published("agent.created", 0);
-        metrics.published("we\"ird", 1);
+        metrics.published([("agent.created", 3), ("agent.created", 0), ("we\"ird", 1)]);
         metrics.error("decode");
         metrics.sent(800);
         metrics.sent(30_000);

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
+/// How long a reader waits for a new connection unless the URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Pool {
     config: tokio_postgres::Config,
     role: &'static str,
@@ -19,7 +22,7 @@ impl Pool {
     pub fn new(mut config: tokio_postgres::Config, role: &'static str, size: usize) -> Self {
         // A reader waiting on an unreachable server holds its slot: give up in time.
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(std::time::Duration::from_secs(10));
+            config.connect_timeout(CONNECT_TIMEOUT);
         }
         let slots = (0..size.max(1)).map(|_| Mutex::new(None)).collect();
         Self { config, role, slots, next: AtomicUsize::new(0) }

@@ -33,8 +33,11 @@ pub enum ServeError {
 const READ_CONNECTIONS: usize = 4;
 /// How often retention is applied.
 const TRIM_INTERVAL: Duration = Duration::from_secs(60);
-/// The window `events_per_second` is averaged over.
+/// The window `events_per_second` is averaged over, and how often it is sampled.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+const RATE_SAMPLE: Duration = Duration::from_secs(1);
+/// The pause after a failed `accept` (out of file descriptors and the like).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// What the HTTP handlers and WebSocket sessions share.
 pub struct Shared {
@@ -161,7 +164,7 @@ async fn accept(
                 Err(err) => {
                     // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!(error = %err, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }
             },
@@ -226,7 +229,7 @@ async fn trim_log(
 }
 
 async fn sample_rate(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(RATE_SAMPLE);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

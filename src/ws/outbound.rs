@@ -8,6 +8,7 @@
 //! queue, leaving the rest for live traffic.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
@@ -66,12 +67,9 @@ impl Frame {
         match self {
             Frame::CatchingUp { .. } | Frame::Live { .. } => None,
             Frame::Control(text) => Some(text.clone()),
-            Frame::Replay { envelope, replay, .. } => {
-                let body = envelope.trim_end();
-                let Some(open) = body.strip_suffix('}') else { return Some(body.to_owned()) };
-                let comma = if open.trim_end().ends_with('{') { "" } else { "," };
-                Some(format!("{open}{comma}\"replay_id\":\"r{replay}\"}}"))
-            }
+            Frame::Replay { envelope, replay, .. } => Some(with_field(envelope, 24, |text| {
+                let _ = write!(text, "\"replay_id\":\"r{replay}\"");
+            })),
             Frame::Event { envelope, subscriptions, .. } => {
                 Some(event_text(envelope, subscriptions))
             }
@@ -81,21 +79,30 @@ impl Frame {
 
 /// An event frame: the envelope with `"subscription_ids"` appended.
 pub fn event_text(envelope: &str, subscriptions: &[u32]) -> String {
+    with_field(envelope, 24 + 8 * subscriptions.len(), |text| {
+        text.push_str("\"subscription_ids\":[");
+        for (i, id) in subscriptions.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            // As `protocol::subscription_name` spells them, without a String each.
+            let _ = write!(text, "\"s{id}\"");
+        }
+        text.push(']');
+    })
+}
+
+/// The envelope with one more field before its closing brace; `field` writes `"name":value`.
+fn with_field(envelope: &str, extra: usize, field: impl FnOnce(&mut String)) -> String {
     let body = envelope.trim_end();
     let Some(open) = body.strip_suffix('}') else { return body.to_owned() };
-    let mut text = String::with_capacity(body.len() + 24 + 8 * subscriptions.len());
+    let mut text = String::with_capacity(body.len() + extra);
     text.push_str(open);
-    text.push_str(if open.trim_end().ends_with('{') { "" } else { "," });
-    text.push_str("\"subscription_ids\":[");
-    for (i, id) in subscriptions.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        text.push_str("\"s");
-        text.push_str(&id.to_string());
-        text.push('"');
+    if !open.trim_end().ends_with('{') {
+        text.push(',');
     }
-    text.push_str("]}");
+    field(&mut text);
+    text.push('}');
     text
 }
 

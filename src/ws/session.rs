@@ -25,6 +25,11 @@ use crate::server::Shared;
 
 /// Events per catch-up read.
 const CATCH_UP_PAGE: usize = 500;
+/// The first wait before a failed catch-up read is tried again; it doubles up to the max.
+const CATCH_UP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const CATCH_UP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// The furthest a token's expiry is scheduled; a token may claim an `exp` centuries away.
+const LONGEST_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 /// What the handshake's query string asked for.
 pub type Initial = Result<Option<(Filter, Option<u64>)>, ProtocolError>;
@@ -366,7 +371,7 @@ impl CatchUp {
             to: None,
             limit: CATCH_UP_PAGE,
         };
-        let mut backoff = std::time::Duration::from_millis(100);
+        let mut backoff = CATCH_UP_RETRY_FIRST;
         let page = loop {
             let result = match self.shared.log.get().await {
                 Ok(client) => crate::log::read(&client, &self.filter, &range).await,
@@ -380,7 +385,7 @@ impl CatchUp {
                         return None;
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    backoff = (backoff * 2).min(CATCH_UP_RETRY_MAX);
                 }
             }
         };
@@ -634,10 +639,7 @@ fn replay_wait(
 fn deadline(unix_seconds: u64) -> tokio::time::Instant {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    // A token may claim an `exp` centuries away; a year is forever enough for a connection.
-    let left = std::time::Duration::from_secs(unix_seconds)
-        .saturating_sub(now)
-        .min(std::time::Duration::from_secs(365 * 24 * 3600));
+    let left = std::time::Duration::from_secs(unix_seconds).saturating_sub(now).min(LONGEST_EXPIRY);
     tokio::time::Instant::now() + left
 }
 
