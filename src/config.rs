@@ -19,6 +19,16 @@ pub enum SourceMode {
     Triggers,
 }
 
+impl SourceMode {
+    /// The source in use, as stats and metrics name it (`auto` is resolved before serving).
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceMode::Triggers => "triggers",
+            SourceMode::Replication | SourceMode::Auto => "replication",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The database whose changes are captured.

@@ -283,7 +283,7 @@ async fn stats(State(shared): State<Arc<Shared>>, _: Authorized) -> Response {
         "running": state == PublisherState::Streaming,
         "state": state_name,
         "error": error,
-        "source": shared.source_mode,
+        "source": shared.settings.source.name(),
         "source_reason": shared.settings.source_reason,
         "connections": bus.connections,
         "subscriptions": bus.subscriptions,
@@ -308,7 +308,7 @@ async fn metrics(State(shared): State<Arc<Shared>>, _: Authorized) -> Response {
         slow_consumer_closes: bus.slow_consumer_closes,
         outbound_frames: shared.bus.outbound_frames(),
         slot_lag_bytes: slot_lag(&shared).await,
-        source: shared.source_mode,
+        source: shared.settings.source.name(),
     };
     let body = shared.bus.metrics.render(&snapshot);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()

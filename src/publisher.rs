@@ -98,6 +98,21 @@ struct Signals {
     bus: Option<Arc<Bus>>,
 }
 
+impl Signals {
+    /// Events whose append committed: published on the bus, in order, and the head moved.
+    fn appended(&self, stored: &[StoredEvent]) {
+        if let Some(bus) = &self.bus {
+            bus.publish(stored);
+        }
+        if let Some(last) = stored.last() {
+            self.head.send_replace(last.id);
+        }
+    }
+}
+
+/// Events read per query when the bus catches up with the log after an in-doubt append.
+const REPUBLISH_PAGE: i64 = 1000;
+
 impl Publisher {
     pub fn new(settings: Settings) -> Self {
         let signals = Signals {
@@ -204,11 +219,11 @@ async fn open_log(
     let writer = LogWriter::open(&settings.log, source).await?;
     if let Some(bus) = &signals.bus {
         while writer.last_id() > bus.head() {
-            let missed = writer.read_after(bus.head(), 1000).await?;
+            let missed = writer.read_after(bus.head(), REPUBLISH_PAGE).await?;
             if missed.is_empty() {
                 break;
             }
-            bus.publish(&missed);
+            signals.appended(&missed);
         }
     }
     signals.head.send_replace(writer.last_id());
@@ -234,14 +249,7 @@ async fn trigger_pipeline(
     let mut writer = opened;
     let trigger_settings =
         TriggerSettings { batch_size: settings.batch_size, poll_interval: settings.poll_interval };
-    let appended = |stored: &[StoredEvent]| {
-        if let Some(bus) = &signals.bus {
-            bus.publish(stored);
-        }
-        if let Some(last) = stored.last() {
-            signals.head.send_replace(last.id);
-        }
-    };
+    let appended = |stored: &[StoredEvent]| signals.appended(stored);
     let ready = || {
         tracing::info!(last_id = *signals.head.borrow(), "draining the trigger outbox");
         signals.state.send_replace(State::Streaming);
@@ -337,12 +345,7 @@ async fn write_loop(
             }
         }
         let stored = writer.append(batch, progress).await?;
-        if let Some(bus) = &signals.bus {
-            bus.publish(&stored);
-        }
-        if let Some(last) = stored.last() {
-            signals.head.send_replace(last.id);
-        }
+        signals.appended(&stored);
         let durable = writer.cursor().progress;
         acked.send_if_modified(|current| {
             let moved = durable > *current;

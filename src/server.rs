@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
-use crate::config::{Settings, SourceMode};
+use crate::config::Settings;
 use crate::log::{self, LogError};
 use crate::pool::Pool;
 use crate::publisher::{self, Publisher, PublisherError};
@@ -47,7 +47,6 @@ pub struct Shared {
     pub log: Pool,
     /// Readers of the source database (slot lag).
     pub source: Pool,
-    pub source_mode: &'static str,
     pub publisher: publisher::Watch,
     pub sessions: TaskTracker,
     pub rate: Rate,
@@ -70,10 +69,6 @@ impl Server {
         let publisher = Publisher::new(settings.clone()).with_bus(bus.clone());
         let shared = Arc::new(Shared {
             source: Pool::new(settings.database.clone(), "stats", 1),
-            source_mode: match settings.source {
-                SourceMode::Triggers => "triggers",
-                _ => "replication",
-            },
             publisher: publisher.watch(),
             sessions: TaskTracker::new(),
             rate: Rate::new(head),

@@ -71,7 +71,7 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, scope: Scope, initial: 
         }
     }
     outbound.close(Closing::Gone);
-    session.end().await;
+    session.end();
     tracing::debug!(connection, "websocket closed");
 }
 
@@ -291,7 +291,7 @@ impl Session {
         self.subscriptions.insert(number, catch_up);
     }
 
-    async fn end(self) {
+    fn end(self) {
         self.shared.bus.disconnect(self.connection);
         for catch_up in self.subscriptions.into_values().flatten() {
             catch_up.abort();
