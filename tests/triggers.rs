@@ -272,6 +272,18 @@ async fn changes_made_while_nobody_listened_are_delivered() {
     write_numbered(db.client().await, 100).await;
     server.wait_for_id(100, WAIT).await;
     server.stop().await;
+    // A stopped server leaves no LISTEN connection behind (nor does the one it replaced).
+    let listening = "SELECT count(*) FROM pg_stat_activity
+                      WHERE query = 'LISTEN rowcast' AND datname = current_database()";
+    let mut left = -1;
+    for _ in 0..100 {
+        left = client.query_one(listening, &[]).await.expect("listeners").get::<_, i64>(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "listener connections outlived the server");
     // Nobody listens at all while these commit.
     client
         .batch_execute(

@@ -73,7 +73,8 @@ pub async fn run(
     ready: impl FnOnce(),
     shutdown: &CancellationToken,
 ) -> Result<(), TriggerError> {
-    let mut wake = listen_on(source).await?;
+    // Held for the whole drain: the LISTEN connection ends with it.
+    let (_listener, mut wake) = listen_on(source).await?;
     ready();
     let mut drain = Drain { current: None };
     loop {
@@ -93,12 +94,14 @@ pub async fn run(
     }
 }
 
-/// The listener: its own connection, whose notifications arrive on the returned channel;
-/// the channel closes when the connection ends.
-async fn listen_on(source: &tokio_postgres::Config) -> Result<mpsc::Receiver<()>, TriggerError> {
+/// The listener: its own connection, whose notifications arrive on the returned channel; the
+/// channel closes when the connection ends. The connection lives as long as the returned
+/// client: dropping it ends the LISTEN.
+async fn listen_on(
+    source: &tokio_postgres::Config,
+) -> Result<(tokio_postgres::Client, mpsc::Receiver<()>), TriggerError> {
     let (client, mut connection) = source.connect(NoTls).await?;
     let (wake_tx, wake_rx) = mpsc::channel(1);
-    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
@@ -114,15 +117,9 @@ async fn listen_on(source: &tokio_postgres::Config) -> Result<mpsc::Receiver<()>
                 }
             }
         }
-        drop(ended_tx);
     });
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-    // The client must outlive the LISTEN: park it with the watcher until the connection ends.
-    tokio::spawn(async move {
-        let _ = ended_rx.await;
-        drop(client);
-    });
-    Ok(wake_rx)
+    Ok((client, wake_rx))
 }
 
 /// Drain state: the transaction a full batch stopped in, which the next batch finishes first.
