@@ -67,11 +67,7 @@ impl Drop for Server {
 }
 
 async fn start_server(url: &str) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = rowcast::cluster::free_port().expect("a free port");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--listen", &addr.to_string(), "--max-connections", "20000"])

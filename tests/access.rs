@@ -217,11 +217,14 @@ async fn a_flood_gets_rate_limited_then_closed_and_disturbs_no_one() {
 async fn an_expiring_token_closes_with_4001_unless_refreshed() {
     let db = TestDb::migrated().await;
     let server = start(&db, |_| {}).await;
+    // The lapsing token expires a second after the one to be refreshed: once it has closed,
+    // the first expiry is well past.
     let short = token(&["quant"], None, now() + 2, SECRET);
+    let shortish = token(&["quant"], None, now() + 3, SECRET);
     let (mut refreshed, _) =
         handshake(&server.ws_url(&format!("token={short}")), &[]).await.expect("connect");
     let (mut lapsing, _) =
-        handshake(&server.ws_url(&format!("token={short}")), &[]).await.expect("connect");
+        handshake(&server.ws_url(&format!("token={shortish}")), &[]).await.expect("connect");
     assert_eq!(refreshed.frame().await["type"], "welcome");
     assert_eq!(lapsing.frame().await["type"], "welcome");
     // A refresh must keep the same scope.
@@ -244,8 +247,7 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
         }
         other => panic!("expected 4001, got {other:?}"),
     }
-    // The refreshed one outlived the first expiry.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The refreshed one outlived its first expiry.
     refreshed.send(json!({"action": "ping"})).await;
     assert_eq!(refreshed.frame().await["type"], "pong");
     server.stop().await;
@@ -442,12 +444,7 @@ async fn no_client_ever_sees_outside_its_claims() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_reach_the_logs() {
     let db = TestDb::migrated().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = crate::support::free_addr();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--auth", "jwt", "--listen", &addr.to_string(), "--slot", &db.name])
         .env("DATABASE_URL", &db.url)
@@ -465,14 +462,7 @@ async fn tokens_never_reach_the_logs() {
         let _ = tokio::io::BufReader::new(stderr).read_to_string(&mut text).await;
         text
     });
-    let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
-    for _ in 0..600 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    nudge.abort();
+    crate::support::wait_until_ready(&db, addr).await;
     let good = quant_token();
     let forged = token(&["*"], None, now() + 3600, "forged-secret");
     for token in [&good, &forged] {

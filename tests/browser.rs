@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::support::TestDb;
-use crate::support::client::get;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -59,16 +58,8 @@ async fn serve(db: &TestDb, addr: std::net::SocketAddr) -> Serve {
         .spawn()
         .expect("rowcast serve");
     let child = Serve(child);
-    let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
-    for _ in 0..1200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() && get(addr, "/readyz").await.0 == 200
-        {
-            nudge.abort();
-            return child;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("rowcast serve never became ready");
+    crate::support::wait_until_ready(db, addr).await;
+    child
 }
 
 async fn ids(client: &tokio_postgres::Client) -> Vec<String> {
@@ -82,12 +73,7 @@ async fn the_page_shows_live_events_survives_a_restart_and_replays() {
         return;
     }
     let db = TestDb::migrated().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = crate::support::free_addr();
     let server = serve(&db, addr).await;
     let mut node = tokio::process::Command::new("node")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/page.mjs"))

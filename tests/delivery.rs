@@ -522,9 +522,10 @@ async fn history_metadata_stats_and_health_over_http() {
     let (_, body) = get(addr, &format!("/api/events?to={first}")).await;
     assert_eq!(body["events"], json!([]));
     let (_, body) = get(addr, "/api/events?severity=error").await;
-    assert!(
-        body["events"].as_array().expect("events").iter().all(|e| e["type"] == "deployment.failed")
-    );
+    let errors = body["events"].as_array().expect("events");
+    let failed = log.iter().filter(|e| e["type"] == "deployment.failed").count();
+    assert!(failed > 0 && errors.len() == failed, "{body}");
+    assert!(errors.iter().all(|e| e["type"] == "deployment.failed"));
 
     for bad in [
         "/api/events?limit=x",

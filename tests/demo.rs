@@ -21,11 +21,6 @@ const EXIT: Duration = Duration::from_secs(60);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
 /// Everything `reader` produces, collected in the background (for failure messages).
 fn collect(mut reader: impl AsyncRead + Unpin + Send + 'static) -> Arc<Mutex<String>> {
     let text = Arc::new(Mutex::new(String::new()));
@@ -70,7 +65,7 @@ async fn next_json(socket: &mut Socket) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_live_events_and_cleans_up_on_sigterm() {
-    let port = free_port();
+    let port = rowcast::cluster::free_port().expect("a free port");
     let address = format!("127.0.0.1:{port}");
     let mut demo = Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["demo", "--listen", &address, "--rate", "20"])

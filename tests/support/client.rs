@@ -129,6 +129,17 @@ pub fn is_event(frame: &Value) -> bool {
     frame["type"].as_str().is_some_and(|t| t.contains('.'))
 }
 
+/// The status of a GET, or `None` when nothing answers.
+pub async fn get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let head = String::from_utf8_lossy(&response);
+    head.split(' ').nth(1)?.parse().ok()
+}
+
 /// A GET; returns the status and the body as JSON (or a string when it is not JSON).
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).await.expect("http connect");

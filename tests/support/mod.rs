@@ -259,6 +259,26 @@ impl Drop for TestDb {
     }
 }
 
+/// A 127.0.0.1 address on a port nothing listens on now, for a server a test starts.
+pub fn free_addr() -> SocketAddr {
+    let port = rowcast::cluster::free_port().expect("a free port");
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Waits until a `rowcast serve` on `addr` is ready (streaming, log reachable), nudging the
+/// slot creation of `db` meanwhile.
+pub async fn wait_until_ready(db: &TestDb, addr: SocketAddr) {
+    let nudge = tokio::spawn(nudge_slot_creation(db.config()));
+    for _ in 0..1200 {
+        if client::get_status(addr, "/readyz").await == Some(200) {
+            nudge.abort();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("rowcast serve at {addr} never became ready");
+}
+
 /// Creating a logical slot waits until every transaction running when it started has ended,
 /// as seen in `xl_running_xacts` WAL records; on a cluster other tests keep busy, the bgwriter
 /// writes those only every 15 s. A checkpoint writes one at once.
