@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use rowcast::cluster::Cluster;
+use rowcast::apps::cluster::Cluster;
 use support::{arg, client};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -51,7 +51,7 @@ fn now_micros() -> i64 {
 }
 
 fn micros_of(timestamp: &str) -> i64 {
-    rowcast::event::Timestamp::parse_rfc3339(timestamp).map_or(0, |t| t.0)
+    rowcast::model::Timestamp::parse_rfc3339(timestamp).map_or(0, |t| t.0)
 }
 
 struct Server {
@@ -67,7 +67,7 @@ impl Drop for Server {
 }
 
 async fn start_server(url: &str) -> Server {
-    let port = rowcast::cluster::free_port().expect("a free port");
+    let port = rowcast::apps::cluster::free_port().expect("a free port");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--listen", &addr.to_string(), "--max-connections", "20000"])
@@ -268,22 +268,13 @@ async fn main() {
     let end_lsn: String =
         db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
     let raw_started = Instant::now();
-    let status =
-        Command::new(rowcast::cluster::find_binaries().expect("binaries").join("pg_recvlogical"))
-            .args([
-                "-d",
-                &url,
-                "--slot",
-                "bench_raw",
-                "--start",
-                "--endpos",
-                &end_lsn,
-                "-f",
-                "/dev/null",
-            ])
-            .args(["-o", "proto_version=1", "-o", "publication_names=rowcast", "--no-loop"])
-            .status()
-            .expect("pg_recvlogical");
+    let status = Command::new(
+        rowcast::apps::cluster::find_binaries().expect("binaries").join("pg_recvlogical"),
+    )
+    .args(["-d", &url, "--slot", "bench_raw", "--start", "--endpos", &end_lsn, "-f", "/dev/null"])
+    .args(["-o", "proto_version=1", "-o", "publication_names=rowcast", "--no-loop"])
+    .status()
+    .expect("pg_recvlogical");
     let raw = raw_started.elapsed();
     assert!(status.success(), "pg_recvlogical failed");
     let sustained = rows as f64 / appended.as_secs_f64();

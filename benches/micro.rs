@@ -7,12 +7,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use rowcast::bus::Bus;
+use rowcast::bus::mailbox::Outbound;
 use rowcast::capture::pgoutput::{self, Datum, LogicalMessage, Tuple};
-use rowcast::event::{Severity, Timestamp};
+use rowcast::capture::render::{self, Kind};
 use rowcast::filter::{Filter, Subject};
 use rowcast::log::StoredEvent;
-use rowcast::render::{self, Kind};
-use rowcast::ws::outbound::Outbound;
+use rowcast::model::{Severity, Timestamp};
 use serde_json::json;
 
 fn agent_row() -> Tuple {
@@ -76,7 +76,7 @@ fn filters(c: &mut Criterion) {
 
     // The bus with 10,000 subscriptions across 100 organizations: an event meets only its
     // organization's 100 (indexed), whatever the total.
-    let bus = Bus::new(0);
+    let bus = Bus::new(0, Default::default());
     let mut outbounds = Vec::new();
     for i in 0..10_000u32 {
         let outbound = Outbound::new(usize::MAX / 2, usize::MAX / 2);

@@ -11,7 +11,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use rowcast::cluster::Cluster;
+use rowcast::apps::cluster::Cluster;
 use rowcast::config::{Settings, SourceMode};
 use support::{arg, client};
 use tokio_util::sync::CancellationToken;

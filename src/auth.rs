@@ -191,26 +191,6 @@ impl Auth {
     }
 }
 
-/// The token of a request: `Authorization: Bearer`, the `rowcast.bearer.<token>` subprotocol,
-/// or `?token=`, in that order.
-pub fn token_from(headers: &axum::http::HeaderMap, query: &[(String, String)]) -> Option<String> {
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(|t| t.trim().to_owned());
-    let subprotocol = || {
-        headers
-            .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .find_map(|p| p.trim().strip_prefix(BEARER_PROTOCOL).map(str::to_owned))
-    };
-    let query = || query.iter().rev().find(|(k, _)| k == "token").map(|(_, v)| v.clone());
-    bearer.or_else(subprotocol).or_else(query)
-}
-
 /// Browsers pass their token as this subprotocol prefix; the server answers with
 /// [`PROTOCOL`].
 pub const BEARER_PROTOCOL: &str = "rowcast.bearer.";
@@ -287,8 +267,8 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::event::Severity;
     use crate::filter::Subject;
+    use crate::model::Severity;
 
     const ORGS: [&str; 5] = ["quant", "acme", "globex", "", "ünï"];
     const DOMAINS: [&str; 4] = ["demo", "prod", "", "dömain"];

@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::event::Severity;
+use crate::model::Severity;
 
 /// Most values one list of a filter may hold.
 pub const MAX_LIST: usize = 256;

@@ -27,22 +27,19 @@
 //! subscriber gets every matching event after its `subscribed.last_id` (or its `since`) once,
 //! in order.
 
+pub mod apps;
 pub mod auth;
 pub mod bus;
 pub mod capture;
-pub mod cluster;
 pub mod config;
-pub mod demo;
-pub mod event;
 pub mod filter;
 pub mod http;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
-pub mod pool;
+pub mod model;
+pub mod pg;
 pub mod publisher;
-pub mod render;
 pub mod server;
 pub mod setup;
-pub mod tail;
 pub mod ws;

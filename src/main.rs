@@ -10,11 +10,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use rowcast::apps::demo::{Demo, DemoArgs};
+use rowcast::apps::tail::{Tail, TailArgs};
 use rowcast::config::{self, Settings, SourceMode};
-use rowcast::demo::{Demo, DemoArgs};
 use rowcast::mapping::Mapping;
-use rowcast::tail::{Tail, TailArgs};
-use rowcast::{log, server, setup};
+use rowcast::{pg, server, setup};
 
 #[derive(Parser)]
 #[command(name = "rowcast", version, about = "Postgres change-data-capture event publisher")]
@@ -194,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate { database_url } => {
-            let client = log::connect(&parse_url(&database_url)?, "migrate").await?;
+            let client = pg::connect(&parse_url(&database_url)?, "migrate").await?;
             setup::migrate(&client).await?;
             println!("reference schema applied");
             Ok(())
@@ -237,7 +237,7 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<Settings> {
     settings.publication.clone_from(&args.publication);
     settings.source = match args.source {
         SourceMode::Auto => {
-            let client = log::connect(&settings.database, "probe").await?;
+            let client = pg::connect(&settings.database, "probe").await?;
             let (mode, reason) = setup::choose_source(&client).await?;
             tracing::info!(source = ?mode, %reason, "capture source chosen");
             settings.source_reason = Some(reason);

@@ -7,15 +7,13 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::capture::Change;
-use crate::event::{Event, Op, Origin, Row, Severity};
+use crate::model::{Change, Event, Op, Origin, Row, Severity, TableName};
 
 pub const DEFAULT_MAPPING: &str = include_str!("../config/mapping.toml");
 
@@ -31,41 +29,6 @@ pub enum MappingError {
     MissingTable { table: TableName },
     #[error("mapping names column {column:?} of table {table}, which has no such column")]
     MissingColumn { table: TableName, column: String },
-}
-
-/// A schema-qualified table name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl TableName {
-    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { schema: schema.into(), name: name.into() }
-    }
-
-    /// `agents` or `app.agents`; the schema defaults to `public`.
-    pub fn parse(text: &str) -> Result<Self, MappingError> {
-        let (schema, name) = text.split_once('.').unwrap_or(("public", text));
-        if schema.is_empty() || name.is_empty() || name.contains('.') {
-            return Err(MappingError::Invalid(format!(
-                "table name {text:?} is not schema.table or table"
-            )));
-        }
-        Ok(Self::new(schema, name))
-    }
-
-    /// Quoted for SQL.
-    pub fn sql(&self) -> String {
-        format!("\"{}\".\"{}\"", self.schema.replace('"', "\"\""), self.name.replace('"', "\"\""))
-    }
-}
-
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
 }
 
 /// What makes an extra event fire.
@@ -216,7 +179,7 @@ fn entity_from_spec(spec: EntitySpec) -> Result<Entity, MappingError> {
     if !is_word(&spec.name) {
         return Err(invalid("the name must be non-empty and contain no '.', '*' or spaces".into()));
     }
-    let table = TableName::parse(&spec.table)?;
+    let table = TableName::parse(&spec.table).map_err(MappingError::Invalid)?;
     let mut events = Vec::new();
     for event in spec.event {
         if !is_word(&event.action) {
@@ -328,7 +291,7 @@ impl Entity {
             source: Origin {
                 table: table.to_string(),
                 op,
-                lsn: lsn.map(crate::capture::replication::format_lsn),
+                lsn: lsn.map(crate::pg::format_lsn),
                 xid,
             },
         };
@@ -387,7 +350,7 @@ fn fires(extra: &ExtraEvent, op: Op, new: Option<&Row>, old: Option<&Row>) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Timestamp;
+    use crate::model::Timestamp;
     use serde_json::json;
 
     fn row(value: Value) -> Row {

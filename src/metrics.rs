@@ -4,9 +4,11 @@
 //! short lock; nothing here allocates per event except a new event type's first count.
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Upper bounds (seconds) of the commit-to-send latency histogram.
 const BUCKETS: [f64; 14] =
@@ -207,6 +209,40 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// A label value: backslash, quote and newline escaped.
 fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The window `events_per_second` is averaged over.
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Events per second over the last `RATE_WINDOW`, from samples of the log head.
+pub struct Rate {
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+impl Rate {
+    pub fn new(head: u64) -> Self {
+        Self { samples: Mutex::new(VecDeque::from([(Instant::now(), head)])) }
+    }
+
+    pub fn sample(&self, head: u64) {
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        samples.push_back((now, head));
+        while samples.len() > 2 && samples.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
+            samples.pop_front();
+        }
+    }
+
+    pub fn per_second(&self) -> f64 {
+        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        match (samples.front(), samples.back()) {
+            (Some((t0, h0)), Some((t1, h1))) if t1 > t0 => {
+                let rate = (h1 - h0) as f64 / (*t1 - *t0).as_secs_f64();
+                (rate * 10.0).round() / 10.0
+            }
+            _ => 0.0,
+        }
+    }
 }
 
 #[cfg(test)]

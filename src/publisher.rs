@@ -21,12 +21,14 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::Bus;
 use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
-use crate::capture::replication::{ConnectParams, ReplicationStream, format_lsn, parse_lsn};
+use crate::capture::replication::{ConnectParams, ReplicationStream};
 use crate::capture::stream::{Capture, CaptureError, StreamSettings};
 use crate::capture::triggers::{self, TriggerError, TriggerSettings};
 use crate::config::Settings;
 use crate::config::SourceMode;
-use crate::log::{self, LogError, LogWriter, StoredEvent};
+use crate::log::{LogError, LogWriter, Scopes, StoredEvent};
+use crate::metrics::Metrics;
+use crate::pg::{format_lsn, parse_lsn};
 use crate::setup::{self, SetupError};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,9 @@ struct Signals {
     head: watch::Sender<u64>,
     /// Where appended events go next, once committed.
     bus: Option<Arc<Bus>>,
+    /// The organizations and domains appended events carry, for metadata.
+    scopes: Option<Arc<Scopes>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Signals {
@@ -103,6 +108,9 @@ impl Signals {
     fn appended(&self, stored: &[StoredEvent]) {
         if let Some(bus) = &self.bus {
             bus.publish(stored);
+        }
+        if let Some(scopes) = &self.scopes {
+            scopes.note(stored);
         }
         if let Some(last) = stored.last() {
             self.head.send_replace(last.id);
@@ -119,6 +127,8 @@ impl Publisher {
             state: watch::channel(State::Starting).0,
             head: watch::channel(0).0,
             bus: None,
+            scopes: None,
+            metrics: Arc::default(),
         };
         Self { settings, signals }
     }
@@ -126,6 +136,18 @@ impl Publisher {
     /// Publishes every appended event on `bus`, in id order, after its append commits.
     pub fn with_bus(mut self, bus: Arc<Bus>) -> Self {
         self.signals.bus = Some(bus);
+        self
+    }
+
+    /// Notes the organizations and domains of appended events in `scopes`.
+    pub fn with_scopes(mut self, scopes: Arc<Scopes>) -> Self {
+        self.signals.scopes = Some(scopes);
+        self
+    }
+
+    /// Counts errors and the capture queue's depth in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.signals.metrics = metrics;
         self
     }
 
@@ -160,8 +182,8 @@ async fn supervise(
             SourceMode::Triggers => trigger_pipeline(settings, signals, shutdown).await,
             _ => pipeline(settings, &params, signals, shutdown).await,
         };
-        if let (Err(err), Some(bus)) = (&life, &signals.bus) {
-            bus.metrics.error(err.kind());
+        if let Err(err) = &life {
+            signals.metrics.error(err.kind());
         }
         match life {
             Ok(()) => return Ok(()),
@@ -196,7 +218,8 @@ async fn connect(
 ) -> Result<(LogWriter, Catalog, ReplicationStream, StreamSettings), PublisherError> {
     let writer = open_log(settings, signals, source).await?;
     let cursor = writer.cursor();
-    let catalog = log::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
+    let catalog =
+        crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
     let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
     setup::check_mapping(&catalog, &settings.mapping).await?;
     setup::check_slot(catalog.client(), &settings.slot).await?;
@@ -240,7 +263,7 @@ async fn trigger_pipeline(
         _ = shutdown.cancelled() => return Ok(()),
         opened = async {
             let writer = open_log(settings, signals, "triggers").await?;
-            let catalog = log::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
+            let catalog = crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
             let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
             setup::check_mapping(&catalog, &settings.mapping).await?;
             Ok::<_, PublisherError>(writer)
@@ -331,11 +354,10 @@ async fn write_loop(
     let mut items = Vec::with_capacity(batch_size);
     // Waits for at least one item, then takes what is already queued, up to a batch.
     while queue.recv_many(&mut items, batch_size).await > 0 {
-        if let Some(bus) = &signals.bus {
-            bus.metrics
-                .capture_queue
-                .store(queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        }
+        signals
+            .metrics
+            .capture_queue
+            .store(queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut batch = Vec::with_capacity(items.len());
         let mut progress = None;
         for item in items.drain(..) {

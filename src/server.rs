@@ -5,9 +5,8 @@
 //! publishes them and acknowledges the slot; then the bus closes every socket with 1001 after
 //! writing what was queued for it.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -15,8 +14,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::config::Settings;
-use crate::log::{self, LogError};
-use crate::pool::Pool;
+use crate::http::AppState;
+use crate::log::{self, LogError, Scopes};
+use crate::metrics::{Metrics, Rate};
+use crate::pg::Pool;
 use crate::publisher::{self, Publisher, PublisherError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,30 +34,14 @@ pub enum ServeError {
 const READ_CONNECTIONS: usize = 4;
 /// How often retention is applied.
 const TRIM_INTERVAL: Duration = Duration::from_secs(60);
-/// The window `events_per_second` is averaged over, and how often it is sampled.
-const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How often `events_per_second` is sampled.
 const RATE_SAMPLE: Duration = Duration::from_secs(1);
 /// The pause after a failed `accept` (out of file descriptors and the like).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// What the HTTP handlers and WebSocket sessions share.
-pub struct Shared {
-    pub settings: Settings,
-    pub bus: Arc<Bus>,
-    /// Readers of the event log.
-    pub log: Pool,
-    /// Readers of the source database (slot lag).
-    pub source: Pool,
-    pub publisher: publisher::Watch,
-    pub sessions: TaskTracker,
-    pub rate: Rate,
-    /// WebSocket connections open or being opened (see `ws::Slot`).
-    pub connections: std::sync::atomic::AtomicUsize,
-}
-
 /// A server ready to run: its state is observable before it starts.
 pub struct Server {
-    shared: Arc<Shared>,
+    state: Arc<AppState>,
     publisher: Publisher,
 }
 
@@ -65,27 +50,34 @@ impl Server {
     pub async fn new(settings: Settings) -> Result<Self, ServeError> {
         let log = Pool::new(settings.log.clone(), "log reader", READ_CONNECTIONS);
         let head = log::head(&*log.get().await.map_err(LogError::from)?).await?;
-        let bus = Arc::new(Bus::new(head));
-        let publisher = Publisher::new(settings.clone()).with_bus(bus.clone());
-        let shared = Arc::new(Shared {
+        let metrics = Arc::new(Metrics::default());
+        let scopes = Arc::new(Scopes::default());
+        let bus = Arc::new(Bus::new(head, metrics.clone()));
+        let publisher = Publisher::new(settings.clone())
+            .with_bus(bus.clone())
+            .with_scopes(scopes.clone())
+            .with_metrics(metrics.clone());
+        let state = Arc::new(AppState {
             source: Pool::new(settings.database.clone(), "stats", 1),
             publisher: publisher.watch(),
             sessions: TaskTracker::new(),
             rate: Rate::new(head),
-            connections: std::sync::atomic::AtomicUsize::new(0),
+            connections: Arc::new(tokio::sync::Semaphore::new(settings.server.max_connections)),
+            metrics,
+            scopes,
             bus,
             log,
             settings,
         });
-        Ok(Self { shared, publisher })
+        Ok(Self { state, publisher })
     }
 
     pub fn watch(&self) -> publisher::Watch {
-        self.shared.publisher.clone()
+        self.state.publisher.clone()
     }
 
     pub fn bus(&self) -> Arc<Bus> {
-        self.shared.bus.clone()
+        self.state.bus.clone()
     }
 
     /// Serves on `listener` until `shutdown`, or until the publisher fails for good.
@@ -94,29 +86,29 @@ impl Server {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
-        let shared = self.shared;
+        let state = self.state;
         let background = TaskTracker::new();
-        background.spawn(load_scopes(shared.clone()));
+        background.spawn(load_scopes(state.clone()));
         background.spawn(trim_log(
-            shared.settings.log.clone(),
-            shared.settings.retention,
+            state.settings.log.clone(),
+            state.settings.retention,
             shutdown.clone(),
         ));
-        background.spawn(sample_rate(shared.clone(), shutdown.clone()));
+        background.spawn(sample_rate(state.clone(), shutdown.clone()));
         background.close();
 
-        let app = crate::http::router(shared.clone());
-        let handshake_timeout = shared.settings.server.handshake_timeout;
+        let app = crate::http::app(state.clone(), crate::ws::routes());
+        let handshake_timeout = state.settings.server.handshake_timeout;
         let http = tokio::spawn(accept(listener, app, handshake_timeout, shutdown.clone()));
-        tracing::info!(listen = %shared.settings.server.listen, "serving");
+        tracing::info!(listen = %state.settings.server.listen, "serving");
 
         let published = self.publisher.run(shutdown.clone()).await;
         // Whatever ended the publisher ends the server; what it appended is published.
         shutdown.cancel();
-        shared.bus.close();
-        shared.sessions.close();
-        let limits = &shared.settings.server;
-        if tokio::time::timeout(limits.close_timeout * 3, shared.sessions.wait()).await.is_err() {
+        state.bus.close();
+        state.sessions.close();
+        let limits = &state.settings.server;
+        if tokio::time::timeout(limits.close_timeout * 3, state.sessions.wait()).await.is_err() {
             tracing::warn!("some websocket sessions did not close in time");
         }
         let served = match tokio::time::timeout(limits.close_timeout, http).await {
@@ -188,13 +180,13 @@ async fn accept(
 }
 
 /// The organizations and domains already in the log, for metadata.
-async fn load_scopes(shared: Arc<Shared>) {
+async fn load_scopes(state: Arc<AppState>) {
     let result = async {
-        let client = shared.log.get().await?;
-        log::scopes(&client).await
+        let client = state.log.get().await?;
+        log::load_scopes(&client).await
     };
     match result.await {
-        Ok(scopes) => shared.bus.add_scopes(scopes),
+        Ok(scopes) => state.scopes.add(scopes),
         Err(err) => tracing::warn!(error = %err, "reading scopes from the event log failed"),
     }
 }
@@ -212,7 +204,7 @@ async fn trim_log(
             _ = tick.tick() => {}
         }
         let result = async {
-            let client = log::connect(&config, "retention").await?;
+            let client = crate::pg::connect(&config, "retention").await?;
             log::trim(&client, retention).await
         };
         match result.await {
@@ -223,43 +215,12 @@ async fn trim_log(
     }
 }
 
-async fn sample_rate(shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn sample_rate(state: Arc<AppState>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(RATE_SAMPLE);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => shared.rate.sample(shared.bus.head()),
-        }
-    }
-}
-
-/// Events per second over the last `RATE_WINDOW`, from samples of the log head.
-pub struct Rate {
-    samples: Mutex<VecDeque<(Instant, u64)>>,
-}
-
-impl Rate {
-    fn new(head: u64) -> Self {
-        Self { samples: Mutex::new(VecDeque::from([(Instant::now(), head)])) }
-    }
-
-    fn sample(&self, head: u64) {
-        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        samples.push_back((now, head));
-        while samples.len() > 2 && samples.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
-            samples.pop_front();
-        }
-    }
-
-    pub fn per_second(&self) -> f64 {
-        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        match (samples.front(), samples.back()) {
-            (Some((t0, h0)), Some((t1, h1))) if t1 > t0 => {
-                let rate = (h1 - h0) as f64 / (*t1 - *t0).as_secs_f64();
-                (rate * 10.0).round() / 10.0
-            }
-            _ => 0.0,
+            _ = tick.tick() => state.rate.sample(state.bus.head()),
         }
     }
 }

@@ -10,10 +10,11 @@
 use tokio_postgres::Client;
 
 use crate::capture::catalog::{Catalog, CatalogError};
-use crate::capture::replication::quote_ident;
 use crate::config::{Settings, SourceMode};
 use crate::log::{self, LogError};
-use crate::mapping::{Mapping, MappingError, TableName};
+use crate::mapping::{Mapping, MappingError};
+use crate::model::TableName;
+use crate::pg::{quote_ident, quote_literal};
 
 pub const REFERENCE_SCHEMA_SQL: &str = include_str!("../migrations/reference.sql");
 pub const TRIGGER_CAPTURE_SQL: &str = include_str!("../triggers/capture.sql");
@@ -40,12 +41,10 @@ pub enum SetupError {
 impl SetupError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            SetupError::Postgres(err) => err.is_closed() || err.code().is_none(),
+            SetupError::Postgres(err) => crate::pg::is_transient(err),
             SetupError::Log(err) => err.is_retryable(),
-            SetupError::Mapping(_)
-            | SetupError::Catalog(_)
-            | SetupError::Slot { .. }
-            | SetupError::SeparateLog => false,
+            SetupError::Catalog(err) => err.is_retryable(),
+            SetupError::Mapping(_) | SetupError::Slot { .. } | SetupError::SeparateLog => false,
         }
     }
 }
@@ -66,11 +65,11 @@ pub async fn check_mapping(catalog: &Catalog, mapping: &Mapping) -> Result<(), S
 
 /// Installs the log schema and prepares the source for replication.
 pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
-    let log_client = log::connect(&settings.log, "setup").await?;
+    let log_client = crate::pg::connect(&settings.log, "setup").await?;
     log::install(&log_client).await?;
     drop(log_client);
 
-    let catalog = Catalog::new(log::connect(&settings.database, "setup").await?);
+    let catalog = Catalog::new(crate::pg::connect(&settings.database, "setup").await?);
     check_mapping(&catalog, &settings.mapping).await?;
     let client = catalog.client();
     let tables: Vec<&TableName> = settings.mapping.entities().iter().map(|e| &e.table).collect();
@@ -135,18 +134,14 @@ pub async fn setup_triggers(settings: &Settings) -> Result<(), SetupError> {
     if !same_database(&settings.database, &settings.log) {
         return Err(SetupError::SeparateLog);
     }
-    let catalog = Catalog::new(log::connect(&settings.database, "setup").await?);
+    let catalog = Catalog::new(crate::pg::connect(&settings.database, "setup").await?);
     check_mapping(&catalog, &settings.mapping).await?;
     let client = catalog.client();
     log::install(client).await?;
     client.batch_execute(TRIGGER_CAPTURE_SQL).await?;
     for entity in settings.mapping.entities() {
         let table = &entity.table;
-        let args = format!(
-            "{}, {}",
-            crate::capture::replication::quote_literal(&table.schema),
-            crate::capture::replication::quote_literal(&table.name)
-        );
+        let args = format!("{}, {}", quote_literal(&table.schema), quote_literal(&table.name));
         client
             .batch_execute(&format!(
                 "CREATE OR REPLACE TRIGGER rowcast_capture
@@ -167,7 +162,7 @@ pub async fn setup_triggers(settings: &Settings) -> Result<(), SetupError> {
 /// The outbox stays if it still holds changes not yet in the log. Returns how many tables
 /// had triggers.
 pub async fn uninstall_triggers(config: &tokio_postgres::Config) -> Result<usize, SetupError> {
-    let client = log::connect(config, "setup").await?;
+    let client = crate::pg::connect(config, "setup").await?;
     let rows = client
         .query(
             "SELECT DISTINCT n.nspname::text, c.relname::text

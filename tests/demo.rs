@@ -65,7 +65,7 @@ async fn next_json(socket: &mut Socket) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_live_events_and_cleans_up_on_sigterm() {
-    let port = rowcast::cluster::free_port().expect("a free port");
+    let port = rowcast::apps::cluster::free_port().expect("a free port");
     let address = format!("127.0.0.1:{port}");
     let mut demo = Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["demo", "--listen", &address, "--rate", "20"])

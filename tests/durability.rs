@@ -5,8 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rand::Rng;
-use rowcast::event::{Event, Op, Origin, Position, Severity, Timestamp};
 use rowcast::log::{LogError, LogWriter};
+use rowcast::model::{Event, Op, Origin, Position, Severity, Timestamp};
 use serde_json::Value;
 use tokio_postgres::Client;
 

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::mapping::TableName;
-use crate::render::Kind;
+use super::render::Kind;
+use crate::model::TableName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -17,6 +17,16 @@ pub enum CatalogError {
     UnknownType(u32),
     #[error("type {0} nests deeper than {MAX_DEPTH} levels")]
     TooDeep(u32),
+}
+
+impl CatalogError {
+    /// A lost connection passes; a type that does not exist or nests too deep does not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CatalogError::Query(err) => crate::pg::is_transient(err),
+            CatalogError::UnknownType(_) | CatalogError::TooDeep(_) => false,
+        }
+    }
 }
 
 const MAX_DEPTH: usize = 16;

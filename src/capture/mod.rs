@@ -4,7 +4,9 @@
 //! replication.rs  the streaming replication protocol (connect, auth, slot, CopyBoth)
 //! pgoutput.rs     pgoutput protocol 1 messages -> typed LogicalMessage (pure)
 //! catalog.rs      column type OIDs -> render::Kind, looked up once per type
+//! render/         a column's text output -> the JSON `to_jsonb` gives, by type family
 //! stream.rs       relation cache + transactions -> mapped events, keepalives -> progress
+//! triggers.rs     the fallback source: drains the outbox row triggers fill
 //! ```
 //!
 //! A source emits [`Captured`] items in order. `Progress(p)` promises that everything the
@@ -13,26 +15,12 @@
 
 pub mod catalog;
 pub mod pgoutput;
+pub mod render;
 pub mod replication;
 pub mod stream;
 pub mod triggers;
 
-use crate::event::{Event, Op, Position, Row, Timestamp};
-use crate::mapping::TableName;
-
-/// One committed row change, rendered (`to_jsonb` form, nothing redacted yet).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    pub table: TableName,
-    pub op: Op,
-    pub new: Option<Row>,
-    pub old: Option<Row>,
-    /// Commit time (replication) or statement time (triggers).
-    pub timestamp: Timestamp,
-    /// Commit LSN, replication only.
-    pub lsn: Option<u64>,
-    pub xid: u64,
-}
+use crate::model::{Event, Position};
 
 /// What flows from a source to the log, in source order.
 #[derive(Debug)]

@@ -28,7 +28,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-pub type Lsn = u64;
+pub use crate::pg::Lsn;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogicalMessage {

@@ -11,7 +11,7 @@
 //! The session pins `TimeZone=UTC`, `DateStyle=ISO`, `IntervalStyle=postgres`,
 //! `extra_float_digits=3` and `bytea_output=hex` because pgoutput renders every value with the
 //! walsender's output functions: these settings make the text forms exactly the ones
-//! [`crate::render`] expects, whatever the server's defaults are.
+//! [`crate::capture::render`] expects, whatever the server's defaults are.
 //!
 //! Framing is ours (postgres-protocol has no CopyBothResponse); message bodies that
 //! postgres-protocol knows are parsed by it. Every frame length is checked against
@@ -29,7 +29,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::capture::pgoutput::Lsn;
+use crate::pg::{Lsn, Transience, format_lsn, quote_ident, quote_literal};
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -55,18 +55,14 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
-    /// Whether reconnecting later may succeed. Authentication and configuration problems are
-    /// definite; a slot held by a dying session (55006) or a server restarting are not.
+    /// Whether reconnecting later may succeed (the rule of [`crate::pg::sqlstate_transience`]).
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Io(_) => true,
+            // A slot held by a dying session (55006) or a server restarting pass; bad
+            // credentials, a missing object, wal_level not logical, removed WAL do not.
             Self::Server { code, .. } => {
-                // 28xxx: authorization; 42xxx: syntax/undefined objects; 0A000: not supported;
-                // 55000: wal_level is not logical, or the slot belongs to another database;
-                // 58P01: the WAL the slot needs was removed.
-                !(code.starts_with("28")
-                    || code.starts_with("42")
-                    || ["0A000", "55000", "58P01"].contains(&code.as_str()))
+                crate::pg::sqlstate_transience(code) == Transience::Transient
             }
             Self::Auth(_) | Self::Unsupported(_) => false,
             // These would fail again at the same position after a reconnect.
@@ -561,37 +557,9 @@ fn unexpected(tag: u8, phase: &str) -> ReplicationError {
     ReplicationError::Protocol(format!("unexpected message {:?} during {phase}", tag as char))
 }
 
-pub fn format_lsn(lsn: Lsn) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
-
-pub fn parse_lsn(text: &str) -> Option<Lsn> {
-    let (high, low) = text.split_once('/')?;
-    let high = u32::from_str_radix(high, 16).ok()?;
-    let low = u32::from_str_radix(low, 16).ok()?;
-    Some((u64::from(high) << 32) | u64::from(low))
-}
-
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lsn_round_trip() {
-        assert_eq!(format_lsn(0x16B3748), "0/16B3748");
-        assert_eq!(parse_lsn("0/16B3748"), Some(0x16B3748));
-        assert_eq!(parse_lsn("1A/0"), Some(0x1A << 32));
-        assert_eq!(parse_lsn("nope"), None);
-        assert_eq!(parse_lsn("1/"), None);
-    }
 
     #[test]
     fn copy_data_kinds() {
@@ -619,11 +587,5 @@ mod tests {
         for bad in [&b""[..], b"k", b"w12345", b"z"] {
             assert!(parse_copy_data(Bytes::copy_from_slice(bad)).is_err());
         }
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 }

@@ -22,16 +22,16 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::Captured;
 use super::catalog::{Catalog, CatalogError};
 use super::pgoutput::{self, Datum, LogicalMessage, Lsn, OldTuple, Tuple};
+use super::render::{self, Kind};
 use super::replication::{
     ConnectParams, PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationError, ReplicationMessage,
     ReplicationStream,
 };
-use super::{Captured, Change};
-use crate::event::{Op, Position, Row, Timestamp};
-use crate::mapping::{Entity, Mapping, TableName};
-use crate::render::{self, Kind};
+use crate::mapping::{Entity, Mapping};
+use crate::model::{Change, Op, Position, Row, TableName, Timestamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -51,8 +51,7 @@ impl CaptureError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Replication(err) => err.is_retryable(),
-            Self::Catalog(CatalogError::Query(_)) => true,
-            Self::Catalog(_) => false,
+            Self::Catalog(err) => err.is_retryable(),
             // The same bytes come back after a reconnect: retrying would loop forever while the
             // slot holds WAL. Stopping loudly is the honest failure.
             Self::Decode(_) | Self::Protocol(_) => false,

@@ -17,15 +17,12 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::Change;
-use crate::event::{Op, Row, Timestamp};
 use crate::log::{LogError, LogWriter, StoredEvent};
-use crate::mapping::{Mapping, TableName};
+use crate::mapping::Mapping;
+use crate::model::{Change, Op, Row, TableName, Timestamp};
 
 /// The NOTIFY channel the capture function signals.
 pub const CHANNEL: &str = "rowcast";
@@ -45,10 +42,8 @@ pub enum TriggerError {
 impl TriggerError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            // An undefined table or function means setup was not run: retrying will not help.
-            TriggerError::Postgres(err) => {
-                err.code().is_none_or(|code| !code.code().starts_with("42"))
-            }
+            // An undefined table or function means setup was not run: definite.
+            TriggerError::Postgres(err) => crate::pg::is_transient(err),
             TriggerError::Log(err) => err.is_retryable(),
             TriggerError::ListenerLost => true,
             TriggerError::Row { .. } => false,
@@ -100,26 +95,9 @@ pub async fn run(
 async fn listen_on(
     source: &tokio_postgres::Config,
 ) -> Result<(tokio_postgres::Client, mpsc::Receiver<()>), TriggerError> {
-    let (client, mut connection) = source.connect(NoTls).await?;
-    let (wake_tx, wake_rx) = mpsc::channel(1);
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(_)) => {
-                    // A full channel already holds a wake-up: dropping this one loses nothing.
-                    let _ = wake_tx.try_send(());
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::debug!(error = %err, "listener connection ended");
-                    break;
-                }
-            }
-        }
-    });
+    let (client, wake) = crate::pg::connect_notified(source, "listener").await?;
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-    Ok((client, wake_rx))
+    Ok((client, wake))
 }
 
 /// Drain state: the transaction a full batch stopped in, which the next batch finishes first.

@@ -3,8 +3,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::event::Timestamp;
 use crate::filter::{Filter, FilterError};
+use crate::model::Timestamp;
 
 /// The `code` of an error frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

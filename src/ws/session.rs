@@ -10,18 +10,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::task::JoinHandle;
 
-use super::outbound::{Closing, Frame, Next, Outbound};
 use super::protocol::{self, Action, ErrorCode, ProtocolError};
 use crate::auth::Scope;
+use crate::bus::mailbox::{Closing, Frame, Next, Outbound, Rejected};
 use crate::bus::{ConnectionId, GoLive, SubscriptionId};
 use crate::filter::Filter;
+use crate::http::AppState;
 use crate::log::Range;
-use crate::server::Shared;
 
 /// Events per catch-up read.
 const CATCH_UP_PAGE: usize = 500;
@@ -34,7 +34,7 @@ const LONGEST_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 *
 /// What the handshake's query string asked for.
 pub type Initial = Result<Option<(Filter, Option<u64>)>, ProtocolError>;
 
-pub async fn run(socket: WebSocket, shared: Arc<Shared>, scope: Scope, initial: Initial) {
+pub async fn run(socket: WebSocket, shared: Arc<AppState>, scope: Scope, initial: Initial) {
     let limits = &shared.settings.server;
     let outbound = Outbound::new(limits.outbound_frames, limits.outbound_bytes);
     let (connection, head) = shared.bus.connect(outbound.clone());
@@ -76,7 +76,7 @@ pub async fn run(socket: WebSocket, shared: Arc<Shared>, scope: Scope, initial: 
 }
 
 struct Session {
-    shared: Arc<Shared>,
+    shared: Arc<AppState>,
     connection: ConnectionId,
     outbound: Arc<Outbound>,
     next: SubscriptionId,
@@ -201,7 +201,7 @@ impl Session {
                 self.reply(protocol::unsubscribed(&subscription, reference));
             }
             Action::GetMetadata => {
-                let metadata = crate::http::metadata(&self.shared, &self.scope);
+                let metadata = crate::http::metadata::build(&self.shared, &self.scope);
                 self.reply(protocol::metadata(&metadata, reference))
             }
             Action::Auth { token } => match self.shared.settings.server.auth.verify(Some(&token)) {
@@ -322,7 +322,7 @@ fn closing_for(err: axum::Error) -> Closing {
 /// cursor under the bus lock: only then does the subscription go live, so the hand-off has
 /// no gap and no duplicate.
 struct CatchUp {
-    shared: Arc<Shared>,
+    shared: Arc<AppState>,
     connection: ConnectionId,
     subscription: SubscriptionId,
     filter: Arc<Filter>,
@@ -410,7 +410,7 @@ impl CatchUp {
         Some(if full { next } else { target })
     }
 
-    async fn push(&self, frame: Frame) -> Result<(), super::outbound::Rejected> {
+    async fn push(&self, frame: Frame) -> Result<(), Rejected> {
         self.outbound.push_paced(frame).await
     }
 }
@@ -453,7 +453,7 @@ impl Delivered {
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     outbound: Arc<Outbound>,
-    shared: Arc<Shared>,
+    shared: Arc<AppState>,
     welcome_id: u64,
 ) {
     let limits = &shared.settings.server;
@@ -465,7 +465,7 @@ async fn write_loop(
         let message: (Message, Option<Frame>) = tokio::select! {
             next = outbound.next() => match next {
                 Next::Frame(frame) => match frame.message() {
-                    Some(text) => (Message::Text(text), Some(frame)),
+                    Some(text) => (Message::Text(utf8(text)), Some(frame)),
                     None => {
                         // Markers only move the delivery position.
                         delivered.note(&frame);
@@ -506,9 +506,9 @@ async fn write_loop(
         let mut batch: Vec<(Option<Message>, Option<Frame>)> = vec![(Some(first), frame)];
         while batch.len() < WRITE_BATCH {
             let Some(frame) = outbound.try_next() else { break };
-            batch.push((frame.message().map(Message::Text), Some(frame)));
+            batch.push((frame.message().map(|text| Message::Text(utf8(text))), Some(frame)));
         }
-        let metrics = &shared.bus.metrics;
+        let metrics = &shared.metrics;
         let delivered = &mut delivered;
         let write = async {
             for (message, frame) in batch {
@@ -519,7 +519,7 @@ async fn write_loop(
                 if let Some(frame) = frame {
                     delivered.note(&frame);
                     if let Frame::Event { history: false, committed_at, .. } = &frame {
-                        metrics.sent(crate::event::Timestamp::now().0 - committed_at);
+                        metrics.sent(crate::model::Timestamp::now().0 - committed_at);
                     }
                 }
             }
@@ -537,6 +537,14 @@ async fn write_loop(
     }
 }
 
+/// Mailbox text as a WebSocket text payload. Frames are rendered from `String`s, so this
+/// validation (a scan, no copy) cannot fail; if it ever did, the frame would go out lossy
+/// rather than not at all.
+fn utf8(text: bytes::Bytes) -> Utf8Bytes {
+    Utf8Bytes::try_from(text.clone())
+        .unwrap_or_else(|_| Utf8Bytes::from(String::from_utf8_lossy(&text).into_owned()))
+}
+
 /// Most frames written to one connection per flush.
 const WRITE_BATCH: usize = 64;
 
@@ -549,7 +557,7 @@ const REPLAY_PROGRESS_EVERY: u64 = 100;
 
 /// One replay: historic events in `[from, to)`, paced like they happened, `speed` times faster.
 struct Replay {
-    shared: Arc<Shared>,
+    shared: Arc<AppState>,
     outbound: Arc<Outbound>,
     number: u32,
     filter: Filter,

@@ -1,7 +1,7 @@
 //! Test support: a real Postgres for every test, a fresh database each, and a publisher
 //! driven through the library's public interface.
 //!
-//! By default one throwaway cluster (see `rowcast::cluster`) is shared by the whole test binary and
+//! By default one throwaway cluster (see `rowcast::apps::cluster`) is shared by the whole test binary and
 //! each test gets its own database in it, so tests never see each other's slots or events.
 //! With `ROWCAST_TEST_DATABASE_URL` set (a superuser on a server with `wal_level=logical`),
 //! databases are created on that server instead, and dropped with their slots afterwards.
@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-pub use rowcast::cluster::Cluster;
+pub use rowcast::apps::cluster::Cluster;
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -261,7 +261,7 @@ impl Drop for TestDb {
 
 /// A 127.0.0.1 address on a port nothing listens on now, for a server a test starts.
 pub fn free_addr() -> SocketAddr {
-    let port = rowcast::cluster::free_port().expect("a free port");
+    let port = rowcast::apps::cluster::free_port().expect("a free port");
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 

@@ -35,7 +35,7 @@ impl Pool {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let client = Arc::new(crate::log::connect(&self.config, self.role).await?);
+        let client = Arc::new(super::connect(&self.config, self.role).await?);
         *slot = Some(client.clone());
         Ok(client)
     }

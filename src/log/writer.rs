@@ -1,88 +1,13 @@
-//! The durable event log, in Postgres (`--log-url`, by default the source database).
-//!
-//! Guarantees:
-//! - ids are assigned here, strictly increasing, never reused (even when retention empties the
-//!   log: `rowcast.log_head` remembers the last one);
-//! - one writer at a time: the writer holds a session advisory lock on the log database;
-//! - an append is one statement, so one transaction: the events, the new head and the source's
-//!   cursor commit together or not at all. Events at or before the cursor's position are
-//!   dropped, so a source re-sending after a crash creates no duplicate.
+//! The single writer: numbers events, appends them with the source's cursor in one
+//! statement, and drops what a re-sending source already appended.
 
-use std::time::Duration;
+use tokio_postgres::Client;
 
-use tokio_postgres::{Client, NoTls};
-
-use crate::event::{Event, Position, Severity, Timestamp};
+use super::{Cursor, LogError, Param, StoredEvent};
+use crate::model::{Event, Position, Severity, Timestamp};
 
 /// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
 const WRITER_LOCK: i64 = 0x0072_6f77_6361_7374;
-
-/// Most events one retention delete removes, so a large backlog is never one long transaction.
-const TRIM_BATCH: i64 = 10_000;
-
-pub const SCHEMA_SQL: &str = include_str!("../migrations/rowcast.sql");
-
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("event log database: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    #[error("another rowcast publisher is writing to this event log")]
-    Locked,
-    #[error("serializing event: {0}")]
-    Serialize(#[from] serde_json::Error),
-}
-
-impl LogError {
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            // A lost connection or a restarting server; an undefined table is a setup problem.
-            LogError::Postgres(err) => err.code().is_none_or(|code| !code.code().starts_with("42")),
-            LogError::Locked => true,
-            LogError::Serialize(_) => false,
-        }
-    }
-}
-
-/// Where a source stands in the log.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Cursor {
-    pub position: Position,
-    pub progress: u64,
-}
-
-/// An event as stored: the envelope serialized once, with the fields filters need.
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    pub id: u64,
-    pub kind: String,
-    pub organization_id: Option<String>,
-    pub domain_id: Option<String>,
-    pub severity: Severity,
-    /// Commit time of the source transaction.
-    pub timestamp: Timestamp,
-    /// The envelope, serialized once and shared by every reader.
-    pub json: std::sync::Arc<str>,
-}
-
-/// Connects with a background connection task; errors of that task end the client.
-pub async fn connect(
-    config: &tokio_postgres::Config,
-    role: &'static str,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(connection = role, error = %err, "postgres connection ended");
-        }
-    });
-    Ok(client)
-}
-
-/// Installs the log's schema (idempotent).
-pub async fn install(client: &Client) -> Result<(), LogError> {
-    client.batch_execute(SCHEMA_SQL).await?;
-    Ok(())
-}
 
 /// The single writer of the log.
 pub struct LogWriter {
@@ -95,7 +20,7 @@ pub struct LogWriter {
 impl LogWriter {
     /// Takes the writer lock and reads the head and `source`'s cursor.
     pub async fn open(config: &tokio_postgres::Config, source: &str) -> Result<Self, LogError> {
-        let client = connect(config, "log writer").await?;
+        let client = crate::pg::connect(config, "log writer").await?;
         // The slot is acknowledged once an append commits: that commit must be on disk.
         client.batch_execute("SET synchronous_commit = on").await?;
         let locked: bool =
@@ -251,8 +176,6 @@ struct Arrays<'a> {
     last_id: i64,
 }
 
-type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
-
 impl Batch {
     /// The common head of every append: the events (`$1..$7`) and the new log head (`$8`).
     const STATEMENT: &'static str = "\
@@ -316,131 +239,4 @@ impl<'a> Arrays<'a> {
             &self.last_id,
         ]
     }
-}
-
-/// Deletes events committed more than `retention` ago, in bounded batches so a large backlog
-/// never holds one long transaction. Returns how many went.
-pub async fn trim(client: &Client, retention: Duration) -> Result<u64, LogError> {
-    let seconds = retention.as_secs_f64();
-    let mut total = 0;
-    loop {
-        let deleted = client
-            .execute(
-                "DELETE FROM rowcast.events WHERE id IN (
-                     SELECT id FROM rowcast.events
-                      WHERE committed_at < now() - make_interval(secs => $1)
-                      ORDER BY id LIMIT $2)",
-                &[&seconds, &TRIM_BATCH],
-            )
-            .await?;
-        total += deleted;
-        if deleted < TRIM_BATCH as u64 {
-            return Ok(total);
-        }
-    }
-}
-
-/// What a history read asks for: events after `after` (and up to `up_to`), committed in
-/// `[from, to)`, matching `filter`, at most `limit`.
-#[derive(Debug, Clone)]
-pub struct Range {
-    pub after: u64,
-    pub up_to: Option<u64>,
-    pub from: Option<std::time::SystemTime>,
-    pub to: Option<std::time::SystemTime>,
-    pub limit: usize,
-}
-
-/// A page of history.
-#[derive(Debug, Default)]
-pub struct Page {
-    /// The oldest id the log still holds (the next id to be given when it is empty): a cursor
-    /// below `oldest - 1` lost events to retention.
-    pub oldest: u64,
-    /// `(id, envelope)` in id order.
-    pub events: Vec<(u64, String)>,
-    /// The commit time of each event, in the same order.
-    pub committed_at: Vec<std::time::SystemTime>,
-}
-
-/// Reads a page of history; the page and `oldest` come from one snapshot.
-pub async fn read(
-    client: &Client,
-    filter: &crate::filter::Filter,
-    range: &Range,
-) -> Result<Page, LogError> {
-    let statement = format!(
-        "SELECT o.oldest, e.id, e.body, e.committed_at
-           FROM (SELECT coalesce((SELECT min(id) FROM rowcast.events),
-                                 (SELECT last_id + 1 FROM rowcast.log_head)) AS oldest) o
-           LEFT JOIN LATERAL (
-               SELECT id, body::text AS body, committed_at FROM rowcast.events
-                WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2)
-                  AND ($3::timestamptz IS NULL OR committed_at >= $3)
-                  AND ($4::timestamptz IS NULL OR committed_at < $4)
-                  AND {}
-                ORDER BY id LIMIT $12) e ON true
-          ORDER BY e.id",
-        crate::filter::sql_condition(5)
-    );
-    let sql = filter.sql();
-    let (after, up_to) = (
-        range.after.min(i64::MAX as u64) as i64,
-        range.up_to.map(|id| id.min(i64::MAX as u64) as i64),
-    );
-    let limit = range.limit.min(i64::MAX as usize) as i64;
-    let mut params: Vec<Param<'_>> = vec![&after, &up_to, &range.from, &range.to];
-    params.extend(sql.params());
-    params.push(&limit);
-    let rows = client.query(&statement, &params).await?;
-    let mut page = Page::default();
-    for row in rows {
-        page.oldest = row.get::<_, i64>(0) as u64;
-        if let (Some(id), Some(body), Some(at)) = (
-            row.get::<_, Option<i64>>(1),
-            row.get::<_, Option<String>>(2),
-            row.get::<_, Option<std::time::SystemTime>>(3),
-        ) {
-            page.events.push((id as u64, body));
-            page.committed_at.push(at);
-        }
-    }
-    Ok(page)
-}
-
-/// How many events match `filter` in `[from, to)`.
-pub async fn count(
-    client: &Client,
-    filter: &crate::filter::Filter,
-    from: std::time::SystemTime,
-    to: std::time::SystemTime,
-) -> Result<u64, LogError> {
-    let statement = format!(
-        "SELECT count(*) FROM rowcast.events
-          WHERE committed_at >= $1 AND committed_at < $2 AND {}",
-        crate::filter::sql_condition(3)
-    );
-    let sql = filter.sql();
-    let mut params: Vec<Param<'_>> = vec![&from, &to];
-    params.extend(sql.params());
-    let row = client.query_one(&statement, &params).await?;
-    Ok(row.get::<_, i64>(0) as u64)
-}
-
-/// The organizations and domains the log's events carry, for metadata.
-pub async fn scopes(client: &Client) -> Result<Vec<(String, Option<String>)>, LogError> {
-    let rows = client
-        .query(
-            "SELECT DISTINCT organization_id, domain_id FROM rowcast.events
-              WHERE organization_id IS NOT NULL",
-            &[],
-        )
-        .await?;
-    Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
-}
-
-/// The last id ever given.
-pub async fn head(client: &Client) -> Result<u64, LogError> {
-    let row = client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?;
-    Ok(row.get::<_, i64>(0) as u64)
 }

@@ -23,9 +23,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Cluster, ClusterError};
+use crate::apps::cluster::{Cluster, ClusterError};
 use crate::config::{Settings, SourceMode};
-use crate::log;
+
 use crate::server::{self, ServeError};
 use crate::setup::{self, SetupError};
 
@@ -105,11 +105,11 @@ impl Demo {
             })??;
         tracing::info!(port = cluster.port(), dir = %cluster.dir().display(), "throwaway postgres started");
 
-        let admin = log::connect(&config(&cluster.url("postgres"))?, "demo admin").await?;
+        let admin = crate::pg::connect(&config(&cluster.url("postgres"))?, "demo admin").await?;
         admin.batch_execute(&format!("CREATE DATABASE {DATABASE}")).await?;
         drop(admin);
         let database = config(&cluster.url(DATABASE))?;
-        let client = log::connect(&database, "demo setup").await?;
+        let client = crate::pg::connect(&database, "demo setup").await?;
         setup::migrate(&client).await?;
 
         let mut settings = Settings::new(database.clone());

@@ -4,7 +4,7 @@
 use tokio_tungstenite::tungstenite::http::Uri;
 
 use super::{TailError, invalid};
-use crate::event::Severity;
+use crate::model::Severity;
 
 /// The WebSocket address of a server: `ws://host[:port][/prefix]/ws/events`, no query.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,6 @@
-//! One connection's outbound queue: a bounded FIFO of frames between the bus (and the
-//! session's own replies and catch-up reads) and the task that writes to the socket.
+//! One connection's mailbox: a bounded FIFO of frames between the bus (and the session's own
+//! replies and catch-up reads) and the task that writes them to the client, whatever the
+//! transport. Frames are text already rendered; the writer only frames and sends them.
 //!
 //! Live frames and replies are pushed without waiting ([`Outbound::push`]): when the queue is
 //! full the client is not keeping up, the queue is emptied and the connection is marked to be
@@ -11,7 +12,7 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 /// A frame waiting to be written.
@@ -29,7 +30,7 @@ pub enum Frame {
         subscriptions: Vec<u32>,
         history: bool,
         committed_at: i64,
-        text: Option<Utf8Bytes>,
+        text: Option<Bytes>,
     },
     /// A control frame, already serialized.
     Control(String),
@@ -53,11 +54,11 @@ impl Frame {
         }
     }
 
-    /// The message sent on the wire (`None` for markers).
-    pub fn message(&self) -> Option<Utf8Bytes> {
+    /// The UTF-8 text sent on the wire (`None` for markers), shared when already rendered.
+    pub fn message(&self) -> Option<Bytes> {
         match self {
             Frame::Event { text: Some(text), .. } => Some(text.clone()),
-            _ => self.render().map(Utf8Bytes::from),
+            _ => self.render().map(Bytes::from),
         }
     }
 

@@ -17,7 +17,6 @@ use super::world::{
     AGENT_STATUSES, Agent, Change, DEPLOYMENT_STATUSES, Deployment, Domain, INSTANCE_STATUSES,
     Instance, Organization, PLANS, ROLES, User, World, known,
 };
-use crate::log;
 
 /// The first wait after an error; it doubles up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -62,7 +61,7 @@ impl Workload {
 
     /// One connection's worth of changes; returns only on an error.
     async fn session(&mut self) -> Result<(), tokio_postgres::Error> {
-        let mut client = log::connect(&self.database, "demo workload").await?;
+        let mut client = crate::pg::connect(&self.database, "demo workload").await?;
         let mut world = load(&client).await?;
         let mut tick = tokio::time::interval(self.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

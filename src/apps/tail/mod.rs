@@ -36,7 +36,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::event::Severity;
+use crate::model::Severity;
 
 mod endpoint;
 mod frame;

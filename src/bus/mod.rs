@@ -16,15 +16,19 @@
 //! under the lock, so the hand-off has no gap and no duplicate however busy the log is. If the
 //! buffer overflows, the catch-up reads further from the log and buffering starts over.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 
-use crate::event::Timestamp;
 use crate::filter::{Filter, Subject};
 use crate::log::StoredEvent;
-use crate::ws::outbound::{Closing, Frame, Outbound, Rejected};
+use crate::metrics::Metrics;
+use crate::model::Timestamp;
+
+pub mod mailbox;
+
+use mailbox::{Closing, Frame, Outbound, Rejected};
 
 pub type ConnectionId = u64;
 pub type SubscriptionId = u32;
@@ -90,14 +94,12 @@ struct Registry {
     by_organization: HashMap<String, ByEntity>,
     any_organization: ByEntity,
     slow_closes: u64,
-    /// Organizations and the domains seen with them, for metadata.
-    scopes: BTreeMap<String, BTreeSet<String>>,
 }
 
 pub struct Bus {
     registry: Mutex<Registry>,
-    /// What `/metrics` reports; the bus sees every event, so it keeps most of it.
-    pub metrics: crate::metrics::Metrics,
+    /// Where appended and delivered counts and the source lag go.
+    metrics: Arc<Metrics>,
 }
 
 /// Counters for stats.
@@ -111,8 +113,8 @@ pub struct BusStats {
 }
 
 impl Bus {
-    /// A bus whose log ends at `head`.
-    pub fn new(head: u64) -> Self {
+    /// A bus whose log ends at `head`, counting what it delivers in `metrics`.
+    pub fn new(head: u64, metrics: Arc<Metrics>) -> Self {
         Self {
             registry: Mutex::new(Registry {
                 head,
@@ -123,9 +125,8 @@ impl Bus {
                 by_organization: HashMap::new(),
                 any_organization: ByEntity::default(),
                 slow_closes: 0,
-                scopes: BTreeMap::new(),
             }),
-            metrics: crate::metrics::Metrics::default(),
+            metrics,
         }
     }
 
@@ -251,7 +252,6 @@ impl Bus {
         for event in events {
             registry.head = registry.head.max(event.id);
             registry.last_event_at = Some(event.timestamp);
-            registry.note_scope(event);
             let subject = Subject {
                 kind: &event.kind,
                 organization_id: event.organization_id.as_deref(),
@@ -261,7 +261,7 @@ impl Bus {
             matches.clear();
             registry.candidates(&subject, &mut matches);
             let mut queued = 0;
-            let mut rendered: Vec<(Vec<SubscriptionId>, Utf8Bytes)> = Vec::new();
+            let mut rendered: Vec<(Vec<SubscriptionId>, Bytes)> = Vec::new();
             if matches.is_empty() {
                 counts.push((&event.kind, 0));
                 continue;
@@ -293,8 +293,7 @@ impl Bus {
                 let text = match rendered.iter().find(|(ids, _)| *ids == live) {
                     Some((_, text)) => text.clone(),
                     None => {
-                        let text =
-                            Utf8Bytes::from(crate::ws::outbound::event_text(&event.json, &live));
+                        let text = Bytes::from(mailbox::event_text(&event.json, &live));
                         rendered.push((live.clone(), text.clone()));
                         text
                     }
@@ -319,7 +318,7 @@ impl Bus {
         }
         self.metrics.published(counts);
         if let Some(last) = events.last() {
-            self.metrics.source_lag(crate::event::Timestamp::now().0 - last.timestamp.0);
+            self.metrics.source_lag(Timestamp::now().0 - last.timestamp.0);
         }
     }
 
@@ -349,20 +348,6 @@ impl Bus {
             connections: registry.connections.len(),
             subscriptions: registry.connections.values().map(|c| c.subscriptions.len()).sum(),
             slow_consumer_closes: registry.slow_closes,
-        }
-    }
-
-    /// Organizations with the domains seen with them.
-    pub fn scopes(&self) -> BTreeMap<String, BTreeSet<String>> {
-        self.lock().scopes.clone()
-    }
-
-    /// Adds scopes found in the log at startup.
-    pub fn add_scopes(&self, scopes: impl IntoIterator<Item = (String, Option<String>)>) {
-        let mut registry = self.lock();
-        for (organization, domain) in scopes {
-            let domains = registry.scopes.entry(organization).or_default();
-            domains.extend(domain);
         }
     }
 }
@@ -471,17 +456,6 @@ impl Registry {
         }
         self.remove_connection(connection);
     }
-
-    fn note_scope(&mut self, event: &StoredEvent) {
-        let Some(organization) = &event.organization_id else { return };
-        let known = self.scopes.get(organization).is_some_and(|domains| {
-            event.domain_id.as_ref().is_none_or(|domain| domains.contains(domain))
-        });
-        if !known {
-            let domains = self.scopes.entry(organization.clone()).or_default();
-            domains.extend(event.domain_id.clone());
-        }
-    }
 }
 
 #[cfg(test)]
@@ -490,7 +464,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::event::Severity;
+    use crate::model::Severity;
 
     fn event(
         id: u64,
@@ -565,7 +539,7 @@ mod tests {
             events in prop::collection::vec((0..KINDS.len(), 0..ORGS.len(), 0..DOMAINS.len(), 0..3u8), 1..40),
             unsubscribe in prop::collection::vec(any::<bool>(), 0..24),
         ) {
-            let bus = Bus::new(0);
+            let bus = Bus::new(0, Arc::default());
             let mut registered = Vec::new();
             let mut flags = unsubscribe.into_iter();
             for filters in connections {
@@ -616,7 +590,7 @@ mod tests {
 
     #[test]
     fn a_catch_up_hands_off_through_its_buffer() {
-        let bus = Bus::new(10);
+        let bus = Bus::new(10, Arc::default());
         let outbound = Outbound::new(100, usize::MAX);
         let (connection, head) = bus.connect(outbound.clone());
         assert_eq!(head, 10);
@@ -647,7 +621,7 @@ mod tests {
 
     #[test]
     fn an_overflowing_catch_up_buffer_sends_the_catch_up_back_to_the_log() {
-        let bus = Bus::new(0);
+        let bus = Bus::new(0, Arc::default());
         let outbound = Outbound::new(100_000, usize::MAX);
         let (connection, _) = bus.connect(outbound.clone());
         bus.subscribe(connection, 1, Arc::new(Filter::all()), Some(0), |_| String::new())
@@ -666,7 +640,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_closes_that_connection_only() {
-        let bus = Bus::new(0);
+        let bus = Bus::new(0, Arc::default());
         let slow = Outbound::new(2, usize::MAX);
         let fast = Outbound::new(100, usize::MAX);
         for outbound in [&slow, &fast] {

@@ -1,0 +1,31 @@
+//! What every HTTP handler and WebSocket session shares.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::Bus;
+use crate::config::Settings;
+use crate::log::Scopes;
+use crate::metrics::{Metrics, Rate};
+use crate::pg::Pool;
+use crate::publisher;
+
+pub struct AppState {
+    pub settings: Settings,
+    pub bus: Arc<Bus>,
+    /// Readers of the event log (history, catch-up, replay, stats).
+    pub log: Pool,
+    /// Readers of the source database (slot lag).
+    pub source: Pool,
+    pub publisher: publisher::Watch,
+    /// Every WebSocket session, so shutdown can wait for them to close.
+    pub sessions: TaskTracker,
+    pub rate: Rate,
+    /// One permit per WebSocket connection open or being opened (`max_connections`).
+    pub connections: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
+    /// Organizations and domains in the log, for metadata.
+    pub scopes: Arc<Scopes>,
+}

@@ -1,0 +1,106 @@
+//! The durable event log, in Postgres (`--log-url`, by default the source database).
+//!
+//! Guarantees:
+//! - ids are assigned here, strictly increasing, never reused (even when retention empties the
+//!   log: `rowcast.log_head` remembers the last one);
+//! - one writer at a time: the writer holds a session advisory lock on the log database;
+//! - an append is one statement, so one transaction: the events, the new head and the source's
+//!   cursor commit together or not at all. Events at or before the cursor's position are
+//!   dropped, so a source re-sending after a crash creates no duplicate.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::model::{Position, Severity, Timestamp};
+
+mod read;
+mod scopes;
+mod writer;
+
+pub use read::{Page, Range, count, read};
+pub use scopes::{Scopes, load_scopes};
+pub use writer::LogWriter;
+
+/// A statement parameter, as the appends and reads bind them.
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+pub const SCHEMA_SQL: &str = include_str!("../../migrations/rowcast.sql");
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("event log database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("another rowcast publisher is writing to this event log")]
+    Locked,
+    #[error("serializing event: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl LogError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LogError::Postgres(err) => crate::pg::is_transient(err),
+            LogError::Locked => true,
+            LogError::Serialize(_) => false,
+        }
+    }
+}
+
+/// Where a source stands in the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub position: Position,
+    pub progress: u64,
+}
+
+/// An event as stored: the envelope serialized once, with the fields filters need.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: u64,
+    pub kind: String,
+    pub organization_id: Option<String>,
+    pub domain_id: Option<String>,
+    pub severity: Severity,
+    /// Commit time of the source transaction.
+    pub timestamp: Timestamp,
+    /// The envelope, serialized once and shared by every reader.
+    pub json: std::sync::Arc<str>,
+}
+
+/// Installs the log's schema (idempotent).
+pub async fn install(client: &Client) -> Result<(), LogError> {
+    client.batch_execute(SCHEMA_SQL).await?;
+    Ok(())
+}
+
+/// The last id ever given.
+pub async fn head(client: &Client) -> Result<u64, LogError> {
+    let row = client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// Most events one retention delete removes, so a large backlog is never one long transaction.
+const TRIM_BATCH: i64 = 10_000;
+
+/// Deletes events committed more than `retention` ago, in bounded batches so a large backlog
+/// never holds one long transaction. Returns how many went.
+pub async fn trim(client: &Client, retention: Duration) -> Result<u64, LogError> {
+    let seconds = retention.as_secs_f64();
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute(
+                "DELETE FROM rowcast.events WHERE id IN (
+                     SELECT id FROM rowcast.events
+                      WHERE committed_at < now() - make_interval(secs => $1)
+                      ORDER BY id LIMIT $2)",
+                &[&seconds, &TRIM_BATCH],
+            )
+            .await?;
+        total += deleted;
+        if deleted < TRIM_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}

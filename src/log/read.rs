@@ -1,0 +1,89 @@
+//! Reading the log: history pages (REST, catch-up, replay) and counts, each from one snapshot.
+
+use tokio_postgres::Client;
+
+use super::{LogError, Param};
+use crate::filter::Filter;
+
+/// What a history read asks for: events after `after` (and up to `up_to`), committed in
+/// `[from, to)`, matching `filter`, at most `limit`.
+#[derive(Debug, Clone)]
+pub struct Range {
+    pub after: u64,
+    pub up_to: Option<u64>,
+    pub from: Option<std::time::SystemTime>,
+    pub to: Option<std::time::SystemTime>,
+    pub limit: usize,
+}
+
+/// A page of history.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// The oldest id the log still holds (the next id to be given when it is empty): a cursor
+    /// below `oldest - 1` lost events to retention.
+    pub oldest: u64,
+    /// `(id, envelope)` in id order.
+    pub events: Vec<(u64, String)>,
+    /// The commit time of each event, in the same order.
+    pub committed_at: Vec<std::time::SystemTime>,
+}
+
+/// Reads a page of history; the page and `oldest` come from one snapshot.
+pub async fn read(client: &Client, filter: &Filter, range: &Range) -> Result<Page, LogError> {
+    let statement = format!(
+        "SELECT o.oldest, e.id, e.body, e.committed_at
+           FROM (SELECT coalesce((SELECT min(id) FROM rowcast.events),
+                                 (SELECT last_id + 1 FROM rowcast.log_head)) AS oldest) o
+           LEFT JOIN LATERAL (
+               SELECT id, body::text AS body, committed_at FROM rowcast.events
+                WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2)
+                  AND ($3::timestamptz IS NULL OR committed_at >= $3)
+                  AND ($4::timestamptz IS NULL OR committed_at < $4)
+                  AND {}
+                ORDER BY id LIMIT $12) e ON true
+          ORDER BY e.id",
+        crate::filter::sql_condition(5)
+    );
+    let sql = filter.sql();
+    let (after, up_to) = (
+        range.after.min(i64::MAX as u64) as i64,
+        range.up_to.map(|id| id.min(i64::MAX as u64) as i64),
+    );
+    let limit = range.limit.min(i64::MAX as usize) as i64;
+    let mut params: Vec<Param<'_>> = vec![&after, &up_to, &range.from, &range.to];
+    params.extend(sql.params());
+    params.push(&limit);
+    let rows = client.query(&statement, &params).await?;
+    let mut page = Page::default();
+    for row in rows {
+        page.oldest = row.get::<_, i64>(0) as u64;
+        if let (Some(id), Some(body), Some(at)) = (
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, Option<String>>(2),
+            row.get::<_, Option<std::time::SystemTime>>(3),
+        ) {
+            page.events.push((id as u64, body));
+            page.committed_at.push(at);
+        }
+    }
+    Ok(page)
+}
+
+/// How many events match `filter` in `[from, to)`.
+pub async fn count(
+    client: &Client,
+    filter: &Filter,
+    from: std::time::SystemTime,
+    to: std::time::SystemTime,
+) -> Result<u64, LogError> {
+    let statement = format!(
+        "SELECT count(*) FROM rowcast.events
+          WHERE committed_at >= $1 AND committed_at < $2 AND {}",
+        crate::filter::sql_condition(3)
+    );
+    let sql = filter.sql();
+    let mut params: Vec<Param<'_>> = vec![&from, &to];
+    params.extend(sql.params());
+    let row = client.query_one(&statement, &params).await?;
+    Ok(row.get::<_, i64>(0) as u64)
+}

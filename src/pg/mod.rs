@@ -1,0 +1,68 @@
+//! Postgres plumbing every stage shares: how a connection is opened, how names are quoted,
+//! what an LSN is, and which failures are worth retrying.
+//!
+//! ```text
+//! mod.rs    connect (the one place that chooses the transport), LISTEN connections
+//! error.rs  the one classifier: transient (reconnect later) or definite (stop and say why)
+//! lsn.rs    the WAL position type, parsed and printed as Postgres does (`0/16B3748`)
+//! quote.rs  identifiers and literals for SQL built at run time
+//! pool.rs   a few shared reader connections, replaced when they break
+//! ```
+//!
+//! Nothing here knows about events: capture, the log, setup and the HTTP side all sit above.
+
+mod error;
+mod lsn;
+mod pool;
+mod quote;
+
+pub use error::{Transience, is_transient, sqlstate_transience, transience};
+pub use lsn::{Lsn, format_lsn, parse_lsn};
+pub use pool::Pool;
+pub use quote::{quote_ident, quote_literal};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+/// Connects with a background connection task; errors of that task end the client. `role`
+/// names the connection in logs (`log writer`, `catalog`, `stats`, ...).
+pub async fn connect(
+    config: &tokio_postgres::Config,
+    role: &'static str,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(connection = role, error = %err, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Connects a client whose notifications arrive on the returned channel, one wake-up per
+/// notification (a full channel already holds one: nothing is lost by dropping another). The
+/// channel closes when the connection ends; dropping the client ends the connection.
+pub async fn connect_notified(
+    config: &tokio_postgres::Config,
+    role: &'static str,
+) -> Result<(Client, mpsc::Receiver<()>), tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (wake_tx, wake_rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    let _ = wake_tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(connection = role, error = %err, "postgres connection ended");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, wake_rx))
+}
