@@ -9,6 +9,7 @@ mod capture;
 mod delivery;
 mod demo;
 mod durability;
+mod faults;
 mod fidelity;
 mod replay;
 mod tail;

@@ -9,6 +9,7 @@
 pub mod client;
 #[cfg(feature = "testcontainers")]
 pub mod docker;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::str::FromStr;

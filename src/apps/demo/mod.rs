@@ -175,10 +175,10 @@ impl Demo {
         let served = server::run(settings, listener, shutdown.clone()).await;
         // The server may also end on its own, with an error: the workload goes with it.
         shutdown.cancel();
-        if let Some(workload) = workload {
-            if let Err(err) = workload.await {
-                tracing::warn!(error = %err, "demo workload ended abnormally");
-            }
+        if let Some(workload) = workload
+            && let Err(err) = workload.await
+        {
+            tracing::warn!(error = %err, "demo workload ended abnormally");
         }
         // Stopping Postgres waits for its processes: not on a runtime thread.
         if tokio::task::spawn_blocking(move || drop(cluster)).await.is_err() {

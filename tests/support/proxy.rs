@@ -1,0 +1,190 @@
+//! A TCP fault proxy: sits between rowcast and Postgres and breaks connections on command, the
+//! way networks and servers break them in production.
+//!
+//! ```text
+//! rowcast --> 127.0.0.1:proxy --> upstream (Postgres)
+//!               reset_all()        every open connection gets a TCP RST, both sides
+//!               cut_on(pattern)    the first connection whose client sends `pattern` is reset
+//!                                  before the bytes go through (a cut in mid-query)
+//! ```
+//!
+//! Resets use SO_LINGER 0, so the peers see "connection reset", not an orderly close.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub struct FaultProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Cancelled by `reset_all`; every connection opened before holds a child of it.
+    generation: CancellationToken,
+    /// Armed cuts: the first connection that sends one of these is reset.
+    cuts: Vec<Vec<u8>>,
+    /// Connections reset by an armed cut so far.
+    cut_count: usize,
+}
+
+impl FaultProxy {
+    /// A proxy on a free 127.0.0.1 port in front of `upstream`.
+    pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let shared = Arc::new(Shared {
+            upstream,
+            state: Mutex::new(State {
+                generation: CancellationToken::new(),
+                cuts: Vec::new(),
+                cut_count: 0,
+            }),
+        });
+        let accepting = tokio::spawn(accept(listener, shared.clone()));
+        FaultProxy { addr, shared, accepting }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `config` with its host and port replaced by the proxy's.
+    pub fn route(&self, config: &tokio_postgres::Config) -> tokio_postgres::Config {
+        // `host`/`port` append to a config: build one that names the proxy only.
+        let mut routed = tokio_postgres::Config::new();
+        if let Some(user) = config.get_user() {
+            routed.user(user);
+        }
+        if let Some(password) = config.get_password() {
+            routed.password(password);
+        }
+        if let Some(dbname) = config.get_dbname() {
+            routed.dbname(dbname);
+        }
+        routed.host("127.0.0.1").port(self.port());
+        routed
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resets every connection open now (new ones go through).
+    pub fn reset_all(&self) {
+        let mut state = self.state();
+        state.generation.cancel();
+        state.generation = CancellationToken::new();
+    }
+
+    /// Arms a cut: the first connection whose client sends `pattern` (e.g. a piece of a query's
+    /// SQL) is reset before those bytes reach the server.
+    pub fn cut_on(&self, pattern: &str) {
+        self.state().cuts.push(pattern.as_bytes().to_vec());
+    }
+
+    /// Connections reset by armed cuts so far.
+    pub fn cuts(&self) -> usize {
+        self.state().cut_count
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        self.state().generation.cancel();
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else { continue };
+        let generation = {
+            let state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.generation.child_token()
+        };
+        tokio::spawn(relay(client, shared.clone(), generation));
+    }
+}
+
+async fn relay(client: TcpStream, shared: Arc<Shared>, generation: CancellationToken) {
+    let Ok(server) = TcpStream::connect(shared.upstream).await else {
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let cut = CancellationToken::new();
+    let upstream = pipe(client_read, server_write, shared.clone(), Some(cut.clone()));
+    let downstream = pipe(server_read, client_write, shared, None);
+    // A reset drops both pipes, and with them the sockets (SO_LINGER 0: an RST each way).
+    tokio::select! {
+        _ = async { tokio::join!(upstream, downstream) } => {}
+        _ = generation.cancelled() => {}
+        _ = cut.cancelled() => {}
+    }
+}
+
+/// Copies one direction until EOF or an error. With `cut`, watches the bytes for armed
+/// patterns and cancels `cut` instead of forwarding a match.
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: Arc<Shared>,
+    cut: Option<CancellationToken>,
+) {
+    // Linger 0 on both sockets now: whichever way this connection ends abruptly (a reset, a
+    // cut, the task dropped), the peers see an RST.
+    let _ = from.as_ref().set_zero_linger();
+    let _ = to.as_ref().set_zero_linger();
+    let mut buf = vec![0u8; 64 * 1024];
+    // The end of the previous chunk, so a pattern split across reads is still seen.
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(cut) = &cut {
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(&buf[..n]);
+            let (hit, longest) = {
+                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                let hit = state.cuts.iter().position(|p| contains(&window, p));
+                if let Some(index) = hit {
+                    state.cuts.remove(index);
+                    state.cut_count += 1;
+                }
+                (hit.is_some(), state.cuts.iter().map(Vec::len).max().unwrap_or(0))
+            };
+            if hit {
+                // Never forward the matching bytes: the relay drops both sockets.
+                cut.cancel();
+                std::future::pending::<()>().await;
+            }
+            let keep = longest.saturating_sub(1).min(window.len());
+            tail = window[window.len() - keep..].to_vec();
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // An orderly end on one side: pass it on as an orderly end.
+    let _ = to.shutdown().await;
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
