@@ -26,28 +26,22 @@ use crate::log::StoredEvent;
 use crate::metrics::Metrics;
 use crate::model::Timestamp;
 
+mod index;
 pub mod mailbox;
+
+use index::Index;
 
 use mailbox::{Closing, Frame, Outbound, Rejected};
 
 pub type ConnectionId = u64;
 pub type SubscriptionId = u32;
+/// A subscription of a connection.
 type SubscriptionRef = (ConnectionId, SubscriptionId);
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
     #[error("the connection is closing")]
     Closed,
-}
-
-/// Subscriptions that share an index key.
-type Bucket = HashMap<SubscriptionRef, Arc<Filter>>;
-
-/// Buckets by entity (`None`: the filter matches any entity).
-#[derive(Default)]
-struct ByEntity {
-    entities: HashMap<String, Bucket>,
-    any: Bucket,
 }
 
 /// Events buffered for one catching-up subscription before it reads from the log again.
@@ -91,8 +85,7 @@ struct Registry {
     closed: bool,
     next_connection: ConnectionId,
     connections: HashMap<ConnectionId, Connection>,
-    by_organization: HashMap<String, ByEntity>,
-    any_organization: ByEntity,
+    index: Index,
     slow_closes: u64,
 }
 
@@ -122,8 +115,7 @@ impl Bus {
                 closed: false,
                 next_connection: 1,
                 connections: HashMap::new(),
-                by_organization: HashMap::new(),
-                any_organization: ByEntity::default(),
+                index: Index::default(),
                 slow_closes: 0,
             }),
             metrics,
@@ -185,9 +177,9 @@ impl Bus {
             c.subscriptions.insert(subscription, Subscription { filter: filter.clone(), catch_up })
         {
             // Ids are not reused by sessions; if one ever is, the old one must leave the index.
-            registry.unindex((connection, subscription), &old.filter);
+            registry.index.remove((connection, subscription), &old.filter);
         }
-        registry.index((connection, subscription), &filter);
+        registry.index.add((connection, subscription), &filter);
         Ok(head)
     }
 
@@ -259,7 +251,7 @@ impl Bus {
                 severity: event.severity,
             };
             matches.clear();
-            registry.candidates(&subject, &mut matches);
+            registry.index.candidates(&subject, &mut matches);
             let mut queued = 0;
             let mut rendered: Vec<(Vec<SubscriptionId>, Bytes)> = Vec::new();
             if matches.is_empty() {
@@ -353,82 +345,6 @@ impl Bus {
 }
 
 impl Registry {
-    fn candidates(&self, subject: &Subject<'_>, out: &mut Vec<SubscriptionRef>) {
-        let entity = subject.kind.split_once('.').map_or(subject.kind, |(e, _)| e);
-        let mut collect = |by_entity: &ByEntity| {
-            let buckets = [by_entity.entities.get(entity), Some(&by_entity.any)];
-            for bucket in buckets.into_iter().flatten() {
-                for (reference, filter) in bucket {
-                    if filter.matches(subject) {
-                        out.push(*reference);
-                    }
-                }
-            }
-        };
-        if let Some(organization) = subject.organization_id
-            && let Some(by_entity) = self.by_organization.get(organization)
-        {
-            collect(by_entity);
-        }
-        collect(&self.any_organization);
-    }
-
-    /// Each subscription sits in one bucket per (organization, entity) it names.
-    fn index(&mut self, reference: SubscriptionRef, filter: &Arc<Filter>) {
-        let entities = filter.entities();
-        let add = |by_entity: &mut ByEntity| match &entities {
-            None => {
-                by_entity.any.insert(reference, filter.clone());
-            }
-            Some(entities) => {
-                for entity in entities {
-                    let bucket = by_entity.entities.entry((*entity).to_owned()).or_default();
-                    bucket.insert(reference, filter.clone());
-                }
-            }
-        };
-        match filter.organizations() {
-            None => add(&mut self.any_organization),
-            Some(organizations) => {
-                for organization in organizations {
-                    add(self.by_organization.entry(organization.clone()).or_default());
-                }
-            }
-        }
-    }
-
-    fn unindex(&mut self, reference: SubscriptionRef, filter: &Filter) {
-        let entities = filter.entities();
-        let remove = |by_entity: &mut ByEntity| match &entities {
-            None => {
-                by_entity.any.remove(&reference);
-            }
-            Some(entities) => {
-                for entity in entities {
-                    if let Some(bucket) = by_entity.entities.get_mut(*entity) {
-                        bucket.remove(&reference);
-                        if bucket.is_empty() {
-                            by_entity.entities.remove(*entity);
-                        }
-                    }
-                }
-            }
-        };
-        match filter.organizations() {
-            None => remove(&mut self.any_organization),
-            Some(organizations) => {
-                for organization in organizations {
-                    if let Some(by_entity) = self.by_organization.get_mut(organization) {
-                        remove(by_entity);
-                        if by_entity.any.is_empty() && by_entity.entities.is_empty() {
-                            self.by_organization.remove(organization);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     fn remove_subscription(
         &mut self,
         connection: ConnectionId,
@@ -437,14 +353,14 @@ impl Registry {
         let Some(c) = self.connections.get_mut(&connection) else { return false };
         let Some(removed) = c.subscriptions.remove(&subscription) else { return false };
         c.catching_up -= usize::from(removed.catch_up.is_some());
-        self.unindex((connection, subscription), &removed.filter);
+        self.index.remove((connection, subscription), &removed.filter);
         true
     }
 
     fn remove_connection(&mut self, connection: ConnectionId) {
         let Some(removed) = self.connections.remove(&connection) else { return };
         for (subscription, sub) in removed.subscriptions {
-            self.unindex((connection, subscription), &sub.filter);
+            self.index.remove((connection, subscription), &sub.filter);
         }
     }
 
@@ -459,202 +375,4 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-    use serde_json::json;
-
-    use super::*;
-    use crate::model::Severity;
-
-    fn event(
-        id: u64,
-        kind: &str,
-        org: Option<&str>,
-        domain: Option<&str>,
-        severity: Severity,
-    ) -> StoredEvent {
-        StoredEvent {
-            id,
-            kind: kind.into(),
-            organization_id: org.map(String::from),
-            domain_id: domain.map(String::from),
-            severity,
-            timestamp: Timestamp(0),
-            json: format!(r#"{{"id":{id}}}"#).into(),
-        }
-    }
-
-    /// `(event id, subscription numbers)` of every event frame queued.
-    fn delivered(outbound: &Outbound) -> Vec<(u64, Vec<u32>)> {
-        outbound
-            .queued()
-            .into_iter()
-            .filter_map(|frame| match frame {
-                Frame::Event { id, subscriptions, .. } => Some((id, subscriptions)),
-                Frame::Control(_)
-                | Frame::Replay { .. }
-                | Frame::CatchingUp { .. }
-                | Frame::Live { .. } => None,
-            })
-            .collect()
-    }
-
-    const KINDS: [&str; 6] = [
-        "agent.created",
-        "agent.deleted",
-        "user.created",
-        "user.deleted",
-        "deployment.failed",
-        "organization.updated",
-    ];
-    const ORGS: [Option<&str>; 4] = [Some("quant"), Some("acme"), Some(""), None];
-    const DOMAINS: [Option<&str>; 3] = [Some("demo"), Some("prod"), None];
-    const PATTERNS: [&str; 7] =
-        ["*", "agent.*", "*.deleted", "user.created", "deployment.failed", "user.*", "*.created"];
-
-    fn filter_strategy() -> impl Strategy<Value = Filter> {
-        let types =
-            prop::option::of(prop::collection::vec(prop::sample::select(&PATTERNS[..]), 1..3));
-        let orgs = prop::option::of(prop::collection::vec(
-            prop::sample::select(&["quant", "acme", ""][..]),
-            1..3,
-        ));
-        let domains = prop::option::of(prop::collection::vec(
-            prop::sample::select(&["demo", "prod"][..]),
-            1..2,
-        ));
-        let severity = prop::sample::select(&["info", "warning", "error"][..]);
-        (types, orgs, domains, severity).prop_map(|(types, orgs, domains, severity)| {
-            let filter = json!({"type": types, "organization_id": orgs, "domain_id": domains, "severity": severity});
-            Filter::from_json(Some(&filter)).expect("generated filters are valid")
-        })
-    }
-
-    proptest! {
-        /// The index never changes the outcome: each connection gets one frame per event that
-        /// matches any of its subscriptions, listing exactly those, as brute force says.
-        #[test]
-        fn indexed_matching_equals_brute_force(
-            connections in prop::collection::vec(prop::collection::vec(filter_strategy(), 0..4), 1..6),
-            events in prop::collection::vec((0..KINDS.len(), 0..ORGS.len(), 0..DOMAINS.len(), 0..3u8), 1..40),
-            unsubscribe in prop::collection::vec(any::<bool>(), 0..24),
-        ) {
-            let bus = Bus::new(0, Arc::default());
-            let mut registered = Vec::new();
-            let mut flags = unsubscribe.into_iter();
-            for filters in connections {
-                let outbound = Outbound::new(10_000, usize::MAX);
-                let (connection, _) = bus.connect(outbound.clone());
-                let mut live = Vec::new();
-                for (number, filter) in filters.into_iter().enumerate() {
-                    let number = number as u32 + 1;
-                    let filter = Arc::new(filter);
-                    bus.subscribe(connection, number, filter.clone(), None, |_| String::new()).expect("open");
-                    if flags.next().unwrap_or(false) {
-                        prop_assert!(bus.unsubscribe(connection, number));
-                    } else {
-                        live.push((number, filter));
-                    }
-                }
-                registered.push((outbound, live));
-            }
-            let stored: Vec<StoredEvent> = events
-                .iter()
-                .enumerate()
-                .map(|(i, &(k, o, d, s))| {
-                    let severity = [Severity::Info, Severity::Warning, Severity::Error][s as usize];
-                    event(i as u64 + 1, KINDS[k], ORGS[o], DOMAINS[d], severity)
-                })
-                .collect();
-            bus.publish(&stored);
-            prop_assert_eq!(bus.head(), stored.len() as u64);
-            for (outbound, live) in &registered {
-                let expected: Vec<(u64, Vec<u32>)> = stored
-                    .iter()
-                    .filter_map(|e| {
-                        let subject = Subject {
-                            kind: &e.kind,
-                            organization_id: e.organization_id.as_deref(),
-                            domain_id: e.domain_id.as_deref(),
-                            severity: e.severity,
-                        };
-                        let numbers: Vec<u32> =
-                            live.iter().filter(|(_, f)| f.matches(&subject)).map(|(n, _)| *n).collect();
-                        (!numbers.is_empty()).then_some((e.id, numbers))
-                    })
-                    .collect();
-                prop_assert_eq!(delivered(outbound), expected);
-            }
-        }
-    }
-
-    #[test]
-    fn a_catch_up_hands_off_through_its_buffer() {
-        let bus = Bus::new(10, Arc::default());
-        let outbound = Outbound::new(100, usize::MAX);
-        let (connection, head) = bus.connect(outbound.clone());
-        assert_eq!(head, 10);
-        let (live, catching) = (Arc::new(Filter::all()), Arc::new(Filter::all()));
-        bus.subscribe(connection, 1, live, None, |_| String::new()).expect("open");
-        assert_eq!(bus.subscribe(connection, 2, catching, Some(3), |h| format!("at {h}")), Ok(10));
-        let agent = |id| event(id, "agent.created", None, None, Severity::Info);
-        bus.publish(&[agent(11), agent(12)]);
-        // Live frames name only the live subscription; the catching-up one buffers them.
-        assert_eq!(delivered(&outbound), [(11, vec![1]), (12, vec![1])]);
-        // Its catch-up read the log up to 10 (its `last_id`): the buffer covers the rest.
-        assert_eq!(bus.go_live(connection, 2, 10), GoLive::Live);
-        assert_eq!(delivered(&outbound)[2..], [(11, vec![2]), (12, vec![2])]);
-        bus.publish(&[agent(13)]);
-        assert_eq!(delivered(&outbound)[4..], [(13, vec![1, 2])]);
-        assert_eq!(bus.go_live(connection, 3, 13), GoLive::Gone);
-        let markers: Vec<String> = outbound
-            .queued()
-            .iter()
-            .filter(|f| matches!(f, Frame::CatchingUp { .. } | Frame::Live { .. }))
-            .map(|f| format!("{f:?}"))
-            .collect();
-        assert_eq!(
-            markers,
-            ["CatchingUp { subscription: 2, from: 3 }", "Live { subscription: 2 }"]
-        );
-    }
-
-    #[test]
-    fn an_overflowing_catch_up_buffer_sends_the_catch_up_back_to_the_log() {
-        let bus = Bus::new(0, Arc::default());
-        let outbound = Outbound::new(100_000, usize::MAX);
-        let (connection, _) = bus.connect(outbound.clone());
-        bus.subscribe(connection, 1, Arc::new(Filter::all()), Some(0), |_| String::new())
-            .expect("open");
-        let events: Vec<StoredEvent> = (1..=CATCH_UP_BUFFER as u64 + 1)
-            .map(|id| event(id, "agent.created", None, None, Severity::Info))
-            .collect();
-        bus.publish(&events);
-        let head = events.len() as u64;
-        assert_eq!(bus.go_live(connection, 1, 0), GoLive::Behind(head));
-        bus.publish(&[event(head + 1, "user.created", None, None, Severity::Info)]);
-        // Read up to `head` from the log; the new buffer holds the one after.
-        assert_eq!(bus.go_live(connection, 1, head), GoLive::Live);
-        assert_eq!(delivered(&outbound), [(head + 1, vec![1])]);
-    }
-
-    #[test]
-    fn a_full_queue_closes_that_connection_only() {
-        let bus = Bus::new(0, Arc::default());
-        let slow = Outbound::new(2, usize::MAX);
-        let fast = Outbound::new(100, usize::MAX);
-        for outbound in [&slow, &fast] {
-            let (connection, _) = bus.connect(outbound.clone());
-            bus.subscribe(connection, 1, Arc::new(Filter::all()), None, |_| String::new())
-                .expect("open");
-        }
-        let events: Vec<StoredEvent> = (1..=5)
-            .map(|id| event(id, "agent.created", Some("quant"), None, Severity::Info))
-            .collect();
-        bus.publish(&events);
-        assert!(slow.is_closing());
-        assert_eq!(delivered(&fast).len(), 5);
-        let stats = bus.stats();
-        assert_eq!((stats.connections, stats.slow_consumer_closes), (1, 1));
-    }
-}
+mod tests;

@@ -5,17 +5,16 @@
 //! startup ([`Mapping::check_columns`]), so a mapping naming a missing table or column fails
 //! before anything is captured. Turning a change into events ([`Entity::events`]) is pure.
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::Deserialize;
-use serde_json::Value;
+use crate::model::{Severity, TableName};
 
-use crate::model::{Change, Event, Op, Origin, Row, Severity, TableName};
+mod file;
+mod rules;
 
-pub const DEFAULT_MAPPING: &str = include_str!("../config/mapping.toml");
+pub const DEFAULT_MAPPING: &str = include_str!("../../config/mapping.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum MappingError {
@@ -64,40 +63,19 @@ pub struct Mapping {
     by_table: HashMap<TableName, usize>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSpec {
-    #[serde(default)]
-    entity: Vec<EntitySpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EntitySpec {
-    name: String,
-    table: String,
-    organization: Option<String>,
-    domain: Option<String>,
-    #[serde(default)]
-    redact: Vec<String>,
-    #[serde(default)]
-    event: Vec<EventSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventSpec {
-    action: String,
-    changed: Option<String>,
-    becomes: Option<BecomesSpec>,
-    severity: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BecomesSpec {
-    column: String,
-    value: toml::Value,
+impl Entity {
+    /// Every column the entity names: scopes, redactions, triggers.
+    fn columns_used(&self) -> impl Iterator<Item = &str> {
+        let extra = self.events.iter().map(|event| match &event.trigger {
+            Trigger::Changed(column) | Trigger::Becomes { column, .. } => column.as_str(),
+        });
+        self.organization
+            .iter()
+            .chain(&self.domain)
+            .chain(&self.redact)
+            .map(String::as_str)
+            .chain(extra)
+    }
 }
 
 impl Mapping {
@@ -113,12 +91,7 @@ impl Mapping {
     }
 
     pub fn from_toml(text: &str) -> Result<Self, MappingError> {
-        let spec: FileSpec = toml::from_str(text)?;
-        let mut entities = Vec::new();
-        for entity in spec.entity {
-            entities.push(entity_from_spec(entity)?);
-        }
-        Self::new(entities)
+        Self::new(file::entities(text)?)
     }
 
     pub fn new(entities: Vec<Entity>) -> Result<Self, MappingError> {
@@ -174,183 +147,12 @@ impl Mapping {
     }
 }
 
-fn entity_from_spec(spec: EntitySpec) -> Result<Entity, MappingError> {
-    let invalid = |what: String| MappingError::Invalid(format!("entity {:?}: {what}", spec.name));
-    if !is_word(&spec.name) {
-        return Err(invalid("the name must be non-empty and contain no '.', '*' or spaces".into()));
-    }
-    let table = TableName::parse(&spec.table).map_err(MappingError::Invalid)?;
-    let mut events = Vec::new();
-    for event in spec.event {
-        if !is_word(&event.action) {
-            return Err(invalid(format!(
-                "action {:?} must be non-empty with no '.', '*' or spaces",
-                event.action
-            )));
-        }
-        let trigger = match (event.changed, event.becomes) {
-            (Some(column), None) => Trigger::Changed(column),
-            (None, Some(becomes)) => {
-                Trigger::Becomes { column: becomes.column, value: toml_text(&becomes.value)? }
-            }
-            _ => {
-                return Err(invalid(format!(
-                    "event {:?} needs exactly one of `changed` or `becomes`",
-                    event.action
-                )));
-            }
-        };
-        let severity = match event.severity {
-            Some(text) => text.parse().map_err(|err: String| invalid(err))?,
-            None => Severity::Info,
-        };
-        events.push(ExtraEvent { action: event.action, trigger, severity });
-    }
-    Ok(Entity {
-        name: spec.name,
-        table,
-        organization: spec.organization,
-        domain: spec.domain,
-        redact: spec.redact,
-        events,
-    })
-}
-
-fn is_word(text: &str) -> bool {
-    !text.is_empty() && !text.contains(['.', '*', ' ', '\t', '\n'])
-}
-
-fn toml_text(value: &toml::Value) -> Result<String, MappingError> {
-    match value {
-        toml::Value::String(s) => Ok(s.clone()),
-        toml::Value::Integer(i) => Ok(i.to_string()),
-        toml::Value::Float(f) => Ok(f.to_string()),
-        toml::Value::Boolean(b) => Ok(b.to_string()),
-        other => Err(MappingError::Invalid(format!(
-            "`becomes` value {other} must be a string, number or boolean"
-        ))),
-    }
-}
-
-/// A column value as the text a `becomes` value or a scope is taken from.
-fn value_text(value: &Value) -> Option<Cow<'_, str>> {
-    match value {
-        Value::Null => None,
-        Value::String(s) => Some(Cow::Borrowed(s)),
-        other => Some(Cow::Owned(other.to_string())),
-    }
-}
-
-impl Entity {
-    fn columns_used(&self) -> impl Iterator<Item = &str> {
-        let extra = self.events.iter().map(|event| match &event.trigger {
-            Trigger::Changed(column) | Trigger::Becomes { column, .. } => column.as_str(),
-        });
-        self.organization
-            .iter()
-            .chain(&self.domain)
-            .chain(&self.redact)
-            .map(String::as_str)
-            .chain(extra)
-    }
-
-    /// The events one row change produces: the plain one, then the extra ones in declaration
-    /// order, all with the same data. Ids are assigned by the log.
-    pub fn events(&self, change: Change) -> Vec<Event> {
-        let Change { table, op, new, old, timestamp, lsn, xid } = change;
-        let (data, old) = match op {
-            Op::Insert => (new, None),
-            Op::Update => (new, old),
-            // A delete's data is the row it removed.
-            Op::Delete => (old.clone(), old),
-            Op::Truncate => (None, None),
-        };
-        let scope = |column: &Option<String>| {
-            let value = data.as_ref()?.get(column.as_deref()?)?;
-            value_text(value).map(Cow::into_owned)
-        };
-        let changed = match (op, &data, &old) {
-            (Op::Update, Some(new), Some(old)) => Some(self.changed_columns(old, new)),
-            _ => None,
-        };
-        let fired: Vec<&ExtraEvent> = self
-            .events
-            .iter()
-            .filter(|extra| fires(extra, op, data.as_ref(), old.as_ref()))
-            .collect();
-        let plain = Event {
-            id: 0,
-            kind: format!("{}.{}", self.name, op.action()),
-            timestamp,
-            organization_id: scope(&self.organization),
-            domain_id: scope(&self.domain),
-            severity: Severity::Info,
-            data: data.map(|row| self.redacted(row)),
-            old: old.map(|row| self.redacted(row)),
-            changed,
-            source: Origin {
-                table: table.to_string(),
-                op,
-                lsn: lsn.map(crate::pg::format_lsn),
-                xid,
-            },
-        };
-        let mut events = Vec::with_capacity(1 + fired.len());
-        events.push(plain);
-        for extra in fired {
-            let mut event = events[0].clone();
-            event.kind = format!("{}.{}", self.name, extra.action);
-            event.severity = extra.severity;
-            events.push(event);
-        }
-        events
-    }
-
-    /// Sorted names of the visible columns whose values differ.
-    fn changed_columns(&self, old: &Row, new: &Row) -> Vec<String> {
-        let mut names: Vec<String> = new
-            .iter()
-            .filter(|(name, value)| !self.redact.contains(name) && old.get(*name) != Some(value))
-            .map(|(name, _)| name.clone())
-            .collect();
-        names.sort();
-        names
-    }
-
-    fn redacted(&self, mut row: Row) -> Row {
-        if !self.redact.is_empty() {
-            row.retain(|name, _| !self.redact.contains(name));
-        }
-        row
-    }
-}
-
-/// Whether an extra event fires for this change.
-fn fires(extra: &ExtraEvent, op: Op, new: Option<&Row>, old: Option<&Row>) -> bool {
-    fn get<'a>(row: Option<&'a Row>, column: &str) -> Option<&'a Value> {
-        row?.get(column)
-    }
-    let text = |row, column| get(row, column).and_then(value_text);
-    match (&extra.trigger, op) {
-        (Trigger::Changed(column), Op::Update) => {
-            old.is_some() && get(new, column) != get(old, column)
-        }
-        (Trigger::Becomes { column, value }, Op::Insert) => {
-            text(new, column).as_deref() == Some(value)
-        }
-        (Trigger::Becomes { column, value }, Op::Update) => {
-            old.is_some()
-                && text(new, column).as_deref() == Some(value)
-                && text(old, column).as_deref() != Some(value)
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
-    use crate::model::Timestamp;
+    use crate::model::{Change, Event, Op, Row, Timestamp};
     use serde_json::json;
 
     fn row(value: Value) -> Row {

@@ -13,67 +13,19 @@ use crate::model::Severity;
 /// Most values one list of a filter may hold.
 pub const MAX_LIST: usize = 256;
 
+mod pattern;
+mod sql;
+
+pub use pattern::Pattern;
+pub use sql::{SqlFilter, sql_condition};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct FilterError(String);
 
 impl FilterError {
-    fn new(message: impl Into<String>) -> Self {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
         Self(message.into())
-    }
-}
-
-/// One type pattern.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Pattern {
-    /// `*`
-    Any,
-    /// `entity.*`
-    Entity(String),
-    /// `*.action`
-    Action(String),
-    /// `entity.action`
-    Exact(String),
-}
-
-impl Pattern {
-    pub fn parse(text: &str) -> Result<Self, FilterError> {
-        let invalid = || {
-            FilterError::new(format!(
-                "type pattern {text:?} is not one of *, entity.*, *.action or entity.action"
-            ))
-        };
-        if text == "*" || text == "*.*" {
-            return Ok(Pattern::Any);
-        }
-        let (entity, action) = text.split_once('.').ok_or_else(invalid)?;
-        let word =
-            |w: &str| !w.is_empty() && !w.contains(['*', '.']) && !w.contains(char::is_whitespace);
-        match (entity, action) {
-            ("*", action) if word(action) => Ok(Pattern::Action(action.to_owned())),
-            (entity, "*") if word(entity) => Ok(Pattern::Entity(entity.to_owned())),
-            (entity, action) if word(entity) && word(action) => Ok(Pattern::Exact(text.to_owned())),
-            _ => Err(invalid()),
-        }
-    }
-
-    pub fn matches(&self, kind: &str) -> bool {
-        let (entity, action) = kind.split_once('.').unwrap_or((kind, ""));
-        match self {
-            Pattern::Any => true,
-            Pattern::Entity(e) => e == entity,
-            Pattern::Action(a) => a == action,
-            Pattern::Exact(t) => t == kind,
-        }
-    }
-
-    fn text(&self) -> String {
-        match self {
-            Pattern::Any => "*".into(),
-            Pattern::Entity(e) => format!("{e}.*"),
-            Pattern::Action(a) => format!("*.{a}"),
-            Pattern::Exact(t) => t.clone(),
-        }
     }
 }
 
@@ -93,53 +45,6 @@ pub struct Filter {
     organizations: Option<Vec<String>>,
     domains: Option<Vec<String>>,
     severity: Severity,
-}
-
-/// The filter as SQL parameters: see [`Filter::sql`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SqlFilter {
-    pub any_type: bool,
-    pub types: Vec<String>,
-    pub entities: Vec<String>,
-    pub actions: Vec<String>,
-    pub organizations: Option<Vec<String>>,
-    pub domains: Option<Vec<String>>,
-    pub severity: i16,
-}
-
-impl SqlFilter {
-    /// The parameters of [`sql_condition`], in its order.
-    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 7] {
-        [
-            &self.any_type,
-            &self.types,
-            &self.entities,
-            &self.actions,
-            &self.organizations,
-            &self.domains,
-            &self.severity,
-        ]
-    }
-}
-
-/// The `WHERE` fragment matching [`SqlFilter`] given as parameters `$first..$first+6`, in the
-/// order of its fields.
-pub fn sql_condition(first: usize) -> String {
-    let p = |i: usize| format!("${}", first + i);
-    format!(
-        "({any} OR type = ANY({types}) OR split_part(type, '.', 1) = ANY({entities}) \
-         OR split_part(type, '.', 2) = ANY({actions})) \
-         AND ({orgs}::text[] IS NULL OR organization_id = ANY({orgs})) \
-         AND ({domains}::text[] IS NULL OR domain_id = ANY({domains})) \
-         AND severity >= {severity}",
-        any = p(0),
-        types = p(1),
-        entities = p(2),
-        actions = p(3),
-        orgs = p(4),
-        domains = p(5),
-        severity = p(6),
-    )
 }
 
 impl Filter {
@@ -289,27 +194,6 @@ impl Filter {
         entities.sort_unstable();
         entities.dedup();
         Some(entities)
-    }
-
-    pub fn sql(&self) -> SqlFilter {
-        let mut sql = SqlFilter {
-            any_type: self.types.is_empty(),
-            types: Vec::new(),
-            entities: Vec::new(),
-            actions: Vec::new(),
-            organizations: self.organizations.clone(),
-            domains: self.domains.clone(),
-            severity: self.severity.rank(),
-        };
-        for pattern in &self.types {
-            match pattern {
-                Pattern::Any => sql.any_type = true,
-                Pattern::Entity(e) => sql.entities.push(e.clone()),
-                Pattern::Action(a) => sql.actions.push(a.clone()),
-                Pattern::Exact(t) => sql.types.push(t.clone()),
-            }
-        }
-        sql
     }
 
     /// The filter as echoed in `subscribed`: only the parts that restrict anything.
