@@ -6,20 +6,21 @@
 //!          --(triggers+NOTIFY)-->   ^ same events, from either source
 //! ```
 //!
-//! The data flow, module by module:
+//! The data flow, folder by folder (docs/architecture.md has what each may import):
 //!
-//! 1. [`capture::replication`] speaks the streaming replication protocol: a logical slot with
-//!    the built-in `pgoutput` plugin, in a session pinned to UTC/ISO output.
-//!    [`capture::triggers`] is the fallback: it drains the outbox that row triggers fill.
-//! 2. [`capture::pgoutput`] decodes its messages; [`capture::stream`] keeps the relation cache,
-//!    renders rows with [`render`] (exactly `to_jsonb(row)` in a UTC session) and maps them to
-//!    events with [`mapping`].
+//! 1. [`capture`] gets committed changes out of Postgres: [`capture::replication`] speaks the
+//!    streaming replication protocol (a logical slot with `pgoutput`, in a session pinned to
+//!    UTC/ISO output), [`capture::pgoutput`] decodes its messages, [`capture::stream`] keeps the
+//!    relation cache and renders rows with [`capture::render`] (exactly `to_jsonb(row)` in a UTC
+//!    session). [`capture::triggers`] is the fallback: it drains the outbox row triggers fill.
+//! 2. [`mapping`] turns each change into typed `<entity>.<action>` events ([`model::Event`]).
 //! 3. [`log`] appends events in batches, each with its source cursor, in one transaction.
-//! 4. [`publisher`] supervises the pipeline, reconnects, and hands each committed batch to the
-//!    [`bus`], which matches it against subscriptions ([`filter`]) by index.
-//! 5. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log, bounded outbound
-//!    queues); [`http`] the history, metadata, stats and health routes; [`server`] wires it all
-//!    and shuts it down in order.
+//! 4. [`publisher`] supervises capture into the log, reconnects on transient failures (the one
+//!    rule is [`pg::transience`]), and hands each committed batch to the [`bus`], which matches
+//!    it against subscriptions ([`filter`]) by index into per-connection mailboxes.
+//! 5. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log); [`http`] the state they
+//!    share, access control, history, metadata, stats and health; [`server`] wires it all and
+//!    shuts it down in order. [`apps`] holds the demo, `tail` and throwaway clusters.
 //!
 //! Guarantees: every committed change on a mapped table becomes its events exactly once, in
 //! commit order, with strictly increasing ids; the slot is acknowledged only up to changes
