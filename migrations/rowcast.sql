@@ -37,3 +37,8 @@ CREATE TABLE IF NOT EXISTS rowcast.cursors (
     progress       bigint      NOT NULL,
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
+
+-- The Postgres cluster a source was captured from (`IDENTIFY_SYSTEM`'s system identifier): a
+-- source that comes back with another one was restored or recreated, and continuity cannot
+-- be proven.
+ALTER TABLE rowcast.cursors ADD COLUMN IF NOT EXISTS system_identifier text;

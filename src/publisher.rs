@@ -342,6 +342,11 @@ async fn slot_confirmed_lsn(catalog: &Catalog, slot: &str) -> Result<u64, Publis
     Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
 }
 
+/// Progress that arrives without events (keepalives on an idle database, transactions on
+/// unmapped tables) is written at most this often; the slot is acknowledged only up to what is
+/// written, so it never gets ahead of what the log can prove.
+const PROGRESS_FLUSH: Duration = Duration::from_millis(500);
+
 /// Appends what capture sends, a batch at a time, and reports durable progress. Ends when
 /// capture drops its sender (shutdown) after draining everything it sent.
 async fn write_loop(
@@ -352,8 +357,31 @@ async fn write_loop(
     signals: &Signals,
 ) -> Result<(), PublisherError> {
     let mut items = Vec::with_capacity(batch_size);
-    // Waits for at least one item, then takes what is already queued, up to a batch.
-    while queue.recv_many(&mut items, batch_size).await > 0 {
+    let mut flushed_at = tokio::time::Instant::now();
+    let report = |writer: &LogWriter| {
+        let durable = writer.cursor().progress;
+        acked.send_if_modified(|current| {
+            let moved = durable > *current;
+            if moved {
+                *current = durable;
+            }
+            moved
+        });
+    };
+    loop {
+        // Waits for at least one item, then takes what is already queued, up to a batch.
+        let received = tokio::select! {
+            received = queue.recv_many(&mut items, batch_size) => received,
+            () = tokio::time::sleep_until(flushed_at + PROGRESS_FLUSH), if writer.has_pending_progress() => {
+                writer.flush_progress().await?;
+                flushed_at = tokio::time::Instant::now();
+                report(writer);
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
         signals
             .metrics
             .capture_queue
@@ -368,14 +396,14 @@ async fn write_loop(
         }
         let stored = writer.append(batch, progress).await?;
         signals.appended(&stored);
-        let durable = writer.cursor().progress;
-        acked.send_if_modified(|current| {
-            let moved = durable > *current;
-            if moved {
-                *current = durable;
-            }
-            moved
-        });
+        if writer.has_pending_progress() && flushed_at.elapsed() >= PROGRESS_FLUSH {
+            writer.flush_progress().await?;
+            flushed_at = tokio::time::Instant::now();
+        }
+        report(writer);
     }
+    // Shutdown: what capture sent is in; its progress too, before the last acknowledgement.
+    writer.flush_progress().await?;
+    report(writer);
     Ok(())
 }

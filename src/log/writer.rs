@@ -14,7 +14,13 @@ pub struct LogWriter {
     client: Client,
     source: String,
     last_id: u64,
+    /// What the log holds for the source: never ahead of what is committed.
     cursor: Cursor,
+    /// Progress that arrived without events and is not written yet (see `flush_progress`).
+    pending_progress: Option<u64>,
+    /// Whether the source has a cursor row: it appended, or recorded its origin, before.
+    known: bool,
+    system_identifier: Option<String>,
 }
 
 impl LogWriter {
@@ -30,22 +36,93 @@ impl LogWriter {
         }
         let last_id: i64 =
             client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?.get(0);
-        let cursor = client
+        let row = client
             .query_opt(
-                "SELECT position_major, position_minor, progress FROM rowcast.cursors WHERE source = $1",
+                "SELECT position_major, position_minor, progress, system_identifier
+                   FROM rowcast.cursors WHERE source = $1",
                 &[&source],
             )
-            .await?
-            .map(|row| Cursor {
-                position: Position { major: row.get::<_, i64>(0) as u64, minor: row.get::<_, i64>(1) as u64 },
-                progress: row.get::<_, i64>(2) as u64,
-            })
-            .unwrap_or_default();
-        Ok(Self { client, source: source.to_owned(), last_id: last_id as u64, cursor })
+            .await?;
+        let cursor = row.as_ref().map(|row| Cursor {
+            position: Position {
+                major: row.get::<_, i64>(0) as u64,
+                minor: row.get::<_, i64>(1) as u64,
+            },
+            progress: row.get::<_, i64>(2) as u64,
+        });
+        Ok(Self {
+            source: source.to_owned(),
+            last_id: last_id as u64,
+            cursor: cursor.unwrap_or_default(),
+            pending_progress: None,
+            known: row.is_some(),
+            system_identifier: row.and_then(|row| row.get(3)),
+            client,
+        })
     }
 
+    /// Where the source stands in the log, as committed: the slot may be acknowledged up to
+    /// its `progress` and no further, so the slot never gets ahead of what the log can prove.
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// Whether this source has been captured into this log before.
+    pub fn is_known(&self) -> bool {
+        self.known
+    }
+
+    /// The cluster the source was captured from, once recorded.
+    pub fn system_identifier(&self) -> Option<&str> {
+        self.system_identifier.as_deref()
+    }
+
+    /// Records the cluster the source is captured from (on first capture).
+    pub async fn record_system_identifier(&mut self, id: &str) -> Result<(), LogError> {
+        let (major, minor, progress) = self.cursor_params();
+        self.client
+            .execute(
+                "INSERT INTO rowcast.cursors (source, position_major, position_minor, progress, system_identifier)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (source) DO UPDATE SET system_identifier = excluded.system_identifier, updated_at = now()",
+                &[&self.source, &major, &minor, &progress, &id],
+            )
+            .await?;
+        self.known = true;
+        self.system_identifier = Some(id.to_owned());
+        Ok(())
+    }
+
+    /// Writes progress that arrived without events (keepalives, unmapped transactions), so it
+    /// may be acknowledged. Returns whether the cursor moved.
+    pub async fn flush_progress(&mut self) -> Result<bool, LogError> {
+        let Some(progress) = self.pending_progress.filter(|p| *p > self.cursor.progress) else {
+            self.pending_progress = None;
+            return Ok(false);
+        };
+        let (major, minor, _) = self.cursor_params();
+        self.client
+            .execute(
+                "INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source) DO UPDATE SET progress = greatest(rowcast.cursors.progress, excluded.progress), updated_at = now()",
+                &[&self.source, &major, &minor, &(progress as i64)],
+            )
+            .await?;
+        self.pending_progress = None;
+        self.known = true;
+        self.cursor.progress = progress;
+        Ok(true)
+    }
+
+    /// Whether progress waits to be written by [`LogWriter::flush_progress`].
+    pub fn has_pending_progress(&self) -> bool {
+        self.pending_progress.is_some_and(|p| p > self.cursor.progress)
+    }
+
+    fn cursor_params(&self) -> (i64, i64, i64) {
+        let Cursor { position, progress } = self.cursor;
+        (position.major as i64, position.minor as i64, progress as i64)
     }
 
     /// Up to `limit` stored events after `after`, in id order, as the bus takes them.
@@ -84,7 +161,8 @@ impl LogWriter {
         progress: Option<u64>,
     ) -> Result<Vec<StoredEvent>, LogError> {
         let mut cursor = self.cursor;
-        if let Some(progress) = progress {
+        // Progress that waited for a write goes with these events: it came before them.
+        for progress in progress.into_iter().chain(self.pending_progress) {
             cursor.progress = cursor.progress.max(progress);
         }
         let mut fresh = Vec::with_capacity(events.len());
@@ -96,9 +174,10 @@ impl LogWriter {
             fresh.push(event);
         }
         if fresh.is_empty() {
-            // Progress alone need not be written: after a restart the source re-sends from the
-            // last written progress and everything up to the position is dropped again.
-            self.cursor.progress = cursor.progress;
+            // Progress alone waits: written in bulk by `flush_progress`, not once per keepalive.
+            if cursor.progress > self.cursor.progress {
+                self.pending_progress = Some(cursor.progress);
+            }
             return Ok(Vec::new());
         }
         let batch = Batch::new(self.last_id, fresh)?;
@@ -120,6 +199,8 @@ impl LogWriter {
         self.client.query_one(&statement, &params).await?;
         self.last_id = batch.last_id;
         self.cursor = cursor;
+        self.pending_progress = None;
+        self.known = true;
         Ok(batch.stored)
     }
 
