@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::Bus;
 use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
-use crate::capture::replication::{ConnectParams, ReplicationStream};
+use crate::capture::continuity::{self, Break, Observed, Recorded, Verdict};
+use crate::capture::replication::{ConnectParams, ReplicationClient, ReplicationStream};
 use crate::capture::stream::{Capture, CaptureError, StreamSettings};
 use crate::capture::triggers::{self, TriggerError, TriggerSettings};
 use crate::config::Settings;
@@ -41,6 +42,8 @@ pub enum PublisherError {
     Log(#[from] LogError),
     #[error(transparent)]
     Setup(#[from] SetupError),
+    #[error(transparent)]
+    Continuity(#[from] Break),
 }
 
 impl PublisherError {
@@ -54,6 +57,7 @@ impl PublisherError {
             Self::Capture(CaptureError::WriterGone) | Self::Log(_) => "log",
             Self::Setup(_) => "setup",
             Self::Triggers(_) => "triggers",
+            Self::Continuity(_) => "continuity",
         }
     }
 
@@ -63,6 +67,8 @@ impl PublisherError {
             Self::Triggers(err) => err.is_retryable(),
             Self::Log(err) => err.is_retryable(),
             Self::Setup(err) => err.is_retryable(),
+            // Not retried blindly: the publisher waits for an operator (see `supervise`).
+            Self::Continuity(_) => false,
         }
     }
 }
@@ -76,6 +82,11 @@ pub enum State {
     /// Waiting to reconnect after a retryable error.
     Reconnecting {
         error: String,
+    },
+    /// Continuity with the log cannot be proven; capture waits until an operator accepts the
+    /// gap (`rowcast accept-gap`), checking again every few seconds.
+    Broken {
+        reason: String,
     },
     Stopped,
 }
@@ -167,6 +178,8 @@ impl Publisher {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// A pipeline that ran this long before failing starts again from `FIRST_BACKOFF`.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How often a broken source is checked again (an operator may have accepted the gap).
+const CONTINUITY_RECHECK: Duration = Duration::from_secs(2);
 
 async fn supervise(
     settings: &Settings,
@@ -187,6 +200,25 @@ async fn supervise(
         }
         match life {
             Ok(()) => return Ok(()),
+            Err(PublisherError::Continuity(broken)) => {
+                // Loud once per reason, then quiet: the state, stats and readiness keep saying it.
+                let reason = broken.reason.clone();
+                let repeated =
+                    matches!(&*signals.state.borrow(), State::Broken { reason: r } if *r == reason);
+                if !repeated {
+                    tracing::error!(
+                        reason = %reason,
+                        from = %format_lsn(broken.from),
+                        "capture stopped: continuity with the event log cannot be proven; \
+                         inspect the source, then run `rowcast accept-gap` to record the gap and continue"
+                    );
+                }
+                signals.state.send_replace(State::Broken { reason });
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(CONTINUITY_RECHECK) => {}
+                }
+            }
             Err(err) if err.is_retryable() => {
                 tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "capture interrupted");
                 signals.state.send_replace(State::Reconnecting { error: err.to_string() });
@@ -216,21 +248,83 @@ async fn connect(
     signals: &Signals,
     source: &str,
 ) -> Result<(LogWriter, Catalog, ReplicationStream, StreamSettings), PublisherError> {
-    let writer = open_log(settings, signals, source).await?;
-    let cursor = writer.cursor();
+    let mut writer = open_log(settings, signals, source).await?;
     let catalog =
         crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
     let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
     setup::check_mapping(&catalog, &settings.mapping).await?;
     setup::check_slot(catalog.client(), &settings.slot).await?;
+    let mut client = ReplicationClient::connect(params).await.map_err(CaptureError::from)?;
+    prove_continuity(&mut writer, &mut client, &catalog, &settings.slot).await?;
+    let cursor = writer.cursor();
     let stream_settings = StreamSettings {
         slot: settings.slot.clone(),
         publication: settings.publication.clone(),
         status_interval: settings.status_interval,
     };
-    let stream = Capture::connect(params, &stream_settings, cursor.progress).await?;
+    let stream = Capture::start(client, &stream_settings, cursor.progress).await?;
     tracing::info!(slot = %settings.slot, from = %format_lsn(cursor.progress), last_id = writer.last_id(), "streaming");
     Ok((writer, catalog, stream, stream_settings))
+}
+
+/// Checks that the slot continues where the log left off (see [`continuity`]); on a first
+/// capture creates the slot and records where it starts and which cluster it belongs to.
+async fn prove_continuity(
+    writer: &mut LogWriter,
+    client: &mut ReplicationClient,
+    catalog: &Catalog,
+    slot: &str,
+) -> Result<(), PublisherError> {
+    let mut observed = observe(client, catalog, slot).await?;
+    let recorded = Recorded {
+        known: writer.is_known(),
+        system_identifier: writer.system_identifier().map(str::to_owned),
+        progress: writer.cursor().progress,
+    };
+    let record = match continuity::check(slot, &recorded, &observed) {
+        Verdict::Broken(broken) => return Err(broken.into()),
+        Verdict::Continues { record } => record,
+        Verdict::FirstCapture => {
+            if client.create_slot(slot).await.map_err(CaptureError::from)? {
+                tracing::info!(slot, "created replication slot");
+                observed = observe(client, catalog, slot).await?;
+            }
+            true
+        }
+    };
+    if record {
+        // The slot's position is where this log's capture of the source begins.
+        let start = observed.slot.flatten().unwrap_or(0);
+        writer.record_origin(&observed.system_identifier, start).await?;
+    }
+    Ok(())
+}
+
+/// The cluster's identity and WAL end (`IDENTIFY_SYSTEM`) and the slot's confirmed position.
+async fn observe(
+    client: &mut ReplicationClient,
+    catalog: &Catalog,
+    slot: &str,
+) -> Result<Observed, PublisherError> {
+    let rows = client.simple_query("IDENTIFY_SYSTEM").await.map_err(CaptureError::from)?;
+    let row = rows.first().filter(|row| row.len() >= 3);
+    let field = |i: usize| row.and_then(|row| row[i].clone());
+    let (Some(system_identifier), Some(wal_end)) =
+        (field(0), field(2).as_deref().and_then(parse_lsn))
+    else {
+        let problem = "IDENTIFY_SYSTEM did not return a system identifier and WAL position";
+        return Err(CaptureError::Protocol(problem.into()).into());
+    };
+    let slot = catalog
+        .client()
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|err| CaptureError::from(CatalogError::from(err)))?
+        .map(|row| row.get::<_, Option<String>>(0).as_deref().and_then(parse_lsn));
+    Ok(Observed { system_identifier, wal_end, slot })
 }
 
 /// Takes the log's writer lock and brings the bus up to the log's head.

@@ -6,6 +6,7 @@ mod access;
 mod auth;
 mod browser;
 mod capture;
+mod continuity;
 mod delivery;
 mod demo;
 mod durability;

@@ -14,6 +14,7 @@
 //! durable in the log, the source may be acknowledged up to `p`.
 
 pub mod catalog;
+pub mod continuity;
 pub mod pgoutput;
 pub mod render;
 pub mod replication;

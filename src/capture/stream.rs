@@ -27,7 +27,7 @@ use super::catalog::{Catalog, CatalogError};
 use super::pgoutput::{self, Datum, LogicalMessage, Lsn, OldTuple, Tuple};
 use super::render::{self, Kind};
 use super::replication::{
-    ConnectParams, PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationError, ReplicationMessage,
+    PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationError, ReplicationMessage,
     ReplicationStream,
 };
 use crate::mapping::{Entity, Mapping};
@@ -95,16 +95,13 @@ impl Capture {
         Self { catalog, mapping, relations: HashMap::new(), transaction: None, progress_sent: 0 }
     }
 
-    /// Connects, creates the slot if needed and starts streaming from `start`.
-    pub async fn connect(
-        params: &ConnectParams,
+    /// Starts streaming the slot from `start` on a connected client (whose continuity with the
+    /// log was checked: see [`super::continuity`]).
+    pub async fn start(
+        client: ReplicationClient,
         settings: &StreamSettings,
         start: Lsn,
     ) -> Result<ReplicationStream, CaptureError> {
-        let mut client = ReplicationClient::connect(params).await?;
-        if client.create_slot(&settings.slot).await? {
-            tracing::info!(slot = %settings.slot, "created replication slot");
-        }
         Ok(client.start_replication(&settings.slot, &settings.publication, start).await?)
     }
 

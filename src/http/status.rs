@@ -18,6 +18,7 @@ pub async fn stats(State(state): State<Arc<AppState>>, _: Authorized) -> Respons
         PublisherState::Starting => ("starting", None),
         PublisherState::Streaming => ("streaming", None),
         PublisherState::Reconnecting { error } => ("reconnecting", Some(error.clone())),
+        PublisherState::Broken { reason } => ("broken", Some(reason.clone())),
         PublisherState::Stopped => ("stopped", None),
     };
     let log_size = async {

@@ -77,19 +77,27 @@ impl LogWriter {
         self.system_identifier.as_deref()
     }
 
-    /// Records the cluster the source is captured from (on first capture).
-    pub async fn record_system_identifier(&mut self, id: &str) -> Result<(), LogError> {
-        let (major, minor, progress) = self.cursor_params();
+    /// Records the cluster the source is captured from and where its capture starts (on the
+    /// first capture, or for a log written before clusters were recorded).
+    pub async fn record_origin(
+        &mut self,
+        system_identifier: &str,
+        start: u64,
+    ) -> Result<(), LogError> {
+        let progress = self.cursor.progress.max(start);
+        let (major, minor, _) = self.cursor_params();
         self.client
             .execute(
                 "INSERT INTO rowcast.cursors (source, position_major, position_minor, progress, system_identifier)
                  VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (source) DO UPDATE SET system_identifier = excluded.system_identifier, updated_at = now()",
-                &[&self.source, &major, &minor, &progress, &id],
+                 ON CONFLICT (source) DO UPDATE SET system_identifier = excluded.system_identifier,
+                     progress = greatest(rowcast.cursors.progress, excluded.progress), updated_at = now()",
+                &[&self.source, &major, &minor, &(progress as i64), &system_identifier],
             )
             .await?;
         self.known = true;
-        self.system_identifier = Some(id.to_owned());
+        self.cursor.progress = progress;
+        self.system_identifier = Some(system_identifier.to_owned());
         Ok(())
     }
 
