@@ -1,8 +1,8 @@
 //! Capture: committed row changes out of Postgres, in commit order.
 //!
 //! ```text
-//! replication.rs  the streaming replication protocol (connect, auth, slot, CopyBoth)
-//! pgoutput.rs     pgoutput protocol 1 messages -> typed LogicalMessage (pure)
+//! replication/    the streaming replication protocol (connect, auth, slot, CopyBoth)
+//! pgoutput/       pgoutput protocol 1 messages -> typed LogicalMessage (pure), and back
 //! catalog.rs      column type OIDs -> render::Kind, looked up once per type
 //! render/         a column's text output -> the JSON `to_jsonb` gives, by type family
 //! stream.rs       relation cache + transactions -> mapped events, keepalives -> progress

@@ -16,19 +16,27 @@
 //! Framing is ours (postgres-protocol has no CopyBothResponse); message bodies that
 //! postgres-protocol knows are parsed by it. Every frame length is checked against
 //! `max_message_bytes` before anything is allocated for it.
+//!
+//! `params.rs` says where and as whom to connect, `frame.rs` cuts the byte stream into
+//! frames, and `streaming.rs` is the CopyBoth phase that `start_replication` hands over to.
+
+mod frame;
+mod params;
+mod streaming;
 
 use std::io;
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
+use self::frame::{parse, server_error, unexpected};
+pub use self::params::{ConnectParams, Target};
+pub use self::streaming::{ReplicationMessage, ReplicationStream};
 use crate::pg::{Lsn, Transience, format_lsn, quote_ident, quote_literal};
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
@@ -71,78 +79,6 @@ impl ReplicationError {
     }
 }
 
-/// Where and as whom to connect; taken from the same URL `tokio-postgres` parses.
-#[derive(Debug, Clone)]
-pub struct ConnectParams {
-    pub targets: Vec<Target>,
-    pub user: String,
-    pub password: Option<Vec<u8>>,
-    pub database: String,
-    pub application_name: String,
-    pub connect_timeout: Duration,
-    pub max_message_bytes: usize,
-}
-
-#[derive(Debug, Clone)]
-pub enum Target {
-    Tcp { host: String, port: u16 },
-    Unix { path: PathBuf },
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Target::Unix { path } => write!(f, "{}", path.display()),
-        }
-    }
-}
-
-impl ConnectParams {
-    pub fn from_config(
-        config: &tokio_postgres::Config,
-        max_message_bytes: usize,
-    ) -> Result<Self, ReplicationError> {
-        use tokio_postgres::config::{Host, SslMode};
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ReplicationError::Unsupported(
-                "sslmode=require: TLS is not supported yet; use sslmode=disable or prefer".into(),
-            ));
-        }
-        let ports = config.get_ports();
-        let mut targets = Vec::new();
-        for (i, host) in config.get_hosts().iter().enumerate() {
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            targets.push(match host {
-                Host::Tcp(host) => Target::Tcp { host: host.clone(), port },
-                Host::Unix(dir) => Target::Unix { path: dir.join(format!(".s.PGSQL.{port}")) },
-            });
-        }
-        if targets.is_empty() {
-            let port = ports.first().copied().unwrap_or(5432);
-            targets.push(Target::Unix {
-                path: PathBuf::from(format!("/var/run/postgresql/.s.PGSQL.{port}")),
-            });
-        }
-        let user = match config.get_user() {
-            Some(user) => user.to_owned(),
-            None => std::env::var("USER").unwrap_or_else(|_| "postgres".into()),
-        };
-        Ok(Self {
-            targets,
-            database: config.get_dbname().unwrap_or(&user).to_owned(),
-            password: config.get_password().map(<[u8]>::to_vec),
-            user,
-            application_name: config.get_application_name().unwrap_or("rowcast").to_owned(),
-            connect_timeout: config
-                .get_connect_timeout()
-                .copied()
-                .unwrap_or(Duration::from_secs(10)),
-            max_message_bytes,
-        })
-    }
-}
-
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -152,13 +88,6 @@ pub struct ReplicationClient {
     read_buf: BytesMut,
     write_buf: BytesMut,
     max_message_bytes: usize,
-}
-
-/// A complete backend frame: its tag and its whole bytes (header included, as
-/// postgres-protocol's parser wants them).
-struct Frame {
-    tag: u8,
-    bytes: BytesMut,
 }
 
 /// One row of a simple-query result; NULLs are `None`.
@@ -381,211 +310,5 @@ impl ReplicationClient {
             }
         }
         Ok(ReplicationStream { client: self, received: start })
-    }
-
-    async fn flush(&mut self) -> Result<(), ReplicationError> {
-        self.io.write_all(&self.write_buf).await?;
-        self.write_buf.clear();
-        self.io.flush().await?;
-        Ok(())
-    }
-
-    /// Reads one whole frame. Cancel safe: bytes read before a cancellation stay buffered.
-    async fn read_frame(&mut self) -> Result<Frame, ReplicationError> {
-        loop {
-            if let Some(frame) = self.try_frame()? {
-                return Ok(frame);
-            }
-            if self.io.read_buf(&mut self.read_buf).await? == 0 {
-                return Err(ReplicationError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the server closed the replication connection",
-                )));
-            }
-        }
-    }
-
-    fn try_frame(&mut self) -> Result<Option<Frame>, ReplicationError> {
-        let Some(header) = self.read_buf.get(..5) else { return Ok(None) };
-        let tag = header[0];
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if len < 4 {
-            return Err(ReplicationError::Protocol(format!("frame length {len} is below 4")));
-        }
-        let total = len + 1;
-        if total > self.max_message_bytes {
-            return Err(ReplicationError::TooLarge { size: total, limit: self.max_message_bytes });
-        }
-        if self.read_buf.len() < total {
-            self.read_buf.reserve(total - self.read_buf.len());
-            return Ok(None);
-        }
-        Ok(Some(Frame { tag, bytes: self.read_buf.split_to(total) }))
-    }
-}
-
-/// What the server sends while streaming.
-#[derive(Debug)]
-pub enum ReplicationMessage {
-    /// A pgoutput message starting at `wal_start`; `wal_end` is the server's WAL end then.
-    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
-    /// The server's position; `reply_requested` means answer now or be disconnected.
-    Keepalive { wal_end: Lsn, reply_requested: bool },
-}
-
-/// The CopyBoth phase of a replication connection.
-pub struct ReplicationStream {
-    client: ReplicationClient,
-    received: Lsn,
-}
-
-impl ReplicationStream {
-    /// The next message from the server. Cancel safe.
-    pub async fn next(&mut self) -> Result<ReplicationMessage, ReplicationError> {
-        loop {
-            let frame = self.client.read_frame().await?;
-            match frame.tag {
-                b'd' => {
-                    let mut body = frame.bytes.freeze();
-                    body.advance(5);
-                    let message = parse_copy_data(body)?;
-                    match &message {
-                        ReplicationMessage::XLogData { wal_start, .. } => {
-                            self.received = self.received.max(*wal_start);
-                        }
-                        ReplicationMessage::Keepalive { wal_end, .. } => {
-                            self.received = self.received.max(*wal_end);
-                        }
-                    }
-                    return Ok(message);
-                }
-                b'N' | b'S' => {}
-                b'E' => return Err(server_error(frame)),
-                b'c' => {
-                    return Err(ReplicationError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the server ended the replication stream",
-                    )));
-                }
-                tag => return Err(unexpected(tag, "streaming")),
-            }
-        }
-    }
-
-    /// Sends a standby status update: `flushed` is what the slot may forget.
-    pub async fn send_status(
-        &mut self,
-        flushed: Lsn,
-        reply_requested: bool,
-    ) -> Result<(), ReplicationError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let pg_now = now.as_micros() as i64 - PG_EPOCH_OFFSET_MICROS;
-        let written = self.received.max(flushed);
-        let mut body = BytesMut::with_capacity(34);
-        body.put_u8(b'r');
-        body.put_u64(written);
-        body.put_u64(flushed);
-        body.put_u64(flushed);
-        body.put_i64(pg_now);
-        body.put_u8(u8::from(reply_requested));
-        let buf = &mut self.client.write_buf;
-        buf.put_u8(b'd');
-        buf.put_u32(4 + body.len() as u32);
-        buf.put_slice(&body);
-        self.client.flush().await
-    }
-
-    /// Ends the stream politely so the walsender releases the slot at once.
-    pub async fn close(mut self) {
-        frontend::copy_done(&mut self.client.write_buf);
-        frontend::terminate(&mut self.client.write_buf);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
-    }
-}
-
-fn parse_copy_data(mut body: Bytes) -> Result<ReplicationMessage, ReplicationError> {
-    let short = || ReplicationError::Protocol("copy data message is truncated".into());
-    if body.is_empty() {
-        return Err(short());
-    }
-    match body.get_u8() {
-        b'w' => {
-            if body.len() < 24 {
-                return Err(short());
-            }
-            let wal_start = body.get_u64();
-            let wal_end = body.get_u64();
-            let _send_time = body.get_i64();
-            Ok(ReplicationMessage::XLogData { wal_start, wal_end, data: body })
-        }
-        b'k' => {
-            if body.len() < 17 {
-                return Err(short());
-            }
-            let wal_end = body.get_u64();
-            let _send_time = body.get_i64();
-            let reply_requested = body.get_u8() == 1;
-            Ok(ReplicationMessage::Keepalive { wal_end, reply_requested })
-        }
-        tag => Err(ReplicationError::Protocol(format!("unknown copy data kind {:?}", tag as char))),
-    }
-}
-
-fn parse(frame: Frame) -> Result<backend::Message, ReplicationError> {
-    let mut bytes = frame.bytes;
-    backend::Message::parse(&mut bytes)?
-        .ok_or_else(|| ReplicationError::Protocol("incomplete frame".into()))
-}
-
-fn server_error(frame: Frame) -> ReplicationError {
-    let mut code = String::from("XX000");
-    let mut message = String::from("unknown error");
-    if let Ok(backend::Message::ErrorResponse(body)) = parse(frame) {
-        let mut fields = body.fields();
-        while let Ok(Some(field)) = fields.next() {
-            match field.type_() {
-                b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
-                b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
-                _ => {}
-            }
-        }
-    }
-    ReplicationError::Server { code, message }
-}
-
-fn unexpected(tag: u8, phase: &str) -> ReplicationError {
-    ReplicationError::Protocol(format!("unexpected message {:?} during {phase}", tag as char))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_data_kinds() {
-        let mut keepalive = BytesMut::new();
-        keepalive.put_u8(b'k');
-        keepalive.put_u64(42);
-        keepalive.put_i64(7);
-        keepalive.put_u8(1);
-        match parse_copy_data(keepalive.freeze()) {
-            Ok(ReplicationMessage::Keepalive { wal_end: 42, reply_requested: true }) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-        let mut xlog = BytesMut::new();
-        xlog.put_u8(b'w');
-        xlog.put_u64(1);
-        xlog.put_u64(2);
-        xlog.put_i64(3);
-        xlog.put_slice(b"B...");
-        match parse_copy_data(xlog.freeze()) {
-            Ok(ReplicationMessage::XLogData { wal_start: 1, wal_end: 2, data }) => {
-                assert_eq!(&data[..], b"B...")
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        for bad in [&b""[..], b"k", b"w12345", b"z"] {
-            assert!(parse_copy_data(Bytes::copy_from_slice(bad)).is_err());
-        }
     }
 }
