@@ -190,6 +190,16 @@ impl Cluster {
         self.launch()
     }
 
+    /// Stops the server with a fast shutdown (`pg_ctl stop -m fast`: sessions are ended,
+    /// walsenders end their streams) and starts it again.
+    pub fn restart_fast(&mut self) -> Result<(), ClusterError> {
+        if let Some(mut child) = self.postmaster.take() {
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+        self.launch()
+    }
+
     fn command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
         let mut command = if self.as_postgres {

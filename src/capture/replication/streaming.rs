@@ -47,7 +47,9 @@ impl ReplicationStream {
                 }
                 b'N' | b'S' => {}
                 b'E' => return Err(server_error(frame)),
-                b'c' => {
+                // CopyDone, or (a fast shutdown of a caught-up walsender) CommandComplete or
+                // ReadyForQuery without one: the server ended the stream; reconnecting resumes.
+                b'c' | b'C' | b'Z' => {
                     return Err(ReplicationError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the server ended the replication stream",
