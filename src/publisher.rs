@@ -354,10 +354,7 @@ async fn write_loop(
     let mut items = Vec::with_capacity(batch_size);
     // Waits for at least one item, then takes what is already queued, up to a batch.
     while queue.recv_many(&mut items, batch_size).await > 0 {
-        signals
-            .metrics
-            .capture_queue
-            .store(queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        signals.metrics.capture_queue(queue.len());
         let mut batch = Vec::with_capacity(items.len());
         let mut progress = None;
         for item in items.drain(..) {
