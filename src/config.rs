@@ -148,25 +148,22 @@ impl Settings {
     }
 }
 
-/// Parses `90s`, `15m`, `12h`, `7d` or a bare number of seconds.
+/// Parses a duration as humantime reads it (`30s`, `15m`, `12h`, `7d`, `1h30m`, `500ms`) or a
+/// bare number of seconds (`90`), which humantime refuses for want of a unit.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 15m, 12h or 7d"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown duration unit {unit:?} in {text:?} (use s, m, h or d)")),
-    };
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("duration {text:?} is too large"))
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("duration {text:?} is too large"));
+    }
+    // humantime also reads `7 days`; one word keeps flags and environment values unambiguous.
+    if text.contains(char::is_whitespace) {
+        return Err(format!("{text:?} has spaces; write a duration like 30s, 15m, 12h or 7d"));
+    }
+    humantime::parse_duration(text)
+        .map_err(|err| format!("{text:?} is not a duration like 30s, 15m, 12h or 7d: {err}"))
 }
 
 /// A slot or publication name: what Postgres accepts for replication slots, so it can be used
@@ -195,6 +192,16 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration(" 30s "), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("99999999999999999999").is_err());
+        for junk in ["5x", "m", "1.5.2s", "30s junk"] {
+            assert!(parse_duration(junk).is_err(), "{junk:?}");
+        }
+        let err = parse_duration("5x").expect_err("unknown unit");
+        assert!(err.contains("30s, 15m") && err.contains("\"x\""), "{err}");
     }
 
     #[test]

@@ -30,6 +30,7 @@
 
 pub mod apps;
 pub mod auth;
+pub mod backoff;
 pub mod bus;
 pub mod capture;
 pub mod config;

@@ -1,37 +1,57 @@
-//! Counters and gauges for `/metrics` (Prometheus text format), kept by the parts that see
-//! the events: the bus (appended, delivered, lag), the WebSocket writers (commit-to-send
-//! latency) and the publisher (errors, capture queue). Updating one is an atomic add or a
-//! short lock; nothing here allocates per event except a new event type's first count.
+//! Counters and gauges for `/metrics`, kept by the parts that see the events: the bus
+//! (appended, delivered, lag), the WebSocket writers (commit-to-send latency) and the
+//! publisher (errors, capture queue). prometheus-client keeps and encodes them, in the
+//! Prometheus text format (0.0.4), whose `le` labels and names (`_total` added to counters)
+//! are the ones rowcast has always served.
+//!
+//! Updating one is an atomic add or a short lock; nothing here allocates per event except a
+//! new event type's first count.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Upper bounds (seconds) of the commit-to-send latency histogram.
 const BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-#[derive(Default)]
+/// The `kind` values of `rowcast_errors_total`, shown at 0 before the first error.
+const ERROR_KINDS: [&str; 7] =
+    ["decode", "protocol", "replication", "catalog", "log", "setup", "triggers"];
+
+type TypeLabel = [(&'static str, String); 1];
+type KindLabel = [(&'static str, &'static str); 1];
+
 pub struct Metrics {
-    counters: Mutex<Counters>,
-    /// Per bucket, plus one for `+Inf`.
-    latency_buckets: [AtomicU64; BUCKETS.len() + 1],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
-    /// Items waiting between capture and the log writer.
-    pub capture_queue: AtomicU64,
-    /// Commit of the newest published event to its publication, in microseconds.
-    source_lag_micros: AtomicU64,
+    registry: Registry,
+    appended: Family<TypeLabel, Counter>,
+    delivered: Family<TypeLabel, Counter>,
+    /// The two counters of each event type seen, so counting a known type neither builds a
+    /// label set nor looks one up in a family.
+    by_type: Mutex<HashMap<Box<str>, TypeCounters>>,
+    errors: Family<KindLabel, Counter>,
+    latency: Histogram,
+    capture_queue: Gauge,
+    source_lag: Gauge<f64, AtomicU64>,
 }
 
-#[derive(Default)]
-struct Counters {
-    appended: BTreeMap<String, u64>,
-    delivered: BTreeMap<String, u64>,
-    errors: BTreeMap<&'static str, u64>,
+struct TypeCounters {
+    appended: Counter,
+    /// Created at the first delivery, as a type nobody subscribes to has no delivered series.
+    delivered: Option<Counter>,
 }
 
 /// Gauges read when scraped.
@@ -44,171 +64,149 @@ pub struct Snapshot {
     pub source: &'static str,
 }
 
-impl Metrics {
-    fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
-        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+impl Default for Metrics {
+    fn default() -> Self {
+        let (appended, delivered) = (Family::default(), Family::default());
+        let errors = Family::<KindLabel, Counter>::default();
+        for kind in ERROR_KINDS {
+            // Shown at 0 from the start, so a first error is an increase, not a new series.
+            let _ = errors.get_or_create(&[("kind", kind)]);
+        }
+        let latency = Histogram::new(BUCKETS);
+        let (capture_queue, source_lag) = (Gauge::default(), Gauge::default());
+        let mut registry = Registry::default();
+        // Counters are registered without `_total`: the encoder adds it.
+        registry.register(
+            "rowcast_events_appended",
+            "Events appended to the log, by type",
+            Family::clone(&appended),
+        );
+        registry.register(
+            "rowcast_events_delivered",
+            "Event frames queued to WebSocket connections, by type",
+            Family::clone(&delivered),
+        );
+        registry.register(
+            "rowcast_errors",
+            "Capture pipeline errors, by kind (decode errors stop the publisher)",
+            errors.clone(),
+        );
+        registry.register(
+            "rowcast_capture_queue_items",
+            "Items waiting between capture and the log writer",
+            Gauge::clone(&capture_queue),
+        );
+        registry.register(
+            "rowcast_source_lag_seconds",
+            "Commit of the newest event to its publication",
+            Gauge::clone(&source_lag),
+        );
+        registry.register(
+            "rowcast_commit_to_send_seconds",
+            "Source commit to the event's frame being written to a client (live events)",
+            latency.clone(),
+        );
+        Self {
+            registry,
+            appended,
+            delivered,
+            by_type: Mutex::default(),
+            errors,
+            latency,
+            capture_queue,
+            source_lag,
+        }
     }
+}
 
+impl Metrics {
     /// Events appended to the log (their types), each with how many connections it was
     /// queued for; one lock for the whole batch.
     pub fn published<'a>(&self, events: impl IntoIterator<Item = (&'a str, u64)>) {
-        let mut counters = self.counters();
+        let mut by_type = self.by_type.lock().unwrap_or_else(|p| p.into_inner());
         for (kind, connections) in events {
-            bump(&mut counters.appended, kind, 1);
+            if !by_type.contains_key(kind) {
+                let appended = self.appended.get_or_create_owned(&type_label(kind));
+                by_type.insert(kind.into(), TypeCounters { appended, delivered: None });
+            }
+            let Some(counters) = by_type.get_mut(kind) else { continue };
+            counters.appended.inc();
             if connections > 0 {
-                bump(&mut counters.delivered, kind, connections);
+                counters
+                    .delivered
+                    .get_or_insert_with(|| self.delivered.get_or_create_owned(&type_label(kind)))
+                    .inc_by(connections);
             }
         }
     }
 
     /// A pipeline error, by kind (`decode`, `replication`, `log`, ...).
     pub fn error(&self, kind: &'static str) {
-        *self.counters().errors.entry(kind).or_default() += 1;
+        self.errors.get_or_create(&[("kind", kind)]).inc();
     }
 
     /// A live event written to a client `micros` after its commit.
     pub fn sent(&self, micros: i64) {
-        let micros = micros.max(0) as u64;
-        let seconds = micros as f64 / 1e6;
-        let bucket = BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS.len());
-        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.latency.observe(micros.max(0) as f64 / 1e6);
     }
 
     pub fn source_lag(&self, micros: i64) {
-        self.source_lag_micros.store(micros.max(0) as u64, Ordering::Relaxed);
+        self.source_lag.set(micros.max(0) as f64 / 1e6);
     }
 
-    /// The Prometheus text exposition.
+    /// Items waiting between capture and the log writer.
+    pub fn capture_queue(&self, items: usize) {
+        self.capture_queue.set(i64::try_from(items).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self, gauges: &Snapshot) -> String {
         let mut out = String::with_capacity(4096);
-        let counters = self.counters();
-        family(
-            &mut out,
-            "rowcast_events_appended_total",
-            "counter",
-            "Events appended to the log, by type.",
-        );
-        for (kind, n) in &counters.appended {
-            let _ = writeln!(out, "rowcast_events_appended_total{{type=\"{}\"}} {n}", escape(kind));
-        }
-        family(
-            &mut out,
-            "rowcast_events_delivered_total",
-            "counter",
-            "Event frames queued to WebSocket connections, by type.",
-        );
-        for (kind, n) in &counters.delivered {
-            let _ =
-                writeln!(out, "rowcast_events_delivered_total{{type=\"{}\"}} {n}", escape(kind));
-        }
-        family(
-            &mut out,
-            "rowcast_errors_total",
-            "counter",
-            "Capture pipeline errors, by kind (decode errors stop the publisher).",
-        );
-        for kind in ["decode", "protocol", "replication", "catalog", "log", "setup", "triggers"] {
-            let n = counters.errors.get(kind).copied().unwrap_or(0);
-            let _ = writeln!(out, "rowcast_errors_total{{kind=\"{kind}\"}} {n}");
-        }
-        drop(counters);
-        let gauge = |out: &mut String, name: &str, help: &str, value: String| {
-            family(out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {value}");
-        };
-        gauge(
-            &mut out,
+        // What the caller read for this scrape: a registry of constants, encoded after ours.
+        let mut scraped = Registry::default();
+        let count = |n: usize| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+        scraped.register(
             "rowcast_connections",
-            "Open WebSocket connections.",
-            gauges.connections.to_string(),
+            "Open WebSocket connections",
+            count(gauges.connections),
         );
-        gauge(
-            &mut out,
+        scraped.register(
             "rowcast_subscriptions",
-            "Subscriptions across connections.",
-            gauges.subscriptions.to_string(),
+            "Subscriptions across connections",
+            count(gauges.subscriptions),
         );
-        family(
-            &mut out,
-            "rowcast_slow_consumer_closes_total",
-            "counter",
-            "Connections closed with 4008.",
+        scraped.register(
+            "rowcast_slow_consumer_closes",
+            "Connections closed with 4008",
+            ConstCounter::new(gauges.slow_consumer_closes),
         );
-        let _ = writeln!(out, "rowcast_slow_consumer_closes_total {}", gauges.slow_consumer_closes);
-        gauge(
-            &mut out,
+        scraped.register(
             "rowcast_outbound_queue_frames",
-            "Frames queued for WebSocket clients, all connections.",
-            gauges.outbound_frames.to_string(),
-        );
-        gauge(
-            &mut out,
-            "rowcast_capture_queue_items",
-            "Items waiting between capture and the log writer.",
-            self.capture_queue.load(Ordering::Relaxed).to_string(),
+            "Frames queued for WebSocket clients, all connections",
+            count(gauges.outbound_frames),
         );
         if let Some(lag) = gauges.slot_lag_bytes {
-            gauge(
-                &mut out,
+            scraped.register(
                 "rowcast_source_lag_bytes",
-                "WAL between the server's position and the slot's confirmed position.",
-                lag.to_string(),
+                "WAL between the server's position and the slot's confirmed position",
+                ConstGauge::new(lag),
             );
         }
-        let lag = self.source_lag_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        gauge(
-            &mut out,
-            "rowcast_source_lag_seconds",
-            "Commit of the newest event to its publication.",
-            format!("{lag}"),
+        // Registered as `rowcast_source`: the encoder names info metrics `_info`.
+        scraped.register(
+            "rowcast_source",
+            "The capture source in use",
+            Info::new([("source", gauges.source)]),
         );
-        family(&mut out, "rowcast_source_info", "gauge", "The capture source in use.");
-        let _ = writeln!(out, "rowcast_source_info{{source=\"{}\"}} 1", gauges.source);
-        family(
-            &mut out,
-            "rowcast_commit_to_send_seconds",
-            "histogram",
-            "Source commit to the event's frame being written to a client (live events).",
-        );
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "rowcast_commit_to_send_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        cumulative += self.latency_buckets[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "rowcast_commit_to_send_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "rowcast_commit_to_send_seconds_sum {sum}");
-        let _ = writeln!(
-            out,
-            "rowcast_commit_to_send_seconds_count {}",
-            self.latency_count.load(Ordering::Relaxed)
-        );
+        // Writing to a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        let _ = prometheus_text::encode(&mut out, &scraped);
         out
     }
 }
 
-fn bump(map: &mut BTreeMap<String, u64>, kind: &str, n: u64) {
-    match map.get_mut(kind) {
-        Some(count) => *count += n,
-        None => {
-            map.insert(kind.to_owned(), n);
-        }
-    }
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// A label value: backslash, quote and newline escaped.
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+fn type_label(kind: &str) -> TypeLabel {
+    [("type", kind.to_owned())]
 }
 
 /// The window `events_per_second` is averaged over.
@@ -257,6 +255,7 @@ mod tests {
         metrics.sent(800);
         metrics.sent(30_000);
         metrics.sent(60_000_000);
+        metrics.capture_queue(4);
         let text = metrics.render(&Snapshot {
             connections: 2,
             subscriptions: 5,
@@ -277,8 +276,27 @@ mod tests {
             "rowcast_commit_to_send_seconds_bucket{le=\"10\"} 2",
             "rowcast_commit_to_send_seconds_bucket{le=\"+Inf\"} 3",
             "rowcast_commit_to_send_seconds_count 3",
+            "# TYPE rowcast_commit_to_send_seconds histogram",
+            "rowcast_errors_total{kind=\"log\"} 0",
+            "rowcast_slow_consumer_closes_total 1",
+            "rowcast_capture_queue_items 4",
+            "rowcast_source_info{source=\"replication\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+        assert!(!text.contains("_total_total") && !text.contains("# EOF"), "{text}");
+        let quiet = Metrics::default();
+        quiet.published([("user.created", 0)]);
+        let text = quiet.render(&Snapshot {
+            connections: 0,
+            subscriptions: 0,
+            slow_consumer_closes: 0,
+            outbound_frames: 0,
+            slot_lag_bytes: None,
+            source: "triggers",
+        });
+        assert!(text.contains("rowcast_events_appended_total{type=\"user.created\"} 1\n"));
+        assert!(!text.contains("rowcast_events_delivered_total{"), "{text}");
+        assert!(!text.contains("rowcast_source_lag_bytes"), "{text}");
     }
 }

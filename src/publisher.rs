@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
@@ -174,7 +175,7 @@ impl Publisher {
     }
 }
 
-/// The first wait before reconnecting; it doubles up to `Settings::max_backoff`.
+/// The first wait before reconnecting (jittered); it doubles up to `Settings::max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// A pipeline that ran this long before failing starts again from `FIRST_BACKOFF`.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
@@ -188,7 +189,7 @@ async fn supervise(
 ) -> Result<(), PublisherError> {
     let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
         .map_err(CaptureError::from)?;
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, settings.max_backoff);
     loop {
         let started = tokio::time::Instant::now();
         let life = match settings.source {
@@ -220,20 +221,17 @@ async fn supervise(
                 }
             }
             Err(err) if err.is_retryable() => {
-                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "capture interrupted");
-                signals.state.send_replace(State::Reconnecting { error: err.to_string() });
                 // A pipeline that ran for a while earned a fresh, short backoff.
                 if started.elapsed() > HEALTHY_RUN {
-                    backoff = FIRST_BACKOFF;
+                    backoff.reset();
                 }
-                let jitter = Duration::from_millis(rand::random_range(
-                    0..=backoff.as_millis() as u64 / 4 + 1,
-                ));
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "capture interrupted");
+                signals.state.send_replace(State::Reconnecting { error: err.to_string() });
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(settings.max_backoff);
             }
             Err(err) => return Err(err),
         }
@@ -476,10 +474,7 @@ async fn write_loop(
         if received == 0 {
             break;
         }
-        signals
-            .metrics
-            .capture_queue
-            .store(queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        signals.metrics.capture_queue(queue.len());
         let mut batch = Vec::with_capacity(items.len());
         let mut progress = None;
         for item in items.drain(..) {

@@ -60,7 +60,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>, _: Authorized) -> Respo
         source: state.settings.source.name(),
     };
     let body = state.metrics.render(&snapshot);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// Bytes of WAL the slot has not confirmed (replication only).

@@ -3,7 +3,8 @@
 
 use std::fmt;
 
-use super::event::{Op, Row, Timestamp};
+use super::Timestamp;
+use super::event::{Op, Row};
 
 /// One committed row change, rendered (`to_jsonb` form, nothing redacted yet).
 #[derive(Debug, Clone, PartialEq)]

@@ -4,10 +4,10 @@
 //! it, and is serialized exactly once, at append time; every reader after that shares the
 //! same bytes.
 
-use std::fmt;
-
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::time::Timestamp;
 
 /// A row as `to_jsonb(row)` renders it.
 pub type Row = Map<String, Value>;
@@ -79,142 +79,6 @@ impl Op {
     }
 }
 
-/// Microseconds since the Unix epoch, serialized as RFC 3339 UTC with microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Timestamp(pub i64);
-
-impl Timestamp {
-    pub fn now() -> Self {
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        Timestamp(now.as_micros() as i64)
-    }
-
-    /// Parses RFC 3339 (`2026-11-22T10:15:30Z`, fractions up to microseconds, `Z` or an
-    /// offset; `t`, `z` and a space for `T` are accepted as RFC 3339 allows).
-    pub fn parse_rfc3339(text: &str) -> Option<Self> {
-        let b = text.as_bytes();
-        let digits = |range: std::ops::Range<usize>| -> Option<i64> {
-            let part = b.get(range)?;
-            part.iter()
-                .all(u8::is_ascii_digit)
-                .then(|| part.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
-        };
-        let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
-        let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
-        let separators = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
-        if separators.iter().any(|&(i, c)| b[i] != c) || !matches!(b[10], b'T' | b't' | b' ') {
-            return None;
-        }
-        if !(1..=12).contains(&month) || !(1..=days_in_month(year, month)).contains(&day) {
-            return None;
-        }
-        // 60 is a leap second; Postgres folds it into the next minute, so do we.
-        if hour > 23 || minute > 59 || second > 60 {
-            return None;
-        }
-        let mut i = 19;
-        let mut micros = 0i64;
-        if b.get(i) == Some(&b'.') {
-            let start = i + 1;
-            i = start;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i == start {
-                return None;
-            }
-            let fraction = &text[start..i];
-            let padded = format!("{:0<6}", &fraction[..fraction.len().min(6)]);
-            micros = padded.parse().ok()?;
-        }
-        let offset = match b.get(i..)? {
-            [b'Z' | b'z'] => 0,
-            [sign @ (b'+' | b'-'), ..] if b.len() == i + 6 && b[i + 3] == b':' => {
-                let (h, m) = (digits(i + 1..i + 3)?, digits(i + 4..i + 6)?);
-                if h > 23 || m > 59 {
-                    return None;
-                }
-                let minutes = h * 60 + m;
-                if *sign == b'+' { minutes } else { -minutes }
-            }
-            _ => return None,
-        };
-        let days = days_from_civil(year, month as u32, day as u32);
-        let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset * 60;
-        Some(Timestamp(seconds * 1_000_000 + micros))
-    }
-
-    pub fn from_system_time(time: std::time::SystemTime) -> Self {
-        match time.duration_since(std::time::UNIX_EPOCH) {
-            Ok(after) => Timestamp(after.as_micros().min(i64::MAX as u128) as i64),
-            Err(before) => Timestamp(-(before.duration().as_micros().min(i64::MAX as u128) as i64)),
-        }
-    }
-
-    pub fn to_system_time(self) -> std::time::SystemTime {
-        let offset = std::time::Duration::from_micros(self.0.unsigned_abs());
-        if self.0 >= 0 { std::time::UNIX_EPOCH + offset } else { std::time::UNIX_EPOCH - offset }
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.0.div_euclid(1_000_000);
-        let micros = self.0.rem_euclid(1_000_000);
-        let days = secs.div_euclid(86_400);
-        let secs_of_day = secs.rem_euclid(86_400);
-        let (year, month, day) = civil_from_days(days);
-        write!(
-            f,
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-            secs_of_day / 3600,
-            secs_of_day / 60 % 60,
-            secs_of_day % 60
-        )
-    }
-}
-
-impl Serialize for Timestamp {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// A proleptic Gregorian date to days since 1970-01-01 (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = i64::from((month + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// Where an event came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Origin {
@@ -280,52 +144,6 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_render_as_rfc3339_micros() {
-        assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(Timestamp(1_795_342_530_123_456).to_string(), "2026-11-22T10:15:30.123456Z");
-        assert_eq!(Timestamp(951_782_400_000_001).to_string(), "2000-02-29T00:00:00.000001Z");
-        assert_eq!(Timestamp(-1).to_string(), "1969-12-31T23:59:59.999999Z");
-    }
-
-    #[test]
-    fn rfc3339_parses_round_trips_and_refuses_junk() {
-        for text in [
-            "1970-01-01T00:00:00.000000Z",
-            "2026-11-22T10:15:30.123456Z",
-            "2000-02-29T00:00:00.000001Z",
-            "1969-12-31T23:59:59.999999Z",
-        ] {
-            let parsed = Timestamp::parse_rfc3339(text).expect(text);
-            assert_eq!(parsed.to_string(), text);
-        }
-        let at = |t: &str| Timestamp::parse_rfc3339(t).map(|t| t.to_string());
-        assert_eq!(at("2026-11-22T10:15:30Z").as_deref(), Some("2026-11-22T10:15:30.000000Z"));
-        assert_eq!(
-            at("2026-11-22T12:15:30.5+02:00").as_deref(),
-            Some("2026-11-22T10:15:30.500000Z")
-        );
-        assert_eq!(
-            at("2026-11-22 05:15:30.1234567-05:00").as_deref(),
-            Some("2026-11-22T10:15:30.123456Z")
-        );
-        for junk in [
-            "",
-            "2026-11-22",
-            "2026-13-01T00:00:00Z",
-            "2026-02-29T00:00:00Z",
-            "2026-11-22T24:00:00Z",
-            "2026-11-22T10:15:30",
-            "2026-11-22T10:15:30.Z",
-            "2026-11-22T10:15:30+0200",
-            "yesterday",
-            "2026-11-22T10:15:30Zjunk",
-            "２026-11-22T10:15:30Z",
-        ] {
-            assert_eq!(Timestamp::parse_rfc3339(junk), None, "{junk:?}");
-        }
-    }
 
     #[test]
     fn positions_order_by_change_then_event() {

@@ -6,6 +6,8 @@
 
 mod change;
 mod event;
+mod time;
 
 pub use change::{Change, TableName};
-pub use event::{Event, Op, Origin, Position, Row, Severity, Timestamp};
+pub use event::{Event, Op, Origin, Position, Row, Severity};
+pub use time::Timestamp;

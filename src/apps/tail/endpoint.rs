@@ -67,50 +67,29 @@ pub(super) struct Filter {
 }
 
 impl Filter {
-    /// The query subscribing with this filter after `since`. Lists are repeated parameters.
+    /// The query subscribing with this filter after `since`. Lists are repeated parameters,
+    /// encoded as the server decodes them (`application/x-www-form-urlencoded`).
     pub(super) fn query(&self, since: Option<u64>) -> String {
-        let mut query = Query::default();
+        let mut query = form_urlencoded::Serializer::new(String::new());
         if self.types.is_empty() {
             // Explicit, so that the connection has a subscription even without filters.
-            query.push("type", "*");
+            query.append_pair("type", "*");
         }
-        for pattern in &self.types {
-            query.push("type", pattern);
-        }
-        for id in &self.organization_ids {
-            query.push("organization_id", id);
-        }
-        for id in &self.domain_ids {
-            query.push("domain_id", id);
+        let lists = [
+            ("type", &self.types),
+            ("organization_id", &self.organization_ids),
+            ("domain_id", &self.domain_ids),
+        ];
+        for (key, values) in lists {
+            query.extend_pairs(values.iter().map(|value| (key, value)));
         }
         if let Some(severity) = self.severity {
-            query.push("severity", severity.as_str());
+            query.append_pair("severity", severity.as_str());
         }
         if let Some(since) = since {
-            query.push("since", &since.to_string());
+            query.append_pair("since", &since.to_string());
         }
-        query.0
-    }
-}
-
-#[derive(Default)]
-struct Query(String);
-
-impl Query {
-    fn push(&mut self, key: &str, value: &str) {
-        if !self.0.is_empty() {
-            self.0.push('&');
-        }
-        self.0.push_str(key);
-        self.0.push('=');
-        // Percent-encode all but the unreserved characters (and `*`, for readable patterns).
-        for byte in value.bytes() {
-            if byte.is_ascii_alphanumeric() || b"-._~*".contains(&byte) {
-                self.0.push(char::from(byte));
-            } else {
-                self.0.push_str(&format!("%{byte:02X}"));
-            }
-        }
+        query.finish()
     }
 }
 
@@ -203,9 +182,19 @@ mod tests {
         };
         assert_eq!(
             filter.query(Some(42)),
-            "type=agent.*&type=*.failed&organization_id=quant&organization_id=a%26b%3Dc%20d\
+            "type=agent.*&type=*.failed&organization_id=quant&organization_id=a%26b%3Dc+d\
              &domain_id=d%C3%A9mo%2F1&severity=warning&since=42"
         );
+        // What the server reads back (it decodes with form_urlencoded too).
+        let query = filter.query(None);
+        let pairs: Vec<(String, String)> =
+            form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        let values = |key: &str| -> Vec<&str> {
+            pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
+        };
+        assert_eq!(values("organization_id"), ["quant", "a&b=c d"]);
+        assert_eq!(values("domain_id"), ["démo/1"]);
+        assert_eq!(values("type"), ["agent.*", "*.failed"]);
         let url = Endpoint::parse("ws://h:1").expect("endpoint").with_query(&filter.query(None));
         assert!(url.parse::<Uri>().is_ok(), "{url}");
     }

@@ -36,6 +36,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::model::Severity;
 
 mod endpoint;
@@ -48,7 +49,7 @@ use frame::{Connection, Cursor, Step, handle};
 pub const DEFAULT_URL: &str = "ws://127.0.0.1:8080";
 /// Largest frame accepted by default (64 MiB, tungstenite's own default).
 pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 << 20;
-/// First wait before reconnecting; doubles per failed attempt up to `--max-backoff`.
+/// First wait before reconnecting (jittered); doubles per failed attempt up to `--max-backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// A connection that lived this long counts as healthy and resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -185,7 +186,7 @@ impl Tail {
         W: AsyncWrite + Unpin,
     {
         let mut cursor = Cursor(self.since);
-        let mut backoff = Backoff::new(self.max_backoff);
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, self.max_backoff);
         tracing::info!(url = %self.endpoint.as_str(), since = self.since, "tailing");
         loop {
             let url = self.endpoint.with_query(&self.filter.query(cursor.0));
@@ -440,31 +441,6 @@ impl Failure {
     }
 }
 
-/// Exponential backoff with jitter: each wait is drawn from [delay/2, delay], so clients of a
-/// restarted server do not all come back at the same instant.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Self { next: INITIAL_BACKOFF.min(max), max }
-    }
-
-    fn reset(&mut self) {
-        self.next = INITIAL_BACKOFF.min(self.max);
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = self.next.saturating_mul(2).min(self.max);
-        let half = delay / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,7 +484,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_secs(2));
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, Duration::from_secs(2));
         let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
         assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= INITIAL_BACKOFF);
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
