@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rowcast::bus::Bus;
 use rowcast::bus::mailbox::Outbound;
 use rowcast::capture::pgoutput::{self, Datum, LogicalMessage, Tuple};
-use rowcast::capture::render::{self, Kind};
+use rowcast::capture::render::{self, Category};
 use rowcast::filter::{Filter, Subject};
 use rowcast::log::StoredEvent;
 use rowcast::model::{Severity, Timestamp};
@@ -39,15 +39,15 @@ fn decode(c: &mut Criterion) {
 }
 
 fn render_values(c: &mut Criterion) {
-    let cases: [(&str, &[u8], Kind); 5] = [
-        ("text", b"support assistant", Kind::Text),
-        ("numeric", b"12345.678900", Kind::Number),
-        ("timestamptz", b"2026-11-22 10:15:30.123456+00", Kind::TimestampTz),
-        ("jsonb", br#"{"tools": ["sql", "email"], "temperature": 0.2}"#, Kind::Jsonb),
+    let cases: [(&str, &[u8], Category); 5] = [
+        ("text", b"support assistant", Category::Text),
+        ("numeric", b"12345.678900", Category::Number),
+        ("timestamptz", b"2026-11-22 10:15:30.123456+00", Category::TimestampTz),
+        ("jsonb", br#"{"tools": ["sql", "email"], "temperature": 0.2}"#, Category::Jsonb),
         (
             "int[]",
             b"{1,2,3,NULL,5,6,7,8}",
-            Kind::Array { elem: Box::new(Kind::Number), delim: b',' },
+            Category::Array { elem: Box::new(Category::Number), delim: b',' },
         ),
     ];
     let mut group = c.benchmark_group("render");
@@ -65,7 +65,7 @@ fn filters(c: &mut Criterion) {
     })))
     .expect("filter");
     let subject = Subject {
-        kind: "agent.status_changed",
+        event_type: "agent.status_changed",
         organization_id: Some("quant"),
         domain_id: Some("research"),
         severity: Severity::Info,
@@ -88,7 +88,7 @@ fn filters(c: &mut Criterion) {
     }
     let event = StoredEvent {
         id: 1,
-        kind: "agent.created".into(),
+        event_type: "agent.created".into(),
         organization_id: Some("org7".into()),
         domain_id: None,
         severity: Severity::Info,

@@ -301,7 +301,7 @@ mod tests {
                 return Ok(());
             };
             for (org, domain, kind) in events {
-                let subject = Subject { kind, organization_id: org, domain_id: domain, severity: Severity::Info };
+                let subject = Subject { event_type: kind, organization_id: org, domain_id: domain, severity: Severity::Info };
                 if confined.matches(&subject) {
                     if let Some(granted) = &granted_orgs {
                         prop_assert!(org.is_some_and(|o| granted.iter().any(|g| g == o)), "org {org:?} leaked");

@@ -300,7 +300,7 @@ async fn appends_at_or_before_the_cursor_are_dropped() {
     let at = |major: u64, change: u64| {
         let event = Event {
             id: 0,
-            kind: "thing.created".into(),
+            event_type: "thing.created".into(),
             timestamp: Timestamp(0),
             organization_id: None,
             domain_id: None,

@@ -28,7 +28,7 @@ pub struct Index {
 impl Index {
     /// The subscriptions `subject` matches, among those its organization and entity reach.
     pub fn candidates(&self, subject: &Subject<'_>, out: &mut Vec<SubscriptionRef>) {
-        let entity = subject.kind.split_once('.').map_or(subject.kind, |(e, _)| e);
+        let entity = subject.event_type.split_once('.').map_or(subject.event_type, |(e, _)| e);
         let mut collect = |by_entity: &ByEntity| {
             let buckets = [by_entity.entities.get(entity), Some(&by_entity.any)];
             for bucket in buckets.into_iter().flatten() {

@@ -245,7 +245,7 @@ impl Bus {
             registry.head = registry.head.max(event.id);
             registry.last_event_at = Some(event.timestamp);
             let subject = Subject {
-                kind: &event.kind,
+                event_type: &event.event_type,
                 organization_id: event.organization_id.as_deref(),
                 domain_id: event.domain_id.as_deref(),
                 severity: event.severity,
@@ -255,7 +255,7 @@ impl Bus {
             let mut queued = 0;
             let mut rendered: Vec<(Vec<SubscriptionId>, Bytes)> = Vec::new();
             if matches.is_empty() {
-                counts.push((&event.kind, 0));
+                counts.push((&event.event_type, 0));
                 continue;
             }
             matches.sort_unstable();
@@ -303,7 +303,7 @@ impl Bus {
                     Err(rejected) => slow.push((connection, rejected)),
                 }
             }
-            counts.push((&event.kind, queued));
+            counts.push((&event.event_type, queued));
             for (connection, rejected) in slow.drain(..) {
                 registry.drop_connection(connection, rejected);
             }

@@ -16,7 +16,7 @@ fn event(
 ) -> StoredEvent {
     StoredEvent {
         id,
-        kind: kind.into(),
+        event_type: kind.into(),
         organization_id: org.map(String::from),
         domain_id: domain.map(String::from),
         severity,
@@ -111,7 +111,7 @@ proptest! {
                 .iter()
                 .filter_map(|e| {
                     let subject = Subject {
-                        kind: &e.kind,
+                        event_type: &e.event_type,
                         organization_id: e.organization_id.as_deref(),
                         domain_id: e.domain_id.as_deref(),
                         severity: e.severity,

@@ -1,4 +1,4 @@
-//! Column types from the catalog: a type OID becomes the [`Kind`] its text output is rendered
+//! Column types from the catalog: a type OID becomes the [`Category`] its text output is rendered
 //! with. Domains resolve to their base type and arrays and composites to their parts, exactly
 //! as `to_jsonb` categorizes them. Each OID is looked up once per connection.
 
@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use super::render::Kind;
+use super::render::Category;
 use crate::model::TableName;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,25 +42,25 @@ const INT2VECTOR: u32 = 22;
 const OIDVECTOR: u32 = 30;
 
 /// The kinds `to_jsonb` treats specially, by OID; everything else is resolved from the catalog.
-fn builtin(oid: u32) -> Option<Kind> {
+fn builtin(oid: u32) -> Option<Category> {
     Some(match oid {
-        BOOL => Kind::Bool,
-        oid if NUMBERS.contains(&oid) => Kind::Number,
-        JSON => Kind::Json,
-        JSONB => Kind::Jsonb,
-        DATE => Kind::Date,
-        TIMESTAMP => Kind::Timestamp,
-        TIMESTAMPTZ => Kind::TimestampTz,
+        BOOL => Category::Bool,
+        oid if NUMBERS.contains(&oid) => Category::Number,
+        JSON => Category::Json,
+        JSONB => Category::Jsonb,
+        DATE => Category::Date,
+        TIMESTAMP => Category::Timestamp,
+        TIMESTAMPTZ => Category::TimestampTz,
         // Vectors print as "1 2" but to_jsonb sees arrays (render accepts that form).
-        INT2VECTOR => Kind::Array { elem: Box::new(Kind::Number), delim: b',' },
-        OIDVECTOR => Kind::Array { elem: Box::new(Kind::Text), delim: b',' },
+        INT2VECTOR => Category::Array { elem: Box::new(Category::Number), delim: b',' },
+        OIDVECTOR => Category::Array { elem: Box::new(Category::Text), delim: b',' },
         _ => return None,
     })
 }
 
 pub struct Catalog {
     client: Client,
-    kinds: HashMap<u32, Kind>,
+    kinds: HashMap<u32, Category>,
 }
 
 impl Catalog {
@@ -72,11 +72,11 @@ impl Catalog {
         &self.client
     }
 
-    pub async fn kind(&mut self, oid: u32) -> Result<Kind, CatalogError> {
+    pub async fn kind(&mut self, oid: u32) -> Result<Category, CatalogError> {
         self.resolve(oid, 0).await
     }
 
-    async fn resolve(&mut self, oid: u32, depth: usize) -> Result<Kind, CatalogError> {
+    async fn resolve(&mut self, oid: u32, depth: usize) -> Result<Category, CatalogError> {
         if let Some(kind) = builtin(oid).or_else(|| self.kinds.get(&oid).cloned()) {
             return Ok(kind);
         }
@@ -118,13 +118,13 @@ impl Catalog {
                         Box::pin(self.resolve(field_oid, depth + 1)).await?,
                     ));
                 }
-                Kind::Composite { fields }
+                Category::Composite { fields }
             }
-            _ if category == "A" && elem != 0 => Kind::Array {
+            _ if category == "A" && elem != 0 => Category::Array {
                 elem: Box::new(Box::pin(self.resolve(elem, depth + 1)).await?),
                 delim: delim.bytes().next().unwrap_or(b','),
             },
-            _ => Kind::Text,
+            _ => Category::Text,
         };
         self.kinds.insert(oid, kind.clone());
         Ok(kind)

@@ -3,7 +3,7 @@
 //! ```text
 //! replication/    the streaming replication protocol (connect, auth, slot, CopyBoth)
 //! pgoutput/       pgoutput protocol 1 messages -> typed LogicalMessage (pure), and back
-//! catalog.rs      column type OIDs -> render::Kind, looked up once per type
+//! catalog.rs      column type OIDs -> render::Category, looked up once per type
 //! continuity.rs   proof that the slot continues where the log left off (pure)
 //! render/         a column's text output -> the JSON `to_jsonb` gives, by type family
 //! stream.rs       relation cache + transactions -> mapped events, keepalives -> progress

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::Captured;
 use super::catalog::{Catalog, CatalogError};
 use super::pgoutput::{self, Datum, LogicalMessage, Lsn, OldTuple, Tuple};
-use super::render::{self, Kind};
+use super::render::{self, Category};
 use super::replication::{
     PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationError, ReplicationMessage,
     ReplicationStream,
@@ -71,7 +71,7 @@ pub struct StreamSettings {
 struct RelationInfo {
     table: TableName,
     entity: Option<Arc<Entity>>,
-    columns: Vec<(String, Kind)>,
+    columns: Vec<(String, Category)>,
 }
 
 struct Transaction {
@@ -192,7 +192,7 @@ impl Capture {
                     // Unmapped tables are never rendered: no catalog lookups for them.
                     let kind = match entity {
                         Some(_) => self.catalog.kind(column.type_oid).await?,
-                        None => Kind::Text,
+                        None => Category::Text,
                     };
                     columns.push((column.name, kind));
                 }

@@ -32,7 +32,7 @@ impl FilterError {
 /// What a filter is matched against: the fields of an event that filters can see.
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
-    pub kind: &'a str,
+    pub event_type: &'a str,
     pub organization_id: Option<&'a str>,
     pub domain_id: Option<&'a str>,
     pub severity: Severity,
@@ -152,7 +152,7 @@ impl Filter {
 
     pub fn matches(&self, subject: &Subject<'_>) -> bool {
         subject.severity >= self.severity
-            && (self.types.is_empty() || self.types.iter().any(|p| p.matches(subject.kind)))
+            && (self.types.is_empty() || self.types.iter().any(|p| p.matches(subject.event_type)))
             && within(&self.organizations, subject.organization_id)
             && within(&self.domains, subject.domain_id)
     }
@@ -249,7 +249,12 @@ mod tests {
     use super::*;
 
     fn subject<'a>(kind: &'a str, org: Option<&'a str>, domain: Option<&'a str>) -> Subject<'a> {
-        Subject { kind, organization_id: org, domain_id: domain, severity: Severity::Info }
+        Subject {
+            event_type: kind,
+            organization_id: org,
+            domain_id: domain,
+            severity: Severity::Info,
+        }
     }
 
     fn parse(value: Value) -> Result<Filter, FilterError> {

@@ -58,7 +58,7 @@ pub struct Cursor {
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
     pub id: u64,
-    pub kind: String,
+    pub event_type: String,
     pub organization_id: Option<String>,
     pub domain_id: Option<String>,
     pub severity: Severity,

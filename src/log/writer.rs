@@ -147,7 +147,7 @@ impl LogWriter {
             .into_iter()
             .map(|row| StoredEvent {
                 id: row.get::<_, i64>(0) as u64,
-                kind: row.get(1),
+                event_type: row.get(1),
                 organization_id: row.get(2),
                 domain_id: row.get(3),
                 severity: Severity::from_rank(row.get(4)),
@@ -289,7 +289,7 @@ impl Batch {
             times.push(event.timestamp.to_system_time());
             stored.push(StoredEvent {
                 id,
-                kind: event.kind,
+                event_type: event.event_type,
                 organization_id: event.organization_id,
                 domain_id: event.domain_id,
                 severity: event.severity,
@@ -304,7 +304,7 @@ impl Batch {
         let stored = &self.stored;
         Arrays {
             ids: stored.iter().map(|e| e.id as i64).collect(),
-            kinds: stored.iter().map(|e| e.kind.as_str()).collect(),
+            kinds: stored.iter().map(|e| e.event_type.as_str()).collect(),
             times: &self.times,
             organizations: stored.iter().map(|e| e.organization_id.as_deref()).collect(),
             domains: stored.iter().map(|e| e.domain_id.as_deref()).collect(),

@@ -175,7 +175,7 @@ mod tests {
     }
 
     fn kinds(events: &[Event]) -> Vec<&str> {
-        events.iter().map(|e| e.kind.as_str()).collect()
+        events.iter().map(|e| e.event_type.as_str()).collect()
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Entity {
             .collect();
         let plain = Event {
             id: 0,
-            kind: format!("{}.{}", self.name, op.action()),
+            event_type: format!("{}.{}", self.name, op.action()),
             timestamp,
             organization_id: scope(&self.organization),
             domain_id: scope(&self.domain),
@@ -63,7 +63,7 @@ impl Entity {
         events.push(plain);
         for extra in fired {
             let mut event = events[0].clone();
-            event.kind = format!("{}.{}", self.name, extra.action);
+            event.event_type = format!("{}.{}", self.name, extra.action);
             event.severity = extra.severity;
             events.push(event);
         }

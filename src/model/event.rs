@@ -122,7 +122,7 @@ impl Position {
 pub struct Event {
     pub id: u64,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub event_type: String,
     pub timestamp: Timestamp,
     pub organization_id: Option<String>,
     pub domain_id: Option<String>,
@@ -137,7 +137,7 @@ pub struct Event {
 
 impl Event {
     pub fn entity(&self) -> &str {
-        self.kind.split_once('.').map_or(self.kind.as_str(), |(entity, _)| entity)
+        self.event_type.split_once('.').map_or(self.event_type.as_str(), |(entity, _)| entity)
     }
 }
 
@@ -168,7 +168,7 @@ mod tests {
     fn envelope_omits_what_does_not_apply() {
         let event = Event {
             id: 7,
-            kind: "agent.created".into(),
+            event_type: "agent.created".into(),
             timestamp: Timestamp(0),
             organization_id: Some("quant".into()),
             domain_id: None,

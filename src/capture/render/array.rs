@@ -3,14 +3,14 @@
 
 use serde_json::Value;
 
-use super::{Kind, RenderError, is_pg_space, render_at, snippet, utf8};
+use super::{Category, RenderError, is_pg_space, render_at, snippet, utf8};
 
 /// Postgres's MAXDIM.
 const MAX_ARRAY_DIMS: usize = 6;
 
 pub(super) fn parse_array(
     text: &[u8],
-    elem: &Kind,
+    elem: &Category,
     delim: u8,
     depth: usize,
 ) -> Result<Value, RenderError> {
@@ -54,7 +54,7 @@ pub(super) fn parse_array(
 
 /// int2vector and oidvector print their elements separated by spaces, without braces, yet
 /// `to_jsonb` treats them as arrays.
-fn parse_vector(text: &[u8], elem: &Kind, depth: usize) -> Result<Value, RenderError> {
+fn parse_vector(text: &[u8], elem: &Category, depth: usize) -> Result<Value, RenderError> {
     utf8(text)?
         .split_ascii_whitespace()
         .map(|item| render_at(item.as_bytes(), elem, depth))
@@ -66,7 +66,7 @@ struct ArrayParser<'a> {
     s: &'a [u8],
     pos: usize,
     delim: u8,
-    elem: &'a Kind,
+    elem: &'a Category,
     depth: usize,
     /// Item count of every brace group seen at each level; they must all agree.
     dims: [Option<usize>; MAX_ARRAY_DIMS],
@@ -243,12 +243,12 @@ mod tests {
     //! The pairs below were observed on PostgreSQL 15, as described in `render::tests`.
     #![allow(clippy::unwrap_used)]
 
-    use crate::capture::render::Kind;
+    use crate::capture::render::Category;
     use crate::capture::render::tests::{array, check, check_fails, check_lines};
 
     #[test]
     fn arrays() {
-        let ints = array(Kind::Number);
+        let ints = array(Category::Number);
         check_lines(
             &ints,
             r#"{1,2,NULL} => [1, 2, null]
@@ -265,14 +265,14 @@ mod tests {
         // int2vector prints like "1 2"; an empty one prints nothing; int2vector[] nests them.
         check(&ints, "", "[]");
         check(&ints, " { 1 , 2 } ", "[1, 2]");
-        check(&array(array(Kind::Number)), r#"{"1 2",3}"#, "[[1, 2], [3]]");
+        check(&array(array(Category::Number)), r#"{"1 2",3}"#, "[[1, 2], [3]]");
         check(
             &ints,
             "{NaN,Infinity,1e+100,-0}",
             &format!(r#"["NaN", "Infinity", 1{}, 0]"#, "0".repeat(100)),
         );
         check_lines(
-            &array(Kind::Text),
+            &array(Category::Text),
             r#"{"a b","c\"d","NULL",NULL,"","x\\y","{}"," lead",NULL,"NuLl",nUlL} => ["a b", "c\"d", "NULL", null, "", "x\\y", "{}", " lead", null, "NuLl", null]
             {{"a b",NULL},{"c\"d",""}} => [["a b", null], ["c\"d", ""]]
             {a b  ,"x "  ,\ } => ["a b", "x ", " "]
@@ -280,29 +280,29 @@ mod tests {
             {happy,NULL,"so sad"} => ["happy", null, "so sad"]
             {"ab ",NULL} => ["ab ", null]"#,
         );
-        check_lines(&array(Kind::Bool), "{t,f,NULL} => [true, false, null]");
+        check_lines(&array(Category::Bool), "{t,f,NULL} => [true, false, null]");
         check_lines(
-            &array(Kind::TimestampTz),
+            &array(Category::TimestampTz),
             r#"{"2024-01-02 03:04:05+00",infinity} => ["2024-01-02T03:04:05+00:00", "infinity"]
             {-infinity,"1999-01-08 04:05:06.123456+00 BC"} => ["-infinity", "1999-01-08T04:05:06.123456+00:00 BC"]"#,
         );
         check_lines(
-            &array(Kind::Timestamp),
+            &array(Category::Timestamp),
             r#"{"12345-01-01 00:00:00"} => ["12345-01-01T00:00:00"]"#,
         );
         check_lines(
-            &array(Kind::Date),
+            &array(Category::Date),
             r#"{2024-01-02,infinity,"0044-03-15 BC"} => ["2024-01-02", "infinity", "0044-03-15 BC"]"#,
         );
         check_lines(
-            &array(Kind::Json),
+            &array(Category::Json),
             r#"{"{\"b\":1.0,\"a\":2}",NULL} => [{"a": 2, "b": 1.0}, null]"#,
         );
         check_lines(
-            &array(Kind::Jsonb),
+            &array(Category::Jsonb),
             r#"{"{\"a\": 2, \"b\": 1.0}",NULL} => [{"a": 2, "b": 1.0}, null]"#,
         );
-        let boxes = Kind::Array { elem: Box::new(Kind::Text), delim: b';' };
+        let boxes = Category::Array { elem: Box::new(Category::Text), delim: b';' };
         check_lines(&boxes, r#"{(1,1),(0,0);(3,3),(2,2)} => ["(1,1),(0,0)", "(3,3),(2,2)"]"#);
         check_fails(
             &ints,

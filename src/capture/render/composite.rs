@@ -3,11 +3,11 @@
 
 use serde_json::Value;
 
-use super::{Kind, RenderError, is_pg_space, render_at, row_object, snippet};
+use super::{Category, RenderError, is_pg_space, render_at, row_object, snippet};
 
 pub(super) fn parse_record(
     text: &[u8],
-    fields: &[(String, Kind)],
+    fields: &[(String, Category)],
     depth: usize,
 ) -> Result<Value, RenderError> {
     let error = || RenderError::BadRecord(snippet(text));
@@ -75,20 +75,22 @@ mod tests {
     //! The pairs below were observed on PostgreSQL 15, as described in `render::tests`.
     #![allow(clippy::unwrap_used)]
 
-    use crate::capture::render::Kind;
+    use crate::capture::render::Category;
     use crate::capture::render::tests::{array, check, check_fails, check_lines};
 
-    fn pair_kind() -> Kind {
+    fn pair_kind() -> Category {
         let fields = [
-            ("zz", Kind::Number),
-            ("a", Kind::Text),
-            ("B", Kind::Number),
-            ("ts", Kind::TimestampTz),
-            ("j", Kind::Json),
-            ("arr", array(Kind::Number)),
-            ("m", Kind::Text),
+            ("zz", Category::Number),
+            ("a", Category::Text),
+            ("B", Category::Number),
+            ("ts", Category::TimestampTz),
+            ("j", Category::Json),
+            ("arr", array(Category::Number)),
+            ("m", Category::Text),
         ];
-        Kind::Composite { fields: fields.into_iter().map(|(n, k)| (n.to_string(), k)).collect() }
+        Category::Composite {
+            fields: fields.into_iter().map(|(n, k)| (n.to_string(), k)).collect(),
+        }
     }
 
     #[test]
@@ -100,26 +102,26 @@ mod tests {
             (,"",,,,{},) => {"B": null, "a": "", "j": null, "m": null, "ts": null, "zz": null, "arr": []}
             (2,"x""y\\z(),",-0,infinity,null,"{{1},{2}}",happy) => {"B": 0, "a": "x\"y\\z(),", "j": null, "m": "happy", "ts": "infinity", "zz": 2, "arr": [[1], [2]]}"#,
         );
-        let outer = Kind::Composite {
+        let outer = Category::Composite {
             fields: vec![
                 ("p".into(), pair.clone()),
                 ("ps".into(), array(pair)),
-                ("d".into(), Kind::Date),
+                ("d".into(), Category::Date),
             ],
         };
         check_lines(
             &outer,
             r#"("(1,a,1.5,,1,,)","{""(2,\\""b c\\"",,,,{3},happy)"",NULL}",2024-01-01) => {"d": "2024-01-01", "p": {"B": 1.5, "a": "a", "j": 1, "m": null, "ts": null, "zz": 1, "arr": null}, "ps": [{"B": null, "a": "b c", "j": null, "m": "happy", "ts": null, "zz": 2, "arr": [3]}, null]}"#,
         );
-        let record = Kind::Composite {
-            fields: ["f1", "f2", "f3", "f4"].map(|f| (f.to_string(), Kind::Text)).to_vec(),
+        let record = Category::Composite {
+            fields: ["f1", "f2", "f3", "f4"].map(|f| (f.to_string(), Category::Text)).to_vec(),
         };
         check_lines(
             &record,
             r#"(1,"a b",,"x""y") => {"f1": "1", "f2": "a b", "f3": null, "f4": "x\"y"}
             (1,"a\"b",,x\,y) => {"f1": "1", "f2": "a\"b", "f3": null, "f4": "x,y"}"#,
         );
-        check(&Kind::Composite { fields: vec![] }, "()", "{}");
+        check(&Category::Composite { fields: vec![] }, "()", "{}");
         check_fails(
             &record,
             r#"(1,2,3)

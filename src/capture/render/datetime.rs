@@ -88,13 +88,13 @@ mod tests {
     //! The pairs below were observed on PostgreSQL 15, as described in `render::tests`.
     #![allow(clippy::unwrap_used)]
 
-    use crate::capture::render::Kind;
+    use crate::capture::render::Category;
     use crate::capture::render::tests::{check_fails, check_lines};
 
     #[test]
     fn dates_and_timestamps() {
         check_lines(
-            &Kind::Date,
+            &Category::Date,
             r#"2024-01-02 => "2024-01-02"
             infinity => "infinity"
             -infinity => "-infinity"
@@ -102,7 +102,7 @@ mod tests {
             12345-06-07 => "12345-06-07""#,
         );
         check_lines(
-            &Kind::Timestamp,
+            &Category::Timestamp,
             r#"2024-01-02 03:04:05.5 => "2024-01-02T03:04:05.5"
             2024-01-02 03:04:05 => "2024-01-02T03:04:05"
             infinity => "infinity"
@@ -113,7 +113,7 @@ mod tests {
             294276-12-31 23:59:59.999999 => "294276-12-31T23:59:59.999999""#,
         );
         check_lines(
-            &Kind::TimestampTz,
+            &Category::TimestampTz,
             r#"2024-01-02 03:04:05.5+00 => "2024-01-02T03:04:05.5+00:00"
             infinity => "infinity"
             -infinity => "-infinity"
@@ -126,21 +126,21 @@ mod tests {
             0044-03-15 07:03:58-04:56:02 BC => "0044-03-15T07:03:58-04:56:02 BC""#,
         );
         check_fails(
-            &Kind::Date,
+            &Category::Date,
             r#"2024-1-02
             Infinity
             24-01-02
             2024-01-02 AD"#,
         );
         check_fails(
-            &Kind::Timestamp,
+            &Category::Timestamp,
             r#"2024-01-02T03:04:05
             2024-01-02 03:04
             2024-01-02 03:04:05.
             2024-01-02"#,
         );
         check_fails(
-            &Kind::TimestampTz,
+            &Category::TimestampTz,
             r#"2024-01-02 03:04:05
             2024-01-02 03:04:05+0
             2024-01-02 03:04:05+00:00:00:00"#,

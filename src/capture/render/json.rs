@@ -49,12 +49,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use crate::capture::render::tests::{check, check_fails, check_lines};
-    use crate::capture::render::{Kind, render};
+    use crate::capture::render::{Category, render};
 
     #[test]
     fn json_and_jsonb() {
         check_lines(
-            &Kind::Json,
+            &Category::Json,
             r#"{"b":1.0e2,"a":1E-2,"aa":-0,"a":2,"c":[1.50,-0.0,1e1],"\u00e9":"\u00e9\ud83d\ude00"} => {"a": 2, "b": 100, "c": [1.50, 0.0, 10], "aa": 0, "é": "é😀"}
               {"k": 1 , "k": [1.0E+1, -1.5e-3]}   => {"k": [10, -0.0015]}
             null => null
@@ -62,22 +62,22 @@ mod tests {
             12.34e-1 => 1.234
             {"d": {"d": {"d": [1E-1, 0.01e1]}}, "\u00fc": "\ud83d\ude00 \t \n \" \\ \/", "d": 1.0} => {"d": 1.0, "ü": "😀 \t \n \" \\ /"}"#,
         );
-        check(&Kind::Json, "1e1000", &format!("1{}", "0".repeat(1000)));
+        check(&Category::Json, "1e1000", &format!("1{}", "0".repeat(1000)));
         check_fails(
-            &Kind::Json,
+            &Category::Json,
             r#"{"a":"\u0000"}
             [01]
             "\ud800"
             {"#,
         );
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(render(deep.as_bytes(), &Kind::Json).is_err());
+        assert!(render(deep.as_bytes(), &Category::Json).is_err());
         for jsonb in [
             r#"{"a": 2, "b": 100, "aa": 0}"#,
             r#"{"": 3, "B": 1, "a": 2, "z": 5, "é": 4}"#,
             r#"{"": true, "a": {"a": null, "b": [{"c": 2, "d": 1}]}, "é": "é"}"#,
         ] {
-            check(&Kind::Jsonb, jsonb, jsonb);
+            check(&Category::Jsonb, jsonb, jsonb);
         }
     }
 }

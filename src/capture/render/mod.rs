@@ -47,7 +47,7 @@ use serde_json::{Map, Value};
 /// How a column's text output becomes JSON; resolved once per column from the catalog
 /// (domains are already replaced by their base type by the caller).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kind {
+pub enum Category {
     /// `t` / `f` -> true / false.
     Bool,
     /// int2, int4, int8, float4, float8, numeric (not oid: `to_jsonb` makes oid a string).
@@ -66,9 +66,9 @@ pub enum Kind {
     Text,
     /// An array of `elem`; `delim` is the element type's typdelim (`b';'` for box, else `b','`).
     /// Also covers int2vector/oidvector, whose output is space separated.
-    Array { elem: Box<Kind>, delim: u8 },
+    Array { elem: Box<Category>, delim: u8 },
     /// A composite type's `record_out` text `(a,b,...)`, rendered as an object.
-    Composite { fields: Vec<(String, Kind)> },
+    Composite { fields: Vec<(String, Category)> },
 }
 
 /// Why a value's text could not be rendered; the caller falls back to a plain string.
@@ -97,7 +97,7 @@ pub enum RenderError {
 const MAX_NESTING: usize = 32;
 
 /// Renders one non-NULL value's text output as to_jsonb would.
-pub fn render(text: &[u8], kind: &Kind) -> Result<Value, RenderError> {
+pub fn render(text: &[u8], kind: &Category) -> Result<Value, RenderError> {
     render_at(text, kind, 0)
 }
 
@@ -120,24 +120,24 @@ pub fn row_object(columns: impl IntoIterator<Item = (String, Value)>) -> Map<Str
     map
 }
 
-fn render_at(text: &[u8], kind: &Kind, depth: usize) -> Result<Value, RenderError> {
+fn render_at(text: &[u8], kind: &Category, depth: usize) -> Result<Value, RenderError> {
     match kind {
-        Kind::Text => Ok(Value::String(utf8(text)?.to_owned())),
-        Kind::Bool => match text {
+        Category::Text => Ok(Value::String(utf8(text)?.to_owned())),
+        Category::Bool => match text {
             b"t" => Ok(Value::Bool(true)),
             b"f" => Ok(Value::Bool(false)),
             _ => Err(RenderError::BadBool(snippet(text))),
         },
-        Kind::Number => number::render_number(utf8(text)?),
-        Kind::Json | Kind::Jsonb => json::render_json(text),
-        Kind::Date => datetime::render_date(utf8(text)?),
-        Kind::Timestamp => datetime::render_timestamp(utf8(text)?, false),
-        Kind::TimestampTz => datetime::render_timestamp(utf8(text)?, true),
-        Kind::Array { elem, delim } => {
+        Category::Number => number::render_number(utf8(text)?),
+        Category::Json | Category::Jsonb => json::render_json(text),
+        Category::Date => datetime::render_date(utf8(text)?),
+        Category::Timestamp => datetime::render_timestamp(utf8(text)?, false),
+        Category::TimestampTz => datetime::render_timestamp(utf8(text)?, true),
+        Category::Array { elem, delim } => {
             let depth = nested(depth)?;
             array::parse_array(text, elem, *delim, depth)
         }
-        Kind::Composite { fields } => {
+        Category::Composite { fields } => {
             let depth = nested(depth)?;
             composite::parse_record(text, fields, depth)
         }
@@ -178,7 +178,7 @@ mod tests {
 
     /// Compares serialised forms too, because `Value` equality ignores object key order.
     #[track_caller]
-    pub(super) fn check(kind: &Kind, text: &str, expected: &str) {
+    pub(super) fn check(kind: &Category, text: &str, expected: &str) {
         let got = render(text.as_bytes(), kind).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         let want: Value = serde_json::from_str(expected).unwrap();
         assert_eq!(got, want, "{text:?}");
@@ -187,7 +187,7 @@ mod tests {
 
     /// `check` for each non-blank `text => json` line; indentation is not part of the text.
     #[track_caller]
-    pub(super) fn check_lines(kind: &Kind, lines: &str) {
+    pub(super) fn check_lines(kind: &Category, lines: &str) {
         for line in lines.lines().map(str::trim_start).filter(|l| !l.is_empty()) {
             let (text, json) = line.split_once(" => ").unwrap();
             check(kind, text, json);
@@ -196,27 +196,27 @@ mod tests {
 
     /// Each non-blank line (indentation dropped) must fail to render.
     #[track_caller]
-    pub(super) fn check_fails(kind: &Kind, lines: &str) {
+    pub(super) fn check_fails(kind: &Category, lines: &str) {
         for text in lines.lines().map(str::trim_start).filter(|l| !l.is_empty()) {
             assert!(render(text.as_bytes(), kind).is_err(), "{text:?} should fail");
         }
     }
 
-    pub(super) fn array(elem: Kind) -> Kind {
-        Kind::Array { elem: Box::new(elem), delim: b',' }
+    pub(super) fn array(elem: Category) -> Category {
+        Category::Array { elem: Box::new(elem), delim: b',' }
     }
 
     #[test]
     fn booleans_and_text() {
-        check_lines(&Kind::Bool, "t => true\nf => false");
+        check_lines(&Category::Bool, "t => true\nf => false");
         check_fails(
-            &Kind::Bool,
+            &Category::Bool,
             r#"true
             T"#,
         );
-        assert!(render(b"", &Kind::Bool).is_err());
+        assert!(render(b"", &Category::Bool).is_err());
         check_lines(
-            &Kind::Text,
+            &Category::Text,
             r#"1 year 2 mons 3 days 04:05:06.5 => "1 year 2 mons 3 days 04:05:06.5"
             -1 days +02:03:00 => "-1 days +02:03:00"
             \x00ff10 => "\\x00ff10"
@@ -233,20 +233,20 @@ mod tests {
             'fat':1 'rat':2 => "'fat':1 'rat':2""#,
         );
         // char(5) keeps its padding (`::text` would strip it, the output function does not).
-        check(&Kind::Text, "ab   ", r#""ab   ""#);
-        assert_eq!(render(b"\xff", &Kind::Text), Err(RenderError::InvalidUtf8));
+        check(&Category::Text, "ab   ", r#""ab   ""#);
+        assert_eq!(render(b"\xff", &Category::Text), Err(RenderError::InvalidUtf8));
     }
 
     #[test]
     fn nesting_is_bounded() {
         // Quoting grows exponentially with record depth, so reach the limit through the
         // int2vector form, whose elements need no quoting.
-        let mut kind = Kind::Number;
+        let mut kind = Category::Number;
         for _ in 0..40 {
             kind = array(kind);
         }
         assert_eq!(render(b"1", &kind), Err(RenderError::TooDeep(MAX_NESTING)));
-        let record = Kind::Composite { fields: vec![("x".into(), Kind::Number)] };
+        let record = Category::Composite { fields: vec![("x".into(), Category::Number)] };
         assert_eq!(render_at(b"(1)", &record, MAX_NESTING), Err(RenderError::TooDeep(MAX_NESTING)));
         assert!(render_at(b"(1)", &record, MAX_NESTING - 1).is_ok());
     }
@@ -265,22 +265,22 @@ mod tests {
         assert_eq!(serde_json::to_string(&row).unwrap(), r#"{"a":"last","id":1,"name":null}"#);
     }
 
-    fn any_kind() -> impl Strategy<Value = Kind> {
+    fn any_kind() -> impl Strategy<Value = Category> {
         let leaf = prop_oneof![
-            Just(Kind::Bool),
-            Just(Kind::Number),
-            Just(Kind::Json),
-            Just(Kind::Jsonb),
-            Just(Kind::Date),
-            Just(Kind::Timestamp),
-            Just(Kind::TimestampTz),
-            Just(Kind::Text),
+            Just(Category::Bool),
+            Just(Category::Number),
+            Just(Category::Json),
+            Just(Category::Jsonb),
+            Just(Category::Date),
+            Just(Category::Timestamp),
+            Just(Category::TimestampTz),
+            Just(Category::Text),
         ];
         leaf.prop_recursive(4, 16, 3, |inner| {
             prop_oneof![
                 (inner.clone(), prop_oneof![Just(b','), Just(b';')])
-                    .prop_map(|(elem, delim)| Kind::Array { elem: Box::new(elem), delim }),
-                prop::collection::vec(inner, 0..4).prop_map(|kinds| Kind::Composite {
+                    .prop_map(|(elem, delim)| Category::Array { elem: Box::new(elem), delim }),
+                prop::collection::vec(inner, 0..4).prop_map(|kinds| Category::Composite {
                     fields: kinds
                         .into_iter()
                         .enumerate()

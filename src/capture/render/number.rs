@@ -145,13 +145,13 @@ mod tests {
 
     use super::*;
     use crate::capture::render::tests::{check, check_fails, check_lines};
-    use crate::capture::render::{Kind, render};
+    use crate::capture::render::{Category, render};
     use proptest::prelude::*;
 
     #[test]
     fn numbers() {
         check_lines(
-            &Kind::Number,
+            &Category::Number,
             r#"NaN => "NaN"
             Infinity => "Infinity"
             -Infinity => "-Infinity"
@@ -169,22 +169,22 @@ mod tests {
             -9223372036854775808 => -9223372036854775808"#,
         );
         let zeros = |n| "0".repeat(n);
-        check(&Kind::Number, "1e+100", &format!("1{}", zeros(100)));
-        check(&Kind::Number, "5e-324", &format!("0.{}5", zeros(323)));
+        check(&Category::Number, "1e+100", &format!("1{}", zeros(100)));
+        check(&Category::Number, "5e-324", &format!("0.{}5", zeros(323)));
         check(
-            &Kind::Number,
+            &Category::Number,
             "1.7976931348623157e+308",
             &format!("17976931348623157{}", zeros(292)),
         );
         // Beyond numeric's range Postgres errors; the text is kept.
-        check(&Kind::Number, "1e131072", r#""1e131072""#);
+        check(&Category::Number, "1e131072", r#""1e131072""#);
         check_fails(
-            &Kind::Number,
+            &Category::Number,
             r#"12abc
             -nan
             0x1F"#,
         );
-        assert!(render(b"", &Kind::Number).is_err());
+        assert!(render(b"", &Category::Number).is_err());
     }
 
     #[test]
@@ -256,7 +256,7 @@ mod tests {
             let (a, b): (f64, f64) = (got.parse().unwrap(), text.parse().unwrap());
             prop_assert!((a - b).abs() <= b.abs() * 1e-12, "{} vs {}", got, text);
             prop_assert_eq!(numeric_normalize(&got).unwrap(), got.clone());
-            prop_assert_eq!(render(text.as_bytes(), &Kind::Number).unwrap().to_string(), got);
+            prop_assert_eq!(render(text.as_bytes(), &Category::Number).unwrap().to_string(), got);
         }
     }
 }
