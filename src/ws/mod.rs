@@ -12,7 +12,9 @@
 //! - [`protocol`]: the frames, parsed and rendered (pure);
 //! - [`session`]: one connection, generic over its transport and its log, and its [`Context`];
 //! - [`history`]: the session's reads of the log, and the pool-backed [`history::EventLog`];
-//! - `writer`, `catch_up`, `replay`, `limits`: the parts of a session, one idea each.
+//! - `writer`, `catch_up`, `replay`, `limits`: the parts of a session, one idea each;
+//! - `tests`: sessions driven through channels and an in-memory log, with no socket and no
+//!   database (the integration tests cover the real socket and the real log).
 
 mod catch_up;
 pub mod history;
@@ -20,6 +22,8 @@ mod limits;
 pub mod protocol;
 mod replay;
 pub mod session;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use std::sync::Arc;
