@@ -1,10 +1,30 @@
 //! WebSocket delivery (SPEC §5): `GET /ws/events`.
 //!
+//! ```text
+//!   upgrade (this file): origin, token, connection limit, query → first subscription
+//!     └─ session::run(socket halves, Context { limits, bus, history, metrics, metadata })
+//!          ├─ read loop: protocol::parse → dispatch, limits (rate), idle and token expiry
+//!          ├─ catch_up: `since` history from the log, then bus.go_live
+//!          ├─ replay: a time window from the log, paced
+//!          └─ writer: Outbound → socket, batches, pings, close codes
+//! ```
+//!
 //! - [`protocol`]: the frames, parsed and rendered (pure);
-//! - [`session`]: one connection, its subscriptions and their catch-up from the log.
+//! - [`session`]: one connection, generic over its transport and its log, and its [`Context`];
+//! - [`history`]: the session's reads of the log, and the pool-backed [`history::EventLog`];
+//! - `writer`, `catch_up`, `replay`, `limits`: the parts of a session, one idea each;
+//! - `tests`: sessions driven through channels and an in-memory log, with no socket and no
+//!   database (the integration tests cover the real socket and the real log).
 
+mod catch_up;
+pub mod history;
+mod limits;
 pub mod protocol;
+mod replay;
 pub mod session;
+#[cfg(test)]
+mod tests;
+mod writer;
 
 use std::sync::Arc;
 
@@ -14,12 +34,15 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
+use futures_util::StreamExt;
 
 use crate::auth;
 use crate::filter::Filter;
 use crate::http::AppState;
 use crate::http::access::{self, AppError};
+use history::EventLog;
 use protocol::ProtocolError;
+use session::Context;
 
 /// The WebSocket endpoint, for [`crate::http::app`].
 pub fn routes() -> Router<Arc<AppState>> {
@@ -47,18 +70,19 @@ pub async fn upgrade(
     };
     let initial = initial_subscription(&pairs);
     let tracker = state.sessions.clone();
-    let limits = limits.clone();
+    let max_frame_bytes = limits.max_frame_bytes;
     let response = upgrade
         .protocols([auth::PROTOCOL])
         // tungstenite's default 128 KiB read buffer would dominate an idle connection's
         // memory; reads are small JSON frames. Writes are batched up to WRITE_BUFFER.
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
+        .max_message_size(max_frame_bytes)
+        .max_frame_size(max_frame_bytes)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
-                session::run(socket, state, scope, initial).await;
+                let (sink, stream) = socket.split();
+                session::run(sink, stream, context(state), scope, initial).await;
                 drop(permit);
             })
         });
@@ -69,6 +93,19 @@ pub async fn upgrade(
 const READ_BUFFER: usize = 4 << 10;
 /// Bytes of frames gathered before a write to the socket (a flush writes the rest).
 const WRITE_BUFFER: usize = 32 << 10;
+
+/// What a session may use of the server's state, built once the upgrade succeeded: a copy of
+/// the server settings (which the session used to take anyway) and shared handles.
+fn context(state: Arc<AppState>) -> Arc<Context<EventLog>> {
+    let shared = state.clone();
+    Arc::new(Context {
+        limits: state.settings.server.clone(),
+        bus: state.bus.clone(),
+        metrics: state.metrics.clone(),
+        metadata: Box::new(move |scope| crate::http::metadata::build(&shared, scope)),
+        history: EventLog(state),
+    })
+}
 
 fn initial_subscription(pairs: &[(String, String)]) -> session::Initial {
     let filter = Filter::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;

@@ -1,0 +1,127 @@
+//! Catch-up (SPEC §5, `since`): history from the log for a new subscription, then the hand-off
+//! to live delivery without a gap or a duplicate.
+//!
+//! ```text
+//!   bus.subscribe(since)  ── subscribed {last_id: N}; the bus buffers matches above N
+//!   history.read (since, N], page by page ──> events, oldest first
+//!   caught_up {last_id: N}
+//!   bus.go_live(cursor) ── Live: buffered matches above the cursor are queued, then live ones
+//!                       └─ Behind(head): the buffer overflowed; read (cursor, head] and ask again
+//! ```
+//!
+//! The bus decides when the subscription is live, under its lock, from the cursor the log
+//! reads reached: that is what makes the hand-off exact however busy the log is. History is
+//! pushed with [`Outbound::push_paced`], so a long catch-up waits for the writer instead of
+//! overflowing the queue, and leaves room for the connection's live frames.
+
+use std::sync::Arc;
+
+use super::history::History;
+use super::protocol;
+use super::session::Context;
+use crate::bus::mailbox::{Frame, Outbound, Rejected};
+use crate::bus::{ConnectionId, GoLive, SubscriptionId};
+use crate::filter::Filter;
+use crate::log::Range;
+
+/// Events per catch-up read.
+const CATCH_UP_PAGE: usize = 500;
+/// The first wait before a failed catch-up read is tried again; it doubles up to the max.
+const CATCH_UP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const CATCH_UP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends history from the log to a new subscription with `since`, then makes it live.
+///
+/// Events `since < id <= last_id` (the `subscribed.last_id`) come first, then `caught_up`.
+/// Events published while reading are read from the log too, until the bus head equals the
+/// cursor under the bus lock: only then does the subscription go live, so the hand-off has
+/// no gap and no duplicate.
+pub(super) struct CatchUp<H> {
+    pub(super) context: Arc<Context<H>>,
+    pub(super) connection: ConnectionId,
+    pub(super) subscription: SubscriptionId,
+    pub(super) filter: Arc<Filter>,
+    pub(super) outbound: Arc<Outbound>,
+}
+
+impl<H: History> CatchUp<H> {
+    pub(super) async fn run(self, since: u64, last_id: u64) {
+        let mut cursor = since;
+        if since > last_id {
+            // A cursor from a log this one never had (or a different database).
+            let frame = protocol::reset(self.subscription, "cursor_ahead", last_id + 1);
+            if self.push(Frame::Control(frame)).await.is_err() {
+                return;
+            }
+            cursor = last_id;
+        }
+        let mut target = last_id;
+        let mut caught_up = false;
+        loop {
+            while cursor < target {
+                let Some(next) = self.read(cursor, target).await else { return };
+                cursor = next;
+            }
+            if !caught_up {
+                caught_up = true;
+                let frame = protocol::caught_up(self.subscription, last_id);
+                if self.push(Frame::Control(frame)).await.is_err() {
+                    return;
+                }
+            }
+            match self.context.bus.go_live(self.connection, self.subscription, cursor) {
+                GoLive::Live | GoLive::Gone => return,
+                GoLive::Behind(head) => target = head,
+            }
+        }
+    }
+
+    /// Sends one page after `cursor`; returns the new cursor, `None` when the connection is
+    /// closing.
+    async fn read(&self, cursor: u64, target: u64) -> Option<u64> {
+        let range = Range {
+            after: cursor,
+            up_to: Some(target),
+            from: None,
+            to: None,
+            limit: CATCH_UP_PAGE,
+        };
+        let mut backoff = CATCH_UP_RETRY_FIRST;
+        let page = loop {
+            match self.context.history.read(&self.filter, &range).await {
+                Ok(page) => break page,
+                Err(err) => {
+                    tracing::warn!(connection = self.connection, error = %err, "catch-up read failed; retrying");
+                    if self.outbound.is_closing() {
+                        return None;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(CATCH_UP_RETRY_MAX);
+                }
+            }
+        };
+        if page.oldest > cursor + 1 {
+            let frame = protocol::reset(self.subscription, "cursor_expired", page.oldest);
+            self.push(Frame::Control(frame)).await.ok()?;
+        }
+        let full = page.events.len() == CATCH_UP_PAGE;
+        let mut next = target;
+        for (id, envelope) in page.events {
+            next = id;
+            let frame = Frame::Event {
+                id,
+                envelope: envelope.into(),
+                subscriptions: vec![self.subscription],
+                history: true,
+                committed_at: 0,
+                text: None,
+            };
+            self.push(frame).await.ok()?;
+        }
+        Some(if full { next } else { target })
+    }
+
+    async fn push(&self, frame: Frame) -> Result<(), Rejected> {
+        self.outbound.push_paced(frame).await
+    }
+}

@@ -1,0 +1,53 @@
+//! The reads of the event log a session makes: catch-up pages, replay pages and replay counts.
+//!
+//! Sessions read the log through [`History`] rather than the readers' pool so their logic can
+//! be driven from memory in unit tests; the server's implementation, [`EventLog`], is
+//! [`crate::log::read`] and [`crate::log::count`] on a pooled connection and nothing more.
+//! Each call takes a connection from the pool: every page is its own snapshot anyway (the
+//! hand-off to live never relies on two pages agreeing), so nothing is gained by holding one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::filter::Filter;
+use crate::http::AppState;
+use crate::log::{LogError, Page, Range};
+
+/// The event log as a session reads it.
+pub trait History: Send + Sync + 'static {
+    /// Matching events in `range`, in id order, and the oldest id the log still holds.
+    fn read(
+        &self,
+        filter: &Filter,
+        range: &Range,
+    ) -> impl Future<Output = Result<Page, LogError>> + Send;
+
+    /// How many events match `filter` in `[from, to)`.
+    fn count(
+        &self,
+        filter: &Filter,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> impl Future<Output = Result<u64, LogError>> + Send;
+}
+
+/// The log in Postgres, read through the server's readers' pool (`AppState::log`).
+pub struct EventLog(pub Arc<AppState>);
+
+impl History for EventLog {
+    async fn read(&self, filter: &Filter, range: &Range) -> Result<Page, LogError> {
+        let client = self.0.log.get().await?;
+        crate::log::read(&client, filter, range).await
+    }
+
+    async fn count(
+        &self,
+        filter: &Filter,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<u64, LogError> {
+        let client = self.0.log.get().await?;
+        crate::log::count(&client, filter, from, to).await
+    }
+}

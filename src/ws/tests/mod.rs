@@ -1,0 +1,268 @@
+//! Sessions driven through channels, as a client would drive them, with no socket and no
+//! database: the client's frames go in through an mpsc stream, the server's come out of a
+//! bounded mpsc sink (its capacity plays the socket's send buffer), and the log is
+//! [`MemoryLog`]. Every test runs on tokio's paused clock: timeouts and pings happen in
+//! virtual time, and a frame that never comes fails the test at once instead of hanging it.
+
+mod catch_up;
+mod closing;
+mod dispatch;
+mod replay;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::Message;
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tokio::sync::{RwLock, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::PollSender;
+
+use super::history::History;
+use super::session::{self, Context, Initial};
+use crate::auth::Scope;
+use crate::bus::Bus;
+use crate::config::ServerSettings;
+use crate::filter::{Filter, Subject};
+use crate::log::{LogError, Page, Range, StoredEvent};
+use crate::model::{Severity, Timestamp};
+
+/// Longer than any timer a session sets: waiting this long means nothing is coming.
+const WAIT: Duration = Duration::from_secs(3600);
+
+/// The event log in memory, read as `crate::log::read` and `crate::log::count` read Postgres.
+#[derive(Default)]
+pub(super) struct MemoryLog {
+    state: Mutex<LogState>,
+    /// Reads wait while a test holds this for writing: a log that is slow right now.
+    gate: RwLock<()>,
+}
+
+#[derive(Default)]
+struct LogState {
+    events: Vec<StoredEvent>,
+    /// The last id ever appended, as `rowcast.log_head`.
+    head: u64,
+}
+
+impl MemoryLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn append(&self, events: &[StoredEvent]) {
+        let mut state = self.lock();
+        for event in events {
+            state.head = state.head.max(event.id);
+            state.events.push(event.clone());
+        }
+    }
+
+    /// Retention: drops events before `id`.
+    pub(super) fn trim_before(&self, id: u64) {
+        self.lock().events.retain(|event| event.id >= id);
+    }
+
+    fn matching<'a>(
+        events: &'a [StoredEvent],
+        filter: &'a Filter,
+        from: Option<SystemTime>,
+        to: Option<SystemTime>,
+    ) -> impl Iterator<Item = &'a StoredEvent> {
+        events.iter().filter(move |event| {
+            let at = committed_at(event);
+            let subject = Subject {
+                kind: &event.kind,
+                organization_id: event.organization_id.as_deref(),
+                domain_id: event.domain_id.as_deref(),
+                severity: event.severity,
+            };
+            from.is_none_or(|from| at >= from)
+                && to.is_none_or(|to| at < to)
+                && filter.matches(&subject)
+        })
+    }
+}
+
+impl History for MemoryLog {
+    async fn read(&self, filter: &Filter, range: &Range) -> Result<Page, LogError> {
+        drop(self.gate.read().await);
+        let state = self.lock();
+        let oldest = state.events.first().map_or(state.head + 1, |event| event.id);
+        let mut page = Page { oldest, ..Page::default() };
+        let events = MemoryLog::matching(&state.events, filter, range.from, range.to)
+            .filter(|event| event.id > range.after)
+            .filter(|event| range.up_to.is_none_or(|up_to| event.id <= up_to))
+            .take(range.limit);
+        for event in events {
+            page.events.push((event.id, event.json.to_string()));
+            page.committed_at.push(committed_at(event));
+        }
+        Ok(page)
+    }
+
+    async fn count(
+        &self,
+        filter: &Filter,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<u64, LogError> {
+        drop(self.gate.read().await);
+        let state = self.lock();
+        Ok(MemoryLog::matching(&state.events, filter, Some(from), Some(to)).count() as u64)
+    }
+}
+
+fn committed_at(event: &StoredEvent) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(event.timestamp.0.max(0) as u64)
+}
+
+/// An event of `kind` committed `second`s into 2026.
+pub(super) fn event(id: u64, kind: &str, second: i64) -> StoredEvent {
+    const NEW_YEAR_2026: i64 = 1_767_225_600;
+    StoredEvent {
+        id,
+        kind: kind.into(),
+        organization_id: None,
+        domain_id: None,
+        severity: Severity::Info,
+        timestamp: Timestamp((NEW_YEAR_2026 + second) * 1_000_000),
+        json: json!({"id": id, "type": kind}).to_string().into(),
+    }
+}
+
+/// `agent.created` events with these ids, a second apart.
+pub(super) fn agents(ids: impl IntoIterator<Item = u64>) -> Vec<StoredEvent> {
+    ids.into_iter().map(|id| event(id, "agent.created", id as i64)).collect()
+}
+
+/// A server context over an in-memory log holding `history`; the bus starts at its head.
+pub(super) fn context(limits: ServerSettings, history: &[StoredEvent]) -> Arc<Context<MemoryLog>> {
+    let log = MemoryLog::default();
+    log.append(history);
+    let metrics = Arc::default();
+    let head = history.last().map_or(0, |event| event.id);
+    Arc::new(Context {
+        limits,
+        bus: Arc::new(Bus::new(head, Arc::clone(&metrics))),
+        history: log,
+        metrics,
+        metadata: Box::new(|_| json!({"entities": []})),
+    })
+}
+
+/// What the publisher does with new events: append them to the log, then offer them to the bus.
+pub(super) fn commit(context: &Context<MemoryLog>, events: &[StoredEvent]) {
+    context.history.append(events);
+    context.bus.publish(events);
+}
+
+/// The client end of a session.
+pub(super) struct Client {
+    to_server: mpsc::UnboundedSender<Result<Message, axum::Error>>,
+    from_server: mpsc::Receiver<Message>,
+    pub(super) session: JoinHandle<()>,
+}
+
+/// Starts a session for a client whose socket holds `room` frames it has not read yet.
+pub(super) fn connect<H: History>(
+    context: &Arc<Context<H>>,
+    scope: Scope,
+    initial: Initial,
+    room: usize,
+) -> Client {
+    let (to_server, mut incoming) = mpsc::unbounded_channel();
+    let (outgoing, from_server) = mpsc::channel(room);
+    let sink = PollSender::new(outgoing).sink_map_err(axum::Error::new);
+    let stream = futures_util::stream::poll_fn(move |cx| incoming.poll_recv(cx));
+    let session = tokio::spawn(session::run(sink, stream, context.clone(), scope, initial));
+    Client { to_server, from_server, session }
+}
+
+/// A session with no initial subscription, a roomy socket and a token that grants everything.
+pub(super) fn open<H: History>(context: &Arc<Context<H>>) -> Client {
+    connect(context, Scope::everything(), Ok(None), 100_000)
+}
+
+impl Client {
+    pub(super) fn send(&self, frame: Value) {
+        self.send_message(Ok(Message::Text(frame.to_string().into())));
+    }
+
+    pub(super) fn send_message(&self, message: Result<Message, axum::Error>) {
+        // The session may have ended already; then its replies tell the test so.
+        let _ = self.to_server.send(message);
+    }
+
+    /// The next frame the server wrote, pings included; `None` once it dropped the socket.
+    pub(super) async fn next_message(&mut self) -> Option<Message> {
+        tokio::time::timeout(WAIT, self.from_server.recv()).await.expect("the session wrote")
+    }
+
+    /// The next frame other than a ping.
+    pub(super) async fn next(&mut self) -> Option<Message> {
+        loop {
+            match self.next_message().await {
+                Some(Message::Ping(_)) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// The next frame, which must be JSON text.
+    pub(super) async fn json(&mut self) -> Value {
+        match self.next().await {
+            Some(Message::Text(text)) => serde_json::from_str(text.as_str()).expect("json"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next frame, which must be a close frame with a code.
+    pub(super) async fn close(&mut self) -> (u16, String) {
+        match self.next().await {
+            Some(Message::Close(Some(frame))) => (frame.code, frame.reason.to_string()),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+
+    /// Text frames up to the close frame, and the close frame (`None`: no close frame).
+    pub(super) async fn until_close(&mut self) -> (Vec<Value>, Option<(u16, String)>) {
+        let mut frames = Vec::new();
+        loop {
+            match self.next().await {
+                Some(Message::Text(text)) => {
+                    frames.push(serde_json::from_str(text.as_str()).expect("json"));
+                }
+                Some(Message::Close(Some(frame))) => {
+                    return (frames, Some((frame.code, frame.reason.to_string())));
+                }
+                None | Some(Message::Close(None)) => return (frames, None),
+                Some(other) => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a ping with `reference` and returns every frame before its pong: what the session
+    /// had queued up to now.
+    pub(super) async fn sync(&mut self, reference: &str) -> Vec<Value> {
+        self.send(json!({"action": "ping", "ref": reference}));
+        let mut before = Vec::new();
+        loop {
+            let frame = self.json().await;
+            if frame == json!({"type": "pong", "ref": reference}) {
+                return before;
+            }
+            before.push(frame);
+        }
+    }
+}
+
+/// The `id`s of event frames (types with a dot), in order.
+pub(super) fn event_ids(frames: &[Value]) -> Vec<u64> {
+    frames.iter().filter(|f| is_event(f)).filter_map(|f| f["id"].as_u64()).collect()
+}
+
+pub(super) fn is_event(frame: &Value) -> bool {
+    frame["type"].as_str().is_some_and(|kind| kind.contains('.'))
+}
