@@ -19,6 +19,7 @@ use std::sync::Arc;
 use super::history::History;
 use super::protocol;
 use super::session::Context;
+use crate::backoff::Backoff;
 use crate::bus::mailbox::{Frame, Outbound, Rejected};
 use crate::bus::{ConnectionId, GoLive, SubscriptionId};
 use crate::filter::Filter;
@@ -86,7 +87,7 @@ impl<H: History> CatchUp<H> {
             to: None,
             limit: CATCH_UP_PAGE,
         };
-        let mut backoff = CATCH_UP_RETRY_FIRST;
+        let mut backoff = Backoff::new(CATCH_UP_RETRY_FIRST, CATCH_UP_RETRY_MAX);
         let page = loop {
             match self.context.history.read(&self.filter, &range).await {
                 Ok(page) => break page,
@@ -95,8 +96,7 @@ impl<H: History> CatchUp<H> {
                     if self.outbound.is_closing() {
                         return None;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(CATCH_UP_RETRY_MAX);
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         };

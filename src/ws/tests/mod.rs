@@ -73,7 +73,7 @@ impl MemoryLog {
         events.iter().filter(move |event| {
             let at = committed_at(event);
             let subject = Subject {
-                kind: &event.kind,
+                event_type: &event.event_type,
                 organization_id: event.organization_id.as_deref(),
                 domain_id: event.domain_id.as_deref(),
                 severity: event.severity,
@@ -123,7 +123,7 @@ pub(super) fn event(id: u64, kind: &str, second: i64) -> StoredEvent {
     const NEW_YEAR_2026: i64 = 1_767_225_600;
     StoredEvent {
         id,
-        kind: kind.into(),
+        event_type: kind.into(),
         organization_id: None,
         domain_id: None,
         severity: Severity::Info,
