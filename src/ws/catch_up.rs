@@ -16,9 +16,9 @@
 
 use std::sync::Arc;
 
+use super::context::Context;
 use super::history::History;
 use super::protocol;
-use super::session::Context;
 use crate::backoff::Backoff;
 use crate::bus::mailbox::{Frame, Outbound, Rejected};
 use crate::bus::{ConnectionId, GoLive, SubscriptionId};

@@ -17,6 +17,7 @@
 //!   database (the integration tests cover the real socket and the real log).
 
 mod catch_up;
+mod context;
 pub mod history;
 mod limits;
 pub mod protocol;

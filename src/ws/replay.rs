@@ -13,9 +13,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::context::Context;
 use super::history::History;
 use super::protocol;
-use super::session::Context;
 use crate::bus::mailbox::{Frame, Outbound};
 use crate::filter::Filter;
 use crate::log::{LogError, Range};

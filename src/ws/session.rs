@@ -27,6 +27,7 @@ use futures_util::{Sink, Stream, StreamExt};
 use tokio::task::JoinHandle;
 
 use super::catch_up::CatchUp;
+pub use super::context::Context;
 use super::history::History;
 use super::limits::{RateLimit, Verdict};
 use super::protocol::{self, Action, ErrorCode, ProtocolError};
@@ -34,28 +35,14 @@ use super::replay::Replay;
 use super::writer::write_loop;
 use crate::auth::Scope;
 use crate::bus::mailbox::{Closing, Frame, Outbound};
-use crate::bus::{Bus, ConnectionId, SubscriptionId};
-use crate::config::ServerSettings;
+use crate::bus::{ConnectionId, SubscriptionId};
 use crate::filter::Filter;
-use crate::metrics::Metrics;
 
 /// The furthest a token's expiry is scheduled; a token may claim an `exp` centuries away.
 const LONGEST_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 /// What the handshake's query string asked for.
 pub type Initial = Result<Option<(Filter, Option<u64>)>, ProtocolError>;
-
-/// The part of the server a session uses.
-pub struct Context<H> {
-    /// Limits, timeouts and the token verifier (`auth`, for token refreshes).
-    pub limits: ServerSettings,
-    pub bus: Arc<Bus>,
-    /// Where catch-ups and replays read the log.
-    pub history: H,
-    pub metrics: Arc<Metrics>,
-    /// The `get_metadata` answer for a scope, the same as `GET /api/events/metadata`.
-    pub metadata: Box<dyn Fn(&Scope) -> serde_json::Value + Send + Sync>,
-}
 
 /// Serves one connection until it closes: `sink` and `stream` are the two halves of its
 /// transport, `scope` what its token grants, `initial` the subscription its query asked for.

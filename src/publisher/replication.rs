@@ -1,0 +1,225 @@
+//! One life of the replication pipeline: prove continuity, stream the slot into the log,
+//! acknowledge only what the log holds.
+//!
+//! ```text
+//!   capture (stream.rs) --bounded queue of Captured--> log writer (write_loop)
+//!        ^                                                  |
+//!        +------------- acked LSN (watch) ------------------+
+//! ```
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{PublisherError, Signals, State, open_log};
+use crate::capture::Captured;
+use crate::capture::catalog::{Catalog, CatalogError};
+use crate::capture::continuity::{self, Observed, Recorded, Verdict};
+use crate::capture::replication::{ConnectParams, ReplicationClient, ReplicationStream};
+use crate::capture::stream::{Capture, CaptureError, StreamSettings};
+use crate::config::Settings;
+use crate::log::LogWriter;
+use crate::pg::{format_lsn, parse_lsn};
+use crate::setup;
+
+/// Opens the log and the source, and hands the bus whatever the log holds that it has not
+/// seen: an append whose commit was in doubt when the last pipeline failed.
+async fn connect(
+    settings: &Settings,
+    params: &ConnectParams,
+    signals: &Signals,
+    source: &str,
+) -> Result<(LogWriter, Catalog, ReplicationStream, StreamSettings), PublisherError> {
+    let mut writer = open_log(settings, signals, source).await?;
+    let catalog =
+        crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
+    let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
+    setup::check_mapping(&catalog, &settings.mapping).await?;
+    setup::check_slot(catalog.client(), &settings.slot).await?;
+    let mut client = ReplicationClient::connect(params).await.map_err(CaptureError::from)?;
+    prove_continuity(&mut writer, &mut client, &catalog, &settings.slot).await?;
+    let cursor = writer.cursor();
+    let stream_settings = StreamSettings {
+        slot: settings.slot.clone(),
+        publication: settings.publication.clone(),
+        status_interval: settings.status_interval,
+    };
+    let stream = Capture::start(client, &stream_settings, cursor.progress).await?;
+    tracing::info!(slot = %settings.slot, from = %format_lsn(cursor.progress), last_id = writer.last_id(), "streaming");
+    Ok((writer, catalog, stream, stream_settings))
+}
+
+/// Checks that the slot continues where the log left off (see [`continuity`]); on a first
+/// capture creates the slot and records where it starts and which cluster it belongs to.
+async fn prove_continuity(
+    writer: &mut LogWriter,
+    client: &mut ReplicationClient,
+    catalog: &Catalog,
+    slot: &str,
+) -> Result<(), PublisherError> {
+    let mut observed = observe(client, catalog, slot).await?;
+    let recorded = Recorded {
+        known: writer.is_known(),
+        system_identifier: writer.system_identifier().map(str::to_owned),
+        progress: writer.cursor().progress,
+    };
+    let record = match continuity::check(slot, &recorded, &observed) {
+        Verdict::Broken(broken) => return Err(broken.into()),
+        Verdict::Continues { record } => record,
+        Verdict::FirstCapture => {
+            if client.create_slot(slot).await.map_err(CaptureError::from)? {
+                tracing::info!(slot, "created replication slot");
+                observed = observe(client, catalog, slot).await?;
+            }
+            true
+        }
+    };
+    if record {
+        // The slot's position is where this log's capture of the source begins.
+        let start = observed.slot.flatten().unwrap_or(0);
+        writer.record_origin(&observed.system_identifier, start).await?;
+    }
+    Ok(())
+}
+
+/// The cluster's identity and WAL end (`IDENTIFY_SYSTEM`) and the slot's confirmed position.
+async fn observe(
+    client: &mut ReplicationClient,
+    catalog: &Catalog,
+    slot: &str,
+) -> Result<Observed, PublisherError> {
+    let rows = client.simple_query("IDENTIFY_SYSTEM").await.map_err(CaptureError::from)?;
+    let row = rows.first().filter(|row| row.len() >= 3);
+    let field = |i: usize| row.and_then(|row| row[i].clone());
+    let (Some(system_identifier), Some(wal_end)) =
+        (field(0), field(2).as_deref().and_then(parse_lsn))
+    else {
+        let problem = "IDENTIFY_SYSTEM did not return a system identifier and WAL position";
+        return Err(CaptureError::Protocol(problem.into()).into());
+    };
+    let slot = catalog
+        .client()
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|err| CaptureError::from(CatalogError::from(err)))?
+        .map(|row| row.get::<_, Option<String>>(0).as_deref().and_then(parse_lsn));
+    Ok(Observed { system_identifier, wal_end, slot })
+}
+
+/// One life of the pipeline: from the log's cursor until shutdown or the first error.
+pub(super) async fn pipeline(
+    settings: &Settings,
+    params: &ConnectParams,
+    signals: &Signals,
+    shutdown: &CancellationToken,
+) -> Result<(), PublisherError> {
+    let source = format!("replication:{}", settings.slot);
+    // Connecting can hang on an unreachable server: shutdown must not wait for it.
+    let connected = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        connected = connect(settings, params, signals, &source) => connected?,
+    };
+    let (mut writer, catalog, stream, stream_settings) = connected;
+    let cursor = writer.cursor();
+    signals.state.send_replace(State::Streaming);
+
+    let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);
+    // Never report less than the slot already has: Postgres takes a status update's flush
+    // position as is, and the log only writes progress along with events.
+    let slot_confirmed = slot_confirmed_lsn(&catalog, &settings.slot).await?;
+    let (acked_tx, acked_rx) = watch::channel(cursor.progress.max(slot_confirmed));
+    let mut capture = Capture::new(catalog, settings.mapping.clone());
+    let capturing = async {
+        let stream =
+            capture.run(stream, &stream_settings, queue_tx, acked_rx, shutdown.clone()).await;
+        stream.map_err(PublisherError::from)
+    };
+    let writing = write_loop(&mut writer, queue_rx, &acked_tx, settings.batch_size, signals);
+    let (mut stream, ()) = tokio::try_join!(capturing, writing)?;
+    // Shutdown: the writer drained the queue; tell the slot how far the log got.
+    let acked = *acked_tx.borrow();
+    stream.send_status(acked, false).await.map_err(CaptureError::from)?;
+    stream.close().await;
+    tracing::info!(acked = %format_lsn(acked), "capture stopped");
+    Ok(())
+}
+
+async fn slot_confirmed_lsn(catalog: &Catalog, slot: &str) -> Result<u64, PublisherError> {
+    let row = catalog
+        .client()
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|err| CaptureError::from(CatalogError::from(err)))?;
+    let text: Option<String> = row.and_then(|row| row.get(0));
+    Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
+}
+
+/// Progress that arrives without events (keepalives on an idle database, transactions on
+/// unmapped tables) is written at most this often; the slot is acknowledged only up to what is
+/// written, so it never gets ahead of what the log can prove.
+const PROGRESS_FLUSH: Duration = Duration::from_millis(500);
+
+/// Appends what capture sends, a batch at a time, and reports durable progress. Ends when
+/// capture drops its sender (shutdown) after draining everything it sent.
+async fn write_loop(
+    writer: &mut LogWriter,
+    mut queue: mpsc::Receiver<Captured>,
+    acked: &watch::Sender<u64>,
+    batch_size: usize,
+    signals: &Signals,
+) -> Result<(), PublisherError> {
+    let mut items = Vec::with_capacity(batch_size);
+    let mut flushed_at = tokio::time::Instant::now();
+    let report = |writer: &LogWriter| {
+        let durable = writer.cursor().progress;
+        acked.send_if_modified(|current| {
+            let moved = durable > *current;
+            if moved {
+                *current = durable;
+            }
+            moved
+        });
+    };
+    loop {
+        // Waits for at least one item, then takes what is already queued, up to a batch.
+        let received = tokio::select! {
+            received = queue.recv_many(&mut items, batch_size) => received,
+            () = tokio::time::sleep_until(flushed_at + PROGRESS_FLUSH), if writer.has_pending_progress() => {
+                writer.flush_progress().await?;
+                flushed_at = tokio::time::Instant::now();
+                report(writer);
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
+        signals.metrics.capture_queue(queue.len());
+        let mut batch = Vec::with_capacity(items.len());
+        let mut progress = None;
+        for item in items.drain(..) {
+            match item {
+                Captured::Event { position, event } => batch.push((position, event)),
+                Captured::Progress(lsn) => progress = Some(lsn),
+            }
+        }
+        let stored = writer.append(batch, progress).await?;
+        signals.appended(&stored);
+        if writer.has_pending_progress() && flushed_at.elapsed() >= PROGRESS_FLUSH {
+            writer.flush_progress().await?;
+            flushed_at = tokio::time::Instant::now();
+        }
+        report(writer);
+    }
+    // Shutdown: what capture sent is in; its progress too, before the last acknowledgement.
+    writer.flush_progress().await?;
+    report(writer);
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! One life of the trigger source: drain the outbox into the log until shutdown.
+
+use tokio_util::sync::CancellationToken;
+
+use super::{PublisherError, Signals, State, open_log};
+use crate::capture::catalog::{Catalog, CatalogError};
+use crate::capture::stream::CaptureError;
+use crate::capture::triggers::{self, TriggerSettings};
+use crate::config::Settings;
+use crate::log::StoredEvent;
+use crate::setup;
+
+/// One life of the trigger source: drains the outbox until shutdown or the first error.
+pub(super) async fn pipeline(
+    settings: &Settings,
+    signals: &Signals,
+    shutdown: &CancellationToken,
+) -> Result<(), PublisherError> {
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        opened = async {
+            let writer = open_log(settings, signals, "triggers").await?;
+            let catalog = crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
+            let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
+            setup::check_mapping(&catalog, &settings.mapping).await?;
+            Ok::<_, PublisherError>(writer)
+        } => opened?,
+    };
+    let mut writer = opened;
+    let trigger_settings =
+        TriggerSettings { batch_size: settings.batch_size, poll_interval: settings.poll_interval };
+    let appended = |stored: &[StoredEvent]| signals.appended(stored);
+    let ready = || {
+        tracing::info!(last_id = *signals.head.borrow(), "draining the trigger outbox");
+        signals.state.send_replace(State::Streaming);
+    };
+    triggers::run(
+        &mut writer,
+        &settings.database,
+        &settings.mapping,
+        &trigger_settings,
+        appended,
+        ready,
+        shutdown,
+    )
+    .await?;
+    tracing::info!("trigger capture stopped");
+    Ok(())
+}
