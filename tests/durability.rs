@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use rowcast::log::{LogError, LogWriter};
-use rowcast::model::{Event, Op, Origin, Position, Severity, Timestamp};
+use rowcast::model::{Event, Op, Position, Severity, Source, Timestamp};
 use serde_json::Value;
 use tokio_postgres::Client;
 
@@ -308,7 +308,7 @@ async fn appends_at_or_before_the_cursor_are_dropped() {
             data: None,
             old: None,
             changed: None,
-            source: Origin { table: "public.things".into(), op: Op::Insert, lsn: None, xid: major },
+            source: Source::Row { table: "public.things".into(), op: Op::Insert, lsn: None, xid: major },
         };
         (Position::of(major, change, 0).expect("position"), event)
     };

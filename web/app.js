@@ -93,7 +93,7 @@ function builtFilter() {
   if (orgs.length) filter.organization_id = orgs;
   const domains = selected($("domains"));
   if (domains.length) filter.domain_id = domains;
-  if ($("severity").value !== "info") filter.severity = $("severity").value;
+  if ($("severity").value !== "debug") filter.severity = $("severity").value;
   return filter;
 }
 
@@ -172,7 +172,7 @@ function show(event, replayed) {
   // Several subscriptions may deliver one event; the feed shows it once.
   if (seen.has(key)) return;
   seen.add(key);
-  if (event.severity === "error" && !replayed) {
+  if ((event.severity === "error" || event.severity === "critical") && !replayed) {
     toast(`${event.type} in ${event.organization_id ?? "-"}/${event.domain_id ?? "-"}`, "error");
   }
   if (paused) {

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::access::Authorized;
 use crate::auth::Scope;
+use crate::model::Severity;
 
 /// Entities, event types with severities, filterable fields and the organizations and
 /// domains `scope` may use.
@@ -45,7 +46,7 @@ pub fn build(state: &AppState, scope: &Scope) -> Value {
         "entities": entities,
         "event_types": event_types,
         "fields": ["type", "organization_id", "domain_id", "severity"],
-        "severities": ["info", "warning", "error"],
+        "severities": Severity::ALL.map(Severity::as_str),
         "organizations": organizations,
         "domains": domains,
     })

@@ -207,7 +207,10 @@ mod tests {
         assert_eq!(events[1].changed.as_deref(), Some(&["status".to_string()][..]));
         assert_eq!(events[0].organization_id.as_deref(), Some("quant"));
         assert_eq!(events[0].domain_id.as_deref(), Some("demo"));
-        assert_eq!(events[0].source.lsn.as_deref(), Some("0/10"));
+        let crate::model::Source::Row { lsn, .. } = &events[0].source else {
+            panic!("a row event's source is a row");
+        };
+        assert_eq!(lsn.as_deref(), Some("0/10"));
     }
 
     #[test]

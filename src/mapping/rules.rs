@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde_json::Value;
 
 use super::{Entity, ExtraEvent, Trigger};
-use crate::model::{Change, Event, Op, Origin, Row, Severity};
+use crate::model::{Change, Event, Op, Row, Severity, Source};
 
 /// A column value as the text a `becomes` value or a scope is taken from.
 fn value_text(value: &Value) -> Option<Cow<'_, str>> {
@@ -52,7 +52,7 @@ impl Entity {
             data: data.map(|row| self.redacted(row)),
             old: old.map(|row| self.redacted(row)),
             changed,
-            source: Origin {
+            source: Source::Row {
                 table: table.to_string(),
                 op,
                 lsn: lsn.map(crate::pg::format_lsn),

@@ -17,32 +17,48 @@ pub type Row = Map<String, Value>;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
+    Debug,
     #[default]
     Info,
     Warning,
     Error,
+    Critical,
 }
 
 impl Severity {
+    pub const ALL: [Severity; 5] =
+        [Severity::Debug, Severity::Info, Severity::Warning, Severity::Error, Severity::Critical];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            Severity::Debug => "debug",
             Severity::Info => "info",
             Severity::Warning => "warning",
             Severity::Error => "error",
+            Severity::Critical => "critical",
         }
     }
 
-    /// The number stored in the log, so "at least warning" is a range query.
+    /// The number stored in the log, so "at least warning" is a range query. `info` is 0 and
+    /// the ranks of the first three severities never changed, so older logs need no rewrite.
     pub fn rank(self) -> i16 {
-        self as i16
+        match self {
+            Severity::Debug => -1,
+            Severity::Info => 0,
+            Severity::Warning => 1,
+            Severity::Error => 2,
+            Severity::Critical => 3,
+        }
     }
 
     /// The severity a stored rank stands for; out-of-range ranks clamp to the nearest.
     pub fn from_rank(rank: i16) -> Self {
         match rank {
-            ..=0 => Severity::Info,
+            ..=-1 => Severity::Debug,
+            0 => Severity::Info,
             1 => Severity::Warning,
-            _ => Severity::Error,
+            2 => Severity::Error,
+            _ => Severity::Critical,
         }
     }
 }
@@ -50,12 +66,9 @@ impl Severity {
 impl std::str::FromStr for Severity {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "info" => Ok(Severity::Info),
-            "warning" => Ok(Severity::Warning),
-            "error" => Ok(Severity::Error),
-            other => Err(format!("unknown severity {other:?} (expected info, warning or error)")),
-        }
+        Severity::ALL.into_iter().find(|severity| severity.as_str() == s).ok_or_else(|| {
+            format!("unknown severity {s:?} (expected debug, info, warning, error or critical)")
+        })
     }
 }
 
@@ -79,16 +92,24 @@ impl Op {
     }
 }
 
-/// Where an event came from.
+/// Where an event came from: `{"kind":"row",...}` for row changes (SPEC §3, §3a);
+/// `{"kind":"rowcast",...}` for what rowcast itself reports (`rowcast.gap`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Origin {
-    /// Schema-qualified table name.
-    pub table: String,
-    pub op: Op,
-    /// Commit LSN, replication mode only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lsn: Option<String>,
-    pub xid: u64,
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Source {
+    Row {
+        /// Schema-qualified table name.
+        table: String,
+        op: Op,
+        /// Commit LSN, replication mode only.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        lsn: Option<String>,
+        xid: u64,
+    },
+    Rowcast {
+        /// The capture source concerned (`replication:<slot>`).
+        capture: String,
+    },
 }
 
 /// Where an event sits in its source's own order: the commit LSN (replication) or outbox id
@@ -132,7 +153,7 @@ pub struct Event {
     pub old: Option<Row>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub changed: Option<Vec<String>>,
-    pub source: Origin,
+    pub source: Source,
 }
 
 impl Event {
@@ -157,10 +178,18 @@ mod tests {
     #[test]
     fn severity_orders_and_parses() {
         assert!(Severity::Info < Severity::Warning && Severity::Warning < Severity::Error);
+        assert!(Severity::Debug < Severity::Info && Severity::Error < Severity::Critical);
         assert_eq!("error".parse::<Severity>(), Ok(Severity::Error));
-        for severity in [Severity::Info, Severity::Warning, Severity::Error] {
+        for (i, severity) in Severity::ALL.into_iter().enumerate() {
             assert_eq!(Severity::from_rank(severity.rank()), severity);
+            assert_eq!(severity.as_str().parse::<Severity>(), Ok(severity));
+            // Ranks order as the severities do: "at least" is a range in SQL too.
+            if let Some(next) = Severity::ALL.get(i + 1) {
+                assert!(severity.rank() < next.rank() && severity < *next);
+            }
         }
+        // The ranks of info, warning and error are what older logs hold.
+        assert_eq!([Severity::Info, Severity::Warning, Severity::Error].map(Severity::rank), [0, 1, 2]);
         assert!("fatal".parse::<Severity>().is_err());
     }
 
@@ -176,12 +205,12 @@ mod tests {
             data: Some(Row::new()),
             old: None,
             changed: None,
-            source: Origin { table: "public.agents".into(), op: Op::Insert, lsn: None, xid: 9 },
+            source: Source::Row { table: "public.agents".into(), op: Op::Insert, lsn: None, xid: 9 },
         };
         let json = serde_json::to_string(&event).expect("serializes");
         assert_eq!(
             json,
-            r#"{"id":7,"type":"agent.created","timestamp":"1970-01-01T00:00:00.000000Z","organization_id":"quant","domain_id":null,"severity":"info","data":{},"source":{"table":"public.agents","op":"insert","xid":9}}"#
+            r#"{"id":7,"type":"agent.created","timestamp":"1970-01-01T00:00:00.000000Z","organization_id":"quant","domain_id":null,"severity":"info","data":{},"source":{"kind":"row","table":"public.agents","op":"insert","xid":9}}"#
         );
     }
 }

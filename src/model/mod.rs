@@ -9,5 +9,5 @@ mod event;
 mod time;
 
 pub use change::{Change, TableName};
-pub use event::{Event, Op, Origin, Position, Row, Severity};
+pub use event::{Event, Op, Position, Row, Severity, Source};
 pub use time::Timestamp;
