@@ -5,6 +5,7 @@
 //! each test gets its own database in it, so tests never see each other's slots or events.
 //! With `ROWCAST_TEST_DATABASE_URL` set (a superuser on a server with `wal_level=logical`),
 //! databases are created on that server instead, and dropped with their slots afterwards.
+//! With `--features testcontainers`, the shared server is a Postgres container (see `docker`).
 
 pub mod client;
 #[cfg(feature = "testcontainers")]
@@ -26,6 +27,10 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
+/// The same cluster, failing with the reason when there are no local binaries to start it from.
+#[cfg(feature = "testcontainers")]
+pub use docker::OwnCluster as Cluster;
+#[cfg(not(feature = "testcontainers"))]
 pub use rowcast::apps::cluster::Cluster;
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
@@ -44,10 +49,9 @@ fn server() -> (String, UrlOf) {
     }
     #[cfg(feature = "testcontainers")]
     {
-        static CONTAINER: OnceLock<String> = OnceLock::new();
-        let url = CONTAINER.get_or_init(docker::start).clone();
-        let base = url.clone();
-        return (url, Box::new(move |name| with_database(&base, name)));
+        static CONTAINER: OnceLock<docker::Container> = OnceLock::new();
+        let container = CONTAINER.get_or_init(docker::Container::start);
+        return (container.url("postgres"), Box::new(|name| container.url(name)));
     }
     #[allow(unreachable_code)]
     let cluster = SHARED.get_or_init(|| Cluster::start(&[]).expect("start the test cluster"));
