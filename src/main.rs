@@ -14,6 +14,7 @@ use rowcast::apps::demo::{Demo, DemoArgs};
 use rowcast::apps::tail::{Tail, TailArgs};
 use rowcast::config::{self, Settings, SourceMode};
 use rowcast::mapping::Mapping;
+use rowcast::publisher::Acceptance;
 use rowcast::{pg, server, setup};
 
 #[derive(Parser)]
@@ -33,6 +34,10 @@ enum Command {
     /// Idempotently install the event log schema and the capture source: the publication and
     /// replica identity, or the outbox and capture triggers (--source triggers).
     Setup(SetupArgs),
+    /// When capture stopped because continuity with the log cannot be proven (the slot was
+    /// dropped or recreated, the database restored or replaced): record the gap in the log as a
+    /// `rowcast.gap` event and let capture resume from where the slot stands now.
+    AcceptGap(SourceArgs),
     /// Apply the reference six-table application schema (migrations/reference.sql).
     Migrate {
         /// The application database.
@@ -189,6 +194,27 @@ async fn main() -> anyhow::Result<()> {
                 _ => println!(
                     "rowcast setup done: log schema, publication {:?}, replica identity full",
                     settings.publication
+                ),
+            }
+            Ok(())
+        }
+        Command::AcceptGap(args) => {
+            let settings = settings(&args).await?;
+            if settings.source == SourceMode::Triggers {
+                println!(
+                    "trigger capture keeps its outbox beside the log: there is no gap to accept"
+                );
+                return Ok(());
+            }
+            match rowcast::publisher::accept_gap(&settings).await? {
+                Acceptance::Holds => {
+                    println!("continuity holds for slot {:?}: nothing to accept", settings.slot)
+                }
+                Acceptance::Recorded { id, reason, from, to } => println!(
+                    "recorded rowcast.gap as event {id} ({} to {}): {reason}\ncapture resumes from {}",
+                    pg::format_lsn(from),
+                    pg::format_lsn(to),
+                    pg::format_lsn(to)
                 ),
             }
             Ok(())

@@ -29,8 +29,8 @@ const BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// The `kind` values of `rowcast_errors_total`, shown at 0 before the first error.
-const ERROR_KINDS: [&str; 7] =
-    ["decode", "protocol", "replication", "catalog", "log", "setup", "triggers"];
+const ERROR_KINDS: [&str; 8] =
+    ["decode", "protocol", "replication", "catalog", "log", "setup", "triggers", "continuity"];
 
 type TypeLabel = [(&'static str, String); 1];
 type KindLabel = [(&'static str, &'static str); 1];
@@ -46,6 +46,7 @@ pub struct Metrics {
     latency: Histogram,
     capture_queue: Gauge,
     source_lag: Gauge<f64, AtomicU64>,
+    continuity_broken: Gauge,
 }
 
 struct TypeCounters {
@@ -74,6 +75,7 @@ impl Default for Metrics {
         }
         let latency = Histogram::new(BUCKETS);
         let (capture_queue, source_lag) = (Gauge::default(), Gauge::default());
+        let continuity_broken = Gauge::default();
         let mut registry = Registry::default();
         // Counters are registered without `_total`: the encoder adds it.
         registry.register(
@@ -102,6 +104,11 @@ impl Default for Metrics {
             Gauge::clone(&source_lag),
         );
         registry.register(
+            "rowcast_continuity_broken",
+            "1 while capture waits for an operator: continuity with the log cannot be proven",
+            Gauge::clone(&continuity_broken),
+        );
+        registry.register(
             "rowcast_commit_to_send_seconds",
             "Source commit to the event's frame being written to a client (live events)",
             latency.clone(),
@@ -115,6 +122,7 @@ impl Default for Metrics {
             latency,
             capture_queue,
             source_lag,
+            continuity_broken,
         }
     }
 }
@@ -157,6 +165,11 @@ impl Metrics {
     /// Items waiting between capture and the log writer.
     pub fn capture_queue(&self, items: usize) {
         self.capture_queue.set(i64::try_from(items).unwrap_or(i64::MAX));
+    }
+
+    /// Whether capture is stopped on a broken continuity, waiting for an operator.
+    pub fn continuity_broken(&self, broken: bool) {
+        self.continuity_broken.set(i64::from(broken));
     }
 
     /// The Prometheus text exposition ([`CONTENT_TYPE`]).

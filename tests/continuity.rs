@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use rowcast::publisher::State;
+use rowcast::publisher::{Acceptance, State};
+use serde_json::Value;
 use tokio_postgres::Client;
 
 use crate::durability::{created_sequence, seed, write_numbered};
@@ -83,5 +84,89 @@ async fn a_dropped_slot_stops_capture_loudly() {
         .get(0);
     assert_eq!(slots, 0, "the slot must not be recreated silently");
     assert_eq!(created_sequence(&db.events().await).len(), 100);
+    let (_, metrics) = client::get(running.addr, "/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default();
+    assert!(metrics.lines().any(|l| l == "rowcast_continuity_broken 1"), "{metrics}");
+
+    // The operator accepts the gap: it is recorded, and capture resumes on its own.
+    let acceptance = rowcast::publisher::accept_gap(&db.settings()).await.expect("accept");
+    let Acceptance::Recorded { id, from, to, .. } = acceptance else {
+        panic!("expected a recorded gap, got {acceptance:?}");
+    };
+    assert!(to > from, "the gap runs forward: {from} to {to}");
+    let streaming = tokio::time::timeout(
+        Duration::from_secs(30),
+        running.watch.state.wait_for(|state| *state == State::Streaming),
+    )
+    .await
+    .is_ok_and(|state| state.is_ok());
+    assert!(streaming, "capture did not resume after the gap was accepted");
+    admin
+        .batch_execute(
+            "INSERT INTO agents (id, organization_id, domain_id, name) VALUES ('after', 'quant', 'demo', 'after')",
+        )
+        .await
+        .expect("write after accepting");
+    let events = db.settled_events().await;
+    let gap: Vec<&Value> = events.iter().filter(|e| e["type"] == "rowcast.gap").collect();
+    assert_eq!(gap.len(), 1, "one gap event");
+    assert_eq!(gap[0]["id"], id);
+    assert_eq!(gap[0]["severity"], "critical");
+    assert_eq!(gap[0]["source"]["kind"], "rowcast");
+    assert!(gap[0]["data"]["reason"].as_str().is_some_and(|r| r.contains("no longer exists")));
+    // After the gap: exactly the change made after accepting, once.
+    let after: Vec<&str> = events
+        .iter()
+        .skip_while(|e| e["type"] != "rowcast.gap")
+        .filter(|e| e["type"] == "agent.created")
+        .filter_map(|e| e["data"]["id"].as_str())
+        .collect();
+    assert_eq!(after, ["after"]);
+    assert_eq!(client::get_status(running.addr, "/readyz").await, Some(200));
+    // Accepting again when continuity holds writes nothing.
+    let again = rowcast::publisher::accept_gap(&db.settings()).await.expect("accept again");
+    assert_eq!(again, Acceptance::Holds);
     running.stop().await;
+}
+
+/// A log whose cursor is beyond the source's WAL belongs to another life of the database (a
+/// restore, a recreated cluster on the same address): capture refuses instead of skipping
+/// everything until the new WAL passes the old cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_beyond_the_servers_wal_stops_capture_loudly() {
+    let db = TestDb::migrated().await;
+    seed(&db.client().await).await;
+    let running = Running::start(db.settings()).await;
+    write_numbered(db.client().await, 10).await;
+    db.settled_events().await;
+    running.stop().await;
+    // What a restore to an older backup looks like from the log's side.
+    db.client()
+        .await
+        .execute(
+            "UPDATE rowcast.cursors SET progress = progress + (1::bigint << 40) WHERE source = $1",
+            &[&format!("replication:{}", db.name)],
+        )
+        .await
+        .expect("move the cursor");
+    let mut settings = db.settings();
+    settings.server.listen = crate::support::free_addr();
+    let server = rowcast::server::Server::new(settings).await.expect("server");
+    let mut watch = server.watch();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(listener, shutdown.clone()));
+    let broken = tokio::time::timeout(
+        Duration::from_secs(30),
+        watch.state.wait_for(|state| matches!(state, State::Broken { .. })),
+    )
+    .await;
+    let reason = match broken.ok().and_then(|s| s.ok()).map(|s| s.clone()) {
+        Some(State::Broken { reason }) => reason,
+        other => panic!("expected a broken source, got {other:?}"),
+    };
+    assert!(reason.contains("restored or recreated"), "{reason}");
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), task).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "a broken publisher still shuts down cleanly");
 }

@@ -308,7 +308,12 @@ async fn appends_at_or_before_the_cursor_are_dropped() {
             data: None,
             old: None,
             changed: None,
-            source: Source::Row { table: "public.things".into(), op: Op::Insert, lsn: None, xid: major },
+            source: Source::Row {
+                table: "public.things".into(),
+                op: Op::Insert,
+                lsn: None,
+                xid: major,
+            },
         };
         (Position::of(major, change, 0).expect("position"), event)
     };

@@ -20,7 +20,7 @@ mod writer;
 
 pub use read::{Page, Range, count, read};
 pub use scopes::{Scopes, load_scopes};
-pub use writer::LogWriter;
+pub use writer::{LogWriter, recorded_source};
 
 /// A statement parameter, as the appends and reads bind them.
 type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
@@ -35,6 +35,8 @@ pub enum LogError {
     Locked,
     #[error("serializing event: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("an append of one event stored none")]
+    Empty,
 }
 
 impl LogError {
@@ -42,7 +44,7 @@ impl LogError {
         match self {
             LogError::Postgres(err) => crate::pg::is_transient(err),
             LogError::Locked => true,
-            LogError::Serialize(_) => false,
+            LogError::Serialize(_) | LogError::Empty => false,
         }
     }
 }

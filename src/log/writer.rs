@@ -9,6 +9,21 @@ use crate::model::{Event, Position, Severity, Timestamp};
 /// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
 const WRITER_LOCK: i64 = 0x0072_6f77_6361_7374;
 
+/// What the log records of `source` (its progress and cluster), read without the writer lock;
+/// `None` when the source was never captured into this log.
+pub async fn recorded_source(
+    client: &Client,
+    source: &str,
+) -> Result<Option<(u64, Option<String>)>, LogError> {
+    let row = client
+        .query_opt(
+            "SELECT progress, system_identifier FROM rowcast.cursors WHERE source = $1",
+            &[&source],
+        )
+        .await?;
+    Ok(row.map(|row| (row.get::<_, i64>(0) as u64, row.get(1))))
+}
+
 /// The single writer of the log.
 pub struct LogWriter {
     client: Client,
@@ -210,6 +225,40 @@ impl LogWriter {
         self.pending_progress = None;
         self.known = true;
         Ok(batch.stored)
+    }
+
+    /// Appends a gap the operator accepted and restarts the source's cursor at `progress`
+    /// (on `system_identifier`), in one transaction: the gap is on record exactly when capture
+    /// may resume past it. Positions start over: the slot sends nothing before `progress`.
+    pub async fn append_gap(
+        &mut self,
+        event: Event,
+        progress: u64,
+        system_identifier: &str,
+    ) -> Result<StoredEvent, LogError> {
+        let batch = Batch::new(self.last_id, vec![event])?;
+        let statement = format!(
+            "{}, moved AS (
+                INSERT INTO rowcast.cursors (source, position_major, position_minor, progress, system_identifier)
+                VALUES ($9, 0, 0, $10, $11)
+                ON CONFLICT (source) DO UPDATE SET position_major = 0, position_minor = 0,
+                    progress = excluded.progress, system_identifier = excluded.system_identifier,
+                    updated_at = now()
+            )
+            SELECT count(*) FROM appended",
+            Batch::STATEMENT
+        );
+        let arrays = batch.arrays();
+        let mut params = arrays.params();
+        let progress_param = progress as i64;
+        params.extend::<[Param<'_>; 3]>([&self.source, &progress_param, &system_identifier]);
+        self.client.query_one(&statement, &params).await?;
+        self.last_id = batch.last_id;
+        self.cursor = Cursor { position: Position::default(), progress };
+        self.pending_progress = None;
+        self.known = true;
+        self.system_identifier = Some(system_identifier.to_owned());
+        batch.stored.into_iter().next().ok_or(LogError::Empty)
     }
 
     /// Appends events drained from the trigger outbox and deletes their outbox rows (and the

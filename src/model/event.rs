@@ -189,7 +189,10 @@ mod tests {
             }
         }
         // The ranks of info, warning and error are what older logs hold.
-        assert_eq!([Severity::Info, Severity::Warning, Severity::Error].map(Severity::rank), [0, 1, 2]);
+        assert_eq!(
+            [Severity::Info, Severity::Warning, Severity::Error].map(Severity::rank),
+            [0, 1, 2]
+        );
         assert!("fatal".parse::<Severity>().is_err());
     }
 
@@ -205,7 +208,12 @@ mod tests {
             data: Some(Row::new()),
             old: None,
             changed: None,
-            source: Source::Row { table: "public.agents".into(), op: Op::Insert, lsn: None, xid: 9 },
+            source: Source::Row {
+                table: "public.agents".into(),
+                op: Op::Insert,
+                lsn: None,
+                xid: 9,
+            },
         };
         let json = serde_json::to_string(&event).expect("serializes");
         assert_eq!(

@@ -31,8 +31,11 @@ use crate::metrics::Metrics;
 use crate::pg::format_lsn;
 use crate::setup::SetupError;
 
+mod gap;
 mod replication;
 mod triggers;
+
+pub use gap::{Acceptance, accept_gap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
@@ -216,6 +219,7 @@ async fn supervise(
                     );
                 }
                 signals.state.send_replace(State::Broken { reason });
+                signals.metrics.continuity_broken(true);
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(CONTINUITY_RECHECK) => {}

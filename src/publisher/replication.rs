@@ -23,6 +23,11 @@ use crate::log::LogWriter;
 use crate::pg::{format_lsn, parse_lsn};
 use crate::setup;
 
+/// The name of a slot's cursor in the log.
+pub(super) fn source_name(slot: &str) -> String {
+    format!("replication:{slot}")
+}
+
 /// Opens the log and the source, and hands the bus whatever the log holds that it has not
 /// seen: an append whose commit was in doubt when the last pipeline failed.
 async fn connect(
@@ -84,7 +89,7 @@ async fn prove_continuity(
 }
 
 /// The cluster's identity and WAL end (`IDENTIFY_SYSTEM`) and the slot's confirmed position.
-async fn observe(
+pub(super) async fn observe(
     client: &mut ReplicationClient,
     catalog: &Catalog,
     slot: &str,
@@ -117,7 +122,7 @@ pub(super) async fn pipeline(
     signals: &Signals,
     shutdown: &CancellationToken,
 ) -> Result<(), PublisherError> {
-    let source = format!("replication:{}", settings.slot);
+    let source = source_name(&settings.slot);
     // Connecting can hang on an unreachable server: shutdown must not wait for it.
     let connected = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
@@ -126,6 +131,7 @@ pub(super) async fn pipeline(
     let (mut writer, catalog, stream, stream_settings) = connected;
     let cursor = writer.cursor();
     signals.state.send_replace(State::Streaming);
+    signals.metrics.continuity_broken(false);
 
     let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);
     // Never report less than the slot already has: Postgres takes a status update's flush
