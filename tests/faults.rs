@@ -9,7 +9,7 @@ use rowcast::publisher::State;
 
 use crate::durability::{assert_sequence, created_sequence, seed, write_numbered};
 use crate::support::proxy::FaultProxy;
-use crate::support::{Cluster, Running, TestDb};
+use crate::support::{Cluster, Running, TestDb, client};
 
 /// A piece of the SQL of the mapping check (`Catalog::columns`), which the publisher runs on
 /// every (re)connect before it streams.
@@ -105,6 +105,48 @@ async fn a_fast_postgres_shutdown_is_a_reconnect() {
     }
     running.stop().await;
     assert_sequence(&created_sequence(&log.events().await), 103, "across fast shutdowns");
+    drop(db);
+    drop(cluster);
+}
+
+/// A replication connection that silently stops carrying bytes (a dead network path: no FIN,
+/// no RST) is noticed by its receive deadline, readiness says so meanwhile, and capture
+/// reconnects and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_replication_connection_is_noticed_and_replaced() {
+    // The receive deadline follows the server's wal_sender_timeout: keep it short here.
+    let cluster = Cluster::start(&[("wal_sender_timeout", "4s")]).expect("start cluster");
+    let db = TestDb::on(&cluster).await;
+    db.migrate().await;
+    seed(&db.client().await).await;
+    let proxy = FaultProxy::start(upstream(&db)).await;
+    let mut settings = db.settings();
+    settings.database = proxy.route(&settings.database);
+    let mut running = Running::start(settings).await;
+    write_numbered(db.client().await, 100).await;
+    running.wait_for_id(100, Duration::from_secs(60)).await;
+
+    proxy.blackhole_open();
+    let noticed = tokio::time::timeout(
+        Duration::from_secs(20),
+        running.watch.state.wait_for(|state| matches!(state, State::Reconnecting { .. })),
+    )
+    .await
+    .is_ok_and(|state| state.is_ok());
+    assert!(noticed, "a silent replication connection must be noticed within its deadline");
+    assert_eq!(client::get_status(running.addr, "/readyz").await, Some(503));
+
+    let more = db.client().await;
+    more.batch_execute(
+        "INSERT INTO agents (id, organization_id, domain_id, name)
+         SELECT 'agt-' || i, 'quant', 'demo', 'n-' || i FROM generate_series(101, 150) i",
+    )
+    .await
+    .expect("write while reconnecting");
+    running.wait_for_id(150, Duration::from_secs(60)).await;
+    assert_eq!(*running.watch.state.borrow(), State::Streaming);
+    running.stop().await;
+    assert_sequence(&created_sequence(&db.events().await), 150, "across a dead connection");
     drop(db);
     drop(cluster);
 }

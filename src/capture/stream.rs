@@ -63,8 +63,42 @@ impl CaptureError {
 pub struct StreamSettings {
     pub slot: String,
     pub publication: String,
-    /// How often a standby status update is sent even when nothing changed.
+    /// How often a standby status update is sent even when nothing changed. Each one asks the
+    /// server for a reply, so a live connection is never silent for long.
     pub status_interval: Duration,
+}
+
+/// The shortest receive deadline, whatever the settings say.
+const MIN_RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the stream may stay silent before the connection is presumed dead. The server
+/// answers every status update (each asks for a reply) and sends keepalives on its own at half
+/// its `wal_sender_timeout`; nothing for several status intervals or half that timeout means
+/// the connection is gone (a blackholed network, a vanished host), however open the socket
+/// looks.
+pub fn receive_timeout(
+    status_interval: Duration,
+    wal_sender_timeout: Option<Duration>,
+) -> Duration {
+    let server = wal_sender_timeout.filter(|t| !t.is_zero()).unwrap_or(Duration::from_secs(60));
+    (status_interval * 3).max(server / 2).max(MIN_RECEIVE_TIMEOUT)
+}
+
+/// Parses a `SHOW` of a time setting (`60s`, `1min`, `500ms`, `0`).
+pub fn parse_pg_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let millis = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number.checked_mul(millis).map(Duration::from_millis)
 }
 
 /// A table as the current connection announced it.
@@ -97,19 +131,24 @@ impl Capture {
 
     /// Starts streaming the slot from `start` on a connected client (whose continuity with the
     /// log was checked: see [`super::continuity`]).
+    /// Also returns how long the stream may stay silent ([`receive_timeout`]).
     pub async fn start(
-        client: ReplicationClient,
+        mut client: ReplicationClient,
         settings: &StreamSettings,
         start: Lsn,
-    ) -> Result<ReplicationStream, CaptureError> {
-        Ok(client.start_replication(&settings.slot, &settings.publication, start).await?)
+    ) -> Result<(ReplicationStream, Duration), CaptureError> {
+        let shown = client.simple_query("SHOW wal_sender_timeout").await?;
+        let server = shown.first().and_then(|row| row.first()).and_then(|value| value.as_deref());
+        let timeout = receive_timeout(settings.status_interval, server.and_then(parse_pg_duration));
+        let stream = client.start_replication(&settings.slot, &settings.publication, start).await?;
+        Ok((stream, timeout))
     }
 
     /// Streams until `shutdown`, then returns the stream so the caller can send the final
     /// acknowledgement once the log writer has drained.
     pub async fn run(
         &mut self,
-        mut stream: ReplicationStream,
+        (mut stream, receive_timeout): (ReplicationStream, Duration),
         settings: &StreamSettings,
         out: mpsc::Sender<Captured>,
         mut acked: watch::Receiver<Lsn>,
@@ -119,6 +158,8 @@ impl Capture {
         let first = tokio::time::Instant::now() + settings.status_interval;
         let mut status = tokio::time::interval_at(first, settings.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let silence = tokio::time::sleep(receive_timeout);
+        tokio::pin!(silence);
         loop {
             tokio::select! {
                 biased;
@@ -132,24 +173,33 @@ impl Capture {
                 }
                 _ = status.tick() => {
                     let flushed = *acked.borrow();
-                    stream.send_status(flushed, false).await?;
+                    stream.send_status(flushed, true).await?;
                 }
-                message = stream.next() => match message? {
-                    ReplicationMessage::XLogData { data, .. } => {
-                        let message = pgoutput::decode(data)?;
-                        self.handle(message, &out).await?;
-                    }
-                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
-                        if self.transaction.is_none() && wal_end > self.progress_sent {
-                            self.progress_sent = wal_end;
-                            send(&out, Captured::Progress(wal_end)).await?;
+                () = &mut silence => {
+                    return Err(CaptureError::Replication(ReplicationError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("nothing from the server for {receive_timeout:?}; the replication connection is presumed dead"),
+                    ))));
+                }
+                message = stream.next() => {
+                    silence.as_mut().reset(tokio::time::Instant::now() + receive_timeout);
+                    match message? {
+                        ReplicationMessage::XLogData { data, .. } => {
+                            let message = pgoutput::decode(data)?;
+                            self.handle(message, &out).await?;
                         }
-                        if reply_requested {
-                            let flushed = *acked.borrow();
-                            stream.send_status(flushed, false).await?;
+                        ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                            if self.transaction.is_none() && wal_end > self.progress_sent {
+                                self.progress_sent = wal_end;
+                                send(&out, Captured::Progress(wal_end)).await?;
+                            }
+                            if reply_requested {
+                                let flushed = *acked.borrow();
+                                stream.send_status(flushed, false).await?;
+                            }
                         }
                     }
-                },
+                }
             }
         }
     }
@@ -308,4 +358,33 @@ fn render_row(info: &RelationInfo, tuple: &Tuple, old: Option<&Row>) -> Row {
         columns.push((name.clone(), value));
     }
     render::row_object(columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_durations_parse_as_postgres_prints_them() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_pg_duration("60s"), Some(ms(60_000)));
+        assert_eq!(parse_pg_duration("1min"), Some(ms(60_000)));
+        assert_eq!(parse_pg_duration("500ms"), Some(ms(500)));
+        assert_eq!(parse_pg_duration("0"), Some(ms(0)));
+        assert_eq!(parse_pg_duration("2h"), Some(ms(7_200_000)));
+        for junk in ["", "s", "1 fortnight", "-1s", "99999999999999999999d"] {
+            assert_eq!(parse_pg_duration(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn the_receive_deadline_follows_the_server_and_the_status_interval() {
+        let s = Duration::from_secs;
+        // Defaults: wal_sender_timeout 60 s, status every 10 s.
+        assert_eq!(receive_timeout(s(10), Some(s(60))), s(30));
+        assert_eq!(receive_timeout(s(30), Some(s(60))), s(90));
+        // A disabled server timeout still leaves a deadline; never shorter than the floor.
+        assert_eq!(receive_timeout(s(10), Some(s(0))), s(30));
+        assert_eq!(receive_timeout(Duration::from_millis(100), Some(s(2))), MIN_RECEIVE_TIMEOUT);
+    }
 }

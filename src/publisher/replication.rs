@@ -35,7 +35,7 @@ async fn connect(
     params: &ConnectParams,
     signals: &Signals,
     source: &str,
-) -> Result<(LogWriter, Catalog, ReplicationStream, StreamSettings), PublisherError> {
+) -> Result<(LogWriter, Catalog, (ReplicationStream, Duration), StreamSettings), PublisherError> {
     let mut writer = open_log(settings, signals, source).await?;
     let catalog =
         crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);

@@ -6,6 +6,8 @@
 //!               reset_all()        every open connection gets a TCP RST, both sides
 //!               cut_on(pattern)    the first connection whose client sends `pattern` is reset
 //!                                  before the bytes go through (a cut in mid-query)
+//!               blackhole_open()   every open connection stops carrying bytes, both ways,
+//!                                  sockets left open (a dead path: no FIN, no RST)
 //! ```
 //!
 //! Resets use SO_LINGER 0, so the peers see "connection reset", not an orderly close.
@@ -16,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub struct FaultProxy {
@@ -32,6 +35,8 @@ struct Shared {
 struct State {
     /// Cancelled by `reset_all`; every connection opened before holds a child of it.
     generation: CancellationToken,
+    /// Stalled by `blackhole_open`; every connection opened before watches it.
+    stall: watch::Sender<bool>,
     /// Armed cuts: the first connection that sends one of these is reset.
     cuts: Vec<Vec<u8>>,
     /// Connections reset by an armed cut so far.
@@ -47,6 +52,7 @@ impl FaultProxy {
             upstream,
             state: Mutex::new(State {
                 generation: CancellationToken::new(),
+                stall: watch::channel(false).0,
                 cuts: Vec::new(),
                 cut_count: 0,
             }),
@@ -87,6 +93,13 @@ impl FaultProxy {
         state.generation = CancellationToken::new();
     }
 
+    /// Blackholes every connection open now; new ones go through.
+    pub fn blackhole_open(&self) {
+        let mut state = self.state();
+        state.stall.send_replace(true);
+        state.stall = watch::channel(false).0;
+    }
+
     /// Arms a cut: the first connection whose client sends `pattern` (e.g. a piece of a query's
     /// SQL) is reset before those bytes reach the server.
     pub fn cut_on(&self, pattern: &str) {
@@ -109,15 +122,20 @@ impl Drop for FaultProxy {
 async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((client, _)) = listener.accept().await else { continue };
-        let generation = {
+        let (generation, stall) = {
             let state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.generation.child_token()
+            (state.generation.child_token(), state.stall.subscribe())
         };
-        tokio::spawn(relay(client, shared.clone(), generation));
+        tokio::spawn(relay(client, shared.clone(), generation, stall));
     }
 }
 
-async fn relay(client: TcpStream, shared: Arc<Shared>, generation: CancellationToken) {
+async fn relay(
+    client: TcpStream,
+    shared: Arc<Shared>,
+    generation: CancellationToken,
+    stall: watch::Receiver<bool>,
+) {
     let Ok(server) = TcpStream::connect(shared.upstream).await else {
         let _ = client.set_zero_linger();
         return;
@@ -127,8 +145,9 @@ async fn relay(client: TcpStream, shared: Arc<Shared>, generation: CancellationT
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let cut = CancellationToken::new();
-    let upstream = pipe(client_read, server_write, shared.clone(), Some(cut.clone()));
-    let downstream = pipe(server_read, client_write, shared, None);
+    let upstream =
+        pipe(client_read, server_write, shared.clone(), stall.clone(), Some(cut.clone()));
+    let downstream = pipe(server_read, client_write, shared, stall, None);
     // A reset drops both pipes, and with them the sockets (SO_LINGER 0: an RST each way).
     tokio::select! {
         _ = async { tokio::join!(upstream, downstream) } => {}
@@ -143,6 +162,7 @@ async fn pipe(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     shared: Arc<Shared>,
+    mut stall: watch::Receiver<bool>,
     cut: Option<CancellationToken>,
 ) {
     // Linger 0 on both sockets now: whichever way this connection ends abruptly (a reset, a
@@ -157,6 +177,10 @@ async fn pipe(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if *stall.borrow_and_update() {
+            // A dead path: hold both sockets open and carry nothing more.
+            std::future::pending::<()>().await;
+        }
         if let Some(cut) = &cut {
             let mut window = std::mem::take(&mut tail);
             window.extend_from_slice(&buf[..n]);
