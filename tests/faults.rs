@@ -150,3 +150,41 @@ async fn a_blackholed_replication_connection_is_noticed_and_replaced() {
     drop(db);
     drop(cluster);
 }
+
+/// A log database that does not answer: readiness, stats and history answer at once (503, or
+/// stats without the log's figures) instead of hanging for as long as TCP takes to give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_stats_and_history_answer_when_the_log_does_not() {
+    let db = TestDb::migrated().await;
+    seed(&db.client().await).await;
+    let proxy = FaultProxy::start(upstream(&db)).await;
+    let mut settings = db.settings();
+    // The log's readers (history, readiness, stats) go through the proxy.
+    settings.log = proxy.route(&settings.log);
+    let running = Running::start(settings).await;
+    assert_eq!(client::get_status(running.addr, "/readyz").await, Some(200));
+
+    proxy.blackhole_new(true);
+    proxy.blackhole_open();
+    for (path, expected) in [("/readyz", 503), ("/api/events", 503), ("/api/events/stats", 200)] {
+        let started = std::time::Instant::now();
+        let status = client::get_status(running.addr, path).await;
+        let took = started.elapsed();
+        assert_eq!(status, Some(expected), "{path}");
+        // Hanging would take tens of seconds; answering takes the probe's deadline.
+        assert!(took < Duration::from_secs(8), "{path} took {took:?}");
+    }
+    let (_, stats) = client::get(running.addr, "/api/events/stats").await;
+    assert!(stats["log_size_bytes"].is_null(), "{stats}");
+
+    proxy.blackhole_new(false);
+    proxy.reset_all();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while client::get_status(running.addr, "/readyz").await != Some(200) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(ready.is_ok(), "ready again once the log answers");
+    running.stop().await;
+}

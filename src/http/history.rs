@@ -14,6 +14,9 @@ use crate::model::Timestamp;
 
 /// Events per history page when `limit` is not given.
 const DEFAULT_PAGE: usize = 100;
+/// The longest a history request waits for the log before answering 503: a page is one
+/// indexed query, and a client is better served by "try again" than by a hang.
+const HISTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn log_unavailable(err: impl std::fmt::Display) -> AppError {
     tracing::warn!(error = %err, "event log query failed");
@@ -78,8 +81,15 @@ pub async fn history(
     };
     let since = number("since")?.unwrap_or(0);
     let range = Range { after: since, up_to: None, from: time("from")?, to: time("to")?, limit };
-    let client = state.log.get().await.map_err(log_unavailable)?;
-    let page = crate::log::read(&client, &filter, &range).await.map_err(log_unavailable)?;
+    let read = state
+        .log
+        .within(HISTORY_TIMEOUT, async |client| crate::log::read(client, &filter, &range).await);
+    let page = match read.await {
+        Some(Ok(Ok(page))) => page,
+        Some(Ok(Err(err))) => return Err(log_unavailable(err)),
+        Some(Err(err)) => return Err(log_unavailable(err)),
+        None => return Err(log_unavailable("no answer in time")),
+    };
     let next = page.events.last().map_or(since, |(id, _)| *id);
     let mut body =
         String::with_capacity(page.events.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 32);

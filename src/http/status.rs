@@ -11,6 +11,10 @@ use super::AppState;
 use super::access::Authorized;
 use crate::publisher::State as PublisherState;
 
+/// The longest readiness, stats and metrics wait for a database before saying it does not
+/// answer: a health check that hangs is worse than one that fails.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub async fn stats(State(state): State<Arc<AppState>>, _: Authorized) -> Response {
     let bus = state.bus.stats();
     let publisher = state.publisher.state.borrow().clone();
@@ -22,9 +26,10 @@ pub async fn stats(State(state): State<Arc<AppState>>, _: Authorized) -> Respons
         PublisherState::Stopped => ("stopped", None),
     };
     let log_size = async {
-        let client = state.log.get().await.ok()?;
-        let row =
-            client.query_one("SELECT pg_total_relation_size('rowcast.events')", &[]).await.ok()?;
+        let size = async |client: &tokio_postgres::Client| {
+            client.query_one("SELECT pg_total_relation_size('rowcast.events')", &[]).await
+        };
+        let row = state.log.within(PROBE_TIMEOUT, size).await?.ok()?.ok()?;
         Some(row.get::<_, i64>(0))
     };
     let (log_size, slot_lag) = tokio::join!(log_size, slot_lag(&state));
@@ -65,15 +70,16 @@ pub async fn metrics(State(state): State<Arc<AppState>>, _: Authorized) -> Respo
 
 /// Bytes of WAL the slot has not confirmed (replication only).
 async fn slot_lag(state: &AppState) -> Option<i64> {
-    let client = state.source.get().await.ok()?;
-    let row = client
-        .query_opt(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&state.settings.slot],
-        )
-        .await
-        .ok()??;
+    let lag = async |client: &tokio_postgres::Client| {
+        client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&state.settings.slot],
+            )
+            .await
+    };
+    let row = state.source.within(PROBE_TIMEOUT, lag).await?.ok()?.ok()??;
     row.get::<_, Option<i64>>(0)
 }
 
@@ -84,10 +90,8 @@ pub async fn healthz() -> &'static str {
 /// Ready when the source is streaming and the log answers.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let streaming = *state.publisher.state.borrow() == PublisherState::Streaming;
-    let log = match state.log.get().await {
-        Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
-        Err(_) => false,
-    };
+    let probe = async |client: &tokio_postgres::Client| client.simple_query("SELECT 1").await;
+    let log = matches!(state.log.within(PROBE_TIMEOUT, probe).await, Some(Ok(Ok(_))));
     let status = if streaming && log { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (
         status,

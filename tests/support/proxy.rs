@@ -8,6 +8,8 @@
 //!                                  before the bytes go through (a cut in mid-query)
 //!               blackhole_open()   every open connection stops carrying bytes, both ways,
 //!                                  sockets left open (a dead path: no FIN, no RST)
+//!               blackhole_new(on)  new connections are accepted and then hear nothing (a
+//!                                  server that does not answer)
 //! ```
 //!
 //! Resets use SO_LINGER 0, so the peers see "connection reset", not an orderly close.
@@ -37,6 +39,8 @@ struct State {
     generation: CancellationToken,
     /// Stalled by `blackhole_open`; every connection opened before watches it.
     stall: watch::Sender<bool>,
+    /// Whether new connections are held silent instead of forwarded.
+    silent: bool,
     /// Armed cuts: the first connection that sends one of these is reset.
     cuts: Vec<Vec<u8>>,
     /// Connections reset by an armed cut so far.
@@ -53,6 +57,7 @@ impl FaultProxy {
             state: Mutex::new(State {
                 generation: CancellationToken::new(),
                 stall: watch::channel(false).0,
+                silent: false,
                 cuts: Vec::new(),
                 cut_count: 0,
             }),
@@ -100,6 +105,11 @@ impl FaultProxy {
         state.stall = watch::channel(false).0;
     }
 
+    /// Holds new connections silent (accepted, never answered) while `on`.
+    pub fn blackhole_new(&self, on: bool) {
+        self.state().silent = on;
+    }
+
     /// Arms a cut: the first connection whose client sends `pattern` (e.g. a piece of a query's
     /// SQL) is reset before those bytes reach the server.
     pub fn cut_on(&self, pattern: &str) {
@@ -122,10 +132,17 @@ impl Drop for FaultProxy {
 async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((client, _)) = listener.accept().await else { continue };
-        let (generation, stall) = {
+        let (generation, stall, silent) = {
             let state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            (state.generation.child_token(), state.stall.subscribe())
+            (state.generation.child_token(), state.stall.subscribe(), state.silent)
         };
+        if silent {
+            tokio::spawn(async move {
+                generation.cancelled().await;
+                drop(client);
+            });
+            continue;
+        }
         tokio::spawn(relay(client, shared.clone(), generation, stall));
     }
 }
