@@ -43,6 +43,31 @@ impl Backoff {
     }
 }
 
+/// Runs `attempt` until it succeeds or fails for good, waiting between transient failures
+/// (what `transient` says) and saying what it waits for, once per distinct error: a database
+/// that is still starting is waited for, visibly, instead of ending the program.
+pub async fn patiently<T, E: std::fmt::Display>(
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: impl AsyncFnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut said = String::new();
+    loop {
+        match attempt().await {
+            Err(err) if transient(&err) => {
+                let error = err.to_string();
+                if error != said {
+                    tracing::warn!(error = %error, "waiting for {what}");
+                    said = error;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,7 +53,8 @@ pub struct Settings {
     /// Largest protocol message accepted from the server (default 1 GiB + 64 KiB: one maximal
     /// Postgres value plus its row).
     pub max_message_bytes: usize,
-    /// Longest wait between reconnection attempts (default 30 s).
+    /// Longest wait between reconnection attempts (default 5 s): how long capture may stay
+    /// down after a fault ends.
     pub max_backoff: Duration,
     /// Trigger capture: how often the outbox is checked without a notification (default 1 s).
     pub poll_interval: Duration,
@@ -140,7 +141,7 @@ impl Settings {
             retention: Duration::from_secs(7 * 24 * 3600),
             status_interval: Duration::from_secs(10),
             max_message_bytes: (1 << 30) + (64 << 10),
-            max_backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
             source_reason: None,
             server: ServerSettings::default(),

@@ -15,7 +15,9 @@ use rowcast::apps::tail::{Tail, TailArgs};
 use rowcast::config::{self, Settings, SourceMode};
 use rowcast::mapping::Mapping;
 use rowcast::publisher::Acceptance;
-use rowcast::{pg, server, setup};
+use rowcast::server::ServeError;
+use rowcast::setup::SetupError;
+use rowcast::{backoff, pg, server, setup};
 
 #[derive(Parser)]
 #[command(name = "rowcast", version, about = "Postgres change-data-capture event publisher")]
@@ -263,8 +265,14 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<Settings> {
     settings.publication.clone_from(&args.publication);
     settings.source = match args.source {
         SourceMode::Auto => {
-            let client = pg::connect(&settings.database, "probe").await?;
-            let (mode, reason) = setup::choose_source(&client).await?;
+            let source = pg::describe(&settings.database, "source");
+            let (mode, reason) =
+                backoff::patiently(&source, SetupError::is_retryable, async || {
+                    let client = pg::connect(&settings.database, "probe").await?;
+                    setup::choose_source(&client).await
+                })
+                .await
+                .with_context(|| format!("choosing the capture source on {source}"))?;
             tracing::info!(source = ?mode, %reason, "capture source chosen");
             settings.source_reason = Some(reason);
             mode
@@ -277,16 +285,36 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-/// `setup` for the chosen source.
+/// `setup` for the chosen source, waiting for the databases while they do not answer.
 async fn install(settings: &Settings) -> anyhow::Result<()> {
-    match settings.source {
-        SourceMode::Triggers => setup::setup_triggers(settings).await?,
-        _ => setup::setup_replication(settings).await?,
-    }
+    let what = pg::describe(&settings.database, "source");
+    backoff::patiently(&what, SetupError::is_retryable, async || match settings.source {
+        SourceMode::Triggers => setup::setup_triggers(settings).await,
+        _ => setup::setup_replication(settings).await,
+    })
+    .await?;
     Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Flags first, then the port, then the databases: a mistake in a flag never waits for a
+    // database, and a port in use never leaves a database half set up.
+    let public_key = match &args.jwt_public_key {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading --jwt-public-key {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let auth = rowcast::auth::Auth::new(
+        &args.auth,
+        args.jwt_secret.as_deref(),
+        public_key.as_deref(),
+        args.listen,
+    )?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
+        format!("cannot listen on {} (choose another with --listen)", args.listen)
+    })?;
     let mut settings = settings(&args.source).await?;
     settings.retention = args.retention;
     settings.batch_size = args.batch_size as usize;
@@ -305,29 +333,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.message_burst = args.message_burst;
     server.handshake_timeout = args.handshake_timeout.max(Duration::from_secs(1));
     server.allowed_origins = args.allowed_origins.clone();
-    let public_key = match &args.jwt_public_key {
-        Some(path) => Some(
-            std::fs::read(path)
-                .with_context(|| format!("reading --jwt-public-key {}", path.display()))?,
-        ),
-        None => None,
-    };
-    server.auth = rowcast::auth::Auth::new(
-        &args.auth,
-        args.jwt_secret.as_deref(),
-        public_key.as_deref(),
-        args.listen,
-    )?;
+    server.auth = auth;
     settings.poll_interval = args.poll_interval.max(Duration::from_millis(10));
     if !args.no_setup {
         install(&settings).await?;
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
-        format!("cannot listen on {} (choose another with --listen)", args.listen)
-    })?;
+    let log = pg::describe(&settings.log, "log");
+    let server = backoff::patiently(&log, ServeError::is_retryable, async || {
+        server::Server::new(settings.clone()).await
+    })
+    .await?;
+    // Until here a signal simply ends the process: nothing is running that needs an orderly stop.
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    server::run(settings, listener, shutdown).await?;
+    server.run(listener, shutdown).await?;
     Ok(())
 }
 

@@ -30,6 +30,17 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+impl ServeError {
+    /// Whether starting again later may succeed (a database that does not answer yet).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ServeError::Publisher(err) => err.is_retryable(),
+            ServeError::Log(err) => err.is_retryable(),
+            ServeError::Io(_) => false,
+        }
+    }
+}
+
 /// Connections kept for history, catch-up and stats reads.
 const READ_CONNECTIONS: usize = 4;
 /// How often retention is applied.

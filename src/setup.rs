@@ -65,7 +65,7 @@ pub async fn check_mapping(catalog: &Catalog, mapping: &Mapping) -> Result<(), S
 
 /// Installs the log schema and prepares the source for replication.
 pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
-    let log_client = crate::pg::connect(&settings.log, "setup").await?;
+    let log_client = crate::pg::connect(&settings.log, "setup").await.map_err(LogError::from)?;
     log::install(&log_client).await?;
     drop(log_client);
 

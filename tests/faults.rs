@@ -188,3 +188,61 @@ async fn health_stats_and_history_answer_when_the_log_does_not() {
     assert!(ready.is_ok(), "ready again once the log answers");
     running.stop().await;
 }
+
+/// `rowcast serve` started before its database is reachable waits for it, saying so, instead
+/// of exiting; once the database answers it sets up and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_waits_for_a_database_that_is_not_there_yet() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let db = TestDb::migrated().await;
+    let port = rowcast::apps::cluster::free_port().expect("a free port");
+    let listen = crate::support::free_addr();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
+        .args(["serve", "--source", "replication", "--slot", &db.name])
+        .args(["--listen", &listen.to_string()])
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rowcast serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let expected = format!("waiting for 127.0.0.1:{port}/{} (source)", db.name);
+    let said = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains(&expected) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(said, Ok(true), "serve should say what it waits for: {expected}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(child.try_wait().expect("status").is_none(), "serve must wait, not exit");
+
+    // The database appears at that address.
+    let _proxy = FaultProxy::start_on(port, upstream(&db)).await;
+    let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while client::get_status(listen, "/readyz").await != Some(200) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    nudge.abort();
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().expect("exit status");
+    assert!(ready.is_ok(), "serve never became ready once the database answered");
+    assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
+}

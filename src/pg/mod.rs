@@ -25,6 +25,20 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
+/// `host:port/database (role)`, for messages that must say which connection failed. Never
+/// the password.
+pub fn describe(config: &tokio_postgres::Config, role: &str) -> String {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        Some(Host::Unix(dir)) => dir.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let database = config.get_dbname().or(config.get_user()).unwrap_or("postgres");
+    format!("{host}:{port}/{database} ({role})")
+}
+
 /// Connects with a background connection task; errors of that task end the client. `role`
 /// names the connection in logs (`log writer`, `catalog`, `stats`, ...).
 pub async fn connect(

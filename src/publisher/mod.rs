@@ -181,8 +181,9 @@ impl Publisher {
 
 /// The first wait before reconnecting (jittered); it doubles up to `Settings::max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// A pipeline that ran this long before failing starts again from `FIRST_BACKOFF`.
-const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// A pipeline that streamed and ran this long before failing starts again from
+/// `FIRST_BACKOFF` (shorter runs are a flapping source: the backoff keeps growing).
+const HEALTHY_RUN: Duration = Duration::from_secs(3);
 /// How often a broken source is checked again (an operator may have accepted the gap).
 const CONTINUITY_RECHECK: Duration = Duration::from_secs(2);
 
@@ -226,8 +227,10 @@ async fn supervise(
                 }
             }
             Err(err) if err.is_retryable() => {
-                // A pipeline that ran for a while earned a fresh, short backoff.
-                if started.elapsed() > HEALTHY_RUN {
+                // A pipeline that got to stream for a moment earned a fresh, short backoff: the
+                // fault it met is new, not the one the backoff grew on.
+                let streamed = *signals.state.borrow() == State::Streaming;
+                if streamed && started.elapsed() > HEALTHY_RUN {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();

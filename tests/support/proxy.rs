@@ -50,7 +50,12 @@ struct State {
 impl FaultProxy {
     /// A proxy on a free 127.0.0.1 port in front of `upstream`.
     pub async fn start(upstream: SocketAddr) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        Self::start_on(0, upstream).await
+    }
+
+    /// A proxy on 127.0.0.1:`port` in front of `upstream`.
+    pub async fn start_on(port: u16, upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
             upstream,
