@@ -1,6 +1,5 @@
 //! The `rowcast` command: argument parsing and wiring only.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use rowcast::apps::demo::{Demo, DemoArgs};
 use rowcast::apps::tail::{Tail, TailArgs};
 use rowcast::config::{self, Settings, SourceMode};
-use rowcast::mapping::Mapping;
+use rowcast::mapping::{Mapping, MappingError};
 use rowcast::publisher::Acceptance;
 use rowcast::server::ServeError;
 use rowcast::setup::SetupError;
@@ -107,9 +106,10 @@ struct ServeArgs {
     /// Do not run `setup` before serving.
     #[arg(long, env = "ROWCAST_NO_SETUP")]
     no_setup: bool,
-    /// Address of the HTTP/WebSocket server.
+    /// Address of the HTTP/WebSocket server (`host:port`; a name like localhost:8080 is
+    /// resolved).
     #[arg(long, env = "ROWCAST_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    listen: String,
     /// Largest client WebSocket frame in bytes; bigger ones close the connection with 1009.
     #[arg(long, env = "ROWCAST_MAX_FRAME_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(256..))]
     max_frame_bytes: u32,
@@ -158,8 +158,9 @@ struct ServeArgs {
 async fn main() -> anyhow::Result<()> {
     use tracing_subscriber::filter::{FilterExt, filter_fn};
     use tracing_subscriber::prelude::*;
+    // Postgres NOTICEs (tokio-postgres logs them at info) are noise for an operator.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
     // The WebSocket library traces whole messages, which carry `auth` tokens and row data:
     // those events are dropped whatever RUST_LOG says.
     // Keep the level hint: without it every `log` record of every dependency would be built
@@ -172,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
     .with_max_level_hint(hint.unwrap_or(tracing::level_filters::LevelFilter::TRACE));
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: logs collected from a pipe stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // When stderr goes away (a closed pipe, a parent that died), logging must not panic
         // the task that logs: that could be the one handling SIGTERM.
         .log_internal_errors(false)
@@ -187,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             let settings = settings(&args.source).await?;
-            install(&settings).await?;
+            install(&settings, args.source.mapping.is_none()).await?;
             match settings.source {
                 SourceMode::Triggers => println!(
                     "rowcast setup done: log schema, outbox and capture triggers on {} tables",
@@ -286,14 +289,26 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<Settings> {
 }
 
 /// `setup` for the chosen source, waiting for the databases while they do not answer.
-async fn install(settings: &Settings) -> anyhow::Result<()> {
+/// `builtin_mapping`: no `--mapping` was given, so a missing table most likely means the
+/// database is not the reference schema.
+async fn install(settings: &Settings, builtin_mapping: bool) -> anyhow::Result<()> {
     let what = pg::describe(&settings.database, "source");
-    backoff::patiently(&what, SetupError::is_retryable, async || match settings.source {
-        SourceMode::Triggers => setup::setup_triggers(settings).await,
-        _ => setup::setup_replication(settings).await,
-    })
-    .await?;
-    Ok(())
+    let installed =
+        backoff::patiently(&what, SetupError::is_retryable, async || match settings.source {
+            SourceMode::Triggers => setup::setup_triggers(settings).await,
+            _ => setup::setup_replication(settings).await,
+        })
+        .await;
+    match installed {
+        Err(SetupError::Mapping(
+            err @ (MappingError::MissingTable { .. } | MappingError::MissingColumn { .. }),
+        )) if builtin_mapping => Err(anyhow::anyhow!(
+            "{err}\nThe built-in mapping describes the reference schema (`rowcast migrate` creates it). \
+             To capture your own tables, write a mapping (config/mapping.toml is the example) and \
+             pass it with --mapping FILE."
+        )),
+        other => Ok(other?),
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -306,22 +321,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| {
+        format!("cannot listen on {} (choose another with --listen)", args.listen)
+    })?;
+    let listen = listener.local_addr()?;
     let auth = rowcast::auth::Auth::new(
         &args.auth,
         args.jwt_secret.as_deref(),
         public_key.as_deref(),
-        args.listen,
+        listen,
     )?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
-        format!("cannot listen on {} (choose another with --listen)", args.listen)
-    })?;
     let mut settings = settings(&args.source).await?;
     settings.retention = args.retention;
     settings.batch_size = args.batch_size as usize;
     settings.queue_capacity = args.queue_capacity as usize;
     settings.status_interval = args.status_interval;
     let server = &mut settings.server;
-    server.listen = args.listen;
+    server.listen = listen;
     server.max_frame_bytes = args.max_frame_bytes as usize;
     server.outbound_frames = args.outbound_frames as usize;
     server.outbound_bytes = args.outbound_bytes as usize;
@@ -336,7 +352,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.auth = auth;
     settings.poll_interval = args.poll_interval.max(Duration::from_millis(10));
     if !args.no_setup {
-        install(&settings).await?;
+        install(&settings, args.source.mapping.is_none()).await?;
     }
     let log = pg::describe(&settings.log, "log");
     let server = backoff::patiently(&log, ServeError::is_retryable, async || {

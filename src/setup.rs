@@ -36,6 +36,8 @@ pub enum SetupError {
          in the same transaction: the log must live there too (leave out --log-url)"
     )]
     SeparateLog,
+    #[error("the source database is not ready for {capture} capture:\n{problems}")]
+    NotReady { capture: &'static str, problems: String },
 }
 
 impl SetupError {
@@ -44,7 +46,10 @@ impl SetupError {
             SetupError::Postgres(err) => crate::pg::is_transient(err),
             SetupError::Log(err) => err.is_retryable(),
             SetupError::Catalog(err) => err.is_retryable(),
-            SetupError::Mapping(_) | SetupError::Slot { .. } | SetupError::SeparateLog => false,
+            SetupError::Mapping(_)
+            | SetupError::Slot { .. }
+            | SetupError::SeparateLog
+            | SetupError::NotReady { .. } => false,
         }
     }
 }
@@ -63,14 +68,81 @@ pub async fn check_mapping(catalog: &Catalog, mapping: &Mapping) -> Result<(), S
     Ok(())
 }
 
-/// Installs the log schema and prepares the source for replication.
+/// What the source must allow before setup changes anything, each problem with its fix:
+/// logical WAL and the REPLICATION attribute for replication, and for both sources ownership
+/// of the mapped tables (replica identity and triggers are an owner's business).
+pub async fn preflight(
+    client: &Client,
+    mapping: &Mapping,
+    source: SourceMode,
+) -> Result<(), SetupError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), r.rolreplication, r.rolsuper, current_user::text
+               FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (wal_level, replication, superuser, user): (String, bool, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let mut problems = Vec::new();
+    if source != SourceMode::Triggers {
+        if wal_level != "logical" {
+            problems.push(format!(
+                "- wal_level is {wal_level}: run ALTER SYSTEM SET wal_level = logical and restart Postgres, or use --source triggers"
+            ));
+        }
+        if !replication && !superuser {
+            problems.push(format!(
+                "- role {user} may not replicate: ALTER ROLE {} REPLICATION, or use --source triggers",
+                quote_ident(&user)
+            ));
+        }
+    }
+    if !superuser {
+        let schemas: Vec<&str> =
+            mapping.entities().iter().map(|e| e.table.schema.as_str()).collect();
+        let names: Vec<&str> = mapping.entities().iter().map(|e| e.table.name.as_str()).collect();
+        let rows = client
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname)
+                   FROM unnest($1::text[], $2::text[]) AS w(schema, name)
+                   JOIN pg_namespace n ON n.nspname = w.schema
+                   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.name
+                  WHERE NOT pg_has_role(current_user, c.relowner, 'USAGE')",
+                &[&schemas, &names],
+            )
+            .await?;
+        if !rows.is_empty() {
+            let tables: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+            let what = match source {
+                SourceMode::Triggers => "creates capture triggers on them",
+                _ => "sets REPLICA IDENTITY FULL on them",
+            };
+            problems.push(format!(
+                "- role {user} does not own {}: setup {what}, which only their owner may; run setup as the owner or ALTER TABLE ... OWNER TO {}",
+                tables.join(", "),
+                quote_ident(&user)
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let capture = if source == SourceMode::Triggers { "trigger" } else { "replication" };
+    Err(SetupError::NotReady { capture, problems: problems.join("\n") })
+}
+
+/// Checks the source, then installs the log schema and prepares the source for replication.
 pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
+    let catalog = Catalog::new(crate::pg::connect(&settings.database, "setup").await?);
+    check_mapping(&catalog, &settings.mapping).await?;
+    preflight(catalog.client(), &settings.mapping, SourceMode::Replication).await?;
+
     let log_client = crate::pg::connect(&settings.log, "setup").await.map_err(LogError::from)?;
     log::install(&log_client).await?;
     drop(log_client);
 
-    let catalog = Catalog::new(crate::pg::connect(&settings.database, "setup").await?);
-    check_mapping(&catalog, &settings.mapping).await?;
     let client = catalog.client();
     let tables: Vec<&TableName> = settings.mapping.entities().iter().map(|e| &e.table).collect();
     for table in &tables {
@@ -136,6 +208,7 @@ pub async fn setup_triggers(settings: &Settings) -> Result<(), SetupError> {
     }
     let catalog = Catalog::new(crate::pg::connect(&settings.database, "setup").await?);
     check_mapping(&catalog, &settings.mapping).await?;
+    preflight(catalog.client(), &settings.mapping, SourceMode::Triggers).await?;
     let client = catalog.client();
     log::install(client).await?;
     client.batch_execute(TRIGGER_CAPTURE_SQL).await?;

@@ -12,6 +12,7 @@ mod demo;
 mod durability;
 mod faults;
 mod fidelity;
+mod first_start;
 mod replay;
 mod tail;
 mod triggers;
