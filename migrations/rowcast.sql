@@ -42,3 +42,20 @@ CREATE TABLE IF NOT EXISTS rowcast.cursors (
 -- source that comes back with another one was restored or recreated, and continuity cannot
 -- be proven.
 ALTER TABLE rowcast.cursors ADD COLUMN IF NOT EXISTS system_identifier text;
+
+-- While a switch from trigger capture to replication is under way: the token of the switching
+-- transaction's logical message, which replication skips to (everything before it is the
+-- triggers' to capture).
+ALTER TABLE rowcast.cursors ADD COLUMN IF NOT EXISTS skip_until_marker text;
+
+-- Which capture source feeds the log: decided once (`--source auto` probes only the first
+-- time) and changed only by an explicit switch, which drains the old source first.
+CREATE TABLE IF NOT EXISTS rowcast.capture (
+    singleton    boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    source       text        NOT NULL,
+    reason       text,
+    decided_at   timestamptz NOT NULL DEFAULT now(),
+    -- While a switch from replication to triggers is under way: its marker's token, which the
+    -- slot is drained up to.
+    switch_marker text
+);

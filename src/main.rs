@@ -13,7 +13,7 @@ use rowcast::apps::demo::{Demo, DemoArgs};
 use rowcast::apps::tail::{Tail, TailArgs};
 use rowcast::config::{self, Settings, SourceMode};
 use rowcast::mapping::{Mapping, MappingError};
-use rowcast::publisher::Acceptance;
+use rowcast::publisher::{Acceptance, Decision, PublisherError};
 use rowcast::server::ServeError;
 use rowcast::setup::SetupError;
 use rowcast::{backoff, pg, server, setup};
@@ -189,8 +189,8 @@ async fn main() -> anyhow::Result<()> {
                 println!("rowcast capture triggers removed from {tables} tables");
                 return Ok(());
             }
-            let settings = settings(&args.source).await?;
-            install(&settings, args.source.mapping.is_none()).await?;
+            let (settings, decision) = settings(&args.source).await?;
+            prepare(&settings, &decision, args.source.mapping.is_none()).await?;
             match settings.source {
                 SourceMode::Triggers => println!(
                     "rowcast setup done: log schema, outbox and capture triggers on {} tables",
@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::AcceptGap(args) => {
-            let settings = settings(&args).await?;
+            let (settings, _) = settings(&args).await?;
             if settings.source == SourceMode::Triggers {
                 println!(
                     "trigger capture keeps its outbox beside the log: there is no gap to accept"
@@ -254,7 +254,9 @@ fn parse_url(url: &str) -> anyhow::Result<tokio_postgres::Config> {
     tokio_postgres::Config::from_str(url).context("the database URL is not valid")
 }
 
-async fn settings(args: &SourceArgs) -> anyhow::Result<Settings> {
+/// The settings of the source flags, with the capture source decided against what the log
+/// recorded (see `publisher::decide`).
+async fn settings(args: &SourceArgs) -> anyhow::Result<(Settings, Decision)> {
     config::check_object_name("slot", &args.slot).map_err(anyhow::Error::msg)?;
     config::check_object_name("publication", &args.publication).map_err(anyhow::Error::msg)?;
     let mut settings = Settings::new(parse_url(&args.database_url)?);
@@ -266,26 +268,43 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<Settings> {
     }
     settings.slot.clone_from(&args.slot);
     settings.publication.clone_from(&args.publication);
-    settings.source = match args.source {
-        SourceMode::Auto => {
-            let source = pg::describe(&settings.database, "source");
-            let (mode, reason) =
-                backoff::patiently(&source, SetupError::is_retryable, async || {
-                    let client = pg::connect(&settings.database, "probe").await?;
-                    setup::choose_source(&client).await
-                })
-                .await
-                .with_context(|| format!("choosing the capture source on {source}"))?;
-            tracing::info!(source = ?mode, %reason, "capture source chosen");
-            settings.source_reason = Some(reason);
-            mode
-        }
-        mode => {
-            settings.source_reason = Some("chosen with --source".into());
-            mode
-        }
-    };
-    Ok(settings)
+    let what = format!(
+        "{} and {}",
+        pg::describe(&settings.database, "source"),
+        pg::describe(&settings.log, "log")
+    );
+    let decision = backoff::patiently(&what, PublisherError::is_retryable, async || {
+        rowcast::publisher::decide(&settings, args.source).await
+    })
+    .await
+    .context("choosing the capture source")?;
+    tracing::info!(source = decision.source.name(), reason = %decision.reason, "capture source chosen");
+    settings.source = decision.source;
+    settings.source_reason = Some(decision.reason.clone());
+    Ok((settings, decision))
+}
+
+/// Makes the databases ready for the decided source: `setup`, or a switch from the recorded
+/// source, and records the decision.
+async fn prepare(
+    settings: &Settings,
+    decision: &Decision,
+    builtin_mapping: bool,
+) -> anyhow::Result<()> {
+    if let Some(from) = decision.switch_from {
+        let what = pg::describe(&settings.database, "source");
+        let drained = backoff::patiently(&what, PublisherError::is_retryable, async || {
+            rowcast::publisher::switch(settings, from).await
+        })
+        .await?;
+        tracing::info!(drained, "the old capture source is drained and removed");
+        return Ok(());
+    }
+    install(settings, builtin_mapping).await?;
+    if !decision.recorded {
+        rowcast::publisher::record(settings, decision).await?;
+    }
+    Ok(())
 }
 
 /// `setup` for the chosen source, waiting for the databases while they do not answer.
@@ -331,7 +350,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_key.as_deref(),
         listen,
     )?;
-    let mut settings = settings(&args.source).await?;
+    let (mut settings, decision) = settings(&args.source).await?;
     settings.retention = args.retention;
     settings.batch_size = args.batch_size as usize;
     settings.queue_capacity = args.queue_capacity as usize;
@@ -352,7 +371,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.auth = auth;
     settings.poll_interval = args.poll_interval.max(Duration::from_millis(10));
     if !args.no_setup {
-        install(&settings, args.source.mapping.is_none()).await?;
+        prepare(&settings, &decision, args.source.mapping.is_none()).await?;
+    } else if let Some(from) = decision.switch_from {
+        anyhow::bail!(
+            "the log is fed by {} capture; switching to {} runs setup: leave out --no-setup",
+            from.name(),
+            settings.source.name()
+        );
     }
     let log = pg::describe(&settings.log, "log");
     let server = backoff::patiently(&log, ServeError::is_retryable, async || {

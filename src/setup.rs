@@ -203,6 +203,17 @@ pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> 
 /// Installs the log schema, the outbox and the capture function, then the capture triggers
 /// of every mapped table (`triggers/capture.sql`).
 pub async fn setup_triggers(settings: &Settings) -> Result<(), SetupError> {
+    let catalog = prepare_triggers(settings).await?;
+    catalog.client().batch_execute(&capture_triggers_sql(&settings.mapping)).await?;
+    for entity in settings.mapping.entities() {
+        tracing::info!(table = %entity.table, "installed capture triggers");
+    }
+    Ok(())
+}
+
+/// Everything trigger capture needs except the triggers themselves: the checks, the log
+/// schema, the outbox and the capture function. Returns the connection to the source.
+pub async fn prepare_triggers(settings: &Settings) -> Result<Catalog, SetupError> {
     if !same_database(&settings.database, &settings.log) {
         return Err(SetupError::SeparateLog);
     }
@@ -212,23 +223,41 @@ pub async fn setup_triggers(settings: &Settings) -> Result<(), SetupError> {
     let client = catalog.client();
     log::install(client).await?;
     client.batch_execute(TRIGGER_CAPTURE_SQL).await?;
-    for entity in settings.mapping.entities() {
+    Ok(catalog)
+}
+
+/// The statements that put the capture triggers on every mapped table (idempotent).
+pub fn capture_triggers_sql(mapping: &Mapping) -> String {
+    let mut sql = String::new();
+    for entity in mapping.entities() {
         let table = &entity.table;
         let args = format!("{}, {}", quote_literal(&table.schema), quote_literal(&table.name));
-        client
-            .batch_execute(&format!(
-                "CREATE OR REPLACE TRIGGER rowcast_capture
-                     AFTER INSERT OR UPDATE OR DELETE ON {t}
-                     FOR EACH ROW EXECUTE FUNCTION rowcast.capture({args});
-                 CREATE OR REPLACE TRIGGER rowcast_capture_truncate
-                     AFTER TRUNCATE ON {t}
-                     FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture({args})",
-                t = table.sql()
-            ))
-            .await?;
-        tracing::info!(table = %table, "installed capture triggers");
+        sql.push_str(&format!(
+            "CREATE OR REPLACE TRIGGER rowcast_capture
+                 AFTER INSERT OR UPDATE OR DELETE ON {t}
+                 FOR EACH ROW EXECUTE FUNCTION rowcast.capture({args});
+             CREATE OR REPLACE TRIGGER rowcast_capture_truncate
+                 AFTER TRUNCATE ON {t}
+                 FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture({args});
+",
+            t = table.sql()
+        ));
     }
-    Ok(())
+    sql
+}
+
+/// The statements that take the capture triggers off every mapped table.
+pub fn drop_capture_triggers_sql(mapping: &Mapping) -> String {
+    let mut sql = String::new();
+    for entity in mapping.entities() {
+        sql.push_str(&format!(
+            "DROP TRIGGER IF EXISTS rowcast_capture ON {t};
+             DROP TRIGGER IF EXISTS rowcast_capture_truncate ON {t};
+",
+            t = entity.table.sql()
+        ));
+    }
+    sql
 }
 
 /// Removes the capture triggers from every table that has them, and the capture functions.

@@ -14,5 +14,6 @@ mod faults;
 mod fidelity;
 mod first_start;
 mod replay;
+mod switch;
 mod tail;
 mod triggers;

@@ -30,6 +30,12 @@ use crate::model::{Event, Position};
 // memory on the rare progress item.
 #[allow(clippy::large_enum_variant)]
 pub enum Captured {
-    Event { position: Position, event: Event },
+    Event {
+        position: Position,
+        event: Event,
+    },
     Progress(u64),
+    /// The transaction of a switch marker committed at this end LSN: from here on this source
+    /// captures what the old one no longer does (see [`stream::Marker`]).
+    MarkerPassed(u64),
 }

@@ -109,6 +109,8 @@ struct RelationInfo {
 }
 
 struct Transaction {
+    /// It carries the switch marker.
+    marked: bool,
     commit_lsn: Lsn,
     timestamp: Timestamp,
     xid: u64,
@@ -122,11 +124,44 @@ pub struct Capture {
     relations: HashMap<u32, RelationInfo>,
     transaction: Option<Transaction>,
     progress_sent: Lsn,
+    marker: Option<Marker>,
+    /// The marker's transaction committed and the marker said stop.
+    stopped: bool,
+}
+
+/// The logical message prefix of a capture-source switch.
+pub const SWITCH_PREFIX: &str = "rowcast.switch";
+
+/// A switch between capture sources under way. The switching transaction installs or removes
+/// the capture triggers and, in the same transaction, emits a transactional logical message
+/// (`SWITCH_PREFIX`, the switch's token): in the WAL, every transaction before it was seen by
+/// one source and every one after it by the other, so the stream can hand over exactly there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marker {
+    /// Triggers captured everything before the marker: drop those changes, and capture from
+    /// the marker's transaction on.
+    SkipUntil(String),
+    /// Triggers capture everything after the marker: stop once its transaction commits.
+    StopAt(String),
 }
 
 impl Capture {
     pub fn new(catalog: Catalog, mapping: Arc<Mapping>) -> Self {
-        Self { catalog, mapping, relations: HashMap::new(), transaction: None, progress_sent: 0 }
+        Self {
+            catalog,
+            mapping,
+            relations: HashMap::new(),
+            transaction: None,
+            progress_sent: 0,
+            marker: None,
+            stopped: false,
+        }
+    }
+
+    /// Hands over at a switch marker (see [`Marker`]).
+    pub fn with_marker(mut self, marker: Option<Marker>) -> Self {
+        self.marker = marker;
+        self
     }
 
     /// Starts streaming the slot from `start` on a connected client (whose continuity with the
@@ -187,6 +222,9 @@ impl Capture {
                         ReplicationMessage::XLogData { data, .. } => {
                             let message = pgoutput::decode(data)?;
                             self.handle(message, &out).await?;
+                            if self.stopped {
+                                return Ok(stream);
+                            }
                         }
                         ReplicationMessage::Keepalive { wal_end, reply_requested } => {
                             if self.transaction.is_none() && wal_end > self.progress_sent {
@@ -215,6 +253,7 @@ impl Capture {
                     return Err(CaptureError::Protocol("Begin inside a transaction".into()));
                 }
                 self.transaction = Some(Transaction {
+                    marked: false,
                     commit_lsn: final_lsn,
                     timestamp: Timestamp(commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS)),
                     xid: u64::from(xid),
@@ -222,17 +261,40 @@ impl Capture {
                 });
             }
             LogicalMessage::Commit { commit_lsn, end_lsn, .. } => {
-                match self.transaction.take() {
-                    Some(transaction) if transaction.commit_lsn == commit_lsn => {}
+                let marked = match self.transaction.take() {
+                    Some(transaction) if transaction.commit_lsn == commit_lsn => transaction.marked,
                     Some(_) => {
                         return Err(CaptureError::Protocol(
                             "Commit LSN differs from Begin's".into(),
                         ));
                     }
                     None => return Err(CaptureError::Protocol("Commit without Begin".into())),
-                }
+                };
                 self.progress_sent = self.progress_sent.max(end_lsn);
-                send(out, Captured::Progress(end_lsn)).await?;
+                match self.marker.take_if(|_| marked) {
+                    Some(Marker::SkipUntil(_)) => {
+                        send(out, Captured::MarkerPassed(end_lsn)).await?
+                    }
+                    Some(Marker::StopAt(_)) => {
+                        send(out, Captured::Progress(end_lsn)).await?;
+                        self.stopped = true;
+                    }
+                    None => send(out, Captured::Progress(end_lsn)).await?,
+                }
+            }
+            LogicalMessage::Message { transactional: true, prefix, content, .. }
+                if prefix == SWITCH_PREFIX =>
+            {
+                let token = match &self.marker {
+                    Some(Marker::SkipUntil(token) | Marker::StopAt(token)) => token.as_bytes(),
+                    None => &[][..],
+                };
+                if let Some(transaction) = self.transaction.as_mut()
+                    && !token.is_empty()
+                    && content[..] == *token
+                {
+                    transaction.marked = true;
+                }
             }
             LogicalMessage::Relation(relation) => {
                 let table = TableName::new(relation.namespace, relation.name);
@@ -295,6 +357,10 @@ impl Capture {
             ))
         })?;
         let Some(entity) = info.entity.clone() else { return Ok(()) };
+        if matches!(self.marker, Some(Marker::SkipUntil(_))) {
+            // The old source has this change.
+            return Ok(());
+        }
         let old_tuple = match &old {
             Some(OldTuple::Full(tuple)) | Some(OldTuple::Key(tuple)) => Some(tuple),
             None => None,

@@ -89,6 +89,20 @@ pub async fn run(
     }
 }
 
+/// Drains everything the outbox holds now, once (a switch away from triggers, after the
+/// triggers are gone). Returns how many events were appended.
+pub async fn drain_all(
+    writer: &mut LogWriter,
+    mapping: &Mapping,
+    batch_size: usize,
+) -> Result<usize, TriggerError> {
+    let mut drain = Drain { current: None };
+    let mut appended = 0;
+    let mut count = |stored: &[StoredEvent]| appended += stored.len();
+    while drain.batch(writer, mapping, batch_size, &mut count).await? {}
+    Ok(appended)
+}
+
 /// The listener: its own connection, whose notifications arrive on the returned channel; the
 /// channel closes when the connection ends. The connection lives as long as the returned
 /// client: dropping it ends the LISTEN.

@@ -76,6 +76,54 @@ pub async fn install(client: &Client) -> Result<(), LogError> {
     Ok(())
 }
 
+/// The capture source a log is fed by, as recorded (see `rowcast.capture`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedCapture {
+    pub source: String,
+    pub reason: Option<String>,
+    pub decided_at: Timestamp,
+    /// The token of a switch to triggers under way.
+    pub switch_marker: Option<String>,
+}
+
+/// The recorded capture source; `None` before the first decision (or before `setup`).
+pub async fn recorded_capture(client: &Client) -> Result<Option<RecordedCapture>, LogError> {
+    let exists: bool =
+        client.query_one("SELECT to_regclass('rowcast.capture') IS NOT NULL", &[]).await?.get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt("SELECT source, reason, decided_at, switch_marker FROM rowcast.capture", &[])
+        .await?;
+    Ok(row.map(|row| RecordedCapture {
+        source: row.get(0),
+        reason: row.get(1),
+        decided_at: Timestamp::from_system_time(row.get(2)),
+        switch_marker: row.get(3),
+    }))
+}
+
+/// Records the capture source (a first decision, or a completed switch).
+pub async fn record_capture(client: &Client, source: &str, reason: &str) -> Result<(), LogError> {
+    client
+        .execute(
+            "INSERT INTO rowcast.capture (source, reason) VALUES ($1, $2)
+             ON CONFLICT (singleton) DO UPDATE SET source = excluded.source,
+                 reason = excluded.reason, decided_at = now(), switch_marker = NULL",
+            &[&source, &reason],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records the token of a switch to triggers before its marker is emitted, so a switch that
+/// is interrupted resumes at the same marker.
+pub async fn record_switch_marker(client: &Client, token: &str) -> Result<(), LogError> {
+    client.execute("UPDATE rowcast.capture SET switch_marker = $1", &[&token]).await?;
+    Ok(())
+}
+
 /// The last id ever given.
 pub async fn head(client: &Client) -> Result<u64, LogError> {
     let row = client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?;

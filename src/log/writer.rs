@@ -36,6 +36,8 @@ pub struct LogWriter {
     /// Whether the source has a cursor row: it appended, or recorded its origin, before.
     known: bool,
     system_identifier: Option<String>,
+    /// A switch marker the source must skip to (see `capture::stream::Marker::SkipUntil`).
+    skip_until_marker: Option<String>,
 }
 
 impl LogWriter {
@@ -53,7 +55,7 @@ impl LogWriter {
             client.query_one("SELECT last_id FROM rowcast.log_head", &[]).await?.get(0);
         let row = client
             .query_opt(
-                "SELECT position_major, position_minor, progress, system_identifier
+                "SELECT position_major, position_minor, progress, system_identifier, skip_until_marker
                    FROM rowcast.cursors WHERE source = $1",
                 &[&source],
             )
@@ -71,7 +73,8 @@ impl LogWriter {
             cursor: cursor.unwrap_or_default(),
             pending_progress: None,
             known: row.is_some(),
-            system_identifier: row.and_then(|row| row.get(3)),
+            system_identifier: row.as_ref().and_then(|row| row.get(3)),
+            skip_until_marker: row.and_then(|row| row.get(4)),
             client,
         })
     }
@@ -80,6 +83,54 @@ impl LogWriter {
     /// its `progress` and no further, so the slot never gets ahead of what the log can prove.
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// The switch marker this source skips to, while a switch from triggers is under way.
+    pub fn skip_until_marker(&self) -> Option<&str> {
+        self.skip_until_marker.as_deref()
+    }
+
+    /// Restarts the source's cursor for a switch from triggers: capture begins at `progress`
+    /// (where the new slot starts), skipping to the switch marker `token`.
+    pub async fn begin_handover(
+        &mut self,
+        progress: u64,
+        system_identifier: &str,
+        token: &str,
+    ) -> Result<(), LogError> {
+        self.client
+            .execute(
+                "INSERT INTO rowcast.cursors (source, position_major, position_minor, progress, system_identifier, skip_until_marker)
+                 VALUES ($1, 0, 0, $2, $3, $4)
+                 ON CONFLICT (source) DO UPDATE SET position_major = 0, position_minor = 0,
+                     progress = excluded.progress, system_identifier = excluded.system_identifier,
+                     skip_until_marker = excluded.skip_until_marker, updated_at = now()",
+                &[&self.source, &(progress as i64), &system_identifier, &token],
+            )
+            .await?;
+        self.cursor = Cursor { position: Position::default(), progress };
+        self.pending_progress = None;
+        self.known = true;
+        self.system_identifier = Some(system_identifier.to_owned());
+        self.skip_until_marker = Some(token.to_owned());
+        Ok(())
+    }
+
+    /// The switch marker's transaction committed at `end`: the hand-over is complete.
+    pub async fn pass_marker(&mut self, end: u64) -> Result<(), LogError> {
+        let progress = self.cursor.progress.max(end).max(self.pending_progress.unwrap_or(0));
+        self.client
+            .execute(
+                "UPDATE rowcast.cursors SET skip_until_marker = NULL,
+                        progress = greatest(progress, $2), updated_at = now()
+                  WHERE source = $1",
+                &[&self.source, &(progress as i64)],
+            )
+            .await?;
+        self.skip_until_marker = None;
+        self.pending_progress = None;
+        self.cursor.progress = progress;
+        Ok(())
     }
 
     /// Whether this source has been captured into this log before.

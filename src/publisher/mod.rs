@@ -33,9 +33,11 @@ use crate::setup::SetupError;
 
 mod gap;
 mod replication;
+mod switch;
 mod triggers;
 
 pub use gap::{Acceptance, accept_gap};
+pub use switch::{Decision, decide, record, switch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
@@ -49,6 +51,8 @@ pub enum PublisherError {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Continuity(#[from] Break),
+    #[error("switching the capture source: {0}")]
+    Switch(String),
 }
 
 impl PublisherError {
@@ -63,6 +67,7 @@ impl PublisherError {
             Self::Setup(_) => "setup",
             Self::Triggers(_) => "triggers",
             Self::Continuity(_) => "continuity",
+            Self::Switch(_) => "setup",
         }
     }
 
@@ -74,6 +79,7 @@ impl PublisherError {
             Self::Setup(err) => err.is_retryable(),
             // Not retried blindly: the publisher waits for an operator (see `supervise`).
             Self::Continuity(_) => false,
+            Self::Switch(_) => false,
         }
     }
 }
@@ -120,6 +126,17 @@ pub(super) struct Signals {
 }
 
 impl Signals {
+    /// Signals nobody watches and no bus: for work before serving (a switch's drain).
+    fn detached() -> Self {
+        Signals {
+            state: watch::channel(State::Starting).0,
+            head: watch::channel(0).0,
+            bus: None,
+            scopes: None,
+            metrics: Arc::default(),
+        }
+    }
+
     /// Events whose append committed: published on the bus, in order, and the head moved.
     pub(super) fn appended(&self, stored: &[StoredEvent]) {
         if let Some(bus) = &self.bus {
@@ -199,7 +216,7 @@ async fn supervise(
         let started = tokio::time::Instant::now();
         let life = match settings.source {
             SourceMode::Triggers => triggers::pipeline(settings, signals, shutdown).await,
-            _ => replication::pipeline(settings, &params, signals, shutdown).await,
+            _ => replication::pipeline(settings, &params, signals, shutdown, None).await,
         };
         if let Err(err) = &life {
             signals.metrics.error(err.kind());

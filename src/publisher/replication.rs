@@ -17,7 +17,7 @@ use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
 use crate::capture::continuity::{self, Observed, Recorded, Verdict};
 use crate::capture::replication::{ConnectParams, ReplicationClient, ReplicationStream};
-use crate::capture::stream::{Capture, CaptureError, StreamSettings};
+use crate::capture::stream::{Capture, CaptureError, Marker, StreamSettings};
 use crate::config::Settings;
 use crate::log::LogWriter;
 use crate::pg::{format_lsn, parse_lsn};
@@ -115,12 +115,14 @@ pub(super) async fn observe(
     Ok(Observed { system_identifier, wal_end, slot })
 }
 
-/// One life of the pipeline: from the log's cursor until shutdown or the first error.
+/// One life of the pipeline: from the log's cursor until shutdown or the first error, or, with
+/// `stop_at`, until the switch marker with that token (the old source of a switch, drained).
 pub(super) async fn pipeline(
     settings: &Settings,
     params: &ConnectParams,
     signals: &Signals,
     shutdown: &CancellationToken,
+    stop_at: Option<&str>,
 ) -> Result<(), PublisherError> {
     let source = source_name(&settings.slot);
     // Connecting can hang on an unreachable server: shutdown must not wait for it.
@@ -138,7 +140,11 @@ pub(super) async fn pipeline(
     // position as is, and the log only writes progress along with events.
     let slot_confirmed = slot_confirmed_lsn(&catalog, &settings.slot).await?;
     let (acked_tx, acked_rx) = watch::channel(cursor.progress.max(slot_confirmed));
-    let mut capture = Capture::new(catalog, settings.mapping.clone());
+    let marker = match stop_at {
+        Some(token) => Some(Marker::StopAt(token.to_owned())),
+        None => writer.skip_until_marker().map(|token| Marker::SkipUntil(token.to_owned())),
+    };
+    let mut capture = Capture::new(catalog, settings.mapping.clone()).with_marker(marker);
     let capturing = async {
         let stream =
             capture.run(stream, &stream_settings, queue_tx, acked_rx, shutdown.clone()).await;
@@ -214,6 +220,14 @@ async fn write_loop(
             match item {
                 Captured::Event { position, event } => batch.push((position, event)),
                 Captured::Progress(lsn) => progress = Some(lsn),
+                Captured::MarkerPassed(lsn) => {
+                    // What came before the marker, then the marker, each durable before what
+                    // follows it: a restart must never skip past the hand-over again.
+                    let stored = writer.append(std::mem::take(&mut batch), progress.take()).await?;
+                    signals.appended(&stored);
+                    writer.pass_marker(lsn).await?;
+                    tracing::info!(at = %format_lsn(lsn), "capture source switch complete: replication captures from here");
+                }
             }
         }
         let stored = writer.append(batch, progress).await?;

@@ -23,6 +23,7 @@ pub(super) async fn pipeline(
             let catalog = crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
             let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
             setup::check_mapping(&catalog, &settings.mapping).await?;
+            warn_of_a_slot(&catalog, &settings.slot).await;
             Ok::<_, PublisherError>(writer)
         } => opened?,
     };
@@ -46,4 +47,25 @@ pub(super) async fn pipeline(
     .await?;
     tracing::info!("trigger capture stopped");
     Ok(())
+}
+
+/// A slot of rowcast's name left behind holds WAL that nobody will read: say so, with the fix.
+async fn warn_of_a_slot(catalog: &Catalog, slot: &str) {
+    let held = catalog
+        .client()
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    if let Ok(Some(row)) = held {
+        let bytes: Option<i64> = row.get(0);
+        tracing::warn!(
+            slot,
+            wal_bytes_held = bytes.unwrap_or(0),
+            "a replication slot of this name exists but capture uses triggers: it holds WAL nobody reads; \
+             drop it with SELECT pg_drop_replication_slot('{slot}') unless something else uses it"
+        );
+    }
 }
