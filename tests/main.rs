@@ -14,4 +14,5 @@ mod faults;
 mod fidelity;
 mod replay;
 mod tail;
+mod tls;
 mod triggers;

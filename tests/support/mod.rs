@@ -6,6 +6,7 @@
 //! With `ROWCAST_TEST_DATABASE_URL` set (a superuser on a server with `wal_level=logical`),
 //! databases are created on that server instead, and dropped with their slots afterwards.
 
+pub mod certs;
 pub mod client;
 #[cfg(feature = "testcontainers")]
 pub mod docker;
