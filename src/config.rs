@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::mapping::Mapping;
+use crate::pg::Target;
 
 /// Which capture source feeds the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -32,9 +33,9 @@ impl SourceMode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The database whose changes are captured.
-    pub database: tokio_postgres::Config,
+    pub database: Target,
     /// Where the event log lives; by default the source database.
-    pub log: tokio_postgres::Config,
+    pub log: Target,
     pub mapping: Arc<Mapping>,
     pub source: SourceMode,
     /// Replication slot name (default `rowcast`).
@@ -128,7 +129,7 @@ impl Default for ServerSettings {
 }
 
 impl Settings {
-    pub fn new(database: tokio_postgres::Config) -> Self {
+    pub fn new(database: Target) -> Self {
         Self {
             log: database.clone(),
             database,

@@ -249,9 +249,10 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn parse_url(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+/// A database URL or key=value string, `sslmode` and `sslrootcert` included.
+fn parse_url(url: &str) -> anyhow::Result<pg::Target> {
     // Never echo the URL: it may hold a password.
-    tokio_postgres::Config::from_str(url).context("the database URL is not valid")
+    pg::Target::from_str(url).context("the database URL is not valid")
 }
 
 /// The settings of the source flags, with the capture source decided against what the log

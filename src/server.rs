@@ -203,11 +203,7 @@ async fn load_scopes(state: Arc<AppState>) {
 }
 
 /// Applies retention every `TRIM_INTERVAL`.
-async fn trim_log(
-    config: tokio_postgres::Config,
-    retention: Duration,
-    shutdown: CancellationToken,
-) {
+async fn trim_log(target: crate::pg::Target, retention: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(TRIM_INTERVAL);
     loop {
         tokio::select! {
@@ -215,7 +211,7 @@ async fn trim_log(
             _ = tick.tick() => {}
         }
         let result = async {
-            let client = crate::pg::connect(&config, "retention").await?;
+            let client = crate::pg::connect(&target, "retention").await?;
             log::trim(&client, retention).await
         };
         match result.await {

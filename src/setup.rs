@@ -14,7 +14,7 @@ use crate::config::{Settings, SourceMode};
 use crate::log::{self, LogError};
 use crate::mapping::{Mapping, MappingError};
 use crate::model::TableName;
-use crate::pg::{quote_ident, quote_literal};
+use crate::pg::{Target, quote_ident, quote_literal};
 
 pub const REFERENCE_SCHEMA_SQL: &str = include_str!("../migrations/reference.sql");
 pub const TRIGGER_CAPTURE_SQL: &str = include_str!("../triggers/capture.sql");
@@ -193,8 +193,9 @@ pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Whether two connection configs name the same database on the same server.
-pub fn same_database(a: &tokio_postgres::Config, b: &tokio_postgres::Config) -> bool {
+/// Whether two connection targets name the same database on the same server.
+pub fn same_database(a: &Target, b: &Target) -> bool {
+    let (a, b) = (&a.config, &b.config);
     a.get_hosts() == b.get_hosts()
         && a.get_ports() == b.get_ports()
         && a.get_dbname() == b.get_dbname()
@@ -263,8 +264,8 @@ pub fn drop_capture_triggers_sql(mapping: &Mapping) -> String {
 /// Removes the capture triggers from every table that has them, and the capture functions.
 /// The outbox stays if it still holds changes not yet in the log. Returns how many tables
 /// had triggers.
-pub async fn uninstall_triggers(config: &tokio_postgres::Config) -> Result<usize, SetupError> {
-    let client = crate::pg::connect(config, "setup").await?;
+pub async fn uninstall_triggers(target: &Target) -> Result<usize, SetupError> {
+    let client = crate::pg::connect(target, "setup").await?;
     let rows = client
         .query(
             "SELECT DISTINCT n.nspname::text, c.relname::text

@@ -15,8 +15,8 @@ host  all         all        127.0.0.1/32 trust
 ";
 
 async fn identify(url: &str) -> Result<Vec<Option<String>>, ReplicationError> {
-    let config = tokio_postgres::Config::from_str(url).expect("url");
-    let params = ConnectParams::from_config(&config, 1 << 20)?;
+    let target = rowcast::pg::Target::from_str(url).expect("url");
+    let params = ConnectParams::from_target(&target, 1 << 20);
     let mut client = ReplicationClient::connect(&params).await?;
     let mut rows = client.simple_query("IDENTIFY_SYSTEM").await?;
     Ok(rows.pop().unwrap_or_default())

@@ -16,7 +16,7 @@ use crate::support::{Cluster, Running, TestDb, client};
 const MAPPING_CHECK: &str = "AS w(schema, name)";
 
 fn upstream(db: &TestDb) -> SocketAddr {
-    let port = db.config().get_ports().first().copied().unwrap_or(5432);
+    let port = db.config().config.get_ports().first().copied().unwrap_or(5432);
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 

@@ -16,4 +16,5 @@ mod first_start;
 mod replay;
 mod switch;
 mod tail;
+mod tls;
 mod triggers;

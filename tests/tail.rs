@@ -4,15 +4,18 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+use crate::support::certs::Certs;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -48,14 +51,19 @@ async fn accept(listener: &TcpListener) -> (WebSocketStream<TcpStream>, String) 
     (socket, query)
 }
 
-async fn send_all(socket: &mut WebSocketStream<TcpStream>, messages: Vec<Message>) {
+async fn send_all<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+    messages: Vec<Message>,
+) {
     for message in messages {
         socket.send(message).await.expect("send");
     }
 }
 
 /// Reads until the client's close frame and returns its code.
-async fn close_code(socket: &mut WebSocketStream<TcpStream>) -> Option<u16> {
+async fn close_code<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+) -> Option<u16> {
     while let Some(Ok(message)) = socket.next().await {
         if let Message::Close(frame) = message {
             return frame.map(|frame| u16::from(frame.code));
@@ -73,7 +81,17 @@ struct Tail {
 
 impl Tail {
     fn spawn(args: &[&str]) -> Self {
+        Self::spawn_command(Command::new(env!("CARGO_BIN_EXE_rowcast")), args)
+    }
+
+    /// With `roots` as the only trusted root certificates (SSL_CERT_FILE).
+    fn spawn_with_roots(args: &[&str], roots: &std::path::Path) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rowcast"));
+        command.env("SSL_CERT_FILE", roots).env_remove("SSL_CERT_DIR");
+        Self::spawn_command(command, args)
+    }
+
+    fn spawn_command(mut command: Command, args: &[&str]) -> Self {
         command.arg("tail").args(args).env("RUST_LOG", "info");
         for var in ["ROWCAST_URL", "ROWCAST_TOKEN", "ROWCAST_TAIL_TYPE", "ROWCAST_TAIL_SINCE"] {
             command.env_remove(var);
@@ -263,16 +281,67 @@ async fn exits_quietly_when_stdout_is_closed() {
     assert_eq!(close, Some(1000));
 }
 
-#[tokio::test]
-async fn tls_urls_are_refused_clearly() {
-    let output = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(["tail", "--url", "wss://events.example.com"])
-        .output()
-        .await
-        .expect("run rowcast tail");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(stderr.contains("wss:// and https:// are not supported yet"), "{stderr}");
+/// A wss:// server: TLS (tokio-rustls) with the test CA's certificate for `localhost`.
+async fn tls_listener(certs: &Certs) -> (TcpListener, TlsAcceptor) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(certs.server_cert())
+        .expect("server.pem")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("server.pem");
+    let key = PrivateKeyDer::from_pem_file(certs.server_key()).expect("server.key");
+    let config = rustls::ServerConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("server certificate");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    (listener, TlsAcceptor::from(std::sync::Arc::new(config)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_urls_are_tailed_over_tls_with_the_system_roots() {
+    let certs = Certs::new();
+    let (listener, acceptor) = tls_listener(&certs).await;
+    let url = format!("wss://localhost:{}", listener.local_addr().expect("address").port());
+    let server = tokio::spawn(async move {
+        // The first client does not trust the CA: its handshake fails, and it stops.
+        let (tcp, _) = listener.accept().await.expect("accept");
+        assert!(acceptor.accept(tcp).await.is_err(), "an untrusting client finished the handshake");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = acceptor.accept(tcp).await.expect("TLS handshake");
+        let mut socket = tokio_tungstenite::accept_async(tls).await.expect("websocket handshake");
+        send_all(
+            &mut socket,
+            vec![
+                control(r#"{"type":"welcome","connection_id":"c1","last_id":0}"#),
+                control(r#"{"type":"subscribed","subscription_id":"s1","filter":{},"last_id":0}"#),
+                event(1),
+            ],
+        )
+        .await;
+        close_code(&mut socket).await
+    });
+
+    // Roots come from the system store, which SSL_CERT_FILE replaces.
+    let untrusting = Tail::spawn_with_roots(&["--url", &url], &certs.other_ca());
+    let (success, stderr) = untrusting.exit().await;
+    assert!(!success, "tail trusted a certificate of another CA:\n{stderr}");
+    assert!(
+        stderr.contains("certificate is refused") && stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+
+    let mut tail = Tail::spawn_with_roots(&["--url", &url], &certs.ca());
+    assert_eq!(tail.line().await, envelope(1));
+    tail.terminate();
+    let (success, stderr) = tail.exit().await;
+    assert!(success, "rowcast tail failed on SIGTERM; its stderr:\n{stderr}");
+    let close = tokio::time::timeout(WAIT, server).await.expect("server script").expect("server");
+    assert_eq!(close, Some(1000), "tail did not close the TLS socket politely");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,7 +61,7 @@ pub struct TriggerSettings {
 /// Listens and drains until `shutdown`. `appended` sees each batch once it is committed.
 pub async fn run(
     writer: &mut LogWriter,
-    source: &tokio_postgres::Config,
+    source: &crate::pg::Target,
     mapping: &Mapping,
     settings: &TriggerSettings,
     mut appended: impl FnMut(&[StoredEvent]),
@@ -107,7 +107,7 @@ pub async fn drain_all(
 /// channel closes when the connection ends. The connection lives as long as the returned
 /// client: dropping it ends the LISTEN.
 async fn listen_on(
-    source: &tokio_postgres::Config,
+    source: &crate::pg::Target,
 ) -> Result<(tokio_postgres::Client, mpsc::Receiver<()>), TriggerError> {
     let (client, wake) = crate::pg::connect_notified(source, "listener").await?;
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;

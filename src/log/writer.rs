@@ -42,8 +42,8 @@ pub struct LogWriter {
 
 impl LogWriter {
     /// Takes the writer lock and reads the head and `source`'s cursor.
-    pub async fn open(config: &tokio_postgres::Config, source: &str) -> Result<Self, LogError> {
-        let client = crate::pg::connect(config, "log writer").await?;
+    pub async fn open(target: &crate::pg::Target, source: &str) -> Result<Self, LogError> {
+        let client = crate::pg::connect(target, "log writer").await?;
         // The slot is acknowledged once an append commits: that commit must be on disk.
         client.batch_execute("SET synchronous_commit = on").await?;
         let locked: bool =

@@ -9,6 +9,8 @@
 //! The rule is an allow-list of SQLSTATE classes known to pass, so an unfamiliar code is
 //! reported rather than retried forever while a slot holds WAL.
 
+use super::TlsError;
+
 /// Whether a failure may go away by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transience {
@@ -19,11 +21,16 @@ pub enum Transience {
 }
 
 /// How a `tokio_postgres` error should be treated. Errors without a SQLSTATE are I/O,
-/// timeouts and closed connections: transient.
+/// timeouts and closed connections: transient; except a server certificate that fails its
+/// checks or TLS settings that cannot work, which no reconnect changes.
 pub fn transience(err: &tokio_postgres::Error) -> Transience {
-    match err.code() {
-        Some(code) => sqlstate_transience(code.code()),
-        None => Transience::Transient,
+    if let Some(code) = err.code() {
+        return sqlstate_transience(code.code());
+    }
+    let tls = std::error::Error::source(err).and_then(|cause| cause.downcast_ref::<TlsError>());
+    match tls {
+        Some(tls) if !tls.is_retryable() => Transience::Definite,
+        _ => Transience::Transient,
     }
 }
 

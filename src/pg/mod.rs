@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! mod.rs    connect (the one place that chooses the transport), LISTEN connections
+//! target.rs where a connection goes: tokio-postgres's config and the TLS policy, from one URL
+//! tls.rs    libpq's sslmode and sslrootcert on rustls, for SQL and replication connections
 //! error.rs  the one classifier: transient (reconnect later) or definite (stop and say why)
 //! lsn.rs    the WAL position type, parsed and printed as Postgres does (`0/16B3748`)
 //! quote.rs  identifiers and literals for SQL built at run time
@@ -15,15 +17,19 @@ mod error;
 mod lsn;
 mod pool;
 mod quote;
+mod target;
+mod tls;
 
 pub use error::{Transience, is_transient, sqlstate_transience, transience};
 pub use lsn::{Lsn, format_lsn, parse_lsn};
 pub use pool::Pool;
 pub use quote::{quote_ident, quote_literal};
+pub use target::{Target, TargetError};
+pub use tls::{RootCert, SslMode, Tls, TlsError};
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 /// `host:port/database (role)`, for messages that must say which connection failed. Never
 /// the password.
@@ -40,12 +46,10 @@ pub fn describe(config: &tokio_postgres::Config, role: &str) -> String {
 }
 
 /// Connects with a background connection task; errors of that task end the client. `role`
-/// names the connection in logs (`log writer`, `catalog`, `stats`, ...).
-pub async fn connect(
-    config: &tokio_postgres::Config,
-    role: &'static str,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+/// names the connection in logs (`log writer`, `catalog`, `stats`, ...). TLS is as the
+/// target's `sslmode` says; a certificate that fails its checks is a definite error.
+pub async fn connect(target: &Target, role: &'static str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = target.sql_config().connect(target.tls.connector()).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(connection = role, error = %err, "postgres connection ended");
@@ -58,10 +62,10 @@ pub async fn connect(
 /// notification (a full channel already holds one: nothing is lost by dropping another). The
 /// channel closes when the connection ends; dropping the client ends the connection.
 pub async fn connect_notified(
-    config: &tokio_postgres::Config,
+    target: &Target,
     role: &'static str,
 ) -> Result<(Client, mpsc::Receiver<()>), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = target.sql_config().connect(target.tls.connector()).await?;
     let (wake_tx, wake_rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -13,20 +13,20 @@ use tokio_postgres::Client;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Pool {
-    config: tokio_postgres::Config,
+    target: super::Target,
     role: &'static str,
     slots: Vec<Mutex<Option<Arc<Client>>>>,
     next: AtomicUsize,
 }
 
 impl Pool {
-    pub fn new(mut config: tokio_postgres::Config, role: &'static str, size: usize) -> Self {
+    pub fn new(mut target: super::Target, role: &'static str, size: usize) -> Self {
         // A reader waiting on an unreachable server holds its slot: give up in time.
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
+        if target.config.get_connect_timeout().is_none() {
+            target.config.connect_timeout(CONNECT_TIMEOUT);
         }
         let slots = (0..size.max(1)).map(|_| Mutex::new(None)).collect();
-        Self { config, role, slots, next: AtomicUsize::new(0) }
+        Self { target, role, slots, next: AtomicUsize::new(0) }
     }
 
     /// A connection, round robin; a broken one is replaced first.
@@ -40,7 +40,7 @@ impl Pool {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok((index, client.clone()));
         }
-        let client = Arc::new(super::connect(&self.config, self.role).await?);
+        let client = Arc::new(super::connect(&self.target, self.role).await?);
         *slot = Some(client.clone());
         Ok((index, client))
     }

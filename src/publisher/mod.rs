@@ -209,8 +209,7 @@ async fn supervise(
     signals: &Signals,
     shutdown: &CancellationToken,
 ) -> Result<(), PublisherError> {
-    let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
-        .map_err(CaptureError::from)?;
+    let params = ConnectParams::from_target(&settings.database, settings.max_message_bytes);
     let mut backoff = Backoff::new(FIRST_BACKOFF, settings.max_backoff);
     loop {
         let started = tokio::time::Instant::now();

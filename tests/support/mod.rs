@@ -7,6 +7,7 @@
 //! databases are created on that server instead, and dropped with their slots afterwards.
 //! With `--features testcontainers`, the shared server is a Postgres container (see `docker`).
 
+pub mod certs;
 pub mod client;
 #[cfg(feature = "testcontainers")]
 pub mod docker;
@@ -19,12 +20,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rowcast::config::{Settings, SourceMode};
+use rowcast::pg::Target;
 use rowcast::publisher::{State, Watch};
 use rowcast::server::{ServeError, Server};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 /// The same cluster, failing with the reason when there are no local binaries to start it from.
@@ -75,10 +77,11 @@ fn with_database(url: &str, name: &str) -> String {
     out
 }
 
+/// A connection as rowcast makes them (`sslmode` honoured: the default `prefer` also reaches
+/// servers that accept only TLS).
 pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
+    let target = Target::from_str(url).expect("url");
+    rowcast::pg::connect(&target, "test").await.expect("connect")
 }
 
 /// A fresh database, dropped (with its replication slots) when the test ends.
@@ -118,8 +121,9 @@ impl TestDb {
         TestDb { url: url_of(&name), name, admin_url }
     }
 
-    pub fn config(&self) -> tokio_postgres::Config {
-        tokio_postgres::Config::from_str(&self.url).expect("url")
+    /// Where this database is, as rowcast connects to it.
+    pub fn config(&self) -> Target {
+        Target::from_str(&self.url).expect("url")
     }
 
     pub async fn client(&self) -> Client {
@@ -230,11 +234,10 @@ impl Drop for TestDb {
                 .build()
                 .expect("runtime");
             runtime.block_on(async move {
-                let Ok((client, connection)) = tokio_postgres::connect(&admin_url, NoTls).await
-                else {
+                let Ok(admin) = Target::from_str(&admin_url) else { return };
+                let Ok(client) = rowcast::pg::connect(&admin, "test cleanup").await else {
                     return;
                 };
-                tokio::spawn(connection);
                 let _ = client
                     .execute(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
@@ -287,9 +290,8 @@ pub async fn wait_until_ready(db: &TestDb, addr: SocketAddr) {
 /// Creating a logical slot waits until every transaction running when it started has ended,
 /// as seen in `xl_running_xacts` WAL records; on a cluster other tests keep busy, the bgwriter
 /// writes those only every 15 s. A checkpoint writes one at once.
-pub async fn nudge_slot_creation(config: tokio_postgres::Config) {
-    let Ok((client, connection)) = config.connect(NoTls).await else { return };
-    tokio::spawn(connection);
+pub async fn nudge_slot_creation(target: Target) {
+    let Ok(client) = rowcast::pg::connect(&target, "nudge").await else { return };
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let _ = client.batch_execute("CHECKPOINT").await;

@@ -75,8 +75,9 @@ impl FaultProxy {
         self.addr.port()
     }
 
-    /// `config` with its host and port replaced by the proxy's.
-    pub fn route(&self, config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    /// `target` with its host and port replaced by the proxy's (TLS policy kept).
+    pub fn route(&self, target: &rowcast::pg::Target) -> rowcast::pg::Target {
+        let config = &target.config;
         // `host`/`port` append to a config: build one that names the proxy only.
         let mut routed = tokio_postgres::Config::new();
         if let Some(user) = config.get_user() {
@@ -89,7 +90,7 @@ impl FaultProxy {
             routed.dbname(dbname);
         }
         routed.host("127.0.0.1").port(self.port());
-        routed
+        rowcast::pg::Target { config: routed, tls: target.tls.clone() }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

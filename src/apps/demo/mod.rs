@@ -189,6 +189,6 @@ impl Demo {
     }
 }
 
-fn config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
-    url.parse()
+fn config(url: &str) -> Result<crate::pg::Target, tokio_postgres::Error> {
+    Ok(crate::pg::Target::new(url.parse()?))
 }

@@ -23,7 +23,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub struct Workload {
-    database: tokio_postgres::Config,
+    database: crate::pg::Target,
     period: Duration,
     rng: StdRng,
     backoff: Duration,
@@ -31,7 +31,7 @@ pub struct Workload {
 
 impl Workload {
     /// `rate` changes per second (at least 1), repeatable for a given `seed`.
-    pub fn new(database: tokio_postgres::Config, rate: u32, seed: u64) -> Self {
+    pub fn new(database: crate::pg::Target, rate: u32, seed: u64) -> Self {
         Self {
             database,
             period: Duration::from_secs(1) / rate.max(1),

@@ -6,20 +6,25 @@ use tokio_tungstenite::tungstenite::http::Uri;
 use super::{TailError, invalid};
 use crate::model::Severity;
 
-/// The WebSocket address of a server: `ws://host[:port][/prefix]/ws/events`, no query.
+/// The WebSocket address of a server: `ws[s]://host[:port][/prefix]/ws/events`, no query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Endpoint(String);
 
 impl Endpoint {
-    /// Accepts a base URL or the full endpoint URL; http:// means ws://.
+    /// Accepts a base URL or the full endpoint URL; http:// means ws://, https:// wss://.
     pub(super) fn parse(url: &str) -> Result<Self, TailError> {
         let url = url.trim();
         let (scheme, rest) = url.split_once("://").unwrap_or(("ws", url));
-        match scheme.to_ascii_lowercase().as_str() {
-            "ws" | "http" => {}
-            "wss" | "https" => return Err(TailError::TlsUnsupported),
-            _ => return Err(invalid("url", "the scheme must be ws:// or http://")),
-        }
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "ws" | "http" => "ws",
+            "wss" | "https" => "wss",
+            _ => {
+                return Err(invalid(
+                    "url",
+                    "the scheme must be ws://, wss://, http:// or https://",
+                ));
+            }
+        };
         // The URL is not repeated in these errors: it may hold a password.
         if rest.contains(['?', '#']) {
             return Err(invalid(
@@ -34,7 +39,7 @@ impl Endpoint {
         }
         let path = path.trim_end_matches('/');
         let path = path.strip_suffix("/ws/events").unwrap_or(path);
-        let endpoint = format!("ws://{authority}{path}/ws/events");
+        let endpoint = format!("{scheme}://{authority}{path}/ws/events");
         let uri: Uri =
             endpoint.parse().map_err(|_| invalid("url", "not a valid host, port or path"))?;
         if uri.host().is_none_or(str::is_empty) {
@@ -50,6 +55,10 @@ impl Endpoint {
 
     pub(super) fn as_str(&self) -> &str {
         &self.0
+    }
+
+    pub(super) fn is_tls(&self) -> bool {
+        self.0.starts_with("wss://")
     }
 
     pub(super) fn with_query(&self, query: &str) -> String {
@@ -145,10 +154,21 @@ mod tests {
     }
 
     #[test]
-    fn refused_endpoints() {
-        for url in ["wss://example.com", "https://example.com/ws/events"] {
-            assert!(matches!(Endpoint::parse(url), Err(TailError::TlsUnsupported)), "{url}");
+    fn tls_endpoints() {
+        let secure = Ok("wss://example.com/ws/events".to_owned());
+        for url in ["wss://example.com", "https://example.com/ws/events", "WSS://example.com/"] {
+            assert_eq!(endpoint(url), secure, "{url}");
         }
+        assert_eq!(
+            endpoint("wss://example.com:8443/rowcast"),
+            Ok("wss://example.com:8443/rowcast/ws/events".into())
+        );
+        assert!(Endpoint::parse("https://example.com").expect("endpoint").is_tls());
+        assert!(!Endpoint::parse("http://example.com").expect("endpoint").is_tls());
+    }
+
+    #[test]
+    fn refused_endpoints() {
         for (url, words) in [
             ("ftp://example.com", "scheme"),
             ("ws://", "host"),

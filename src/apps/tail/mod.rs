@@ -21,6 +21,7 @@
 //!   handshake, a refused filter, a bad flag) end the command with a [`TailError`].
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -33,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -67,8 +68,8 @@ const REFUSAL_BODY_CHARS: usize = 200;
 /// Flags of `rowcast tail`; each also reads an environment variable.
 #[derive(Clone, clap::Args)]
 pub struct TailArgs {
-    /// Server to subscribe to: its base URL or the full `.../ws/events` URL. ws:// and http://
-    /// are accepted; wss:// and https:// are not supported yet.
+    /// Server to subscribe to: its base URL or the full `.../ws/events` URL (ws://, wss://,
+    /// http:// or https://). wss:// trusts the system's root certificates (or SSL_CERT_FILE).
     #[arg(long, env = "ROWCAST_URL", default_value = DEFAULT_URL)]
     pub url: String,
     /// Event types: `*`, `entity.*`, `*.action` or `entity.action`. Repeat the flag or separate
@@ -106,11 +107,15 @@ pub struct TailArgs {
 pub enum TailError {
     #[error("invalid --{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
-    #[error(
-        "wss:// and https:// are not supported yet: rowcast tail is built without TLS; \
-         connect with ws:// (for a remote server, through an SSH tunnel or a local TLS proxy)"
-    )]
-    TlsUnsupported,
+    #[error("wss:// needs root certificates to trust, and the system has none{0}")]
+    NoRoots(String),
+    #[error("setting up TLS")]
+    TlsSetup(#[source] rustls::Error),
+    #[error("TLS to the server cannot work")]
+    Tls(#[source] tungstenite::error::TlsError),
+    /// An untrusted certificate, or one for another name: retrying would not help.
+    #[error("the server's TLS certificate is refused: {0}")]
+    Certificate(rustls::Error),
     #[error("the server refused the WebSocket handshake: HTTP {status}{detail}{hint}")]
     Refused { status: StatusCode, detail: String, hint: &'static str },
     #[error("the server refused the subscription ({code}): {message}")]
@@ -135,6 +140,8 @@ pub struct Tail {
     authorization: Option<HeaderValue>,
     max_backoff: Duration,
     max_frame_bytes: usize,
+    /// For wss://: rustls with the system's roots, read once at start.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Tail {
@@ -164,7 +171,9 @@ impl Tail {
         if args.max_backoff.is_zero() {
             return Err(invalid("max-backoff", "must be at least 1s"));
         }
+        let tls = if endpoint.is_tls() { Some(tls_config()?) } else { None };
         Ok(Self {
+            tls,
             endpoint,
             filter: Filter {
                 types: args.types,
@@ -229,7 +238,12 @@ impl Tail {
         let config = WebSocketConfig::default()
             .max_message_size(Some(self.max_frame_bytes))
             .max_frame_size(Some(self.max_frame_bytes));
-        let handshake = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let handshake = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            self.tls.clone().map(Connector::Rustls),
+        );
         match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
             Ok(Ok((socket, _response))) => Ok(socket),
             Ok(Err(err)) => Err(Failure::from_handshake(err)),
@@ -334,6 +348,25 @@ impl Tail {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// rustls on `ring` with the system's roots (`rustls-native-certs`, which honours
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR`); the provider is named, never the process default.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, TailError> {
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(loaded.certs);
+    if roots.is_empty() {
+        let detail = loaded.errors.first().map(|err| format!(": {err}")).unwrap_or_default();
+        return Err(TailError::NoRoots(detail));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TailError::TlsSetup)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// What became of one line.
 enum Printed {
     Done,
@@ -415,6 +448,16 @@ impl Failure {
             tungstenite::Error::Http(response) => response,
             tungstenite::Error::Url(_) | tungstenite::Error::HttpFormat(_) => {
                 return Failure::Definite(TailError::Request(err));
+            }
+            tungstenite::Error::Tls(err) => return Failure::Definite(TailError::Tls(err)),
+            tungstenite::Error::Io(err) => {
+                let rejected = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+                return match rejected {
+                    Some(rejected @ rustls::Error::InvalidCertificate(_)) => {
+                        Failure::Definite(TailError::Certificate(rejected.clone()))
+                    }
+                    _ => Failure::Retryable(err.to_string()),
+                };
             }
             other => return Failure::Retryable(other.to_string()),
         };

@@ -1,7 +1,8 @@
 //! A logical replication client that speaks the streaming replication protocol itself.
 //!
 //! ```text
-//! startup (replication=database, UTC/ISO session) -> auth (trust | cleartext | md5 | SCRAM)
+//! SSLRequest -> TLS (as sslmode says; over TCP only)
+//!   -> startup (replication=database, UTC/ISO session) -> auth (trust | cleartext | md5 | SCRAM)
 //!   -> IDENTIFY_SYSTEM / CREATE_REPLICATION_SLOT (simple query protocol)
 //!   -> START_REPLICATION SLOT s LOGICAL lsn (proto_version '1', publication_names 'p')
 //!   -> CopyBoth: server sends XLogData ('w') and keepalives ('k'),
@@ -17,12 +18,14 @@
 //! postgres-protocol knows are parsed by it. Every frame length is checked against
 //! `max_message_bytes` before anything is allocated for it.
 //!
-//! `params.rs` says where and as whom to connect, `frame.rs` cuts the byte stream into
-//! frames, and `streaming.rs` is the CopyBoth phase that `start_replication` hands over to.
+//! `params.rs` says where and as whom to connect, `transport.rs` opens the (TLS) stream,
+//! `frame.rs` cuts the byte stream into frames, and `streaming.rs` is the CopyBoth phase that
+//! `start_replication` hands over to.
 
 mod frame;
 mod params;
 mod streaming;
+mod transport;
 
 use std::io;
 
@@ -31,13 +34,12 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpStream, UnixStream};
 
 use self::frame::{parse, server_error, unexpected};
-pub use self::params::{ConnectParams, Target};
+pub use self::params::{Address, ConnectParams};
 pub use self::streaming::{ReplicationMessage, ReplicationStream};
-use crate::pg::{Lsn, Transience, format_lsn, quote_ident, quote_literal};
+use self::transport::Io;
+use crate::pg::{Lsn, TlsError, Transience, format_lsn, quote_ident, quote_literal};
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -46,6 +48,8 @@ pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 pub enum ReplicationError {
     #[error("connecting to {target}: {source}")]
     Connect { target: String, source: io::Error },
+    #[error("TLS to {target}: {source}")]
+    Tls { target: String, source: Box<TlsError> },
     #[error("replication connection: {0}")]
     Io(#[from] io::Error),
     #[error("server said {code}: {message}")]
@@ -54,8 +58,6 @@ pub enum ReplicationError {
     Auth(String),
     #[error("protocol violation: {0}")]
     Protocol(String),
-    #[error("unsupported connection setting: {0}")]
-    Unsupported(String),
     #[error(
         "server message of {size} bytes exceeds the limit of {limit} bytes (max_message_bytes)"
     )]
@@ -67,20 +69,19 @@ impl ReplicationError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Io(_) => true,
+            // A handshake cut short may pass; a certificate that fails its checks will not.
+            Self::Tls { source, .. } => source.is_retryable(),
             // A slot held by a dying session (55006) or a server restarting pass; bad
             // credentials, a missing object, wal_level not logical, removed WAL do not.
             Self::Server { code, .. } => {
                 crate::pg::sqlstate_transience(code) == Transience::Transient
             }
-            Self::Auth(_) | Self::Unsupported(_) => false,
+            Self::Auth(_) => false,
             // These would fail again at the same position after a reconnect.
             Self::Protocol(_) | Self::TooLarge { .. } => false,
         }
     }
 }
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// One replication connection: a socket, a read buffer and our own framing.
 pub struct ReplicationClient {
@@ -94,11 +95,11 @@ pub struct ReplicationClient {
 pub type Row = Vec<Option<String>>;
 
 impl ReplicationClient {
-    /// Connects, authenticates and waits for ReadyForQuery. Tries each target in turn.
+    /// Connects, authenticates and waits for ReadyForQuery. Tries each address in turn.
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
         let mut last_err = None;
-        for target in &params.targets {
-            match Self::connect_to(target, params).await {
+        for address in &params.addresses {
+            match Self::connect_to(address, params).await {
                 Ok(client) => return Ok(client),
                 Err(err) if err.is_retryable() => last_err = Some(err),
                 Err(err) => return Err(err),
@@ -107,30 +108,11 @@ impl ReplicationClient {
         Err(last_err.unwrap_or_else(|| ReplicationError::Protocol("no host to connect to".into())))
     }
 
-    async fn connect_to(target: &Target, params: &ConnectParams) -> Result<Self, ReplicationError> {
-        let connect = async {
-            let io: Box<dyn Io> = match target {
-                Target::Tcp { host, port } => {
-                    let stream = TcpStream::connect((host.as_str(), *port)).await?;
-                    stream.set_nodelay(true)?;
-                    Box::new(stream)
-                }
-                Target::Unix { path } => Box::new(UnixStream::connect(path).await?),
-            };
-            Ok::<_, io::Error>(io)
-        };
-        let io = match tokio::time::timeout(params.connect_timeout, connect).await {
-            Ok(Ok(io)) => io,
-            Ok(Err(source)) => {
-                return Err(ReplicationError::Connect { target: target.to_string(), source });
-            }
-            Err(_) => {
-                return Err(ReplicationError::Connect {
-                    target: target.to_string(),
-                    source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                });
-            }
-        };
+    async fn connect_to(
+        address: &Address,
+        params: &ConnectParams,
+    ) -> Result<Self, ReplicationError> {
+        let io = transport::open(address, params).await?;
         let mut client = Self {
             io,
             read_buf: BytesMut::with_capacity(64 * 1024),
@@ -204,7 +186,8 @@ impl ReplicationClient {
                             "the server offers no SASL mechanism we support (SCRAM-SHA-256)".into(),
                         ));
                     }
-                    // Channel binding needs TLS, which this client does not speak yet.
+                    // No channel binding (tls-server-end-point) here, even over TLS: the
+                    // certificate is checked as sslmode says, and SCRAM still proves both sides.
                     let state = ScramSha256::new(&password()?, ChannelBinding::unsupported());
                     frontend::sasl_initial_response(
                         SCRAM_SHA_256,

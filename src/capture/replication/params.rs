@@ -1,60 +1,57 @@
-//! Where and as whom a replication connection goes, read from a `tokio_postgres::Config`.
+//! Where and as whom a replication connection goes, read from the same [`Target`] as the SQL
+//! connections, TLS policy included.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::ReplicationError;
+use crate::pg::{Target, Tls};
 
 /// Where and as whom to connect; taken from the same URL `tokio-postgres` parses.
 #[derive(Debug, Clone)]
 pub struct ConnectParams {
-    pub targets: Vec<Target>,
+    /// Tried in turn, as libpq tries the hosts of a multi-host URL.
+    pub addresses: Vec<Address>,
     pub user: String,
     pub password: Option<Vec<u8>>,
     pub database: String,
     pub application_name: String,
+    /// Bounds the TCP connect and the TLS handshake.
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
+    pub tls: Tls,
 }
 
 #[derive(Debug, Clone)]
-pub enum Target {
+pub enum Address {
     Tcp { host: String, port: u16 },
     Unix { path: PathBuf },
 }
 
-impl std::fmt::Display for Target {
+impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Target::Unix { path } => write!(f, "{}", path.display()),
+            Address::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Address::Unix { path } => write!(f, "{}", path.display()),
         }
     }
 }
 
 impl ConnectParams {
-    pub fn from_config(
-        config: &tokio_postgres::Config,
-        max_message_bytes: usize,
-    ) -> Result<Self, ReplicationError> {
-        use tokio_postgres::config::{Host, SslMode};
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ReplicationError::Unsupported(
-                "sslmode=require: TLS is not supported yet; use sslmode=disable or prefer".into(),
-            ));
-        }
+    pub fn from_target(target: &Target, max_message_bytes: usize) -> Self {
+        use tokio_postgres::config::Host;
+        let config = &target.config;
         let ports = config.get_ports();
-        let mut targets = Vec::new();
+        let mut addresses = Vec::new();
         for (i, host) in config.get_hosts().iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            targets.push(match host {
-                Host::Tcp(host) => Target::Tcp { host: host.clone(), port },
-                Host::Unix(dir) => Target::Unix { path: dir.join(format!(".s.PGSQL.{port}")) },
+            addresses.push(match host {
+                Host::Tcp(host) => Address::Tcp { host: host.clone(), port },
+                Host::Unix(dir) => Address::Unix { path: dir.join(format!(".s.PGSQL.{port}")) },
             });
         }
-        if targets.is_empty() {
+        if addresses.is_empty() {
             let port = ports.first().copied().unwrap_or(5432);
-            targets.push(Target::Unix {
+            addresses.push(Address::Unix {
                 path: PathBuf::from(format!("/var/run/postgresql/.s.PGSQL.{port}")),
             });
         }
@@ -62,8 +59,8 @@ impl ConnectParams {
             Some(user) => user.to_owned(),
             None => std::env::var("USER").unwrap_or_else(|_| "postgres".into()),
         };
-        Ok(Self {
-            targets,
+        Self {
+            addresses,
             database: config.get_dbname().unwrap_or(&user).to_owned(),
             password: config.get_password().map(<[u8]>::to_vec),
             user,
@@ -73,6 +70,7 @@ impl ConnectParams {
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
             max_message_bytes,
-        })
+            tls: target.tls.clone(),
+        }
     }
 }
