@@ -33,8 +33,9 @@ use tokio_postgres::{AsyncMessage, Client};
 
 /// `host:port/database (role)`, for messages that must say which connection failed. Never
 /// the password.
-pub fn describe(config: &tokio_postgres::Config, role: &str) -> String {
+pub fn describe(target: &Target, role: &str) -> String {
     use tokio_postgres::config::Host;
+    let config = &target.config;
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(host)) => host.clone(),
         Some(Host::Unix(dir)) => dir.display().to_string(),

@@ -36,8 +36,7 @@ pub enum Acceptance {
 }
 
 pub async fn accept_gap(settings: &Settings) -> Result<Acceptance, PublisherError> {
-    let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
-        .map_err(CaptureError::from)?;
+    let params = ConnectParams::from_target(&settings.database, settings.max_message_bytes);
     let source = source_name(&settings.slot);
     let catalog =
         crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);

@@ -151,8 +151,7 @@ fn new_token() -> String {
 /// the outbox is drained; replication skips to the marker.
 async fn to_replication(settings: &Settings) -> Result<usize, PublisherError> {
     setup::setup_replication(settings).await?;
-    let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
-        .map_err(CaptureError::from)?;
+    let params = ConnectParams::from_target(&settings.database, settings.max_message_bytes);
     let mut writer = LogWriter::open(&settings.log, &source_name(&settings.slot)).await?;
     let catalog = catalog(settings).await?;
     let mut client = ReplicationClient::connect(&params).await.map_err(CaptureError::from)?;
@@ -202,8 +201,7 @@ async fn to_triggers(settings: &Settings) -> Result<usize, PublisherError> {
     let triggers = setup::capture_triggers_sql(&settings.mapping);
     switching_transaction(&catalog, settings, "SHARE ROW EXCLUSIVE", &triggers, &token).await?;
     // Everything before T is the slot's to deliver: drain it up to the marker.
-    let params = ConnectParams::from_config(&settings.database, settings.max_message_bytes)
-        .map_err(CaptureError::from)?;
+    let params = ConnectParams::from_target(&settings.database, settings.max_message_bytes);
     let signals = Signals::detached();
     let never = tokio_util::sync::CancellationToken::new();
     let head = log::head(&log).await?;
