@@ -37,13 +37,15 @@ pub enum LogError {
     Serialize(#[from] serde_json::Error),
     #[error("an append of one event stored none")]
     Empty,
+    #[error("event log database: no answer within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 impl LogError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LogError::Postgres(err) => crate::pg::is_transient(err),
-            LogError::Locked => true,
+            LogError::Locked | LogError::TimedOut(_) => true,
             LogError::Serialize(_) | LogError::Empty => false,
         }
     }

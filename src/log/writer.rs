@@ -6,6 +6,20 @@ use tokio_postgres::Client;
 use super::{Cursor, LogError, Param, StoredEvent};
 use crate::model::{Event, Position, Severity, Timestamp};
 
+/// The longest one write to the log may take. A write that takes longer is on a connection
+/// that stopped answering (a dead path, a hung server): the pipeline is rebuilt on a new one,
+/// and the log's cursor makes the in-doubt write harmless.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn bounded<T>(
+    write: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, LogError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(LogError::TimedOut(WRITE_TIMEOUT)),
+    }
+}
+
 /// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
 const WRITER_LOCK: i64 = 0x0072_6f77_6361_7374;
 
@@ -98,16 +112,14 @@ impl LogWriter {
         system_identifier: &str,
         token: &str,
     ) -> Result<(), LogError> {
-        self.client
-            .execute(
+        bounded(self.client.execute(
                 "INSERT INTO rowcast.cursors (source, position_major, position_minor, progress, system_identifier, skip_until_marker)
                  VALUES ($1, 0, 0, $2, $3, $4)
                  ON CONFLICT (source) DO UPDATE SET position_major = 0, position_minor = 0,
                      progress = excluded.progress, system_identifier = excluded.system_identifier,
                      skip_until_marker = excluded.skip_until_marker, updated_at = now()",
                 &[&self.source, &(progress as i64), &system_identifier, &token],
-            )
-            .await?;
+            )).await?;
         self.cursor = Cursor { position: Position::default(), progress };
         self.pending_progress = None;
         self.known = true;
@@ -119,14 +131,13 @@ impl LogWriter {
     /// The switch marker's transaction committed at `end`: the hand-over is complete.
     pub async fn pass_marker(&mut self, end: u64) -> Result<(), LogError> {
         let progress = self.cursor.progress.max(end).max(self.pending_progress.unwrap_or(0));
-        self.client
-            .execute(
-                "UPDATE rowcast.cursors SET skip_until_marker = NULL,
+        bounded(self.client.execute(
+            "UPDATE rowcast.cursors SET skip_until_marker = NULL,
                         progress = greatest(progress, $2), updated_at = now()
                   WHERE source = $1",
-                &[&self.source, &(progress as i64)],
-            )
-            .await?;
+            &[&self.source, &(progress as i64)],
+        ))
+        .await?;
         self.skip_until_marker = None;
         self.pending_progress = None;
         self.cursor.progress = progress;
@@ -152,15 +163,13 @@ impl LogWriter {
     ) -> Result<(), LogError> {
         let progress = self.cursor.progress.max(start);
         let (major, minor, _) = self.cursor_params();
-        self.client
-            .execute(
+        bounded(self.client.execute(
                 "INSERT INTO rowcast.cursors (source, position_major, position_minor, progress, system_identifier)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (source) DO UPDATE SET system_identifier = excluded.system_identifier,
                      progress = greatest(rowcast.cursors.progress, excluded.progress), updated_at = now()",
                 &[&self.source, &major, &minor, &(progress as i64), &system_identifier],
-            )
-            .await?;
+            )).await?;
         self.known = true;
         self.cursor.progress = progress;
         self.system_identifier = Some(system_identifier.to_owned());
@@ -175,14 +184,12 @@ impl LogWriter {
             return Ok(false);
         };
         let (major, minor, _) = self.cursor_params();
-        self.client
-            .execute(
+        bounded(self.client.execute(
                 "INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
                  VALUES ($1, $2, $3, $4)
                  ON CONFLICT (source) DO UPDATE SET progress = greatest(rowcast.cursors.progress, excluded.progress), updated_at = now()",
                 &[&self.source, &major, &minor, &(progress as i64)],
-            )
-            .await?;
+            )).await?;
         self.pending_progress = None;
         self.known = true;
         self.cursor.progress = progress;
@@ -270,7 +277,7 @@ impl LogWriter {
         let (major, minor, progress) =
             (cursor.position.major as i64, cursor.position.minor as i64, cursor.progress as i64);
         params.extend::<[Param<'_>; 4]>([&self.source, &major, &minor, &progress]);
-        self.client.query_one(&statement, &params).await?;
+        bounded(self.client.query_one(&statement, &params)).await?;
         self.last_id = batch.last_id;
         self.cursor = cursor;
         self.pending_progress = None;
@@ -303,7 +310,7 @@ impl LogWriter {
         let mut params = arrays.params();
         let progress_param = progress as i64;
         params.extend::<[Param<'_>; 3]>([&self.source, &progress_param, &system_identifier]);
-        self.client.query_one(&statement, &params).await?;
+        bounded(self.client.query_one(&statement, &params)).await?;
         self.last_id = batch.last_id;
         self.cursor = Cursor { position: Position::default(), progress };
         self.pending_progress = None;
@@ -334,7 +341,7 @@ impl LogWriter {
         let arrays = batch.arrays();
         let mut params = arrays.params();
         params.extend::<[Param<'_>; 2]>([&outbox_ids, &finished_xids]);
-        self.client.query_one(&statement, &params).await?;
+        bounded(self.client.query_one(&statement, &params)).await?;
         self.last_id = batch.last_id;
         Ok(batch.stored)
     }

@@ -51,9 +51,22 @@ impl Target {
         let local = !hosts.is_empty() && !hosts.iter().any(|host| matches!(host, Host::Tcp(_)));
         let mode = if local { Negotiation::Disable } else { self.tls.negotiation() };
         config.ssl_mode(mode);
+        // A connection whose path died says nothing: TCP keepalives end it within a minute,
+        // not the operating system's default two hours. A URL that sets its own keeps it.
+        if config.get_keepalives_idle() == TWO_HOURS {
+            config.keepalives_idle(KEEPALIVE_IDLE);
+            config.keepalives_interval(KEEPALIVE_INTERVAL);
+            config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
         config
     }
 }
+
+/// tokio-postgres's default keepalive idle time, which means "not set".
+const TWO_HOURS: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 impl FromStr for Target {
     type Err = TargetError;
