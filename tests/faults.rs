@@ -246,3 +246,37 @@ async fn serve_waits_for_a_database_that_is_not_there_yet() {
     assert!(ready.is_ok(), "serve never became ready once the database answered");
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
 }
+
+/// After a long outage the reconnect backoff is at its cap; once the database is back,
+/// capture resumes within that cap (5 s by default), not half a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_resumes_within_the_backoff_cap_after_a_long_outage() {
+    let db = TestDb::migrated().await;
+    seed(&db.client().await).await;
+    let proxy = FaultProxy::start(upstream(&db)).await;
+    let mut settings = db.settings();
+    settings.database = proxy.route(&settings.database);
+    settings.max_backoff = rowcast::config::Settings::new(db.config()).max_backoff;
+    let mut running = Running::start(settings).await;
+
+    // Down for 15 s: every reconnect is refused, the backoff grows to its cap.
+    proxy.refuse(true);
+    proxy.reset_all();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(matches!(*running.watch.state.borrow(), State::Reconnecting { .. }));
+    proxy.refuse(false);
+    let back = std::time::Instant::now();
+    let streaming = tokio::time::timeout(
+        Duration::from_secs(60),
+        running.watch.state.wait_for(|state| *state == State::Streaming),
+    )
+    .await
+    .is_ok_and(|state| state.is_ok());
+    let took = back.elapsed();
+    assert!(streaming, "capture never resumed");
+    // The cap plus a reconnect; a 30 s cap would show here.
+    assert!(took < Duration::from_secs(12), "capture resumed {took:?} after the outage ended");
+    write_numbered(db.client().await, 20).await;
+    running.wait_for_id(20, Duration::from_secs(30)).await;
+    running.stop().await;
+}

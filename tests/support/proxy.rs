@@ -10,6 +10,7 @@
 //!                                  sockets left open (a dead path: no FIN, no RST)
 //!               blackhole_new(on)  new connections are accepted and then hear nothing (a
 //!                                  server that does not answer)
+//!               refuse(on)         new connections are reset at once (a server that is down)
 //! ```
 //!
 //! Resets use SO_LINGER 0, so the peers see "connection reset", not an orderly close.
@@ -41,6 +42,8 @@ struct State {
     stall: watch::Sender<bool>,
     /// Whether new connections are held silent instead of forwarded.
     silent: bool,
+    /// Whether new connections are reset at once.
+    refuse: bool,
     /// Armed cuts: the first connection that sends one of these is reset.
     cuts: Vec<Vec<u8>>,
     /// Connections reset by an armed cut so far.
@@ -63,6 +66,7 @@ impl FaultProxy {
                 generation: CancellationToken::new(),
                 stall: watch::channel(false).0,
                 silent: false,
+                refuse: false,
                 cuts: Vec::new(),
                 cut_count: 0,
             }),
@@ -111,6 +115,11 @@ impl FaultProxy {
         state.stall = watch::channel(false).0;
     }
 
+    /// Resets new connections at once while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.state().refuse = on;
+    }
+
     /// Holds new connections silent (accepted, never answered) while `on`.
     pub fn blackhole_new(&self, on: bool) {
         self.state().silent = on;
@@ -138,10 +147,14 @@ impl Drop for FaultProxy {
 async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((client, _)) = listener.accept().await else { continue };
-        let (generation, stall, silent) = {
+        let (generation, stall, silent, refuse) = {
             let state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            (state.generation.child_token(), state.stall.subscribe(), state.silent)
+            (state.generation.child_token(), state.stall.subscribe(), state.silent, state.refuse)
         };
+        if refuse {
+            let _ = client.set_zero_linger();
+            continue;
+        }
         if silent {
             tokio::spawn(async move {
                 generation.cancelled().await;
