@@ -200,13 +200,9 @@ async fn serve_waits_for_a_database_that_is_not_there_yet() {
     let port = rowcast::apps::cluster::free_port().expect("a free port");
     let listen = crate::support::free_addr();
     let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(["serve", "--source", "replication", "--slot", &db.name])
-        .args(["--listen", &listen.to_string()])
-        .env("DATABASE_URL", &url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let listen_arg = listen.to_string();
+    let args = ["serve", "--source", "replication", "--slot", &db.name, "--listen", &listen_arg];
+    let mut child = crate::support::rowcast_command(&url, &args)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn rowcast serve");

@@ -6,17 +6,11 @@ use std::process::{Command, Output, Stdio};
 use rowcast::config::SourceMode;
 use rowcast::setup::SetupError;
 
-use crate::support::{TestDb, free_addr};
+use crate::support::{TestDb, free_addr, rowcast_command};
 
 /// `rowcast ARGS` with `DATABASE_URL`, to completion.
 fn rowcast(args: &[&str], database_url: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run rowcast")
+    rowcast_command(database_url, args).output().expect("run rowcast")
 }
 
 /// A role that may log in but neither replicate nor own the tables.
@@ -111,12 +105,8 @@ async fn bad_flags_are_refused_before_any_database_is_touched() {
 async fn listen_takes_a_host_name() {
     let db = TestDb::migrated().await;
     let port = rowcast::apps::cluster::free_port().expect("port");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(["serve", "--slot", &db.name, "--listen", &format!("localhost:{port}")])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let listen = format!("localhost:{port}");
+    let mut child = rowcast_command(&db.url, &["serve", "--slot", &db.name, "--listen", &listen])
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::durability::assert_sequence;
-use crate::support::{TestDb, client, free_addr, nudge_slot_creation};
+use crate::support::{TestDb, client, free_addr, nudge_slot_creation, rowcast_command};
 
 /// A role that owns the reference tables but may not replicate (yet).
 async fn owner_without_replication(db: &TestDb) -> (String, String) {
@@ -28,13 +28,7 @@ async fn owner_without_replication(db: &TestDb) -> (String, String) {
     let url = format!("postgres://{role}@{host}");
     let client = crate::support::connect(&url).await;
     rowcast::setup::migrate(&client).await.expect("migrate as the owner");
-    client
-        .batch_execute(
-            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
-             INSERT INTO domains (id, organization_id, name) VALUES ('demo', 'quant', 'Demo');",
-        )
-        .await
-        .expect("seed");
+    crate::durability::seed(&client).await;
     (role, url)
 }
 
@@ -47,15 +41,12 @@ impl Serve {
     /// `rowcast serve` with `source` (None: auto), waited for until ready.
     async fn start(db: &TestDb, url: &str, source: Option<&str>) -> Serve {
         let addr = free_addr();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rowcast"));
-        command
-            .args(["serve", "--slot", &db.name, "--listen", &addr.to_string()])
-            .args(["--status-interval", "1s", "--poll-interval", "100ms"])
-            .env("DATABASE_URL", url)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let listen = addr.to_string();
+        let mut command = rowcast_command(
+            url,
+            &["serve", "--slot", &db.name, "--listen", &listen, "--status-interval", "1s"],
+        );
+        command.args(["--poll-interval", "100ms"]).stderr(Stdio::inherit());
         if let Some(source) = source {
             command.args(["--source", source]);
         }

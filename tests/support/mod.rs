@@ -267,6 +267,20 @@ impl Drop for TestDb {
     }
 }
 
+/// The `rowcast` binary with `args`, as a user would run it against `database_url`: warnings
+/// on stderr, nothing on stdin or stdout.
+pub fn rowcast_command(database_url: &str, args: &[&str]) -> std::process::Command {
+    use std::process::Stdio;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rowcast"));
+    command
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
 /// A 127.0.0.1 address on a port nothing listens on now, for a server a test starts.
 pub fn free_addr() -> SocketAddr {
     let port = rowcast::apps::cluster::free_port().expect("a free port");
