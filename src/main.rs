@@ -155,7 +155,34 @@ struct ServeArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    init_logging();
+    match run(Cli::parse().command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            report(&err);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error for a person: what failed, then each cause once, and no backtrace (these are
+/// configuration and environment problems, not bugs; RUST_BACKTRACE is for bugs).
+fn report(err: &anyhow::Error) {
+    let mut said = err.to_string();
+    eprintln!("error: {said}");
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        // tokio-postgres repeats itself ("log: db error", "db error", "FATAL: ...").
+        if said.ends_with(&cause) {
+            continue;
+        }
+        eprintln!("  because: {cause}");
+        said = cause;
+    }
+}
+
+fn init_logging() {
     use tracing_subscriber::filter::{FilterExt, filter_fn};
     use tracing_subscriber::prelude::*;
     // Postgres NOTICEs (tokio-postgres logs them at info) are noise for an operator.
@@ -180,7 +207,10 @@ async fn main() -> anyhow::Result<()> {
         .log_internal_errors(false)
         .with_filter(filter.and(payloads));
     tracing_subscriber::registry().with(layer).init();
-    match Cli::parse().command {
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => serve(args).await,
         Command::Setup(args) => {
             if args.uninstall_triggers {
@@ -278,7 +308,7 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<(Settings, Decision)> {
         rowcast::publisher::decide(&settings, args.source).await
     })
     .await
-    .context("choosing the capture source")?;
+    .with_context(|| format!("choosing the capture source ({what})"))?;
     tracing::info!(source = decision.source.name(), reason = %decision.reason, "capture source chosen");
     settings.source = decision.source;
     settings.source_reason = Some(decision.reason.clone());
@@ -327,7 +357,7 @@ async fn install(settings: &Settings, builtin_mapping: bool) -> anyhow::Result<(
              To capture your own tables, write a mapping (config/mapping.toml is the example) and \
              pass it with --mapping FILE."
         )),
-        other => Ok(other?),
+        other => Ok(other.with_context(|| format!("setting up {what}"))?),
     }
 }
 
@@ -384,7 +414,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = backoff::patiently(&log, ServeError::is_retryable, async || {
         server::Server::new(settings.clone()).await
     })
-    .await?;
+    .await
+    .with_context(|| format!("opening the event log ({log})"))?;
     // Until here a signal simply ends the process: nothing is running that needs an orderly stop.
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
