@@ -553,6 +553,28 @@ async fn history_metadata_stats_and_health_over_http() {
         .iter()
         .find(|t| t["type"] == "deployment.failed");
     assert_eq!(failed.expect("failed")["severity"], "error");
+    // Declared application events are listed beside row events, under their entity.
+    let declared = metadata["event_types"]
+        .as_array()
+        .expect("types")
+        .iter()
+        .find(|t| t["type"] == "deployment.log")
+        .expect("deployment.log is declared");
+    assert_eq!(
+        (&declared["kind"], &declared["severity"], &declared["entity"]),
+        (&json!("app"), &json!("debug"), &json!("deployment"))
+    );
+    assert!(declared["description"].as_str().is_some_and(|d| !d.is_empty()));
+    let deployment = metadata["entities"]
+        .as_array()
+        .expect("entities")
+        .iter()
+        .find(|e| e["name"] == "deployment")
+        .expect("deployment");
+    assert!(
+        deployment["event_types"].as_array().expect("types").contains(&json!("deployment.log"))
+    );
+    assert!(deployment["description"].is_string());
     assert_eq!(metadata["organizations"], json!(["acme", "quant"]));
     assert!(
         metadata["domains"]

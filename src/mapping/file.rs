@@ -3,13 +3,16 @@
 
 use serde::Deserialize;
 
+use super::app::{AppEventType, is_app_type};
 use super::{Entity, ExtraEvent, MappingError, Trigger};
 use crate::model::{Severity, TableName};
 
-/// The entities a mapping file declares, in order.
-pub(super) fn entities(text: &str) -> Result<Vec<Entity>, MappingError> {
+/// The entities and application event types a mapping file declares, in order.
+pub(super) fn parse(text: &str) -> Result<(Vec<Entity>, Vec<AppEventType>), MappingError> {
     let spec: FileSpec = toml::from_str(text)?;
-    spec.entity.into_iter().map(entity_from_spec).collect()
+    let entities = spec.entity.into_iter().map(entity_from_spec).collect::<Result<_, _>>()?;
+    let events = spec.event.into_iter().map(app_event_from_spec).collect::<Result<_, _>>()?;
+    Ok((entities, events))
 }
 
 #[derive(Deserialize)]
@@ -17,6 +20,32 @@ pub(super) fn entities(text: &str) -> Result<Vec<Entity>, MappingError> {
 struct FileSpec {
     #[serde(default)]
     entity: Vec<EntitySpec>,
+    #[serde(default)]
+    event: Vec<AppEventSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppEventSpec {
+    #[serde(rename = "type")]
+    event_type: String,
+    severity: Option<String>,
+    description: Option<String>,
+}
+
+fn app_event_from_spec(spec: AppEventSpec) -> Result<AppEventType, MappingError> {
+    let invalid =
+        |what: String| MappingError::Invalid(format!("event {:?}: {what}", spec.event_type));
+    if !is_app_type(&spec.event_type) {
+        return Err(invalid(
+            "the type must be <entity>.<action>, each part [a-z][a-z0-9_]*".into(),
+        ));
+    }
+    let severity = match &spec.severity {
+        Some(text) => text.parse().map_err(invalid)?,
+        None => Severity::Info,
+    };
+    Ok(AppEventType { event_type: spec.event_type, severity, description: spec.description })
 }
 
 #[derive(Deserialize)]
@@ -28,6 +57,7 @@ struct EntitySpec {
     domain: Option<String>,
     #[serde(default)]
     redact: Vec<String>,
+    description: Option<String>,
     #[serde(default)]
     event: Vec<EventSpec>,
 }
@@ -86,6 +116,7 @@ fn entity_from_spec(spec: EntitySpec) -> Result<Entity, MappingError> {
         organization: spec.organization,
         domain: spec.domain,
         redact: spec.redact,
+        description: spec.description,
         events,
     })
 }

@@ -11,8 +11,11 @@ use std::sync::Arc;
 
 use crate::model::{Severity, TableName};
 
+mod app;
 mod file;
 mod rules;
+
+pub use app::{AppEvent, AppEventType, Invalid, MAX_KEY_CHARS, is_app_type};
 
 pub const DEFAULT_MAPPING: &str = include_str!("../../config/mapping.toml");
 
@@ -53,6 +56,8 @@ pub struct Entity {
     pub organization: Option<String>,
     pub domain: Option<String>,
     pub redact: Vec<String>,
+    /// Shown in the metadata and the page's filter builder.
+    pub description: Option<String>,
     pub events: Vec<ExtraEvent>,
 }
 
@@ -61,9 +66,21 @@ pub struct Mapping {
     // Shared so a capture source can keep the entity of each relation it has seen.
     entities: Vec<Arc<Entity>>,
     by_table: HashMap<TableName, usize>,
+    /// Declared application event types, in declaration order.
+    app_events: Vec<AppEventType>,
 }
 
 impl Entity {
+    /// The event types a change of this entity can produce, with their severities.
+    pub fn row_event_types(&self) -> impl Iterator<Item = (String, Severity)> + '_ {
+        let plain = ["created", "updated", "deleted", "truncated"].map(|a| (a, Severity::Info));
+        let extra = self.events.iter().map(|e| (e.action.as_str(), e.severity));
+        plain
+            .into_iter()
+            .chain(extra)
+            .map(|(action, severity)| (format!("{}.{action}", self.name), severity))
+    }
+
     /// Every column the entity names: scopes, redactions, triggers.
     fn columns_used(&self) -> impl Iterator<Item = &str> {
         let extra = self.events.iter().map(|event| match &event.trigger {
@@ -91,7 +108,29 @@ impl Mapping {
     }
 
     pub fn from_toml(text: &str) -> Result<Self, MappingError> {
-        Self::new(file::entities(text)?)
+        let (entities, app_events) = file::parse(text)?;
+        Self::new(entities)?.with_app_events(app_events)
+    }
+
+    /// Declares application event types: each once, and none that a row change also produces
+    /// (two meanings for one type would make filters lie).
+    pub fn with_app_events(mut self, app_events: Vec<AppEventType>) -> Result<Self, MappingError> {
+        let row_types: BTreeSet<String> =
+            self.entities.iter().flat_map(|e| e.row_event_types().map(|(t, _)| t)).collect();
+        let mut seen = BTreeSet::new();
+        for declared in &app_events {
+            let kind = declared.event_type.as_str();
+            if row_types.contains(kind) {
+                return Err(MappingError::Invalid(format!(
+                    "event {kind:?} is also a row event type of an entity"
+                )));
+            }
+            if !seen.insert(kind) {
+                return Err(MappingError::Invalid(format!("event {kind:?} is declared twice")));
+            }
+        }
+        self.app_events = app_events;
+        Ok(self)
     }
 
     pub fn new(entities: Vec<Entity>) -> Result<Self, MappingError> {
@@ -114,7 +153,21 @@ impl Mapping {
                 )));
             }
         }
-        Ok(Self { entities: entities.into_iter().map(Arc::new).collect(), by_table })
+        Ok(Self {
+            entities: entities.into_iter().map(Arc::new).collect(),
+            by_table,
+            app_events: Vec::new(),
+        })
+    }
+
+    /// The declared application event types.
+    pub fn app_events(&self) -> &[AppEventType] {
+        &self.app_events
+    }
+
+    /// The declaration of an application event type, if it is declared.
+    pub fn app_event(&self, event_type: &str) -> Option<&AppEventType> {
+        self.app_events.iter().find(|declared| declared.event_type == event_type)
     }
 
     pub fn entities(&self) -> &[Arc<Entity>] {
@@ -305,11 +358,61 @@ mod tests {
                 "unknown severity",
             ),
             ("[[entity]]\nname = \"a\"\ntable = \"x.y.z\"\n", "is not schema.table"),
+            (
+                "[[event]]\ntype = \"Deploy.log\"\n[[entity]]\nname = \"a\"\ntable = \"t\"\n",
+                "each part [a-z][a-z0-9_]*",
+            ),
+            (
+                "[[event]]\ntype = \"a.created\"\n[[entity]]\nname = \"a\"\ntable = \"t\"\n",
+                "also a row event type",
+            ),
+            (
+                "[[event]]\ntype = \"a.x\"\n[[event]]\ntype = \"a.x\"\n[[entity]]\nname = \"a\"\ntable = \"t\"\n",
+                "declared twice",
+            ),
+            (
+                "[[event]]\ntype = \"a.x\"\nseverity = \"loud\"\n[[entity]]\nname = \"a\"\ntable = \"t\"\n",
+                "unknown severity",
+            ),
+            (
+                "[[event]]\ntype = \"a.x\"\ncolour = 1\n[[entity]]\nname = \"a\"\ntable = \"t\"\n",
+                "unknown field `colour`",
+            ),
             ("[[entity]\n", "not valid"),
         ];
         for (text, expected) in cases {
             let err = Mapping::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn application_events_and_descriptions_are_declared() {
+        let mapping = Mapping::from_toml(
+            "[[event]]\ntype = \"deployment.log\"\nseverity = \"debug\"\ndescription = \"A build line\"\n\
+             [[event]]\ntype = \"cache.miss\"\n\
+             [[entity]]\nname = \"deployment\"\ntable = \"deployments\"\ndescription = \"Deploys\"\n",
+        )
+        .expect("mapping");
+        let log = mapping.app_event("deployment.log").expect("declared");
+        assert_eq!(
+            (log.severity, log.description.as_deref()),
+            (Severity::Debug, Some("A build line"))
+        );
+        let miss = mapping.app_event("cache.miss").expect("declared");
+        assert_eq!((miss.severity, miss.description.as_deref()), (Severity::Info, None));
+        assert!(mapping.app_event("deployment.created").is_none());
+        assert_eq!(mapping.entities()[0].description.as_deref(), Some("Deploys"));
+        // Every severity is accepted in the mapping.
+        for severity in Severity::ALL {
+            let text = format!(
+                "[[event]]\ntype = \"a.x\"\nseverity = \"{}\"\n[[entity]]\nname = \"a\"\ntable = \"t\"\n[[entity.event]]\naction = \"y\"\nchanged = \"c\"\nseverity = \"{}\"\n",
+                severity.as_str(),
+                severity.as_str()
+            );
+            let mapping = Mapping::from_toml(&text).expect("every severity");
+            assert_eq!(mapping.app_event("a.x").map(|d| d.severity), Some(severity));
+            assert_eq!(mapping.entities()[0].events[0].severity, severity);
         }
     }
 

@@ -92,8 +92,9 @@ impl Op {
     }
 }
 
-/// Where an event came from: `{"kind":"row",...}` for row changes (SPEC §3, §3a);
-/// `{"kind":"rowcast",...}` for what rowcast itself reports (`rowcast.gap`).
+/// Where an event came from: `{"kind":"row",...}` for row changes (SPEC §3, §3a),
+/// `{"kind":"app","via":"sql"|"http",...}` for application events, `{"kind":"rowcast",...}`
+/// for what rowcast itself reports (`rowcast.gap`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Source {
@@ -106,10 +107,29 @@ pub enum Source {
         lsn: Option<String>,
         xid: u64,
     },
+    App {
+        via: Via,
+        /// Commit LSN of the emitting transaction, replication mode only (as for rows).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        lsn: Option<String>,
+        /// The emitting transaction, for `rowcast.emit()` from SQL.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        xid: Option<u64>,
+    },
     Rowcast {
         /// The capture source concerned (`replication:<slot>`).
         capture: String,
     },
+}
+
+/// How an application event entered rowcast (SPEC §3a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// `rowcast.emit()` inside the application's transaction.
+    Sql,
+    /// `POST /api/events`.
+    Http,
 }
 
 /// Where an event sits in its source's own order: the commit LSN (replication) or outbox id
@@ -220,5 +240,18 @@ mod tests {
             json,
             r#"{"id":7,"type":"agent.created","timestamp":"1970-01-01T00:00:00.000000Z","organization_id":"quant","domain_id":null,"severity":"info","data":{},"source":{"kind":"row","table":"public.agents","op":"insert","xid":9}}"#
         );
+    }
+
+    #[test]
+    fn application_events_say_how_they_came() {
+        let source =
+            |via, lsn: Option<&str>, xid| Source::App { via, lsn: lsn.map(Into::into), xid };
+        let json = |source: Source| serde_json::to_string(&source).expect("serializes");
+        assert_eq!(json(source(Via::Http, None, None)), r#"{"kind":"app","via":"http"}"#);
+        assert_eq!(
+            json(source(Via::Sql, Some("0/16B3748"), Some(7301))),
+            r#"{"kind":"app","via":"sql","lsn":"0/16B3748","xid":7301}"#
+        );
+        assert_eq!(json(source(Via::Sql, None, Some(1))), r#"{"kind":"app","via":"sql","xid":1}"#);
     }
 }

@@ -9,5 +9,5 @@ mod event;
 mod time;
 
 pub use change::{Change, TableName};
-pub use event::{Event, Op, Position, Row, Severity, Source};
+pub use event::{Event, Op, Position, Row, Severity, Source, Via};
 pub use time::Timestamp;
