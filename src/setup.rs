@@ -18,6 +18,54 @@ use crate::pg::{Target, quote_ident, quote_literal};
 
 pub const REFERENCE_SCHEMA_SQL: &str = include_str!("../migrations/reference.sql");
 pub const TRIGGER_CAPTURE_SQL: &str = include_str!("../triggers/capture.sql");
+pub const EMIT_SQL: &str = include_str!("../triggers/emit.sql");
+
+/// Where `rowcast.emit()` sends application events (`rowcast.emit_route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmitRoute {
+    Replication,
+    Triggers,
+}
+
+impl EmitRoute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmitRoute::Replication => "replication",
+            EmitRoute::Triggers => "triggers",
+        }
+    }
+}
+
+/// Installs `rowcast.emit()` in the source database with the mapping's declared application
+/// event types, and the route it sends events by if none is set yet. An existing route is kept:
+/// only a capture switch's transaction changes it (see `publisher::switch`), so setting up the
+/// new source before a switch does not send events where nobody captures them yet.
+pub async fn install_emit(
+    client: &Client,
+    mapping: &Mapping,
+    route: EmitRoute,
+) -> Result<(), SetupError> {
+    client.batch_execute(EMIT_SQL).await?;
+    let types: Vec<&str> = mapping.app_events().iter().map(|d| d.event_type.as_str()).collect();
+    let severities: Vec<&str> = mapping.app_events().iter().map(|d| d.severity.as_str()).collect();
+    client
+        .execute(
+            "WITH declared AS (SELECT * FROM unnest($1::text[], $2::text[]) AS d(type, severity)),
+                  gone AS (DELETE FROM rowcast.event_types t
+                            WHERE NOT EXISTS (SELECT 1 FROM declared d WHERE d.type = t.type))
+             INSERT INTO rowcast.event_types (type, severity) SELECT type, severity FROM declared
+             ON CONFLICT (type) DO UPDATE SET severity = excluded.severity",
+            &[&types, &severities],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO rowcast.emit_route (via) VALUES ($1) ON CONFLICT (singleton) DO NOTHING",
+            &[&route.as_str()],
+        )
+        .await?;
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -190,6 +238,7 @@ pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
             .await?;
         tracing::info!(publication = %settings.publication, "created publication");
     }
+    install_emit(client, &settings.mapping, EmitRoute::Replication).await?;
     Ok(())
 }
 
@@ -224,6 +273,7 @@ pub async fn prepare_triggers(settings: &Settings) -> Result<Catalog, SetupError
     let client = catalog.client();
     log::install(client).await?;
     client.batch_execute(TRIGGER_CAPTURE_SQL).await?;
+    install_emit(client, &settings.mapping, EmitRoute::Triggers).await?;
     Ok(catalog)
 }
 

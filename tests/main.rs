@@ -10,6 +10,7 @@ mod continuity;
 mod delivery;
 mod demo;
 mod durability;
+mod emit;
 mod faults;
 mod fidelity;
 mod first_start;

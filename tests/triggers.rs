@@ -17,7 +17,7 @@ use crate::support::{Cluster, Running, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn trigger_settings(db: &TestDb) -> rowcast::config::Settings {
+pub fn trigger_settings(db: &TestDb) -> rowcast::config::Settings {
     let mut settings = db.settings();
     settings.source = SourceMode::Triggers;
     settings.poll_interval = Duration::from_millis(200);
@@ -25,7 +25,7 @@ fn trigger_settings(db: &TestDb) -> rowcast::config::Settings {
 }
 
 /// Waits until the outbox is empty and returns the log.
-async fn drained_events(db: &TestDb) -> Vec<Value> {
+pub async fn drained_events(db: &TestDb) -> Vec<Value> {
     let client = db.client().await;
     for _ in 0..1200 {
         let left: i64 = client

@@ -19,12 +19,19 @@ CREATE TABLE IF NOT EXISTS rowcast.outbox (
     id           bigserial   PRIMARY KEY,
     xid          xid8        NOT NULL DEFAULT pg_current_xact_id(),
     at           timestamptz NOT NULL DEFAULT statement_timestamp(),
-    table_schema text        NOT NULL,
-    table_name   text        NOT NULL,
-    op           text        NOT NULL CHECK (op IN ('insert', 'update', 'delete', 'truncate')),
+    table_schema text,
+    table_name   text,
+    op           text        NOT NULL,
     new_row      jsonb,
     old_row      jsonb
 );
+-- Application events from rowcast.emit() (triggers/emit.sql) are outbox rows too: op 'emit',
+-- the payload in new_row, no table. (Outboxes made before that get the looser columns here.)
+ALTER TABLE rowcast.outbox ALTER COLUMN table_schema DROP NOT NULL,
+                           ALTER COLUMN table_name DROP NOT NULL,
+                           DROP CONSTRAINT IF EXISTS outbox_op_check,
+                           ADD CONSTRAINT outbox_op_check
+                               CHECK (op IN ('insert', 'update', 'delete', 'truncate', 'emit'));
 CREATE INDEX IF NOT EXISTS outbox_xid ON rowcast.outbox (xid);
 
 CREATE SEQUENCE IF NOT EXISTS rowcast.commit_seq;

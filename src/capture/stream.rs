@@ -30,8 +30,8 @@ use super::replication::{
     PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationError, ReplicationMessage,
     ReplicationStream,
 };
-use crate::mapping::{Entity, Mapping};
-use crate::model::{Change, Op, Position, Row, TableName, Timestamp};
+use crate::mapping::{EMIT_PREFIX, Entity, Mapping};
+use crate::model::{Change, Op, Position, Row, Source, TableName, Timestamp, Via};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -296,6 +296,11 @@ impl Capture {
                     transaction.marked = true;
                 }
             }
+            LogicalMessage::Message { transactional: true, prefix, content, .. }
+                if prefix == EMIT_PREFIX =>
+            {
+                self.emitted(out, &content).await?;
+            }
             LogicalMessage::Relation(relation) => {
                 let table = TableName::new(relation.namespace, relation.name);
                 let entity = self.mapping.entity_for(&table).cloned();
@@ -329,6 +334,41 @@ impl Capture {
             | LogicalMessage::Message { .. } => {}
         }
         Ok(())
+    }
+
+    /// A `rowcast.emit()` call: an event in its transaction's order. It counts as a change of
+    /// the transaction, so every position after it is the same on every replay.
+    async fn emitted(
+        &mut self,
+        out: &mpsc::Sender<Captured>,
+        payload: &[u8],
+    ) -> Result<(), CaptureError> {
+        let transaction = self.transaction.as_mut().ok_or_else(|| {
+            CaptureError::Protocol("an emitted event outside a transaction".into())
+        })?;
+        let change_index = transaction.next_change;
+        transaction.next_change += 1;
+        if matches!(self.marker, Some(Marker::SkipUntil(_))) {
+            // The old source has this event.
+            return Ok(());
+        }
+        let source = Source::App {
+            via: Via::Sql,
+            lsn: Some(crate::pg::format_lsn(transaction.commit_lsn)),
+            xid: Some(transaction.xid),
+        };
+        let position = Position::of(transaction.commit_lsn, change_index, 0).ok_or_else(|| {
+            CaptureError::Protocol("too many changes or events in one transaction".into())
+        })?;
+        match self.mapping.sql_event(payload, transaction.timestamp, source) {
+            Ok(event) => send(out, Captured::Event { position, event }).await,
+            Err(err) => {
+                // Only something other than rowcast.emit() writes such a message; the
+                // transaction committed, so there is nothing to refuse: say so and go on.
+                tracing::error!(xid = transaction.xid, error = %err, "a rowcast.emit message that is not an event was skipped");
+                Ok(())
+            }
+        }
     }
 
     async fn change(

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::log::{LogError, LogWriter, StoredEvent};
 use crate::mapping::Mapping;
-use crate::model::{Change, Op, Row, TableName, Timestamp};
+use crate::model::{Change, Op, Row, Source, TableName, Timestamp, Via};
 
 /// The NOTIFY channel the capture function signals.
 pub const CHANNEL: &str = "rowcast";
@@ -156,9 +156,22 @@ impl Drain {
         for row in &rows {
             let id: i64 = row.get(0);
             let xid: String = row.get(1);
-            let change = change(row, id, &xid)?;
-            if let Some(entity) = mapping.entity_for(&change.table) {
-                events.extend(entity.events(change));
+            match outbox_row(row, id, &xid)? {
+                OutboxRow::Change(change) => {
+                    if let Some(entity) = mapping.entity_for(&change.table) {
+                        events.extend(entity.events(change));
+                    }
+                }
+                OutboxRow::Emitted { payload, timestamp, xid } => {
+                    let source = Source::App { via: Via::Sql, lsn: None, xid: Some(xid) };
+                    match mapping.sql_event(payload.as_bytes(), timestamp, source) {
+                        Ok(event) => events.push(event),
+                        // As in replication mode: committed, so nothing to refuse.
+                        Err(err) => {
+                            tracing::error!(outbox_id = id, error = %err, "an outbox emit row that is not an event was skipped")
+                        }
+                    }
+                }
             }
             ids.push(id);
             if xids.last() != Some(&xid) {
@@ -173,7 +186,18 @@ impl Drain {
     }
 }
 
-fn change(row: &tokio_postgres::Row, id: i64, xid: &str) -> Result<Change, TriggerError> {
+/// What one outbox row holds.
+enum OutboxRow {
+    Change(Change),
+    /// A `rowcast.emit()` call: its payload as the function wrote it.
+    Emitted {
+        payload: String,
+        timestamp: Timestamp,
+        xid: u64,
+    },
+}
+
+fn outbox_row(row: &tokio_postgres::Row, id: i64, xid: &str) -> Result<OutboxRow, TriggerError> {
     let problem = |problem: String| TriggerError::Row { id, problem };
     let parse_row = |text: Option<String>| -> Result<Option<Row>, TriggerError> {
         text.map(|t| {
@@ -182,22 +206,35 @@ fn change(row: &tokio_postgres::Row, id: i64, xid: &str) -> Result<Change, Trigg
         })
         .transpose()
     };
+    // The 32-bit transaction id, as replication reports it (xid8 adds the epoch above).
+    let xid = xid.parse::<u64>().map_err(|_| problem(format!("bad transaction id {xid:?}")))?
+        & 0xffff_ffff;
+    let timestamp = Timestamp::from_system_time(row.get(2));
     let op = match row.get::<_, &str>(5) {
+        "emit" => {
+            let payload = row
+                .get::<_, Option<String>>(6)
+                .ok_or_else(|| problem("an emitted event without its payload".into()))?;
+            return Ok(OutboxRow::Emitted { payload, timestamp, xid });
+        }
         "insert" => Op::Insert,
         "update" => Op::Update,
         "delete" => Op::Delete,
         "truncate" => Op::Truncate,
         other => return Err(problem(format!("unknown operation {other:?}"))),
     };
-    let xid: u64 = xid.parse().map_err(|_| problem(format!("bad transaction id {xid:?}")))?;
-    Ok(Change {
-        table: TableName::new(row.get::<_, String>(3), row.get::<_, String>(4)),
+    let (Some(schema), Some(table)) =
+        (row.get::<_, Option<String>>(3), row.get::<_, Option<String>>(4))
+    else {
+        return Err(problem("a row change without its table".into()));
+    };
+    Ok(OutboxRow::Change(Change {
+        table: TableName::new(schema, table),
         op,
         new: parse_row(row.get(6))?,
         old: parse_row(row.get(7))?,
-        timestamp: Timestamp::from_system_time(row.get(2)),
+        timestamp,
         lsn: None,
-        // The 32-bit transaction id, as replication reports it (xid8 adds the epoch above).
-        xid: xid & 0xffff_ffff,
-    })
+        xid,
+    }))
 }

@@ -116,6 +116,35 @@ impl AppEvent {
     }
 }
 
+/// The logical decoding message prefix `rowcast.emit()` writes in replication mode.
+pub const EMIT_PREFIX: &str = "rowcast.emit";
+
+impl super::Mapping {
+    /// The event a committed `rowcast.emit()` call stands for, from its payload (the message
+    /// content in replication mode, the outbox row in trigger mode).
+    ///
+    /// The function refused undeclared types when it was called; a type the mapping no longer
+    /// declares by the time its transaction is captured (the mapping changed in between) is
+    /// still appended, with a warning: the application's transaction committed, and dropping
+    /// the event now would lose it silently. Only a payload that is not an event at all (never
+    /// written by the function) is an error.
+    pub fn sql_event(
+        &self,
+        payload: &[u8],
+        timestamp: Timestamp,
+        source: Source,
+    ) -> Result<Event, Invalid> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|err| invalid("event", format!("is not JSON: {err}")))?;
+        let event = AppEvent::parse(value)?;
+        let declared = self.app_event(&event.event_type);
+        if declared.is_none() {
+            tracing::warn!(event_type = %event.event_type, "an application event of a type the mapping does not declare was committed; appended as sent");
+        }
+        Ok(event.into_event(declared, timestamp, source))
+    }
+}
+
 fn optional_text(fields: &mut Map<String, Value>, field: &str) -> Result<Option<String>, Invalid> {
     match fields.remove(field) {
         None | Some(Value::Null) => Ok(None),
@@ -158,6 +187,23 @@ mod tests {
         assert_eq!(envelope.organization_id.as_deref(), Some("quant"));
         assert_eq!(envelope.domain_id, None);
         assert_eq!(envelope.old, None);
+    }
+
+    #[test]
+    fn the_sql_payload_becomes_the_same_event_whatever_carried_it() {
+        let mapping = crate::mapping::Mapping::builtin();
+        let payload = br#"{"data": {"n": 1.50, "s": "x"}, "type": "deployment.log", "domain_id": null, "severity": null, "organization_id": "quant"}"#;
+        let source = || Source::App { via: Via::Sql, lsn: None, xid: Some(3) };
+        let event = mapping.sql_event(payload, Timestamp(0), source()).expect("event");
+        assert_eq!(event.severity, Severity::Debug, "the declared default");
+        assert_eq!(serde_json::to_string(&event.data).expect("json"), r#"{"n":1.50,"s":"x"}"#);
+        // Undeclared (the mapping changed since): appended as sent.
+        let undeclared = br#"{"type": "gone.away", "data": {}, "severity": "error"}"#;
+        let event = mapping.sql_event(undeclared, Timestamp(0), source()).expect("event");
+        assert_eq!((event.event_type.as_str(), event.severity), ("gone.away", Severity::Error));
+        for junk in [&b"not json"[..], b"[]", b"{\"type\": \"a.b\"}"] {
+            assert!(mapping.sql_event(junk, Timestamp(0), source()).is_err());
+        }
     }
 
     #[test]

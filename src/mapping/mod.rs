@@ -15,7 +15,7 @@ mod app;
 mod file;
 mod rules;
 
-pub use app::{AppEvent, AppEventType, Invalid, MAX_KEY_CHARS, is_app_type};
+pub use app::{AppEvent, AppEventType, EMIT_PREFIX, Invalid, MAX_KEY_CHARS, is_app_type};
 
 pub const DEFAULT_MAPPING: &str = include_str!("../../config/mapping.toml");
 

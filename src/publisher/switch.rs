@@ -173,7 +173,8 @@ async fn to_replication(settings: &Settings) -> Result<usize, PublisherError> {
     };
     drop(writer);
     let triggers = setup::drop_capture_triggers_sql(&settings.mapping);
-    switching_transaction(&catalog, settings, "ACCESS EXCLUSIVE", &triggers, &token).await?;
+    let route = setup::EmitRoute::Replication;
+    switching_transaction(&catalog, settings, "ACCESS EXCLUSIVE", &triggers, route, &token).await?;
     // Everything the triggers captured, before T, goes into the log now.
     let mut writer = LogWriter::open(&settings.log, "triggers").await?;
     let drained = triggers::drain_all(&mut writer, &settings.mapping, settings.batch_size)
@@ -199,7 +200,9 @@ async fn to_triggers(settings: &Settings) -> Result<usize, PublisherError> {
         }
     };
     let triggers = setup::capture_triggers_sql(&settings.mapping);
-    switching_transaction(&catalog, settings, "SHARE ROW EXCLUSIVE", &triggers, &token).await?;
+    let route = setup::EmitRoute::Triggers;
+    switching_transaction(&catalog, settings, "SHARE ROW EXCLUSIVE", &triggers, route, &token)
+        .await?;
     // Everything before T is the slot's to deliver: drain it up to the marker.
     let params = ConnectParams::from_target(&settings.database, settings.max_message_bytes);
     let signals = Signals::detached();
@@ -233,21 +236,27 @@ const LOCK_PATIENCE: Duration = Duration::from_secs(60);
 /// T: locks every mapped table at once or not at all (`NOWAIT`: holding some while waiting
 /// for others could deadlock with the application, and Postgres might pick the application's
 /// transaction to abort), changes the triggers, and emits the marker, in one transaction.
+/// `rowcast.emit()`'s route changes in it too: every emitting transaction holds a share lock
+/// on the route until it ends, so the EXCLUSIVE lock here waits for none of them either.
 async fn switching_transaction(
     catalog: &Catalog,
     settings: &Settings,
     lock_mode: &str,
     triggers: &str,
+    route: setup::EmitRoute,
     token: &str,
 ) -> Result<(), PublisherError> {
     let tables: Vec<String> = settings.mapping.entities().iter().map(|e| e.table.sql()).collect();
     let t = format!(
         "BEGIN;
          LOCK TABLE {} IN {lock_mode} MODE NOWAIT;
+         LOCK TABLE rowcast.emit_route IN EXCLUSIVE MODE NOWAIT;
          {triggers}
+         UPDATE rowcast.emit_route SET via = {};
          SELECT pg_logical_emit_message(true, {}, {});
          COMMIT;",
         tables.join(", "),
+        quote_literal(route.as_str()),
         quote_literal(SWITCH_PREFIX),
         quote_literal(token)
     );
