@@ -59,3 +59,9 @@ CREATE TABLE IF NOT EXISTS rowcast.capture (
     -- slot is drained up to.
     switch_marker text
 );
+
+-- The idempotency key of an application event posted over HTTP (SPEC §3a): posting the same
+-- key again answers with the original id. Unique while the original is retained; retention
+-- deleting the event frees its key.
+ALTER TABLE rowcast.events ADD COLUMN IF NOT EXISTS key text;
+CREATE UNIQUE INDEX IF NOT EXISTS events_key ON rowcast.events (key) WHERE key IS NOT NULL;

@@ -71,6 +71,53 @@ struct Claims {
     orgs: Vec<String>,
     #[serde(default)]
     domains: Option<Vec<String>>,
+    /// May publish application events (SPEC §3a).
+    #[serde(default)]
+    emit: bool,
+}
+
+/// A token's scope and whether it may publish application events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub scope: Scope,
+    pub emit: bool,
+}
+
+impl Grant {
+    /// Whether an event with this organization and domain may be published: `emit`, and
+    /// both inside the scope (a null organization only with `["*"]`, a null domain only
+    /// without a `domains` claim).
+    pub fn may_publish(
+        &self,
+        organization: Option<&str>,
+        domain: Option<&str>,
+    ) -> Result<(), String> {
+        if !self.emit {
+            return Err("the token may not publish events (it lacks the emit claim)".into());
+        }
+        match (organization, &self.scope.organizations) {
+            (_, None) => {}
+            (Some(org), Some(_)) if self.scope.allows_organization(org) => {}
+            (Some(org), Some(_)) => {
+                return Err(format!("organization {org:?} is outside your token's scope"));
+            }
+            (None, Some(_)) => {
+                return Err(
+                    "an event without an organization needs a token for all organizations".into()
+                );
+            }
+        }
+        match (domain, &self.scope.domains) {
+            (_, None) => Ok(()),
+            (Some(domain), Some(_)) if self.scope.allows_domain(domain) => Ok(()),
+            (Some(domain), Some(_)) => {
+                Err(format!("domain {domain:?} is outside your token's scope"))
+            }
+            (None, Some(_)) => {
+                Err("an event without a domain needs a token for all domains".into())
+            }
+        }
+    }
 }
 
 /// What a token (or its absence, with `--auth none`) grants.
@@ -172,7 +219,14 @@ impl Auth {
 
     /// The scope `token` grants.
     pub fn verify(&self, token: Option<&str>) -> Result<Scope, AuthError> {
-        let Auth::Jwt(verifier) = self else { return Ok(Scope::everything()) };
+        self.grant(token).map(|grant| grant.scope)
+    }
+
+    /// The scope `token` grants and whether it may publish (`--auth none`: everything).
+    pub fn grant(&self, token: Option<&str>) -> Result<Grant, AuthError> {
+        let Auth::Jwt(verifier) = self else {
+            return Ok(Grant { scope: Scope::everything(), emit: true });
+        };
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
         let data = jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation)
             .map_err(|err| match err.kind() {
@@ -183,7 +237,8 @@ impl Auth {
         let organizations =
             if claims.orgs.iter().any(|o| o == "*") { None } else { Some(claims.orgs) };
         let domains = claims.domains.filter(|d| !d.iter().any(|d| d == "*"));
-        Ok(Scope { organizations, domains, expires_at: Some(claims.exp) })
+        let scope = Scope { organizations, domains, expires_at: Some(claims.exp) };
+        Ok(Grant { scope, emit: claims.emit })
     }
 
     pub fn is_required(&self) -> bool {
@@ -221,6 +276,26 @@ mod tests {
     fn in_an_hour() -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now").as_secs()
             + 3600
+    }
+
+    #[test]
+    fn publishing_needs_the_emit_claim_and_the_scope() {
+        let auth = Auth::new("jwt", Some(SECRET), None, local()).expect("jwt");
+        let grant = |claims| auth.grant(Some(&token(claims, SECRET))).expect("valid");
+        let reader = grant(json!({"exp": in_an_hour(), "orgs": ["quant"]}));
+        assert!(!reader.emit);
+        assert!(reader.may_publish(Some("quant"), None).is_err());
+        let quant = grant(json!({"exp": in_an_hour(), "orgs": ["quant"], "emit": true}));
+        assert!(quant.may_publish(Some("quant"), Some("any")).is_ok());
+        assert!(quant.may_publish(Some("acme"), None).expect_err("foreign").contains("\"acme\""));
+        assert!(quant.may_publish(None, None).is_err(), "a null organization needs [\"*\"]");
+        let demo =
+            grant(json!({"exp": in_an_hour(), "orgs": ["*"], "domains": ["demo"], "emit": true}));
+        assert!(demo.may_publish(None, Some("demo")).is_ok());
+        assert!(demo.may_publish(Some("x"), Some("prod")).is_err());
+        assert!(demo.may_publish(Some("x"), None).is_err());
+        let open = Auth::None.grant(None).expect("none");
+        assert!(open.emit && open.may_publish(None, None).is_ok());
     }
 
     #[test]

@@ -103,6 +103,12 @@ pub struct ServerSettings {
     pub message_burst: u32,
     /// Time a client has to send its request headers (default 10 s).
     pub handshake_timeout: Duration,
+    /// Largest application event (its `data` as JSON) accepted over HTTP (default 1 MiB).
+    pub max_event_bytes: usize,
+    /// Largest `POST /api/events` body (default 16 MiB); refused with 413 before it is read whole.
+    pub max_request_bytes: usize,
+    /// Posted requests waiting for the log's writer (default 64); more wait for a place.
+    pub append_queue: usize,
 }
 
 impl Default for ServerSettings {
@@ -124,6 +130,9 @@ impl Default for ServerSettings {
             message_rate: 20,
             message_burst: 40,
             handshake_timeout: Duration::from_secs(10),
+            max_event_bytes: 1 << 20,
+            max_request_bytes: 16 << 20,
+            append_queue: 64,
         }
     }
 }

@@ -113,6 +113,12 @@ struct ServeArgs {
     /// Largest client WebSocket frame in bytes; bigger ones close the connection with 1009.
     #[arg(long, env = "ROWCAST_MAX_FRAME_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(256..))]
     max_frame_bytes: u32,
+    /// Largest application event accepted by POST /api/events (its data as JSON, in bytes).
+    #[arg(long, env = "ROWCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(2..))]
+    max_event_bytes: u32,
+    /// Largest POST /api/events body in bytes; a bigger one is refused (413) unread.
+    #[arg(long, env = "ROWCAST_MAX_REQUEST_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
+    max_request_bytes: u32,
     /// Frames queued for one WebSocket client before it is closed as a slow consumer (4008).
     #[arg(long, env = "ROWCAST_OUTBOUND_FRAMES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(2..))]
     outbound_frames: u32,
@@ -389,6 +395,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = &mut settings.server;
     server.listen = listen;
     server.max_frame_bytes = args.max_frame_bytes as usize;
+    server.max_event_bytes = args.max_event_bytes as usize;
+    // A request can always carry one event of the largest size.
+    server.max_request_bytes =
+        (args.max_request_bytes as usize).max(server.max_event_bytes + (64 << 10));
     server.outbound_frames = args.outbound_frames as usize;
     server.outbound_bytes = args.outbound_bytes as usize;
     server.ping_interval = args.ping_interval.max(Duration::from_secs(1));

@@ -64,10 +64,12 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let scopes = Arc::new(Scopes::default());
         let bus = Arc::new(Bus::new(head, metrics.clone()));
+        let (appends, inbox) = log::app::channel(settings.server.append_queue);
         let publisher = Publisher::new(settings.clone())
             .with_bus(bus.clone())
             .with_scopes(scopes.clone())
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .with_inbox(inbox);
         let state = Arc::new(AppState {
             source: Pool::new(settings.database.clone(), "stats", 1),
             publisher: publisher.watch(),
@@ -78,6 +80,7 @@ impl Server {
             scopes,
             bus,
             log,
+            appends: Some(appends),
             settings,
         });
         Ok(Self { state, publisher })

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::log::app::{self, AppendRequest};
 use crate::log::{LogError, LogWriter, StoredEvent};
 use crate::mapping::Mapping;
 use crate::model::{Change, Op, Row, Source, TableName, Timestamp, Via};
@@ -52,6 +53,8 @@ impl TriggerError {
 }
 
 pub struct TriggerSettings {
+    /// The database whose outbox is drained (and listened to).
+    pub source: crate::pg::Target,
     /// Most outbox rows per log transaction.
     pub batch_size: usize,
     /// How often the outbox is checked without a notification.
@@ -61,7 +64,7 @@ pub struct TriggerSettings {
 /// Listens and drains until `shutdown`. `appended` sees each batch once it is committed.
 pub async fn run(
     writer: &mut LogWriter,
-    source: &crate::pg::Target,
+    mut inbox: Option<&mut mpsc::Receiver<AppendRequest>>,
     mapping: &Mapping,
     settings: &TriggerSettings,
     mut appended: impl FnMut(&[StoredEvent]),
@@ -69,7 +72,7 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> Result<(), TriggerError> {
     // Held for the whole drain: the LISTEN connection ends with it.
-    let (_listener, mut wake) = listen_on(source).await?;
+    let (_listener, mut wake) = listen_on(&settings.source).await?;
     ready();
     let mut drain = Drain { current: None };
     loop {
@@ -78,12 +81,26 @@ pub async fn run(
             if shutdown.is_cancelled() {
                 return Ok(());
             }
+            // Application events between transactions, so a busy outbox does not starve them.
+            if drain.current.is_none()
+                && let Some(inbox) = inbox.as_deref_mut()
+            {
+                while let Ok(request) = inbox.try_recv() {
+                    appended(&app::serve(writer, request).await?);
+                }
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             woken = wake.recv() => if woken.is_none() {
                 return Err(TriggerError::ListenerLost);
             },
+            Some(request) = async {
+                match inbox.as_deref_mut() {
+                    Some(inbox) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => appended(&app::serve(writer, request).await?),
             _ = tokio::time::sleep(settings.poll_interval) => {}
         }
     }

@@ -13,10 +13,13 @@ use crate::auth::Scope;
 
 /// Every refusal of the HTTP side, WebSocket handshakes included, rendered one way:
 /// `{"type":"error","code":...,"message":...}` with the matching status.
+#[derive(Debug)]
 pub enum AppError {
     BadRequest(String),
     Unauthorized(String),
     Forbidden(String),
+    /// A body, an event or a batch over its limit (413).
+    TooLarge(String),
     Unavailable(String),
 }
 
@@ -26,6 +29,7 @@ impl IntoResponse for AppError {
             AppError::BadRequest(message) => (StatusCode::BAD_REQUEST, "bad_request", message),
             AppError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "unauthorized", message),
             AppError::Forbidden(message) => (StatusCode::FORBIDDEN, "forbidden", message),
+            AppError::TooLarge(message) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", message),
             AppError::Unavailable(message) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
             }

@@ -6,6 +6,7 @@
 //! state.rs     AppState: settings, bus, log readers, publisher watch, metrics, scopes
 //! access.rs    tokens, origins, loopback hosts; AppError, the one refusal format
 //! history.rs   GET /api/events
+//! emit.rs      POST /api/events: application events, through the log's single writer
 //! metadata.rs  GET /api/events/metadata (and the WebSocket get_metadata action)
 //! status.rs    stats, /metrics, /healthz, /readyz
 //! ```
@@ -14,6 +15,7 @@
 //! failures are logged here and answered with a 503 that does not leak their details.
 
 pub mod access;
+pub mod emit;
 mod history;
 pub mod metadata;
 mod state;
@@ -36,7 +38,7 @@ pub fn app(state: Arc<AppState>, transports: Router<Arc<AppState>>) -> Router {
         .route("/client.js", get(|| asset("text/javascript", include_str!("../../web/client.js"))))
         .route("/app.js", get(|| asset("text/javascript", include_str!("../../web/app.js"))))
         .route("/style.css", get(|| asset("text/css", include_str!("../../web/style.css"))))
-        .route("/api/events", get(history::history))
+        .route("/api/events", get(history::history).post(emit::route))
         .route("/api/events/metadata", get(metadata::route))
         .route("/api/events/stats", get(status::stats))
         .route("/healthz", get(status::healthz))

@@ -28,4 +28,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Organizations and domains in the log, for metadata.
     pub scopes: Arc<Scopes>,
+    /// Application events posted over HTTP go to the publisher's writer through here; `None`
+    /// where this process does not write the log.
+    pub appends: Option<crate::log::app::Outbox>,
 }

@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 
 use crate::model::{Position, Severity, Timestamp};
 
+pub mod app;
 mod read;
 mod scopes;
 mod writer;

@@ -3,6 +3,9 @@
 
 use tokio_postgres::Client;
 
+use std::collections::HashMap;
+
+use super::app::{Appended, KeyedEvent};
 use super::{Cursor, LogError, Param, StoredEvent};
 use crate::model::{Event, Position, Severity, Timestamp};
 
@@ -344,6 +347,63 @@ impl LogWriter {
         bounded(self.client.query_one(&statement, &params)).await?;
         self.last_id = batch.last_id;
         Ok(batch.stored)
+    }
+
+    /// Appends application events (HTTP) in one statement, each with its idempotency key. A key
+    /// the log already holds, or one repeated within `events`, appends nothing and answers
+    /// with the original id. Does not move any source's cursor.
+    pub async fn append_app(
+        &mut self,
+        events: Vec<KeyedEvent>,
+    ) -> Result<(Vec<Appended>, Vec<StoredEvent>), LogError> {
+        let keys: Vec<&str> = events.iter().filter_map(|e| e.key.as_deref()).collect();
+        let mut known: HashMap<String, u64> = HashMap::new();
+        if !keys.is_empty() {
+            let rows = bounded(
+                self.client
+                    .query("SELECT key, id FROM rowcast.events WHERE key = ANY($1)", &[&keys]),
+            )
+            .await?;
+            known.extend(rows.iter().map(|row| (row.get(0), row.get::<_, i64>(1) as u64)));
+        }
+        let mut answers = Vec::with_capacity(events.len());
+        let mut fresh = Vec::new();
+        let mut fresh_keys = Vec::new();
+        let mut next_id = self.last_id;
+        for KeyedEvent { key, event } in events {
+            if let Some(&id) = key.as_ref().and_then(|key| known.get(key)) {
+                answers.push(Appended { id, key, duplicate: true });
+                continue;
+            }
+            next_id += 1;
+            if let Some(key) = &key {
+                known.insert(key.clone(), next_id);
+            }
+            answers.push(Appended { id: next_id, key: key.clone(), duplicate: false });
+            fresh.push(event);
+            fresh_keys.push(key);
+        }
+        if fresh.is_empty() {
+            return Ok((answers, Vec::new()));
+        }
+        let batch = Batch::new(self.last_id, fresh)?;
+        let statement = "\
+            WITH appended AS (
+                INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body, key)
+                SELECT id, type, committed_at, organization_id, domain_id, severity, body::json, key
+                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[], $9::text[])
+                       AS e(id, type, committed_at, organization_id, domain_id, severity, body, key)
+                RETURNING 1
+            ), head AS (
+                UPDATE rowcast.log_head SET last_id = greatest(last_id, $8)
+            )
+            SELECT count(*) FROM appended";
+        let arrays = batch.arrays();
+        let mut params = arrays.params();
+        params.push(&fresh_keys);
+        bounded(self.client.query_one(statement, &params)).await?;
+        self.last_id = batch.last_id;
+        Ok((answers, batch.stored))
     }
 
     /// The writer's connection: the trigger source reads the outbox through it.

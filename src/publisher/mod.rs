@@ -26,6 +26,7 @@ use crate::capture::replication::ConnectParams;
 use crate::capture::stream::CaptureError;
 use crate::capture::triggers::TriggerError;
 use crate::config::{Settings, SourceMode};
+use crate::log::app::Inbox;
 use crate::log::{LogError, LogWriter, Scopes, StoredEvent};
 use crate::metrics::Metrics;
 use crate::pg::format_lsn;
@@ -123,6 +124,8 @@ pub(super) struct Signals {
     /// The organizations and domains appended events carry, for metadata.
     scopes: Option<Arc<Scopes>>,
     metrics: Arc<Metrics>,
+    /// Application events posted over HTTP, appended by whichever life holds the writer.
+    inbox: Option<Inbox>,
 }
 
 impl Signals {
@@ -134,6 +137,7 @@ impl Signals {
             bus: None,
             scopes: None,
             metrics: Arc::default(),
+            inbox: None,
         }
     }
 
@@ -162,6 +166,7 @@ impl Publisher {
             bus: None,
             scopes: None,
             metrics: Arc::default(),
+            inbox: None,
         };
         Self { settings, signals }
     }
@@ -175,6 +180,12 @@ impl Publisher {
     /// Notes the organizations and domains of appended events in `scopes`.
     pub fn with_scopes(mut self, scopes: Arc<Scopes>) -> Self {
         self.signals.scopes = Some(scopes);
+        self
+    }
+
+    /// Appends the application events that arrive on `inbox` (see [`crate::log::app`]).
+    pub fn with_inbox(mut self, inbox: Inbox) -> Self {
+        self.signals.inbox = Some(inbox);
         self
     }
 

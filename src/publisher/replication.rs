@@ -19,7 +19,7 @@ use crate::capture::continuity::{self, Observed, Recorded, Verdict};
 use crate::capture::replication::{ConnectParams, ReplicationClient, ReplicationStream};
 use crate::capture::stream::{Capture, CaptureError, Marker, StreamSettings};
 use crate::config::Settings;
-use crate::log::LogWriter;
+use crate::log::{LogWriter, app};
 use crate::pg::{format_lsn, parse_lsn};
 use crate::setup;
 
@@ -189,6 +189,12 @@ async fn write_loop(
 ) -> Result<(), PublisherError> {
     let mut items = Vec::with_capacity(batch_size);
     let mut flushed_at = tokio::time::Instant::now();
+    // Application events wait for a transaction boundary: a transaction's events stay contiguous.
+    let mut inbox = match &signals.inbox {
+        Some(inbox) => Some(inbox.lock().await),
+        None => None,
+    };
+    let mut mid_transaction = false;
     let report = |writer: &LogWriter| {
         let durable = writer.cursor().progress;
         acked.send_if_modified(|current| {
@@ -209,6 +215,16 @@ async fn write_loop(
                 report(writer);
                 continue;
             }
+            Some(request) = async {
+                match inbox.as_mut() {
+                    Some(inbox) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            }, if !mid_transaction => {
+                let stored = app::serve(writer, request).await?;
+                signals.appended(&stored);
+                continue;
+            }
         };
         if received == 0 {
             break;
@@ -218,9 +234,16 @@ async fn write_loop(
         let mut progress = None;
         for item in items.drain(..) {
             match item {
-                Captured::Event { position, event } => batch.push((position, event)),
-                Captured::Progress(lsn) => progress = Some(lsn),
+                Captured::Event { position, event } => {
+                    mid_transaction = true;
+                    batch.push((position, event));
+                }
+                Captured::Progress(lsn) => {
+                    mid_transaction = false;
+                    progress = Some(lsn);
+                }
                 Captured::MarkerPassed(lsn) => {
+                    mid_transaction = false;
                     // What came before the marker, then the marker, each durable before what
                     // follows it: a restart must never skip past the hand-over again.
                     let stored = writer.append(std::mem::take(&mut batch), progress.take()).await?;

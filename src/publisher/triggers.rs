@@ -28,16 +28,23 @@ pub(super) async fn pipeline(
         } => opened?,
     };
     let mut writer = opened;
-    let trigger_settings =
-        TriggerSettings { batch_size: settings.batch_size, poll_interval: settings.poll_interval };
+    let trigger_settings = TriggerSettings {
+        source: settings.database.clone(),
+        batch_size: settings.batch_size,
+        poll_interval: settings.poll_interval,
+    };
     let appended = |stored: &[StoredEvent]| signals.appended(stored);
     let ready = || {
         tracing::info!(last_id = *signals.head.borrow(), "draining the trigger outbox");
         signals.state.send_replace(State::Streaming);
     };
+    let mut inbox = match &signals.inbox {
+        Some(inbox) => Some(inbox.lock().await),
+        None => None,
+    };
     triggers::run(
         &mut writer,
-        &settings.database,
+        inbox.as_deref_mut(),
         &settings.mapping,
         &trigger_settings,
         appended,

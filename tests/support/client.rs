@@ -171,3 +171,32 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// A POST of `body` (JSON) with an optional bearer token; returns the status and the body as
+/// JSON (or a string when it is not JSON).
+pub async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).await.expect("http connect");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("http write");
+    stream.write_all(body).await.expect("http write");
+    read_response(stream).await
+}
+
+/// Reads a whole response off `stream`.
+pub async fn read_response(mut stream: TcpStream) -> (u16, Value) {
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("http read");
+    let text = String::from_utf8(response).expect("utf-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+}
