@@ -246,6 +246,52 @@ impl Auth {
     }
 }
 
+/// What `rowcast token` puts in a token.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MintClaims {
+    pub sub: String,
+    /// Seconds since the epoch.
+    pub exp: u64,
+    pub orgs: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domains: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub emit: bool,
+}
+
+/// The key a token is signed with: the server's HS256 secret, or the private half of its
+/// RS256/ES256 public key (PEM).
+pub enum SigningKey<'a> {
+    Secret(&'a str),
+    PrivatePem(&'a [u8]),
+}
+
+/// Signs `claims` (`rowcast token`). The secret must be one the server would accept.
+pub fn mint(claims: &MintClaims, key: SigningKey<'_>) -> Result<String, ConfigError> {
+    use jsonwebtoken::{EncodingKey, Header};
+    let (key, algorithm) = match key {
+        SigningKey::Secret(secret) if secret.len() < MIN_SECRET_BYTES => {
+            return Err(ConfigError::WeakSecret);
+        }
+        SigningKey::Secret(secret) => {
+            (EncodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
+        }
+        SigningKey::PrivatePem(pem) => match EncodingKey::from_rsa_pem(pem) {
+            Ok(key) => (key, Algorithm::RS256),
+            Err(_) => match EncodingKey::from_ec_pem(pem) {
+                Ok(key) => (key, Algorithm::ES256),
+                Err(err) => {
+                    return Err(ConfigError::BadKey(format!(
+                        "not an RSA or EC private key in PEM form ({err})"
+                    )));
+                }
+            },
+        },
+    };
+    jsonwebtoken::encode(&Header::new(algorithm), claims, &key)
+        .map_err(|err| ConfigError::BadKey(err.to_string()))
+}
+
 /// Browsers pass their token as this subprotocol prefix; the server answers with
 /// [`PROTOCOL`].
 pub const BEARER_PROTOCOL: &str = "rowcast.bearer.";
@@ -296,6 +342,28 @@ mod tests {
         assert!(demo.may_publish(Some("x"), None).is_err());
         let open = Auth::None.grant(None).expect("none");
         assert!(open.emit && open.may_publish(None, None).is_ok());
+    }
+
+    #[test]
+    fn minted_tokens_verify_with_what_they_claim() {
+        let auth = Auth::new("jwt", Some(SECRET), None, local()).expect("jwt");
+        let claims = MintClaims {
+            sub: "svc".into(),
+            exp: in_an_hour(),
+            orgs: vec!["quant".into()],
+            domains: Some(vec!["demo".into()]),
+            emit: true,
+        };
+        let minted = mint(&claims, SigningKey::Secret(SECRET)).expect("mint");
+        let grant = auth.grant(Some(&minted)).expect("verifies");
+        assert!(grant.emit);
+        assert_eq!(grant.scope.organizations, Some(vec!["quant".to_string()]));
+        assert_eq!(grant.scope.domains, Some(vec!["demo".to_string()]));
+        let reader = MintClaims { emit: false, domains: None, ..claims.clone() };
+        let minted = mint(&reader, SigningKey::Secret(SECRET)).expect("mint");
+        assert!(!auth.grant(Some(&minted)).expect("verifies").emit);
+        assert_eq!(mint(&claims, SigningKey::Secret("short")), Err(ConfigError::WeakSecret));
+        assert!(mint(&claims, SigningKey::PrivatePem(b"not a key")).is_err());
     }
 
     #[test]

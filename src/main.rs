@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use rowcast::apps::demo::{Demo, DemoArgs};
+use rowcast::apps::emit::EmitArgs;
 use rowcast::apps::tail::{Tail, TailArgs};
 use rowcast::config::{self, Settings, SourceMode};
 use rowcast::mapping::{Mapping, MappingError};
@@ -47,10 +48,40 @@ enum Command {
     },
     /// Print events of a running server as JSON lines, resuming by itself after disconnections.
     Tail(TailArgs),
+    /// Publish one application event to a running server (POST /api/events) and print its id.
+    Emit(EmitArgs),
+    /// Mint a bearer token (JWT) from the server's --jwt-secret (HS256) or the private key of
+    /// its --jwt-public-key (RS256/ES256), for services and scripts; prints it.
+    Token(TokenArgs),
     /// The one-command tour: a throwaway Postgres from this machine's binaries
     /// (/usr/lib/postgresql/*/bin, or ROWCAST_PG_BIN), the reference schema, a simulated
     /// workload, and the page, WebSocket and history served live.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// Organizations the token may see (and publish to): comma-separated, `*` for all.
+    #[arg(long, value_delimiter = ',', required = true)]
+    orgs: Vec<String>,
+    /// Domains the token may see (comma-separated) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    domains: Option<Vec<String>>,
+    /// May publish application events (POST /api/events).
+    #[arg(long)]
+    emit: bool,
+    /// How long the token is valid (30d, 12h, 15m).
+    #[arg(long, default_value = "30d", value_parser = config::parse_duration)]
+    ttl: Duration,
+    /// The token's subject (who holds it).
+    #[arg(long, default_value = "rowcast-token")]
+    sub: String,
+    /// The server's HS256 secret.
+    #[arg(long, env = "ROWCAST_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// A PEM private key (RSA: RS256, EC: ES256) whose public half the server has.
+    #[arg(long, env = "ROWCAST_JWT_PRIVATE_KEY", conflicts_with = "jwt_secret")]
+    jwt_private_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -274,6 +305,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // Not a return: the runtime would wait for a write stuck on a stalled stdout.
             std::process::exit(0)
         }
+        Command::Emit(args) => {
+            let id = rowcast::apps::emit::run(&args).await?;
+            println!("{id}");
+            Ok(())
+        }
+        Command::Token(args) => {
+            println!("{}", token(&args)?);
+            Ok(())
+        }
         Command::Demo(args) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -286,6 +326,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 /// A database URL or key=value string, `sslmode` and `sslrootcert` included.
+/// `rowcast token`: the claims from the flags, signed with the secret or the private key.
+fn token(args: &TokenArgs) -> anyhow::Result<String> {
+    use rowcast::auth::{MintClaims, SigningKey, mint};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let claims = MintClaims {
+        sub: args.sub.clone(),
+        exp: now.saturating_add(args.ttl).as_secs(),
+        orgs: args.orgs.clone(),
+        domains: args.domains.clone(),
+        emit: args.emit,
+    };
+    let pem;
+    let key = match (&args.jwt_secret, &args.jwt_private_key) {
+        (Some(secret), _) => SigningKey::Secret(secret),
+        (None, Some(path)) => {
+            pem = std::fs::read(path)
+                .with_context(|| format!("reading --jwt-private-key {}", path.display()))?;
+            SigningKey::PrivatePem(&pem)
+        }
+        (None, None) => {
+            anyhow::bail!("give --jwt-secret (or ROWCAST_JWT_SECRET) or --jwt-private-key")
+        }
+    };
+    Ok(mint(&claims, key)?)
+}
+
 fn parse_url(url: &str) -> anyhow::Result<pg::Target> {
     // Never echo the URL: it may hold a password.
     pg::Target::from_str(url).context("the database URL is not valid")

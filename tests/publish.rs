@@ -233,3 +233,53 @@ async fn agent_subscribers_get_row_and_app_events_in_id_order() {
     assert_eq!(seen[1]["source"]["via"], "http");
     assert_eq!(seen[3]["source"]["via"], "sql");
 }
+
+/// Runs the rowcast binary with `args` and `env`; returns (success, stdout, stderr).
+async fn rowcast(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rowcast"));
+    command.args(args).env_remove("ROWCAST_JWT_SECRET").env_remove("ROWCAST_TOKEN");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("rowcast runs");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("utf-8");
+    (output.status.success(), text(output.stdout), text(output.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_emit_from_the_command_line() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.server.auth = Auth::new("jwt", Some(SECRET), None, local).expect("auth");
+    let mut server = Running::start(settings).await;
+    let secret = [("ROWCAST_JWT_SECRET", SECRET)];
+    let (ok, emitter, err) =
+        rowcast(&["token", "--orgs", "quant", "--emit", "--ttl", "1h"], &secret).await;
+    assert!(ok, "{err}");
+    let (ok, reader, err) = rowcast(&["token", "--orgs", "quant", "--ttl", "1h"], &secret).await;
+    assert!(ok, "{err}");
+    let url = format!("http://{}", server.addr);
+    let emit = ["emit", "--type", "deployment.log", "--org", "quant", "--data", r#"{"n":1}"#];
+    let keyed = [&emit[..], &["--key", "cli-1"]].concat();
+    let (emitter, reader) = (emitter.trim(), reader.trim());
+    let as_emitter = [("ROWCAST_URL", url.as_str()), ("ROWCAST_TOKEN", emitter)];
+    let (ok, first, err) = rowcast(&keyed, &as_emitter).await;
+    assert!(ok, "{err}");
+    let (ok, again, err) = rowcast(&keyed, &as_emitter).await;
+    assert!(ok, "{err}");
+    assert_eq!(first.trim(), again.trim(), "a repeated key prints the original id");
+    let id: u64 = first.trim().parse().expect("an id");
+    let as_reader = [("ROWCAST_URL", url.as_str()), ("ROWCAST_TOKEN", reader)];
+    let (ok, _, err) = rowcast(&emit, &as_reader).await;
+    assert!(!ok && err.contains("403") && err.contains("emit"), "{err}");
+    server.wait_for_id(id, WAIT).await;
+    let events = db.events().await;
+    server.stop().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["data"], json!({"n": 1}));
+    assert_eq!(events[0]["organization_id"], "quant");
+}
