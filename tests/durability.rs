@@ -129,7 +129,7 @@ async fn large_transaction_arrives_contiguous_in_bounded_batches() {
 }
 
 /// The `rowcast serve` binary, as a user would run it.
-fn spawn_serve(db: &TestDb) -> Child {
+pub fn spawn_serve(db: &TestDb) -> Child {
     Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--source", "replication", "--batch-size", "50", "--status-interval", "1s"])
         .args(["--slot", &db.name])
@@ -144,7 +144,7 @@ fn spawn_serve(db: &TestDb) -> Child {
 
 /// Waits until the slot is created and consistent: a slot shows up in `pg_replication_slots`
 /// while it is still being built, and disappears again if its creator dies then.
-async fn wait_for_slot(db: &TestDb) {
+pub async fn wait_for_slot(db: &TestDb) {
     let client = db.client().await;
     let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
     for _ in 0..1800 {

@@ -162,3 +162,84 @@ async fn a_bad_emit_fails_the_statement_with_a_clear_message() {
         assert_eq!(severities, ["debug", "info", "warning", "error", "critical"]);
     }
 }
+
+/// 16 writers, each committing transactions of one row change and one `rowcast.emit()` (in
+/// either order), while the publisher is SIGKILLed again and again.
+async fn emit_while_killed(
+    db: &TestDb,
+    triggers: bool,
+    mut child: std::process::Child,
+    spawn: impl Fn() -> std::process::Child,
+) {
+    use crate::durability::kill_while_writing;
+    const WRITERS: usize = 16;
+    const TOTAL: usize = 5_000;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let mut client = db.client().await;
+        let share = TOTAL / WRITERS + usize::from(w < TOTAL % WRITERS);
+        writers.push(tokio::spawn(async move {
+            for i in 0..share {
+                let insert = "INSERT INTO agents (id, organization_id, name) VALUES ($1, 'quant', $1)";
+                let emit = "SELECT rowcast.emit('agent.heartbeat', jsonb_build_object('id', $1::text), organization_id => 'quant')";
+                let id = format!("w{w}-{i}");
+                let tx = client.transaction().await.expect("begin");
+                let order = if i % 2 == 0 { [insert, emit] } else { [emit, insert] };
+                for statement in order {
+                    tx.execute(statement, &[&id]).await.expect(statement);
+                }
+                tx.commit().await.expect("commit");
+            }
+        }));
+    }
+    let all = tokio::spawn(async move {
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+    });
+    let kills = kill_while_writing(&mut child, all, 200..900, &spawn).await;
+    let events = if triggers { drained_events(db).await } else { db.settled_events().await };
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let ours: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "agent.created" || e["type"] == "agent.heartbeat")
+        .collect();
+    assert_eq!(ours.len(), 2 * TOTAL, "after {kills} kills: every change and emit exactly once");
+    // Per writer, its transactions in commit order, each one's two events adjacent in its order.
+    let mut next = [0usize; WRITERS];
+    for pair in ours.chunks(2) {
+        let [a, b] = pair else { panic!("odd count") };
+        let name = |e: &Value| e["data"]["id"].as_str().expect("id").to_owned();
+        assert_eq!(name(a), name(b), "a transaction's events are contiguous");
+        assert_eq!(b["id"].as_u64(), a["id"].as_u64().map(|id| id + 1));
+        let id = name(a);
+        let (w, i) = id[1..].split_once('-').expect("w-i");
+        let (w, i): (usize, usize) = (w.parse().expect("w"), i.parse().expect("i"));
+        assert_eq!(i, next[w], "writer {w} in commit order, nothing lost or repeated");
+        next[w] += 1;
+        let first = if i % 2 == 0 { "agent.created" } else { "agent.heartbeat" };
+        assert_eq!(a["type"], first, "{id}: the order within the transaction");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_emitting_loses_and_repeats_nothing_replication() {
+    let db = TestDb::migrated().await;
+    crate::durability::seed(&db.client().await).await;
+    rowcast::setup::setup_replication(&db.settings()).await.expect("setup");
+    let spawn = || crate::durability::spawn_serve(&db);
+    let child = spawn();
+    // Everything committed from here on is the slot's.
+    crate::durability::wait_for_slot(&db).await;
+    emit_while_killed(&db, false, child, spawn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_emitting_loses_and_repeats_nothing_triggers() {
+    let db = TestDb::migrated().await;
+    crate::durability::seed(&db.client().await).await;
+    rowcast::setup::setup_triggers(&trigger_settings(&db)).await.expect("setup");
+    let spawn = || crate::triggers::spawn_serve(&db);
+    emit_while_killed(&db, true, spawn(), spawn).await;
+}

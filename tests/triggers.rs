@@ -220,7 +220,7 @@ async fn overlapping_writers_committing_out_of_order_lose_and_repeat_nothing() {
     }
 }
 
-fn spawn_serve(db: &TestDb) -> Child {
+pub fn spawn_serve(db: &TestDb) -> Child {
     Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--source", "triggers", "--batch-size", "50", "--listen", "127.0.0.1:0"])
         .env("DATABASE_URL", &db.url)
