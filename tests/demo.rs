@@ -105,9 +105,10 @@ async fn demo_serves_live_events_and_cleans_up_on_sigterm() {
     assert!(cluster.is_dir(), "{} does not exist", cluster.display());
 
     let (mut socket, welcome) = tokio::time::timeout(CONNECT, async {
-        let (mut socket, _) = tokio_tungstenite::connect_async(format!("{websocket}?type=*"))
-            .await
-            .unwrap_or_else(|e| panic!("connect to {websocket}: {e}\n{}", log()));
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async(format!("{websocket}?type=*&severity=debug"))
+                .await
+                .unwrap_or_else(|e| panic!("connect to {websocket}: {e}\n{}", log()));
         let welcome = next_json(&mut socket).await;
         (socket, welcome)
     })
@@ -126,6 +127,18 @@ async fn demo_serves_live_events_and_cleans_up_on_sigterm() {
     .await
     .unwrap_or_else(|_| panic!("no event within {FIRST_EVENT:?}:\n{}", log()));
     assert!(event["id"].as_u64().is_some_and(|id| id > 0), "{event}");
+    // The workload also emits application events from SQL (agent heartbeats, build lines).
+    let app = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let frame = next_json(&mut socket).await;
+            if frame["source"]["kind"] == "app" {
+                return frame;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no application event within 30 s:\n{}", log()));
+    assert_eq!(app["source"]["via"], "sql", "{app}");
 
     // Stop it with a client still connected, as an operator would.
     sigterm(demo.id().expect("demo pid"));

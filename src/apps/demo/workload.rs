@@ -170,29 +170,34 @@ async fn load(client: &Client) -> Result<World, tokio_postgres::Error> {
 /// Writes `change`; false when its rows were not as the world said (edited by someone else).
 async fn write(client: &mut Client, change: &Change) -> Result<bool, tokio_postgres::Error> {
     let rows = match change {
-        Change::AddAgent { agent, name, model, config } => {
-            client
-                .execute(
-                    "INSERT INTO agents (id, organization_id, domain_id, name, status, model, config)
+        Change::AddAgent { agent, name, model, config } => client
+            .execute(
+                "INSERT INTO agents (id, organization_id, domain_id, name, status, model, config)
                      VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb)",
-                    &[
-                        &agent.id,
-                        &agent.organization_id,
-                        &agent.domain_id,
-                        name,
-                        &agent.status,
-                        model,
-                        config,
-                    ],
-                )
-                .await?
-        }
+                &[
+                    &agent.id,
+                    &agent.organization_id,
+                    &agent.domain_id,
+                    name,
+                    &agent.status,
+                    model,
+                    config,
+                ],
+            )
+            .await?,
         Change::SetAgentStatus { id, status } => {
             client
                 .execute(
-                    "UPDATE agents SET status = $2::text,
-                            last_seen_at = CASE WHEN $2::text = 'active' THEN now() ELSE last_seen_at END
-                      WHERE id = $1",
+                    // An application event in the same transaction (SPEC §3a): the agent reports.
+                    "WITH seen AS (
+                         UPDATE agents SET status = $2::text,
+                                last_seen_at = CASE WHEN $2::text = 'active' THEN now() ELSE last_seen_at END
+                          WHERE id = $1
+                      RETURNING id, organization_id, domain_id, status)
+                     SELECT rowcast.emit('agent.heartbeat', jsonb_build_object('id', id, 'status', status),
+                                         organization_id => seen.organization_id,
+                                         domain_id => seen.domain_id)
+                       FROM seen",
                     &[id, status],
                 )
                 .await?
@@ -212,26 +217,24 @@ async fn write(client: &mut Client, change: &Change) -> Result<bool, tokio_postg
             transaction.commit().await?;
             rows
         }
-        Change::LaunchInstance { instance, region, zone, cpu_millis, memory_mb } => {
-            client
-                .execute(
-                    "INSERT INTO instances (id, organization_id, domain_id, agent_id, region, status,
+        Change::LaunchInstance { instance, region, zone, cpu_millis, memory_mb } => client
+            .execute(
+                "INSERT INTO instances (id, organization_id, domain_id, agent_id, region, status,
                                             cpu_millis, memory_mb, metadata)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, jsonb_build_object('zone', $9::text))",
-                    &[
-                        &instance.id,
-                        &instance.organization_id,
-                        &instance.domain_id,
-                        &instance.agent_id,
-                        region,
-                        &instance.status,
-                        cpu_millis,
-                        memory_mb,
-                        zone,
-                    ],
-                )
-                .await?
-        }
+                &[
+                    &instance.id,
+                    &instance.organization_id,
+                    &instance.domain_id,
+                    &instance.agent_id,
+                    region,
+                    &instance.status,
+                    cpu_millis,
+                    memory_mb,
+                    zone,
+                ],
+            )
+            .await?,
         Change::SetInstanceStatus { id, status } => {
             client.execute("UPDATE instances SET status = $2 WHERE id = $1", &[id, status]).await?
         }
@@ -259,8 +262,16 @@ async fn write(client: &mut Client, change: &Change) -> Result<bool, tokio_postg
         Change::StartDeployment { id } => {
             client
                 .execute(
-                    "UPDATE deployments SET status = 'running', started_at = now()
-                      WHERE id = $1 AND status = 'pending'",
+                    "WITH started AS (
+                         UPDATE deployments SET status = 'running', started_at = now()
+                          WHERE id = $1 AND status = 'pending'
+                      RETURNING id, organization_id, domain_id, version)
+                     SELECT rowcast.emit('deployment.log',
+                                         jsonb_build_object('deployment_id', id, 'line',
+                                                            'building ' || version || ': step 1/3'),
+                                         organization_id => started.organization_id,
+                                         domain_id => started.domain_id)
+                       FROM started",
                     &[id],
                 )
                 .await?
@@ -283,7 +294,14 @@ async fn write(client: &mut Client, change: &Change) -> Result<bool, tokio_postg
                 .execute(
                     "INSERT INTO users (id, organization_id, email, name, role, password_hash)
                      VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&user.id, &user.organization_id, &user.email, name, &user.role, password_hash],
+                    &[
+                        &user.id,
+                        &user.organization_id,
+                        &user.email,
+                        name,
+                        &user.role,
+                        password_hash,
+                    ],
                 )
                 .await?
         }
@@ -293,7 +311,9 @@ async fn write(client: &mut Client, change: &Change) -> Result<bool, tokio_postg
         Change::SetUserRole { id, role } => {
             client.execute("UPDATE users SET role = $2 WHERE id = $1", &[id, role]).await?
         }
-        Change::RemoveUser { id } => client.execute("DELETE FROM users WHERE id = $1", &[id]).await?,
+        Change::RemoveUser { id } => {
+            client.execute("DELETE FROM users WHERE id = $1", &[id]).await?
+        }
         Change::SetPlan { id, plan } => {
             client.execute("UPDATE organizations SET plan = $2 WHERE id = $1", &[id, plan]).await?
         }
