@@ -37,15 +37,24 @@ impl EmitRoute {
 }
 
 /// Installs `rowcast.emit()` in the source database with the mapping's declared application
-/// event types, and the route it sends events by if none is set yet. An existing route is kept:
+/// event types, the largest event (`--max-event-bytes`), and the route it sends events by if none is set yet. An existing route is kept:
 /// only a capture switch's transaction changes it (see `publisher::switch`), so setting up the
 /// new source before a switch does not send events where nobody captures them yet.
 pub async fn install_emit(
     client: &Client,
-    mapping: &Mapping,
+    settings: &Settings,
     route: EmitRoute,
 ) -> Result<(), SetupError> {
+    let mapping = &settings.mapping;
     client.batch_execute(EMIT_SQL).await?;
+    let max_bytes = i32::try_from(settings.server.max_event_bytes).unwrap_or(i32::MAX);
+    client
+        .execute(
+            "INSERT INTO rowcast.emit_limits (max_event_bytes) VALUES ($1)
+             ON CONFLICT (singleton) DO UPDATE SET max_event_bytes = excluded.max_event_bytes",
+            &[&max_bytes],
+        )
+        .await?;
     let types: Vec<&str> = mapping.app_events().iter().map(|d| d.event_type.as_str()).collect();
     let severities: Vec<&str> = mapping.app_events().iter().map(|d| d.severity.as_str()).collect();
     client
@@ -238,7 +247,7 @@ pub async fn setup_replication(settings: &Settings) -> Result<(), SetupError> {
             .await?;
         tracing::info!(publication = %settings.publication, "created publication");
     }
-    install_emit(client, &settings.mapping, EmitRoute::Replication).await?;
+    install_emit(client, settings, EmitRoute::Replication).await?;
     Ok(())
 }
 
@@ -273,7 +282,7 @@ pub async fn prepare_triggers(settings: &Settings) -> Result<Catalog, SetupError
     let client = catalog.client();
     log::install(client).await?;
     client.batch_execute(TRIGGER_CAPTURE_SQL).await?;
-    install_emit(client, &settings.mapping, EmitRoute::Triggers).await?;
+    install_emit(client, settings, EmitRoute::Triggers).await?;
     Ok(catalog)
 }
 

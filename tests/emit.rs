@@ -124,11 +124,16 @@ async fn sql_emits_are_transactional_in_order_and_identical_in_both_modes() {
 async fn a_bad_emit_fails_the_statement_with_a_clear_message() {
     for source in [SourceMode::Replication, SourceMode::Triggers] {
         let db = TestDb::migrated().await;
-        let settings =
+        let mut settings =
             if source == SourceMode::Triggers { trigger_settings(&db) } else { db.settings() };
+        settings.server.max_event_bytes = 64;
         let server = Running::start(settings).await;
         let client = db.client().await;
         let cases = [
+            (
+                "SELECT rowcast.emit('deployment.log', jsonb_build_object('line', repeat('x', 60)))",
+                "bytes as JSON; at most 64 (--max-event-bytes)",
+            ),
             ("SELECT rowcast.emit('Deployment.log', '{}')", "is not <entity>.<action>"),
             ("SELECT rowcast.emit('deployment', '{}')", "is not <entity>.<action>"),
             ("SELECT rowcast.emit(NULL, '{}')", "type NULL"),

@@ -11,7 +11,8 @@
 -- Everything that can be checked here is, so a bad call fails the application's statement
 -- with a clear message instead of a committed event the publisher would have to drop: the
 -- type's syntax, that the mapping declares it (rowcast.event_types, written by setup from the
--- mapping's [[event]] tables), that data is an object and the severity one of the five.
+-- mapping's [[event]] tables), that data is an object no larger than --max-event-bytes and
+-- the severity one of the five.
 
 CREATE SCHEMA IF NOT EXISTS rowcast;
 
@@ -31,6 +32,13 @@ CREATE TABLE IF NOT EXISTS rowcast.emit_route (
     via       text    NOT NULL CHECK (via IN ('replication', 'triggers'))
 );
 
+-- The largest event rowcast.emit() accepts: `data` as jsonb prints it, in bytes (the
+-- publisher's --max-event-bytes, written by every setup).
+CREATE TABLE IF NOT EXISTS rowcast.emit_limits (
+    singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    max_event_bytes integer NOT NULL
+);
+
 CREATE OR REPLACE FUNCTION rowcast.emit(
     type            text,
     data            jsonb,
@@ -41,9 +49,11 @@ CREATE OR REPLACE FUNCTION rowcast.emit(
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    declared text;
-    route    text;
-    payload  jsonb;
+    declared  text;
+    route     text;
+    payload   jsonb;
+    max_bytes integer;
+    size      integer;
 BEGIN
     IF emit.type IS NULL OR emit.type !~ '^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$' THEN
         RAISE EXCEPTION 'rowcast.emit: type % is not <entity>.<action> with each part [a-z][a-z0-9_]*',
@@ -60,6 +70,13 @@ BEGIN
         RAISE EXCEPTION 'rowcast.emit: severity % is not debug, info, warning, error or critical',
             quote_literal(emit.severity)
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT l.max_event_bytes INTO max_bytes FROM rowcast.emit_limits l;
+    size := octet_length(emit.data::text);
+    IF size > max_bytes THEN
+        RAISE EXCEPTION 'rowcast.emit: data is % bytes as JSON; at most % (--max-event-bytes)',
+            size, max_bytes
+            USING ERRCODE = 'program_limit_exceeded';
     END IF;
     SELECT t.severity INTO declared FROM rowcast.event_types t WHERE t.type = emit.type;
     IF NOT FOUND THEN
