@@ -99,14 +99,43 @@ fn keep_writing(url: String, stop: Arc<AtomicU64>) -> tokio::task::JoinHandle<u6
     })
 }
 
+/// Emits `deployment.log` events numbered 1, 2, ... from SQL, one transaction each, until
+/// stopped; returns how many.
+fn keep_emitting(url: String, stop: Arc<AtomicU64>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let client = crate::support::connect(&url).await;
+        let mut n: i64 = 0;
+        while stop.load(Ordering::Relaxed) == 0 {
+            n += 1;
+            client
+                .execute(
+                    "SELECT rowcast.emit('deployment.log', jsonb_build_object('n', $1::bigint), organization_id => 'quant')",
+                    &[&n],
+                )
+                .await
+                .expect("emit");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n as u64
+    })
+}
+
+fn emitted(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "deployment.log")
+        .filter_map(|e| e["data"]["n"].as_u64())
+        .collect()
+}
+
 fn created(events: &[Value]) -> Vec<u64> {
     crate::durability::created_sequence(events)
 }
 
-async fn wait_for_created(db: &TestDb, total: u64) -> Vec<Value> {
+async fn wait_for_created(db: &TestDb, total: u64, emits: u64) -> Vec<Value> {
     for _ in 0..600 {
         let events = db.events().await;
-        if created(&events).len() as u64 >= total {
+        if created(&events).len() as u64 >= total && emitted(&events).len() as u64 >= emits {
             return events;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -127,6 +156,8 @@ async fn auto_decides_once_and_switches_are_drained_exactly_once() {
     assert_eq!(serve.source().await, "triggers");
     let stop = Arc::new(AtomicU64::new(0));
     let writer = keep_writing(url.clone(), stop.clone());
+    // And an application emitting from SQL: rowcast.emit() follows each switch too.
+    let emitter = keep_emitting(url.clone(), stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     serve.stop();
 
@@ -160,7 +191,8 @@ async fn auto_decides_once_and_switches_are_drained_exactly_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(1, Ordering::Relaxed);
     let total = writer.await.expect("writer");
-    let events = wait_for_created(&db, total).await;
+    let emits = emitter.await.expect("emitter");
+    let events = wait_for_created(&db, total, emits).await;
     serve.stop();
     let slots = count(
         &db,
@@ -169,6 +201,7 @@ async fn auto_decides_once_and_switches_are_drained_exactly_once() {
     .await;
     assert_eq!(slots, 0, "no slot is left holding WAL");
     assert_sequence(&created(&events), total, "across two switches");
+    assert_sequence(&emitted(&events), emits, "emits across two switches");
     let ids: Vec<u64> = events.iter().filter_map(|e| e["id"].as_u64()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
     let _ = db
