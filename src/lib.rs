@@ -13,7 +13,10 @@
 //!    UTC/ISO output), [`capture::pgoutput`] decodes its messages, [`capture::stream`] keeps the
 //!    relation cache and renders rows with [`capture::render`] (exactly `to_jsonb(row)` in a UTC
 //!    session). [`capture::triggers`] is the fallback: it drains the outbox row triggers fill.
-//! 2. [`mapping`] turns each change into typed `<entity>.<action>` events ([`model::Event`]).
+//! 2. [`mapping`] turns each change into typed `<entity>.<action>` events ([`model::Event`]);
+//!    it also declares application event types, which applications publish from SQL
+//!    (`rowcast.emit()`, captured like a change) or over HTTP (`POST /api/events`, appended by
+//!    the log's single writer).
 //! 3. [`log`] appends events in batches, each with its source cursor, in one transaction.
 //! 4. [`publisher`] supervises capture into the log, reconnects on transient failures (the one
 //!    rule is [`pg::transience`]), and hands each committed batch to the [`bus`], which matches
