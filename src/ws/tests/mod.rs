@@ -7,6 +7,7 @@
 mod catch_up;
 mod closing;
 mod dispatch;
+mod lagging;
 mod replay;
 
 use std::sync::{Arc, Mutex};
@@ -161,7 +162,7 @@ pub(super) fn commit(context: &Context<MemoryLog>, events: &[StoredEvent]) {
 /// The client end of a session.
 pub(super) struct Client {
     to_server: mpsc::UnboundedSender<Result<Message, axum::Error>>,
-    from_server: mpsc::Receiver<Message>,
+    pub(super) from_server: mpsc::Receiver<Message>,
     pub(super) session: JoinHandle<()>,
 }
 
