@@ -138,6 +138,7 @@ async fn a_socket_that_takes_nothing_is_closed_with_4008_once_the_client_reads_a
     assert_eq!(event_ids(&frames), (1..=resume).collect::<Vec<_>>());
     assert!(resume >= 1, "the socket held event 1");
     assert!(Instant::now() - start < write_timeout + close_timeout);
+    assert!(!client.closed_without_a_code());
 }
 
 #[tokio::test(start_paused = true)]
@@ -151,7 +152,7 @@ async fn a_client_that_never_reads_again_is_dropped_without_a_codeless_close() {
     assert_eq!(client.json().await["type"], "subscribed");
     let start = Instant::now();
     commit(&context, &agents(1..=3));
-    client.session.await.expect("the session ended");
+    (&mut client.session).await.expect("the session ended");
     let ended = Instant::now() - start;
     assert!(ended >= write_timeout + close_timeout, "{ended:?}");
     assert!(ended < write_timeout + close_timeout + Duration::from_millis(10), "{ended:?}");
@@ -162,5 +163,6 @@ async fn a_client_that_never_reads_again_is_dropped_without_a_codeless_close() {
     }
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert!(matches!(&rest[0], Message::Text(_)), "{rest:?}");
+    assert!(!client.closed_without_a_code(), "dropped, not closed without a code");
     assert_eq!(context.bus.stats().connections, 0, "it left the bus");
 }

@@ -151,6 +151,7 @@ async fn a_client_too_far_behind_is_closed_with_4008_and_resumes_from_the_named_
     let resume = resume_id(&reason);
     assert_eq!(event_ids(&frames), (1..=resume).collect::<Vec<_>>(), "everything up to it");
     assert!(resume < 100, "closed while catching up: {resume}");
+    assert!(!client.closed_without_a_code());
     assert_eq!(context.bus.stats().slow_consumer_closes, 1);
 
     // Resuming from that id gets the rest, exactly once.
