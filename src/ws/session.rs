@@ -107,7 +107,9 @@ pub async fn run<W, R, H>(
     };
     outbound.close(Closing::Gone);
     session.end();
-    if ended == Some(Ended::CloseSent) {
+    // A slow consumer may well be sending while we close: its 4008 must not be lost to a reset.
+    // (Other closes do not wait; a shutdown in particular has better things to do.)
+    if ended == Some(Ended::CloseSent(4008)) {
         linger(stream, limits.close_timeout).await;
     }
     tracing::debug!(connection, "websocket closed");

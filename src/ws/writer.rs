@@ -37,8 +37,8 @@ const WRITE_BATCH: usize = 64;
 /// How the writing ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Ended {
-    /// A close frame with a code was written: the client may still answer it.
-    CloseSent,
+    /// A close frame with this code was written: the client may still answer it.
+    CloseSent(u16),
     /// Nothing more could be said (the client left, or its socket took no close frame).
     Dropped,
 }
@@ -167,7 +167,7 @@ impl Writer<'_> {
         let sent =
             tokio::time::timeout(limits.close_timeout, sink.send(Message::Close(Some(frame))));
         match sent.await {
-            Ok(Ok(())) => Ended::CloseSent,
+            Ok(Ok(())) => Ended::CloseSent(code),
             Ok(Err(_)) | Err(_) => {
                 tracing::debug!(
                     code,
