@@ -1,10 +1,11 @@
 //! End-to-end benchmark: rowcast's release binary against its own throwaway Postgres, with
 //! real WebSocket clients, next to `pg_recvlogical` draining the same WAL (the physical limit).
 //!
-//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS TXN_ROWS]` (defaults
-//! 100000 10000 1000 10 100; READERS are the clients subscribed to everything during the
-//! throughput run, TXN_ROWS the rows of each of its transactions; LATENCY_CLIENTS 0 skips the
-//! latency runs). The server runs with its default settings.
+//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS TXN_ROWS STALLED]`
+//! (defaults 100000 10000 1000 10 100 0; READERS are the clients subscribed to everything during
+//! the throughput run, TXN_ROWS the rows of each of its transactions, STALLED clients subscribed
+//! to everything that never read during it; IDLE and LATENCY_CLIENTS 0 skip those runs). The
+//! server runs with its default settings.
 //!
 //! Prints, per scenario: changes/s sustained, events delivered/s, commit-to-client latency
 //! p50/p99/max (commit time from Postgres, receive time on the same clock), server RSS (now and
@@ -254,9 +255,10 @@ async fn main() {
     let latency_clients = arg(3, 1_000);
     let readers_count = arg(4, 10);
     let per_txn = arg(5, 100);
+    let stalled_count = arg(6, 0);
     println!(
         "rowcast end-to-end benchmark: rows={rows} idle={idle} latency_clients={latency_clients} \
-         readers={readers_count} txn_rows={per_txn}"
+         readers={readers_count} txn_rows={per_txn} stalled={stalled_count}"
     );
     let cluster =
         Cluster::start(&[("wal_level", "logical"), ("max_wal_size", "4GB")]).expect("cluster");
@@ -276,29 +278,31 @@ async fn main() {
 
     // 1. Idle connections.
     let rss_before = rss_kb(pid);
-    let mut idle_sockets = Vec::with_capacity(idle);
-    for _ in 0..idle {
-        match tokio_tungstenite::connect_async(format!("ws://{addr}/ws/events")).await {
-            Ok((ws, _)) => idle_sockets.push(ws),
-            Err(err) => {
-                println!("idle connection {} failed: {err}", idle_sockets.len());
-                break;
+    if idle > 0 {
+        let mut idle_sockets = Vec::with_capacity(idle);
+        for _ in 0..idle {
+            match tokio_tungstenite::connect_async(format!("ws://{addr}/ws/events")).await {
+                Ok((ws, _)) => idle_sockets.push(ws),
+                Err(err) => {
+                    println!("idle connection {} failed: {err}", idle_sockets.len());
+                    break;
+                }
             }
         }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_idle = rss_kb(pid);
+        let per_idle = (rss_idle.saturating_sub(rss_before)) as f64 * 1024.0
+            / idle_sockets.len().max(1) as f64;
+        println!(
+            "idle: {} connections, server RSS {} KB -> {} KB, {:.1} KB per idle connection",
+            idle_sockets.len(),
+            rss_before,
+            rss_idle,
+            per_idle / 1024.0
+        );
+        drop(idle_sockets);
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = rss_kb(pid);
-    let per_idle =
-        (rss_idle.saturating_sub(rss_before)) as f64 * 1024.0 / idle_sockets.len().max(1) as f64;
-    println!(
-        "idle: {} connections, server RSS {} KB -> {} KB, {:.1} KB per idle connection",
-        idle_sockets.len(),
-        rss_before,
-        rss_idle,
-        per_idle / 1024.0
-    );
-    drop(idle_sockets);
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // 2. Throughput, with pg_recvlogical draining the same WAL afterwards.
     db.batch_execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
@@ -308,6 +312,10 @@ async fn main() {
     let mut readers = Vec::new();
     for _ in 0..readers_count {
         readers.push(subscriber(addr, "type=*".into(), seen.clone(), true).await);
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..stalled_count {
+        stalled.push(subscriber(addr, "type=*".into(), seen.clone(), false).await);
     }
     let head_before = log_head(&db).await;
     let cpu_before = cpu_seconds(pid);
@@ -386,7 +394,7 @@ async fn main() {
         rss_kb(pid),
         status_kb(pid, "VmHWM:"),
     );
-    for (reader, _) in readers {
+    for (reader, _) in readers.into_iter().chain(stalled) {
         reader.abort();
     }
     db.batch_execute("SELECT pg_drop_replication_slot('bench_raw')").await.expect("drop raw slot");
