@@ -240,6 +240,9 @@ fn a_full_mailbox_makes_its_connection_lag_and_nobody_else() {
         ["1 [1, 2]", "2 [1, 2]", "catching_up s1 2 true", "catching_up s2 2 true"]
     );
     assert_eq!(delivered(&fast).len(), 5, "the others get everything");
+    // The mailbox holds its budget and the markers, no more: the rest waits in the buffer.
+    let marker = Frame::CatchingUp { subscription: 1, from: 2, lagging: true }.size();
+    assert!(slow.bytes() <= slow.budget() + 2 * marker);
     assert!(bus.claim_lag(connection), "the session takes the catch-up on");
     assert!(!bus.claim_lag(connection), "once");
     let lag = bus.lag_members(connection).expect("lagging");
