@@ -91,11 +91,6 @@ impl Buffer {
             .collect()
     }
 
-    /// Bytes the frames of [`Buffer::frames_after`] will take, about.
-    pub(super) fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Starts over: keeps matches after `from` from now on.
     pub(super) fn restart(&mut self, from: u64, held: &mut usize) {
         *held = held.saturating_sub(self.bytes);

@@ -270,9 +270,12 @@ impl Bus {
         if c.lag.is_some() {
             frames.push(Frame::CatchingUp { subscription, from: head, lagging: true });
         }
+        // What the mailbox must have room for: `Wait` says exactly that, so that waiting for
+        // it is never satisfied while the offer would still be refused.
+        let size = frames.iter().map(Frame::size).sum();
         match c.outbound.offer_all(frames) {
             Ok(()) => {}
-            Err(Rejected::Full) => return GoLive::Wait(buffer.bytes()),
+            Err(Rejected::Full) => return GoLive::Wait(size),
             Err(Rejected::Closed) => {
                 registry.remove_connection(connection);
                 return GoLive::Gone;
@@ -341,9 +344,10 @@ impl Bus {
         frames.extend(
             members.iter().map(|&subscription| Frame::Live { subscription, caught_up: Some(head) }),
         );
+        let size = frames.iter().map(Frame::size).sum();
         match c.outbound.offer_all(frames) {
             Ok(()) => {}
-            Err(Rejected::Full) => return GoLive::Wait(lag.buffer.bytes()),
+            Err(Rejected::Full) => return GoLive::Wait(size),
             Err(Rejected::Closed) => {
                 registry.remove_connection(connection);
                 return GoLive::Gone;
