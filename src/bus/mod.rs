@@ -272,7 +272,7 @@ impl Bus {
         }
         // What the mailbox must have room for: `Wait` says exactly that, so that waiting for
         // it is never satisfied while the offer would still be refused.
-        let size = frames.iter().map(Frame::size).sum();
+        let size: usize = frames.iter().map(Frame::size).sum();
         match c.outbound.offer_all(frames) {
             Ok(()) => {}
             Err(Rejected::Full) => return GoLive::Wait(size),
@@ -344,7 +344,7 @@ impl Bus {
         frames.extend(
             members.iter().map(|&subscription| Frame::Live { subscription, caught_up: Some(head) }),
         );
-        let size = frames.iter().map(Frame::size).sum();
+        let size: usize = frames.iter().map(Frame::size).sum();
         match c.outbound.offer_all(frames) {
             Ok(()) => {}
             Err(Rejected::Full) => return GoLive::Wait(size),
