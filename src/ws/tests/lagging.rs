@@ -169,3 +169,33 @@ async fn a_client_too_far_behind_is_closed_with_4008_and_resumes_from_the_named_
     }
     assert_eq!(event_ids(&rest), (resume + 1..=110).collect::<Vec<_>>());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lag_hands_off_once_its_buffered_events_fit_the_mailbox() {
+    // Small bursts, read a little of each: the lag's buffer holds what was published while the
+    // catch-up read, and the hand-off has to wait for the writer to make room for it. (A wait
+    // that ended before the room was there would spin here, and hang this test.)
+    let limits = ServerSettings { outbound_bytes: budget(8), ..ServerSettings::default() };
+    let context = context(limits, &[]);
+    let mut client = connect(&context, Scope::everything(), Ok(None), 1);
+    client.json().await;
+    client.send(json!({"action": "subscribe"}));
+    assert_eq!(client.json().await["type"], "subscribed");
+    let total = 200;
+    let mut frames = Vec::new();
+    for first in (1..=total).step_by(10) {
+        commit(&context, &mixed(first..=first + 9, 0));
+        for _ in 0..2 {
+            frames.push(client.json().await);
+        }
+    }
+    while event_ids(&frames).len() < total as usize
+        || lag_frames(&frames, "s1").last().is_some_and(|f| f.0 != "caught_up")
+    {
+        frames.push(client.json().await);
+    }
+    assert_eq!(event_ids(&frames), (1..=total).collect::<Vec<_>>());
+    let kinds: Vec<&str> = lag_frames(&frames, "s1").iter().map(|f| f.0).collect();
+    assert!(!kinds.is_empty(), "it fell behind");
+    assert!(kinds.chunks(2).all(|pair| pair == ["lagging", "caught_up"]), "{kinds:?}");
+}
