@@ -1,12 +1,17 @@
 //! End-to-end benchmark: rowcast's release binary against its own throwaway Postgres, with
 //! real WebSocket clients, next to `pg_recvlogical` draining the same WAL (the physical limit).
 //!
-//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS]` (defaults 100000
-//! 10000 1000 10; READERS are the clients subscribed to everything during the throughput run)
+//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS TXN_ROWS STALLED]`
+//! (defaults 100000 10000 1000 10 100 0; READERS are the clients subscribed to everything during
+//! the throughput run, TXN_ROWS the rows of each of its transactions, STALLED clients subscribed
+//! to everything that never read during it; IDLE and LATENCY_CLIENTS 0 skip those runs). The
+//! server runs with its default settings.
 //!
 //! Prints, per scenario: changes/s sustained, events delivered/s, commit-to-client latency
-//! p50/p99/max (commit time from Postgres, receive time on the same clock), server RSS, RSS per
-//! idle connection and server CPU. See docs/benchmarks.md for the figures and the machine.
+//! p50/p99/max (commit time from Postgres, receive time on the same clock), server RSS (now and
+//! peak), RSS per idle connection and server CPU; for the throughput run, whether every reader
+//! got every event in order and stayed connected, and how often readers fell behind. See
+//! docs/benchmarks.md for the figures and the machine.
 
 mod support;
 
@@ -22,10 +27,15 @@ use support::{arg, client};
 use tokio_tungstenite::tungstenite::Message;
 
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` figure in KB (`VmRSS:`, `VmHWM:` the peak RSS).
+fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -71,7 +81,7 @@ async fn start_server(url: &str) -> Server {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
         .args(["serve", "--listen", &addr.to_string(), "--max-connections", "20000"])
-        .args(["--outbound-frames", "100000", "--status-interval", "1s"])
+        .args(["--status-interval", "1s"])
         .env("DATABASE_URL", url)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -83,20 +93,31 @@ async fn start_server(url: &str) -> Server {
     for _ in 0..600 {
         // Slot creation waits for running transactions; a checkpoint lets it finish at once.
         let _ = admin.batch_execute("CHECKPOINT").await;
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _ = stream
-                .write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut response = String::new();
-            let _ = stream.read_to_string(&mut response).await;
-            if response.starts_with("HTTP/1.1 200") {
-                return server;
-            }
+        if http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200") {
+            return server;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("rowcast serve never became ready");
+}
+
+/// The whole response to a GET, or nothing.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut response = String::new();
+    if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        let _ = stream.write_all(request.as_bytes()).await;
+        let _ = stream.read_to_string(&mut response).await;
+    }
+    response
+}
+
+/// A counter of the server's `/metrics`.
+async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
+    let text = http_get(addr, "/metrics").await;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// What the clients saw.
@@ -107,23 +128,61 @@ struct Seen {
     last_frame_micros: AtomicU64,
 }
 
+/// What one client saw of the stream itself.
+#[derive(Default)]
+struct Order {
+    /// The id of the last event.
+    last: AtomicU64,
+    events: AtomicU64,
+    /// Events whose id was not above the one before: out of order or repeated.
+    disorder: AtomicU64,
+    /// `lagging` frames: the server had this client catch up from the log.
+    lagging: AtomicU64,
+    /// The close code, or 1 for an end without one; 0 while connected.
+    closed: AtomicU64,
+}
+
 /// A client subscribed with `query`; reads forever unless `reads` is false.
 async fn subscriber(
     addr: SocketAddr,
     query: String,
     seen: Arc<Seen>,
     reads: bool,
-) -> tokio::task::JoinHandle<()> {
+) -> (tokio::task::JoinHandle<()>, Arc<Order>) {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/events?{query}"))
         .await
         .expect("ws");
-    tokio::spawn(async move {
+    let order = Arc::new(Order::default());
+    let seen_order = order.clone();
+    let task = tokio::spawn(async move {
+        let order = seen_order;
         if !reads {
             // Never read: the server must close it (4008) without slowing the others.
             std::future::pending::<()>().await;
         }
-        while let Some(Ok(message)) = ws.next().await {
+        while let Some(message) = ws.next().await {
+            let message = match message {
+                Ok(Message::Close(frame)) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    order.closed.store(u64::from(code), Ordering::Relaxed);
+                    return;
+                }
+                Ok(message) => message,
+                Err(_) => break,
+            };
             let Message::Text(text) = message else { continue };
+            // Events start with their id: `{"id":N,`.
+            if let Some(id) = text
+                .strip_prefix("{\"id\":")
+                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            {
+                if id <= order.last.swap(id, Ordering::Relaxed) {
+                    order.disorder.fetch_add(1, Ordering::Relaxed);
+                }
+                order.events.fetch_add(1, Ordering::Relaxed);
+            } else if text.contains("\"type\":\"lagging\"") {
+                order.lagging.fetch_add(1, Ordering::Relaxed);
+            }
             // Cheap extraction: the envelope starts with id, type and timestamp.
             let Some(at) = text.find("\"timestamp\":\"") else { continue };
             let stamp = &text[at + 13..at + 13 + 27];
@@ -135,7 +194,9 @@ async fn subscriber(
             seen.frames.fetch_add(1, Ordering::Relaxed);
             seen.last_frame_micros.store(received as u64, Ordering::Relaxed);
         }
-    })
+        order.closed.store(1, Ordering::Relaxed);
+    });
+    (task, order)
 }
 
 fn percentile(sorted: &[i64], p: f64) -> f64 {
@@ -193,8 +254,11 @@ async fn main() {
     let idle = arg(2, 10_000);
     let latency_clients = arg(3, 1_000);
     let readers_count = arg(4, 10);
+    let per_txn = arg(5, 100);
+    let stalled_count = arg(6, 0);
     println!(
-        "rowcast end-to-end benchmark: rows={rows} idle={idle} latency_clients={latency_clients}"
+        "rowcast end-to-end benchmark: rows={rows} idle={idle} latency_clients={latency_clients} \
+         readers={readers_count} txn_rows={per_txn} stalled={stalled_count}"
     );
     let cluster =
         Cluster::start(&[("wal_level", "logical"), ("max_wal_size", "4GB")]).expect("cluster");
@@ -214,29 +278,31 @@ async fn main() {
 
     // 1. Idle connections.
     let rss_before = rss_kb(pid);
-    let mut idle_sockets = Vec::with_capacity(idle);
-    for _ in 0..idle {
-        match tokio_tungstenite::connect_async(format!("ws://{addr}/ws/events")).await {
-            Ok((ws, _)) => idle_sockets.push(ws),
-            Err(err) => {
-                println!("idle connection {} failed: {err}", idle_sockets.len());
-                break;
+    if idle > 0 {
+        let mut idle_sockets = Vec::with_capacity(idle);
+        for _ in 0..idle {
+            match tokio_tungstenite::connect_async(format!("ws://{addr}/ws/events")).await {
+                Ok((ws, _)) => idle_sockets.push(ws),
+                Err(err) => {
+                    println!("idle connection {} failed: {err}", idle_sockets.len());
+                    break;
+                }
             }
         }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_idle = rss_kb(pid);
+        let per_idle = (rss_idle.saturating_sub(rss_before)) as f64 * 1024.0
+            / idle_sockets.len().max(1) as f64;
+        println!(
+            "idle: {} connections, server RSS {} KB -> {} KB, {:.1} KB per idle connection",
+            idle_sockets.len(),
+            rss_before,
+            rss_idle,
+            per_idle / 1024.0
+        );
+        drop(idle_sockets);
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = rss_kb(pid);
-    let per_idle =
-        (rss_idle.saturating_sub(rss_before)) as f64 * 1024.0 / idle_sockets.len().max(1) as f64;
-    println!(
-        "idle: {} connections, server RSS {} KB -> {} KB, {:.1} KB per idle connection",
-        idle_sockets.len(),
-        rss_before,
-        rss_idle,
-        per_idle / 1024.0
-    );
-    drop(idle_sockets);
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // 2. Throughput, with pg_recvlogical draining the same WAL afterwards.
     db.batch_execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
@@ -247,19 +313,24 @@ async fn main() {
     for _ in 0..readers_count {
         readers.push(subscriber(addr, "type=*".into(), seen.clone(), true).await);
     }
+    let mut stalled = Vec::new();
+    for _ in 0..stalled_count {
+        stalled.push(subscriber(addr, "type=*".into(), seen.clone(), false).await);
+    }
     let head_before = log_head(&db).await;
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
-    write(&url, rows, 100, 100, None, "t").await;
+    write(&url, rows, per_txn, 100, None, "t").await;
     let written = started.elapsed();
     let target = head_before + rows as i64;
     while log_head(&db).await < target {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let appended = started.elapsed();
+    // Readers that fell behind catch up from the log: give them time.
     while readers_count > 0
         && seen.frames.load(Ordering::Relaxed) < (rows * readers_count) as u64
-        && started.elapsed() < appended + Duration::from_secs(60)
+        && started.elapsed() < appended + Duration::from_secs(120)
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -306,14 +377,32 @@ async fn main() {
         percentile(&latencies, 0.99),
         percentile(&latencies, 1.0)
     );
-    for reader in readers {
+    let orders: Vec<&Order> = readers.iter().map(|(_, order)| &**order).collect();
+    let complete = orders.iter().filter(|o| o.events.load(Ordering::Relaxed) == rows as u64);
+    let in_order = orders.iter().filter(|o| o.disorder.load(Ordering::Relaxed) == 0);
+    let closes: Vec<u64> =
+        orders.iter().map(|o| o.closed.load(Ordering::Relaxed)).filter(|c| *c != 0).collect();
+    let lagging: u64 = orders.iter().map(|o| o.lagging.load(Ordering::Relaxed)).sum();
+    println!(
+        "readers: {} of {readers_count} got all {rows} events, {} in order and exactly once, \
+         {} disconnected {closes:?}; {lagging} lagging frames, {} lag switches on the server; \
+         server RSS {} KB now, {} KB peak (VmHWM)",
+        complete.count(),
+        in_order.count(),
+        closes.len(),
+        metric(addr, "rowcast_lagging_switches_total").await.unwrap_or(0),
+        rss_kb(pid),
+        status_kb(pid, "VmHWM:"),
+    );
+    for (reader, _) in readers.into_iter().chain(stalled) {
         reader.abort();
     }
     db.batch_execute("SELECT pg_drop_replication_slot('bench_raw')").await.expect("drop raw slot");
 
     // 3 and 4. Latency at 1,000 changes/s with many subscribed clients (each organization's
     // events go to its 10 clients), then the same with one client that never reads.
-    for slow in [false, true] {
+    let latency_runs: &[bool] = if latency_clients == 0 { &[] } else { &[false, true] };
+    for &slow in latency_runs {
         let seen = Arc::new(Seen::default());
         let mut clients = Vec::new();
         for i in 0..latency_clients {
@@ -350,7 +439,7 @@ async fn main() {
             cpu,
             rss_kb(pid)
         );
-        for client in clients {
+        for (client, _) in clients {
             client.abort();
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -79,7 +79,7 @@ fn filters(c: &mut Criterion) {
     let bus = Bus::new(0, Default::default());
     let mut outbounds = Vec::new();
     for i in 0..10_000u32 {
-        let outbound = Outbound::new(usize::MAX / 2, usize::MAX / 2);
+        let outbound = Outbound::new(usize::MAX / 2);
         let (connection, _) = bus.connect(outbound.clone());
         let filter = json!({"type": "agent.*", "organization_id": format!("org{}", i % 100)});
         let filter = Arc::new(Filter::from_json(Some(&filter)).expect("filter"));

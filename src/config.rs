@@ -72,11 +72,16 @@ pub struct ServerSettings {
     pub listen: std::net::SocketAddr,
     /// Largest client frame accepted; bigger ones close the connection with 1009 (default 64 KiB).
     pub max_frame_bytes: usize,
-    /// Frames waiting to be written to one connection; a client that lets more pile up is
-    /// closed with 4008 (default 1024).
-    pub outbound_frames: usize,
-    /// Bytes waiting to be written to one connection, the same rule (default 16 MiB).
+    /// Bytes of frames waiting to be written to one connection (default 16 MiB). A client
+    /// that lets more pile up is not dropped: it stops receiving live events and catches up
+    /// from the log, and its catch-up buffers are bounded by the same amount.
     pub outbound_bytes: usize,
+    /// A client whose last delivered event is this much older (by commit time) than the
+    /// newest one published is closed with 4008 (default 5 min).
+    pub max_lag: Duration,
+    /// A client whose socket accepts nothing for this long while there is something to write
+    /// is closed with 4008 (default 30 s).
+    pub write_timeout: Duration,
     /// How often the server pings an otherwise quiet connection (default 20 s).
     pub ping_interval: Duration,
     /// A connection the client has not sent anything on (pongs count) for this long is closed
@@ -88,7 +93,8 @@ pub struct ServerSettings {
     pub max_replays: usize,
     /// Most events one history request returns (default 1000; 100 when `limit` is not given).
     pub max_history_page: usize,
-    /// How long a closing connection may take to flush its close frame (default 5 s).
+    /// How long a closing connection may take to flush its close frame after what the socket
+    /// already holds; past it the connection is dropped without one (default 5 s).
     pub close_timeout: Duration,
     /// Who may connect and what they see (default: no tokens, loopback only).
     pub auth: crate::auth::Auth,
@@ -116,8 +122,9 @@ impl Default for ServerSettings {
         Self {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_frame_bytes: 64 << 10,
-            outbound_frames: 1024,
             outbound_bytes: 16 << 20,
+            max_lag: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(30),
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             max_subscriptions: 100,

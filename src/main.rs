@@ -150,12 +150,15 @@ struct ServeArgs {
     /// Largest POST /api/events body in bytes; a bigger one is refused (413) unread.
     #[arg(long, env = "ROWCAST_MAX_REQUEST_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
     max_request_bytes: u32,
-    /// Frames queued for one WebSocket client before it is closed as a slow consumer (4008).
-    #[arg(long, env = "ROWCAST_OUTBOUND_FRAMES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(2..))]
-    outbound_frames: u32,
-    /// Bytes queued for one WebSocket client before it is closed as a slow consumer (4008).
+    /// Bytes queued for one WebSocket client; beyond them it catches up from the log instead.
     #[arg(long, env = "ROWCAST_OUTBOUND_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
     outbound_bytes: u32,
+    /// A WebSocket client this far behind the newest event (by commit time) is closed (4008).
+    #[arg(long, env = "ROWCAST_MAX_LAG", default_value = "5m", value_parser = config::parse_duration)]
+    max_lag: Duration,
+    /// A WebSocket client whose socket accepts nothing this long is closed (4008).
+    #[arg(long, env = "ROWCAST_WRITE_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    write_timeout: Duration,
     /// How often quiet WebSocket connections are pinged.
     #[arg(long, env = "ROWCAST_PING_INTERVAL", default_value = "20s", value_parser = config::parse_duration)]
     ping_interval: Duration,
@@ -465,8 +468,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // A request can always carry one event of the largest size.
     server.max_request_bytes =
         (args.max_request_bytes as usize).max(server.max_event_bytes + (64 << 10));
-    server.outbound_frames = args.outbound_frames as usize;
     server.outbound_bytes = args.outbound_bytes as usize;
+    server.max_lag = args.max_lag.max(Duration::from_secs(1));
+    server.write_timeout = args.write_timeout.max(Duration::from_millis(100));
     server.ping_interval = args.ping_interval.max(Duration::from_secs(1));
     server.idle_timeout = args.idle_timeout.max(Duration::from_secs(1));
     server.max_subscriptions = args.max_subscriptions as usize;

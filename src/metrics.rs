@@ -1,5 +1,5 @@
 //! Counters and gauges for `/metrics`, kept by the parts that see the events: the bus
-//! (appended, delivered, lag), the WebSocket writers (commit-to-send latency) and the
+//! (appended, delivered, source lag, connections falling behind), the WebSocket writers (commit-to-send latency) and the
 //! publisher (errors, capture queue). prometheus-client keeps and encodes them, in the
 //! Prometheus text format (0.0.4), whose `le` labels and names (`_total` added to counters)
 //! are the ones rowcast has always served.
@@ -47,6 +47,7 @@ pub struct Metrics {
     capture_queue: Gauge,
     source_lag: Gauge<f64, AtomicU64>,
     continuity_broken: Gauge,
+    fell_behind: Counter,
 }
 
 struct TypeCounters {
@@ -76,6 +77,7 @@ impl Default for Metrics {
         let latency = Histogram::new(BUCKETS);
         let (capture_queue, source_lag) = (Gauge::default(), Gauge::default());
         let continuity_broken = Gauge::default();
+        let fell_behind = Counter::default();
         let mut registry = Registry::default();
         // Counters are registered without `_total`: the encoder adds it.
         registry.register(
@@ -109,6 +111,11 @@ impl Default for Metrics {
             Gauge::clone(&continuity_broken),
         );
         registry.register(
+            "rowcast_lagging_switches",
+            "Connections that fell behind and were switched to catching up from the log",
+            fell_behind.clone(),
+        );
+        registry.register(
             "rowcast_commit_to_send_seconds",
             "Source commit to the event's frame being written to a client (live events)",
             latency.clone(),
@@ -123,6 +130,7 @@ impl Default for Metrics {
             capture_queue,
             source_lag,
             continuity_broken,
+            fell_behind,
         }
     }
 }
@@ -156,6 +164,11 @@ impl Metrics {
     /// A live event written to a client `micros` after its commit.
     pub fn sent(&self, micros: i64) {
         self.latency.observe(micros.max(0) as f64 / 1e6);
+    }
+
+    /// A connection fell behind: the bus switched it to catching up from the log.
+    pub fn fell_behind(&self) {
+        self.fell_behind.inc();
     }
 
     pub fn source_lag(&self, micros: i64) {
@@ -269,6 +282,7 @@ mod tests {
         metrics.sent(30_000);
         metrics.sent(60_000_000);
         metrics.capture_queue(4);
+        metrics.fell_behind();
         let text = metrics.render(&Snapshot {
             connections: 2,
             subscriptions: 5,
@@ -293,6 +307,7 @@ mod tests {
             "rowcast_errors_total{kind=\"log\"} 0",
             "rowcast_slow_consumer_closes_total 1",
             "rowcast_capture_queue_items 4",
+            "rowcast_lagging_switches_total 1",
             "rowcast_source_info{source=\"replication\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::client::{Incoming, Ws, get, is_event};
+use crate::support::client::{Ending, Incoming, Ws, get, is_event};
 use crate::support::{Running, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -324,92 +324,187 @@ async fn expired_cursor_gets_reset_then_what_is_left() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_consumer_is_closed_and_the_others_lose_nothing() {
-    let db = TestDb::migrated().await;
-    let mut settings = db.settings();
-    settings.batch_size = 50;
-    settings.server.outbound_frames = 512;
-    // Long enough for the slow client to come back and read its close frame.
-    settings.server.close_timeout = Duration::from_secs(60);
-    let mut server = Running::start(settings).await;
-    let addr = server.addr;
+/// One transaction of `rows` agents of about 2 KB each: far more than a small socket and a
+/// small mailbox hold.
+async fn burst(client: &tokio_postgres::Client, tag: &str, rows: usize) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO agents (id, organization_id, name)
+             SELECT '{tag}-' || i, 'quant', repeat('x', 2000) FROM generate_series(1, {rows}) i"
+        ))
+        .await
+        .expect("burst");
+}
 
-    // The slow client: a tiny receive buffer, and it does not read at all for now.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stream = socket.connect(addr).await.expect("connect");
-    let (slow, _) = tokio_tungstenite::client_async(
-        server.ws_url("type=*"),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("handshake");
-    let mut slow = Ws { socket: slow };
-
-    let (mut good, _) = Ws::connect_welcomed(&server.ws_url("type=*")).await;
-    assert_eq!(good.frame().await["type"], "subscribed");
-    let reader = tokio::spawn(async move {
+/// The ids of the events a client receives until it has `last`, read as fast as it can.
+fn read_events(mut ws: Ws, last: u64) -> tokio::task::JoinHandle<(Vec<u64>, Ws)> {
+    tokio::spawn(async move {
         let mut ids = Vec::new();
-        while ids.len() < 3001 {
-            let frame = good.frame().await;
+        while ids.last() != Some(&last) {
+            let frame = ws.frame().await;
             if is_event(&frame) {
                 ids.push(frame["id"].as_u64().expect("id"));
             }
         }
-        (ids, good)
+        (ids, ws)
+    })
+}
+
+/// `lagging` and `caught_up` frames, in order.
+fn lag_frames(frames: &[Value]) -> Vec<&str> {
+    let kinds = frames.iter().filter_map(|f| f["type"].as_str());
+    kinds.filter(|kind| matches!(*kind, "lagging" | "caught_up")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_falls_behind_catches_up_and_loses_nothing() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    // A small mailbox, so that the bursts overflow it well before the default 16 MiB would.
+    settings.server.outbound_bytes = 256 << 10;
+    let mut server = Running::start(settings).await;
+    let mut slow = Ws::connect_small(server.addr, &server.ws_url("type=*"), 4096).await;
+    let (mut good, _) = Ws::connect_welcomed(&server.ws_url("type=*")).await;
+    for ws in [&mut slow, &mut good] {
+        let subscribed = ws.until("subscribed").await;
+        assert_eq!(subscribed["last_id"], 0);
+    }
+    let total = 1 + 3 * 2000;
+    let good = read_events(good, total);
+    // The slow client reads 50 frames, then pauses, all along.
+    let slow = tokio::spawn(async move {
+        let mut frames: Vec<Value> = Vec::new();
+        let mut events = 0;
+        while events < total || lag_frames(&frames).last() == Some(&"lagging") {
+            let frame = slow.frame().await;
+            events += u64::from(is_event(&frame));
+            frames.push(frame);
+            if frames.len().is_multiple_of(50) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        (frames, slow)
     });
     let client = db.client().await;
     client
         .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
         .await
         .expect("org");
-    for batch in 0..30 {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO agents (id, organization_id, name)
-                 SELECT 'a{batch}-' || i, 'quant', repeat('x', 4000) FROM generate_series(1, 100) i"
-            ))
-            .await
-            .expect("agents");
+    for round in 0..3 {
+        burst(&client, &format!("b{round}"), 2000).await;
     }
-    server.wait_for_id(3001, Duration::from_secs(60)).await;
-    let (received, _good) = tokio::time::timeout(Duration::from_secs(60), reader)
+    server.wait_for_id(total, Duration::from_secs(60)).await;
+    let (received, mut good) = tokio::time::timeout(Duration::from_secs(60), good)
         .await
-        .expect("good client in time")
-        .expect("reader");
-    assert_eq!(
-        received,
-        (1..=3001).collect::<Vec<u64>>(),
-        "the good client lost or repeated nothing"
-    );
+        .expect("the good client in time")
+        .expect("good reader");
+    assert_eq!(received, (1..=total).collect::<Vec<u64>>(), "the good client lost nothing");
+    let (frames, mut slow) = tokio::time::timeout(Duration::from_secs(120), slow)
+        .await
+        .expect("the slow client in time")
+        .expect("slow reader");
+    assert_eq!(ids(&frames), (1..=total).collect::<Vec<u64>>(), "in order, exactly once");
+    let lag = lag_frames(&frames);
+    assert!(!lag.is_empty(), "it fell behind (else this test proves nothing)");
+    assert!(lag.chunks(2).all(|pair| pair == ["lagging", "caught_up"]), "{lag:?}");
+    let (_, stats) = get(server.addr, "/api/events/stats").await;
+    assert_eq!(stats["slow_consumer_closes"], 0, "{stats}");
+    assert_eq!(stats["connections"], 2, "{stats}");
+    let (_, metrics) = get(server.addr, "/metrics").await;
+    let switches: Option<usize> = metrics.as_str().and_then(|text| {
+        text.lines().find_map(|l| l.strip_prefix("rowcast_lagging_switches_total ")?.parse().ok())
+    });
+    // One per lag of the slow client, and the fast one may have had some on this machine.
+    assert!(switches >= Some(lag.len() / 2), "{switches:?} for {lag:?}");
+    // Both are live again.
+    burst(&client, "after", 1).await;
+    for ws in [&mut slow, &mut good] {
+        assert_eq!(ws.until("agent.created").await["id"], total + 1);
+    }
+    server.stop().await;
+}
 
-    let (_, stats) = get(addr, "/api/events/stats").await;
-    assert_eq!(stats["slow_consumer_closes"], 1, "{stats}");
-    assert_eq!(stats["connections"], 1, "only the good client is left: {stats}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_with_4008_or_dropped_and_resumes() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    settings.server.outbound_bytes = 256 << 10;
+    settings.server.write_timeout = Duration::from_secs(1);
+    // Time for a client that stopped reading to come back for its close frame.
+    settings.server.close_timeout = Duration::from_secs(5);
+    let mut server = Running::start(settings).await;
+    let addr = server.addr;
+    // Two clients with tiny receive buffers that stop reading: one comes back once the server
+    // gave up on it, one never does.
+    let mut stopped = Ws::connect_small(addr, &server.ws_url("type=*"), 4096).await;
+    let mut gone = Ws::connect_small(addr, &server.ws_url("type=*"), 4096).await;
+    let (mut good, _) = Ws::connect_welcomed(&server.ws_url("type=*")).await;
+    for ws in [&mut stopped, &mut gone, &mut good] {
+        ws.until("subscribed").await;
+    }
+    let total = 1 + 3 * 2000;
+    let good = read_events(good, total);
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+    for round in 0..3 {
+        burst(&client, &format!("b{round}"), 2000).await;
+    }
+    server.wait_for_id(total, Duration::from_secs(60)).await;
+    let (received, _good) = tokio::time::timeout(Duration::from_secs(60), good)
+        .await
+        .expect("the good client in time")
+        .expect("good reader");
+    assert_eq!(received, (1..=total).collect::<Vec<u64>>(), "the good client lost nothing");
 
-    // Now the slow client reads: what was on the wire, then 4008 naming the last id it got.
-    let mut got = Vec::new();
-    let close = loop {
-        match slow.next_within(WAIT).await.expect("frames then a close") {
-            Incoming::Frame(frame) if is_event(&frame) => {
-                got.push(frame["id"].as_u64().expect("id"))
-            }
-            Incoming::Frame(_) => {}
-            Incoming::Closed(frame) => break frame.expect("a close frame"),
+    // Both sockets took nothing for the write timeout: the server gives up on both.
+    let stats = loop {
+        let (_, stats) = get(addr, "/api/events/stats").await;
+        if stats["slow_consumer_closes"] == 2 {
+            break stats;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stats["slow_consumer_closes"], 2, "{stats}");
+    // One reads again, within the close timeout: what the socket held, then 4008 naming the
+    // last id it got.
+    let (frames, ending) = stopped.read_to_end(WAIT).await;
+    let close = match ending {
+        Ending::Closed(Some(close)) => close,
+        other => panic!("expected a close frame with a code, got {other:?}"),
     };
     assert_eq!(u16::from(close.code), 4008);
-    let last = *got.last().expect("some events arrived");
-    assert_eq!(close.reason.as_str(), format!("slow consumer; last delivered id {last}"));
-    assert_eq!(got, (1..=last).collect::<Vec<u64>>());
-    assert!(last < 3001);
-
-    // It resumes from there and loses nothing.
+    let reason = close.reason.as_str();
+    let resume: u64 = reason
+        .strip_prefix("slow consumer, nothing read for 1s; last delivered id ")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("the reason names no id: {reason:?}"));
+    assert_eq!(ids(&frames), (1..=resume).collect::<Vec<u64>>(), "everything up to it, no more");
+    assert!(resume < total);
+    // It resumes from there and gets the rest, exactly once.
     let (mut resumed, _) =
-        Ws::connect_welcomed(&server.ws_url(&format!("type=*&since={last}"))).await;
+        Ws::connect_welcomed(&server.ws_url(&format!("type=*&since={resume}"))).await;
     let frames = resumed.through("caught_up").await;
-    assert_eq!(ids(&frames), (last + 1..=3001).collect::<Vec<u64>>());
+    assert_eq!(ids(&frames), (resume + 1..=total).collect::<Vec<u64>>());
+
+    // The other never read again: once the close timeout passed, the server dropped it. It
+    // reads what its socket held, then the end: no close frame rather than one without a code.
+    loop {
+        let (_, stats) = get(addr, "/api/events/stats").await;
+        if stats["connections"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (frames, ending) = gone.read_to_end(WAIT).await;
+    let Ending::Aborted(why) = &ending else {
+        panic!("expected the connection dropped without a close frame, got {ending:?}");
+    };
+    eprintln!("the client that never read again saw: {why}");
+    let got = ids(&frames);
+    assert_eq!(got, (1..=got.len() as u64).collect::<Vec<u64>>(), "a prefix, in order");
     server.stop().await;
 }
 

@@ -198,7 +198,7 @@ class Client {
           this.replays.delete(frame.replay_id);
         }
         if (frame.code === "rate_limited") {
-          // Refused before being read, so without a ref: send what is still unanswered again.
+          // Refused before being acted on: send what is still unanswered again, after a pause.
           clearTimeout(this.resendTimer);
           this.resendTimer = setTimeout(() => {
             for (const sub of this.subscriptions.values()) {
@@ -245,11 +245,12 @@ class Client {
     const ref = `s${this.nextRef++}`;
     sub.ref = ref;
     // A refusal is reported once and the subscription dropped: a forbidden filter will not
-    // become allowed by retrying. (Rate-limited frames carry no ref; see `receive`.)
+    // become allowed by retrying. A rate-limited one keeps its ref: `receive` sends it again.
     const fail = (message, code) => {
       if (this.subscriptions.get(sub.key) !== sub || sub.ref !== ref) return;
+      if (code === "rate_limited") return;
       sub.ref = null;
-      if (code && code !== "rate_limited") {
+      if (code) {
         this.subscriptions.delete(sub.key);
         this.options.onRefused?.(sub.filter, message, code);
       }

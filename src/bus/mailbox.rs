@@ -1,16 +1,28 @@
-//! One connection's mailbox: a bounded FIFO of frames between the bus (and the session's own
+//! One connection's mailbox: a FIFO of frames between the bus (and the session's own
 //! replies and catch-up reads) and the task that writes them to the client, whatever the
-//! transport. Frames are text already rendered; the writer only frames and sends them.
+//! transport, bounded in bytes. Frames are text already rendered; the writer only frames and
+//! sends them.
 //!
-//! Live frames and replies are pushed without waiting ([`Outbound::push`]): when the queue is
-//! full the client is not keeping up, the queue is emptied and the connection is marked to be
-//! closed with 4008, so one slow client never delays the bus or anyone else. Catch-up reads
-//! from the log wait for room instead ([`Outbound::push_paced`]) and only fill half the
-//! queue, leaving the rest for live traffic.
+//! Who queues what, and how the budget (`--outbound-bytes`) holds:
+//!
+//! - The bus **offers** live events ([`Outbound::offer`]) and never waits: over the budget an
+//!   event is refused and the queue is left as it is. The bus then stops offering live events
+//!   to that connection and has it catch up from the log instead (see `bus::Lag`), so one slow
+//!   client never delays the bus or anyone else, and is not dropped either.
+//! - Catch-up reads, replays and replies are **paced** ([`Outbound::push_paced`]): they wait
+//!   until the queue is at most half full, leaving the other half for live traffic.
+//! - A few frames whose place in the stream the bus fixes are **pushed** whatever the budget
+//!   ([`Outbound::push`]): markers, `subscribed` (the session waits for room before asking for
+//!   one) and the welcome. Each is bounded by what causes it, one per subscription change.
+//!
+//! So a queue holds at most the budget plus a handful of small frames, whatever the write rate.
+//! Closing is the writer's decision (`ws::writer`: too far behind, or a socket that accepts
+//! nothing); the mailbox only carries the reason.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -21,9 +33,11 @@ pub enum Frame {
     /// An event: the envelope as stored in the log (serialized once, shared by every
     /// connection) and the subscriptions of this connection it matches. `history` events
     /// belong to a subscription's catch-up and may be older than live ones before them.
-    /// `committed_at` (µs since the epoch) is the source commit of live events, 0 otherwise.
-    /// `text` is the frame already rendered when the bus shares one rendering between
-    /// connections whose subscription ids are the same.
+    /// `committed_at` (µs since the epoch) is the source commit of the event when it counts
+    /// towards the connection's lag (live events, and catch-ups of a lagging connection), 0
+    /// otherwise (`since` history, which the client asked for). `text` is the frame already
+    /// rendered when the bus shares one rendering between connections whose subscription ids
+    /// are the same.
     Event {
         id: u64,
         envelope: Arc<str>,
@@ -36,22 +50,30 @@ pub enum Frame {
     Control(String),
     /// A historic event of a replay: the envelope and `"replay_id"`.
     Replay { id: u64, envelope: Arc<str>, replay: u32 },
-    /// Not sent: a subscription starts catching up from `from`.
-    CatchingUp { subscription: u32, from: u64 },
-    /// Not sent: a subscription's catch-up ended; it is live.
-    Live { subscription: u32 },
+    /// A subscription starts catching up from the log after `from`: with `since` (not sent),
+    /// or because its connection fell behind (`lagging`: the writer tells the client).
+    CatchingUp { subscription: u32, from: u64, lagging: bool },
+    /// A subscription's catch-up ended; it is live. With `caught_up`, the writer tells the
+    /// client it has every matching event up to that id (a lagging connection's catch-up).
+    Live { subscription: u32, caught_up: Option<u64> },
 }
 
+/// What a queued frame costs besides its text: the frame itself and allocator slack. Without
+/// it, a queue of tiny frames would take several times the bytes it counts.
+const FRAME_OVERHEAD: usize = std::mem::size_of::<Frame>() + 16;
+
 impl Frame {
-    fn size(&self) -> usize {
-        match self {
-            Frame::Event { envelope, subscriptions, .. } => {
-                envelope.len() + 8 * subscriptions.len()
+    /// Bytes this frame holds while queued, as the budget counts them.
+    pub fn size(&self) -> usize {
+        FRAME_OVERHEAD
+            + match self {
+                Frame::Event { envelope, subscriptions, text, .. } => {
+                    text.as_ref().map_or(envelope.len(), Bytes::len) + 8 * subscriptions.len()
+                }
+                Frame::Control(text) => text.len(),
+                Frame::Replay { envelope, .. } => envelope.len() + 20,
+                Frame::CatchingUp { .. } | Frame::Live { .. } => 0,
             }
-            Frame::Control(text) => text.len(),
-            Frame::Replay { envelope, .. } => envelope.len() + 20,
-            Frame::CatchingUp { .. } | Frame::Live { .. } => 0,
-        }
     }
 
     /// The UTF-8 text sent on the wire (`None` for markers), shared when already rendered.
@@ -62,8 +84,8 @@ impl Frame {
         }
     }
 
-    /// The text sent on the wire (`None` for markers): events get `"subscription_ids"`
-    /// appended to the envelope.
+    /// The text sent on the wire (`None` for markers, which the writer renders when they
+    /// announce something): events get `"subscription_ids"` appended to the envelope.
     pub fn render(&self) -> Option<String> {
         match self {
             Frame::CatchingUp { .. } | Frame::Live { .. } => None,
@@ -110,8 +132,8 @@ fn with_field(envelope: &str, extra: usize, field: impl FnOnce(&mut String)) -> 
 /// Why a connection is being closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Closing {
-    /// The outbound queue overflowed (4008).
-    SlowConsumer,
+    /// The client is too slow to be served any longer (4008).
+    SlowConsumer(Slow),
     /// The server is shutting down: queued frames are written first (1001).
     Shutdown,
     /// The client sent a frame over the size limit (1009).
@@ -126,6 +148,15 @@ pub enum Closing {
     BadFrame { code: u16, reason: &'static str },
     /// The client closed or the socket failed: nothing more to write.
     Gone,
+}
+
+/// Why a slow consumer is closed: falling behind alone never is a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slow {
+    /// What it was last handed is more than this (`--max-lag`) older than the newest event.
+    Behind(Duration),
+    /// Its socket accepted nothing for this long (`--write-timeout`).
+    Stalled(Duration),
 }
 
 impl Closing {
@@ -145,7 +176,7 @@ impl Closing {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rejected {
-    /// The queue is full; the connection is now closing as a slow consumer.
+    /// Over the budget: nothing was queued and nothing else changed.
     Full,
     /// The connection is closing.
     Closed,
@@ -162,8 +193,11 @@ pub struct Outbound {
     readable: Notify,
     /// Signalled when the writer takes a frame or closing starts.
     writable: Notify,
-    max_frames: usize,
-    max_bytes: usize,
+    /// Signalled by the bus when it stopped offering live events and has the connection catch
+    /// up from the log; a signal nobody waits for yet is kept for the next wait.
+    behind: Notify,
+    /// Bytes the queue may hold (`--outbound-bytes`).
+    budget: usize,
 }
 
 struct State {
@@ -172,14 +206,28 @@ struct State {
     closing: Option<Closing>,
 }
 
+impl State {
+    /// Whether `bytes` more fit under `limit`. Anything fits an empty queue, so a frame
+    /// larger than the budget still goes through, alone.
+    fn fits(&self, bytes: usize, limit: usize) -> bool {
+        self.frames.is_empty() || self.bytes.saturating_add(bytes) <= limit
+    }
+
+    fn enqueue(&mut self, frame: Frame) {
+        self.bytes += frame.size();
+        self.frames.push_back(frame);
+    }
+}
+
 impl Outbound {
-    pub fn new(max_frames: usize, max_bytes: usize) -> Arc<Self> {
+    /// A mailbox holding at most `budget` bytes of frames (and a few small fixed-place ones).
+    pub fn new(budget: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State { frames: VecDeque::new(), bytes: 0, closing: None }),
             readable: Notify::new(),
             writable: Notify::new(),
-            max_frames: max_frames.max(2),
-            max_bytes: max_bytes.max(2),
+            behind: Notify::new(),
+            budget: budget.max(2 * FRAME_OVERHEAD),
         })
     }
 
@@ -188,34 +236,69 @@ impl Outbound {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a frame without waiting. On overflow the queue is dropped and the connection
-    /// starts closing as a slow consumer.
-    pub fn push(&self, frame: Frame) -> Result<(), Rejected> {
+    /// The bytes the queue may hold.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Queues a frame if it fits the budget, without waiting; otherwise leaves everything as
+    /// it is and says [`Rejected::Full`].
+    pub fn offer(&self, frame: Frame) -> Result<(), Rejected> {
+        self.offer_all(vec![frame])
+    }
+
+    /// Queues all of `frames` if together they fit the budget, or none of them.
+    pub fn offer_all(&self, frames: Vec<Frame>) -> Result<(), Rejected> {
         let mut state = self.lock();
         if state.closing.is_some() {
             return Err(Rejected::Closed);
         }
-        let size = frame.size();
-        // A single frame larger than the byte bound still goes through an empty queue.
-        let full = state.frames.len() >= self.max_frames
-            || (!state.frames.is_empty() && state.bytes + size > self.max_bytes);
-        if full {
-            state.frames.clear();
-            state.bytes = 0;
-            state.closing = Some(Closing::SlowConsumer);
-            drop(state);
-            self.wake_all();
+        let size = frames.iter().map(Frame::size).sum();
+        if !state.fits(size, self.budget) {
             return Err(Rejected::Full);
         }
-        state.bytes += size;
-        state.frames.push_back(frame);
+        for frame in frames {
+            state.enqueue(frame);
+        }
         drop(state);
         self.readable.notify_one();
         Ok(())
     }
 
-    /// Queues a frame once the queue is at most half full.
+    /// Queues a frame whatever the budget: for markers and the few frames whose number is
+    /// bounded by their cause (see the module doc).
+    pub fn push(&self, frame: Frame) -> Result<(), Rejected> {
+        let mut state = self.lock();
+        if state.closing.is_some() {
+            return Err(Rejected::Closed);
+        }
+        state.enqueue(frame);
+        drop(state);
+        self.readable.notify_one();
+        Ok(())
+    }
+
+    /// Queues a frame once the queue, with it, is at most half full.
     pub async fn push_paced(&self, frame: Frame) -> Result<(), Rejected> {
+        let size = frame.size();
+        self.with_room(size, self.budget / 2, |state| state.enqueue(frame)).await?;
+        self.readable.notify_one();
+        Ok(())
+    }
+
+    /// Resolves once `bytes` more would fit the budget (or the queue is empty).
+    pub async fn room(&self, bytes: usize) -> Result<(), Rejected> {
+        self.with_room(bytes, self.budget, |_| ()).await
+    }
+
+    /// Runs `act` under the lock once `bytes` more fit under `limit`.
+    async fn with_room<T>(
+        &self,
+        bytes: usize,
+        limit: usize,
+        act: impl FnOnce(&mut State) -> T,
+    ) -> Result<T, Rejected> {
+        let mut act = Some(act);
         loop {
             let writable = self.writable.notified();
             tokio::pin!(writable);
@@ -225,25 +308,21 @@ impl Outbound {
                 if state.closing.is_some() {
                     return Err(Rejected::Closed);
                 }
-                let size = frame.size();
-                let room = state.frames.len() < self.max_frames / 2
-                    && (state.frames.is_empty() || state.bytes + size <= self.max_bytes / 2);
-                if room {
-                    state.bytes += size;
-                    state.frames.push_back(frame);
-                    drop(state);
-                    self.readable.notify_one();
-                    return Ok(());
+                if state.fits(bytes, limit)
+                    && let Some(act) = act.take()
+                {
+                    return Ok(act(&mut state));
                 }
             }
             writable.await;
         }
     }
 
-    /// Starts closing. The first reason wins.
-    pub fn close(&self, reason: Closing) {
+    /// Starts closing. The first reason wins: `false` if closing had already started.
+    pub fn close(&self, reason: Closing) -> bool {
         let mut state = self.lock();
-        if state.closing.is_none() {
+        let first = state.closing.is_none();
+        if first {
             if !reason.drains() {
                 state.frames.clear();
                 state.bytes = 0;
@@ -252,12 +331,24 @@ impl Outbound {
         }
         drop(state);
         self.wake_all();
+        first
     }
 
     fn wake_all(&self) {
         self.readable.notify_waiters();
         self.readable.notify_one();
         self.writable.notify_waiters();
+    }
+
+    /// Says that the bus stopped offering live events to this connection and has it catch up
+    /// from the log (the session starts the catch-up).
+    pub fn fell_behind(&self) {
+        self.behind.notify_one();
+    }
+
+    /// Resolves after [`Outbound::fell_behind`], once per signal.
+    pub async fn behind(&self) {
+        self.behind.notified().await;
     }
 
     /// The next frame to write, or why to close once nothing is left to write.
@@ -313,6 +404,11 @@ impl Outbound {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes waiting now, as the budget counts them.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     pub fn is_closing(&self) -> bool {
@@ -373,30 +469,45 @@ mod tests {
         assert_eq!(frame.render().as_deref(), Some(r#"{"id":1,"subscription_ids":["s1","s3"]}"#));
         let frame = event("{}\n", vec![2]);
         assert_eq!(frame.render().as_deref(), Some(r#"{"subscription_ids":["s2"]}"#));
-        assert_eq!(Frame::Live { subscription: 1 }.render(), None);
+        assert_eq!(Frame::Live { subscription: 1, caught_up: Some(3) }.render(), None);
     }
 
     #[test]
-    fn overflow_drops_the_queue_and_closes_as_slow() {
-        let outbound = Outbound::new(3, 1 << 20);
-        for i in 0..3 {
-            outbound.push(control(&i.to_string())).expect("room");
+    fn an_offer_over_the_budget_is_refused_and_changes_nothing() {
+        let frame = control("0123456789");
+        let outbound = Outbound::new(3 * frame.size());
+        for _ in 0..3 {
+            outbound.offer(frame.clone()).expect("room");
         }
-        assert_eq!(outbound.push(control("3")), Err(Rejected::Full));
-        assert_eq!(outbound.push(control("4")), Err(Rejected::Closed));
-        assert_eq!(take(&outbound).as_deref(), Some("close SlowConsumer"));
+        assert_eq!(outbound.offer(control("x")), Err(Rejected::Full));
+        assert_eq!(outbound.len(), 3, "what was queued stays queued");
+        assert!(!outbound.is_closing(), "being full is not a reason to close");
+        assert_eq!(take(&outbound).as_deref(), Some("0123456789"));
+        outbound.offer(control("y")).expect("room again");
+        // Markers and fixed-place frames still go in; they are few by construction.
+        outbound.push(Frame::Live { subscription: 1, caught_up: None }).expect("pushed");
+        outbound.close(Closing::SlowConsumer(Slow::Stalled(Duration::from_secs(30))));
+        assert_eq!(outbound.offer(control("z")), Err(Rejected::Closed));
+        assert_eq!(outbound.push(control("z")), Err(Rejected::Closed));
+        assert_eq!(take(&outbound).as_deref(), Some("close SlowConsumer(Stalled(30s))"));
     }
 
     #[test]
-    fn byte_bound_counts_but_one_big_frame_passes() {
-        let outbound = Outbound::new(100, 10);
-        outbound.push(control("a very long frame indeed")).expect("alone it passes");
-        assert_eq!(outbound.push(control("x")), Err(Rejected::Full));
+    fn one_big_frame_passes_an_empty_queue_and_batches_are_all_or_nothing() {
+        let outbound = Outbound::new(0);
+        let big = control(&"x".repeat(10 * outbound.budget()));
+        outbound.offer(big.clone()).expect("alone it passes");
+        assert_eq!(outbound.offer(control("x")), Err(Rejected::Full));
+        assert_eq!(outbound.offer_all(vec![control("a"), control("b")]), Err(Rejected::Full));
+        assert_eq!(outbound.len(), 1);
+        outbound.drain_now();
+        outbound.offer_all(vec![big, control("b")]).expect("an empty queue takes a batch");
+        assert_eq!(outbound.len(), 2);
     }
 
     #[test]
     fn shutdown_drains_first() {
-        let outbound = Outbound::new(10, 1 << 20);
+        let outbound = Outbound::new(1 << 20);
         outbound.push(control("a")).expect("room");
         outbound.close(Closing::Shutdown);
         outbound.close(Closing::Idle);
@@ -406,7 +517,8 @@ mod tests {
 
     #[tokio::test]
     async fn paced_pushes_wait_for_half_the_queue() {
-        let outbound = Outbound::new(4, 1 << 20);
+        let size = control("a").size();
+        let outbound = Outbound::new(4 * size);
         outbound.push_paced(control("a")).await.expect("room");
         outbound.push_paced(control("b")).await.expect("room");
         let third = tokio::time::timeout(
@@ -415,13 +527,29 @@ mod tests {
         )
         .await;
         assert!(third.is_err(), "half full: waits");
+        outbound.offer(control("l")).expect("the other half is for live frames");
         let waiting = {
             let outbound = outbound.clone();
             tokio::spawn(async move { outbound.push_paced(control("c")).await })
         };
-        assert!(matches!(outbound.next().await, Next::Frame(_)));
-        waiting.await.expect("joined").expect("pushed after the writer took one");
+        for _ in 0..2 {
+            assert!(matches!(outbound.next().await, Next::Frame(_)));
+        }
+        waiting.await.expect("joined").expect("pushed after the writer took two");
         outbound.close(Closing::Gone);
         assert_eq!(outbound.push_paced(control("d")).await, Err(Rejected::Closed));
+        assert_eq!(outbound.room(0).await, Err(Rejected::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_fall_behind_signal_waits_for_its_reader() {
+        let outbound = Outbound::new(1 << 20);
+        outbound.fell_behind();
+        tokio::time::timeout(std::time::Duration::from_millis(50), outbound.behind())
+            .await
+            .expect("the signal was kept");
+        let again =
+            tokio::time::timeout(std::time::Duration::from_millis(50), outbound.behind()).await;
+        assert!(again.is_err(), "once per signal");
     }
 }

@@ -15,8 +15,24 @@
 //! up to `N`, [`Bus::go_live`] queues the buffered events after it and makes it live, all
 //! under the lock, so the hand-off has no gap and no duplicate however busy the log is. If the
 //! buffer overflows, the catch-up reads further from the log and buffering starts over.
+//!
+//! A connection that falls behind is handled the same way, as a whole. The bus never waits on
+//! a mailbox: when one refuses a live event (its byte budget is spent), the bus stops offering
+//! live events to that connection and makes it **lag**: each of its live subscriptions becomes
+//! a member of the lag, from the id before the refused event (it was handed everything up to
+//! there), matches are buffered for the lag, and the session is told to catch up. Its one
+//! catch-up reads the log for all members at once, so an event matching several is still one
+//! frame, and hands them all back with [`Bus::lag_go_live`]. While a connection lags, its new
+//! subscriptions (and `since` ones that finish) join the lag at the head instead of going live.
+//!
+//! ```text
+//!   live ──offer refused at event e──> Lagging (from e-1; CatchingUp markers, `lagging`)
+//!     ^                                  │ buffer matches; session reads the log (paced)
+//!     └──── lag_go_live(cursor): buffered matches after the cursor, `caught_up`, Live markers
+//! ```
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -26,9 +42,11 @@ use crate::log::StoredEvent;
 use crate::metrics::Metrics;
 use crate::model::Timestamp;
 
+mod buffer;
 mod index;
 pub mod mailbox;
 
+use buffer::{Buffer, Buffered};
 use index::Index;
 
 use mailbox::{Closing, Frame, Outbound, Rejected};
@@ -44,38 +62,63 @@ pub enum BusError {
     Closed,
 }
 
-/// Events buffered for one catching-up subscription before it reads from the log again.
-const CATCH_UP_BUFFER: usize = 4096;
-
-/// How far the catch-up of a subscription got when it asked to go live.
+/// How far a catch-up got when it asked to go live.
 #[derive(Debug, PartialEq, Eq)]
 pub enum GoLive {
-    /// The subscription now receives live events after the given cursor.
+    /// Done: the subscriptions receive live events after the cursor (or joined the
+    /// connection's lag, which catches them up in turn).
     Live,
     /// The buffer does not cover what was published after the cursor; read up to this id.
     Behind(u64),
+    /// The buffered events do not fit the mailbox yet: wait until this many bytes fit.
+    Wait(usize),
     /// The connection or the subscription is gone.
     Gone,
 }
 
-struct Subscription {
-    filter: Arc<Filter>,
-    /// `None` once live.
-    catch_up: Option<CatchUpBuffer>,
+/// The members of a connection's lag, as its catch-up reads for them.
+#[derive(Debug, Clone)]
+pub struct LagMembers {
+    /// Changes whenever a member joins; [`Bus::lag_go_live`] checks it.
+    pub generation: u64,
+    /// Each member, the id up to which it had everything when it joined, and its filter.
+    pub members: Vec<(SubscriptionId, u64, Arc<Filter>)>,
 }
 
-/// Events for a catching-up subscription: every match with an id above `from`, unless it
-/// overflowed (`events` is `None`).
-struct CatchUpBuffer {
-    from: u64,
-    events: Option<Vec<(u64, Arc<str>)>>,
+struct Subscription {
+    filter: Arc<Filter>,
+    delivery: Delivery,
+}
+
+enum Delivery {
+    /// Offered every matching event as it is published.
+    Live,
+    /// Catching up from the log after `since`; matches published meanwhile are buffered.
+    Since(Buffer),
+    /// A member of its connection's lag.
+    Lagging,
 }
 
 struct Connection {
     outbound: Arc<Outbound>,
     subscriptions: HashMap<SubscriptionId, Subscription>,
-    /// How many of them are catching up; none is the common, fast case.
+    /// How many of them are not live; none is the common, fast case.
     catching_up: usize,
+    /// While the connection catches up because it fell behind.
+    lag: Option<Lag>,
+    /// Bytes held by this connection's buffers; at most its outbound budget.
+    buffered: usize,
+}
+
+/// A connection that fell behind: none of its subscriptions is live.
+struct Lag {
+    /// Each member and the id up to which it had been handed everything when it joined.
+    members: HashMap<SubscriptionId, u64>,
+    generation: u64,
+    /// Matches for the members, each event once with the members it matches.
+    buffer: Buffer,
+    /// Whether the session took the catch-up on.
+    claimed: bool,
 }
 
 struct Registry {
@@ -86,11 +129,13 @@ struct Registry {
     next_connection: ConnectionId,
     connections: HashMap<ConnectionId, Connection>,
     index: Index,
-    slow_closes: u64,
 }
 
 pub struct Bus {
     registry: Mutex<Registry>,
+    /// Commit time (µs) of the newest event published: how far behind a connection is.
+    newest_commit: AtomicI64,
+    slow_closes: AtomicU64,
     /// Where appended and delivered counts and the source lag go.
     metrics: Arc<Metrics>,
 }
@@ -116,8 +161,9 @@ impl Bus {
                 next_connection: 1,
                 connections: HashMap::new(),
                 index: Index::default(),
-                slow_closes: 0,
             }),
+            newest_commit: AtomicI64::new(0),
+            slow_closes: AtomicU64::new(0),
             metrics,
         }
     }
@@ -134,19 +180,27 @@ impl Bus {
         if registry.closed {
             outbound.close(Closing::Shutdown);
         }
-        let connection = Connection { outbound, subscriptions: HashMap::new(), catching_up: 0 };
+        let connection = Connection {
+            outbound,
+            subscriptions: HashMap::new(),
+            catching_up: 0,
+            lag: None,
+            buffered: 0,
+        };
         registry.connections.insert(id, connection);
         (id, registry.head)
     }
 
     pub fn disconnect(&self, connection: ConnectionId) {
-        let mut registry = self.lock();
-        registry.remove_connection(connection);
+        self.lock().remove_connection(connection);
     }
 
     /// Adds a subscription and queues its `subscribed` reply, rendered by `reply` from the
-    /// head, in one step. Without `since` it receives every matching event after the head;
-    /// with it, it catches up first and goes live with [`Bus::go_live`]. Returns the head.
+    /// head, in one step. Without `since` it receives every matching event after the head
+    /// (through the lag's catch-up if its connection lags); with it, it catches up first and
+    /// goes live with [`Bus::go_live`]. Returns the head.
+    ///
+    /// The reply is queued whatever the mailbox's budget: wait for room before asking.
     pub fn subscribe(
         &self,
         connection: ConnectionId,
@@ -162,29 +216,39 @@ impl Bus {
         };
         let mut frames = Vec::with_capacity(2);
         if let Some(since) = since {
-            frames.push(Frame::CatchingUp { subscription, from: since.min(head) });
+            let from = since.min(head);
+            frames.push(Frame::CatchingUp { subscription, from, lagging: false });
         }
         frames.push(Frame::Control(reply(head)));
+        let delivery = match (since, &mut c.lag) {
+            (Some(_), _) => Delivery::Since(Buffer::new(head)),
+            (None, Some(lag)) => {
+                lag.join(subscription, head);
+                frames.push(Frame::CatchingUp { subscription, from: head, lagging: true });
+                Delivery::Lagging
+            }
+            (None, None) => Delivery::Live,
+        };
         for frame in frames {
-            if let Err(rejected) = c.outbound.push(frame) {
-                registry.drop_connection(connection, rejected);
+            if c.outbound.push(frame).is_err() {
+                registry.remove_connection(connection);
                 return Err(BusError::Closed);
             }
         }
-        let catch_up = since.map(|_| CatchUpBuffer { from: head, events: Some(Vec::new()) });
-        c.catching_up += usize::from(catch_up.is_some());
-        if let Some(old) =
-            c.subscriptions.insert(subscription, Subscription { filter: filter.clone(), catch_up })
-        {
+        c.catching_up += usize::from(!matches!(delivery, Delivery::Live));
+        let added = Subscription { filter: filter.clone(), delivery };
+        if let Some(old) = c.subscriptions.insert(subscription, added) {
             // Ids are not reused by sessions; if one ever is, the old one must leave the index.
+            c.forget(subscription, old.delivery);
             registry.index.remove((connection, subscription), &old.filter);
         }
         registry.index.add((connection, subscription), &filter);
         Ok(head)
     }
 
-    /// Ends the catch-up of a subscription whose log reads reached `cursor`: if its buffer
-    /// holds everything published after `cursor`, that is queued and the subscription is live.
+    /// Ends the `since` catch-up of a subscription whose log reads reached `cursor`: if its
+    /// buffer holds everything published after `cursor` and it fits the mailbox, that is
+    /// queued and the subscription is live (or joins its connection's lag).
     pub fn go_live(
         &self,
         connection: ConnectionId,
@@ -195,34 +259,108 @@ impl Bus {
         let head = registry.head;
         let Some(c) = registry.connections.get_mut(&connection) else { return GoLive::Gone };
         let Some(sub) = c.subscriptions.get_mut(&subscription) else { return GoLive::Gone };
-        let Some(buffer) = &mut sub.catch_up else { return GoLive::Live };
-        let events = match &mut buffer.events {
-            Some(events) if buffer.from <= cursor => std::mem::take(events),
-            _ => {
-                // Start over from here; the catch-up reads up to the head meanwhile.
-                *buffer = CatchUpBuffer { from: head, events: Some(Vec::new()) };
-                return GoLive::Behind(head);
-            }
-        };
-        sub.catch_up = None;
-        c.catching_up -= 1;
-        let frames = events
-            .into_iter()
-            .filter(|(id, _)| *id > cursor)
-            .map(|(id, envelope)| Frame::Event {
-                id,
-                envelope,
-                subscriptions: vec![subscription],
-                history: true,
-                committed_at: 0,
-                text: None,
-            })
-            .chain([Frame::Live { subscription }]);
-        for frame in frames {
-            if let Err(rejected) = c.outbound.push(frame) {
-                registry.drop_connection(connection, rejected);
+        let Delivery::Since(buffer) = &mut sub.delivery else { return GoLive::Live };
+        if !buffer.covers(cursor) {
+            // Start over from here; the catch-up reads up to the head meanwhile.
+            buffer.restart(head, &mut c.buffered);
+            return GoLive::Behind(head);
+        }
+        let mut frames = buffer.frames_after(cursor, |_| true);
+        frames.push(Frame::Live { subscription, caught_up: None });
+        if c.lag.is_some() {
+            frames.push(Frame::CatchingUp { subscription, from: head, lagging: true });
+        }
+        // What the mailbox must have room for: `Wait` says exactly that, so that waiting for
+        // it is never satisfied while the offer would still be refused.
+        let size: usize = frames.iter().map(Frame::size).sum();
+        match c.outbound.offer_all(frames) {
+            Ok(()) => {}
+            Err(Rejected::Full) => return GoLive::Wait(size),
+            Err(Rejected::Closed) => {
+                registry.remove_connection(connection);
                 return GoLive::Gone;
             }
+        }
+        let delivery = match &mut c.lag {
+            Some(lag) => {
+                lag.join(subscription, head);
+                Delivery::Lagging
+            }
+            None => {
+                c.catching_up -= 1;
+                Delivery::Live
+            }
+        };
+        if let Delivery::Since(buffer) = std::mem::replace(&mut sub.delivery, delivery) {
+            buffer.release(&mut c.buffered);
+        }
+        GoLive::Live
+    }
+
+    /// Takes on the catch-up of a connection that fell behind: `true` once per lag, for the
+    /// session that will run it.
+    pub fn claim_lag(&self, connection: ConnectionId) -> bool {
+        let mut registry = self.lock();
+        let lag = registry.connections.get_mut(&connection).and_then(|c| c.lag.as_mut());
+        lag.is_some_and(|lag| !std::mem::replace(&mut lag.claimed, true))
+    }
+
+    /// Who a lagging connection's catch-up reads for; `None` once it no longer lags.
+    pub fn lag_members(&self, connection: ConnectionId) -> Option<LagMembers> {
+        let registry = self.lock();
+        let c = registry.connections.get(&connection)?;
+        let lag = c.lag.as_ref()?;
+        let members = lag
+            .members
+            .iter()
+            .filter_map(|(number, from)| {
+                let sub = c.subscriptions.get(number)?;
+                Some((*number, *from, sub.filter.clone()))
+            })
+            .collect();
+        Some(LagMembers { generation: lag.generation, members })
+    }
+
+    /// Ends the catch-up of a lagging connection whose log reads reached `cursor` for the
+    /// members of `generation`: if the lag's buffer holds everything published after `cursor`
+    /// and it fits the mailbox, that is queued, each member is told it caught up, and they are
+    /// all live again.
+    pub fn lag_go_live(&self, connection: ConnectionId, cursor: u64, generation: u64) -> GoLive {
+        let mut registry = self.lock();
+        let head = registry.head;
+        let Some(c) = registry.connections.get_mut(&connection) else { return GoLive::Gone };
+        let Some(lag) = &mut c.lag else { return GoLive::Live };
+        if lag.generation != generation {
+            // A member joined that the catch-up has not read for: it reads again, for all.
+            return GoLive::Behind(head);
+        }
+        if !lag.buffer.covers(cursor) {
+            lag.buffer.restart(head, &mut c.buffered);
+            return GoLive::Behind(head);
+        }
+        let mut frames = lag.buffer.frames_after(cursor, |s| lag.members.contains_key(&s));
+        let mut members: Vec<SubscriptionId> = lag.members.keys().copied().collect();
+        members.sort_unstable();
+        frames.extend(
+            members.iter().map(|&subscription| Frame::Live { subscription, caught_up: Some(head) }),
+        );
+        let size: usize = frames.iter().map(Frame::size).sum();
+        match c.outbound.offer_all(frames) {
+            Ok(()) => {}
+            Err(Rejected::Full) => return GoLive::Wait(size),
+            Err(Rejected::Closed) => {
+                registry.remove_connection(connection);
+                return GoLive::Gone;
+            }
+        }
+        for number in &members {
+            if let Some(sub) = c.subscriptions.get_mut(number) {
+                sub.delivery = Delivery::Live;
+                c.catching_up -= 1;
+            }
+        }
+        if let Some(lag) = c.lag.take() {
+            lag.buffer.release(&mut c.buffered);
         }
         GoLive::Live
     }
@@ -230,20 +368,26 @@ impl Bus {
     /// Removes a subscription; `false` if there was none.
     pub fn unsubscribe(&self, connection: ConnectionId, subscription: SubscriptionId) -> bool {
         let mut registry = self.lock();
-        registry.remove_subscription(connection, subscription)
+        let Some(c) = registry.connections.get_mut(&connection) else { return false };
+        let Some(removed) = c.subscriptions.remove(&subscription) else { return false };
+        c.forget(subscription, removed.delivery);
+        registry.index.remove((connection, subscription), &removed.filter);
+        true
     }
 
-    /// Hands appended events to the matching connections, in order. Connections that cannot
-    /// keep up are closed with 4008 and dropped from the bus.
+    /// Hands appended events to the matching connections, in order, without ever waiting: a
+    /// connection whose mailbox refuses one falls behind and catches up from the log.
     pub fn publish(&self, events: &[StoredEvent]) {
         let mut registry = self.lock();
+        let registry = &mut *registry;
         let mut matches: Vec<SubscriptionRef> = Vec::new();
-        let mut slow: Vec<(ConnectionId, Rejected)> = Vec::new();
+        let mut closed: Vec<ConnectionId> = Vec::new();
         // Connections each event was queued for, recorded in the metrics once per batch.
         let mut counts: Vec<(&str, u64)> = Vec::with_capacity(events.len());
         for event in events {
             registry.head = registry.head.max(event.id);
             registry.last_event_at = Some(event.timestamp);
+            self.newest_commit.fetch_max(event.timestamp.0, Ordering::Relaxed);
             let subject = Subject {
                 event_type: &event.event_type,
                 organization_id: event.organization_id.as_deref(),
@@ -264,18 +408,7 @@ impl Bus {
                 let Some(c) = registry.connections.get_mut(&connection) else { continue };
                 let mut live: Vec<SubscriptionId> = group.iter().map(|m| m.1).collect();
                 if c.catching_up > 0 {
-                    live.retain(|number| {
-                        let Some(sub) = c.subscriptions.get_mut(number) else { return false };
-                        let Some(buffer) = &mut sub.catch_up else { return true };
-                        if let Some(events) = &mut buffer.events {
-                            if events.len() < CATCH_UP_BUFFER {
-                                events.push((event.id, event.json.clone()));
-                            } else {
-                                buffer.events = None;
-                            }
-                        }
-                        false
-                    });
+                    c.keep_for_catch_ups(event, &mut live);
                     if live.is_empty() {
                         continue;
                     }
@@ -293,25 +426,40 @@ impl Bus {
                 let frame = Frame::Event {
                     id: event.id,
                     envelope: event.json.clone(),
-                    subscriptions: live,
+                    subscriptions: live.clone(),
                     history: false,
                     committed_at: event.timestamp.0,
                     text: Some(text),
                 };
-                match c.outbound.push(frame) {
+                match c.outbound.offer(frame) {
                     Ok(()) => queued += 1,
-                    Err(rejected) => slow.push((connection, rejected)),
+                    Err(Rejected::Full) => {
+                        c.fall_behind(event, live);
+                        self.metrics.fell_behind();
+                        tracing::debug!(connection, id = event.id, "connection fell behind");
+                    }
+                    Err(Rejected::Closed) => closed.push(connection),
                 }
             }
             counts.push((&event.event_type, queued));
-            for (connection, rejected) in slow.drain(..) {
-                registry.drop_connection(connection, rejected);
+            for connection in closed.drain(..) {
+                registry.remove_connection(connection);
             }
         }
         self.metrics.published(counts);
         if let Some(last) = events.last() {
             self.metrics.source_lag(Timestamp::now().0 - last.timestamp.0);
         }
+    }
+
+    /// Commit time (µs since the epoch) of the newest event published, 0 before any.
+    pub fn newest_commit(&self) -> i64 {
+        self.newest_commit.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection closed as a slow consumer (4008), for stats.
+    pub fn slow_consumer_closed(&self) {
+        self.slow_closes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Frames queued for all connections now.
@@ -339,38 +487,108 @@ impl Bus {
             last_event_at: registry.last_event_at,
             connections: registry.connections.len(),
             subscriptions: registry.connections.values().map(|c| c.subscriptions.len()).sum(),
-            slow_consumer_closes: registry.slow_closes,
+            slow_consumer_closes: self.slow_closes.load(Ordering::Relaxed),
         }
     }
 }
 
 impl Registry {
-    fn remove_subscription(
-        &mut self,
-        connection: ConnectionId,
-        subscription: SubscriptionId,
-    ) -> bool {
-        let Some(c) = self.connections.get_mut(&connection) else { return false };
-        let Some(removed) = c.subscriptions.remove(&subscription) else { return false };
-        c.catching_up -= usize::from(removed.catch_up.is_some());
-        self.index.remove((connection, subscription), &removed.filter);
-        true
+    fn remove_connection(&mut self, connection: ConnectionId) {
+        if let Some(removed) = self.connections.remove(&connection) {
+            self.unindex(connection, removed);
+        }
     }
 
-    fn remove_connection(&mut self, connection: ConnectionId) {
-        let Some(removed) = self.connections.remove(&connection) else { return };
+    fn unindex(&mut self, connection: ConnectionId, removed: Connection) {
         for (subscription, sub) in removed.subscriptions {
             self.index.remove((connection, subscription), &sub.filter);
         }
     }
+}
 
-    /// Drops a connection whose queue refused a frame.
-    fn drop_connection(&mut self, connection: ConnectionId, rejected: Rejected) {
-        if rejected == Rejected::Full {
-            self.slow_closes += 1;
-            tracing::info!(connection, "closing slow consumer");
+impl Connection {
+    /// Buffers `event` for the subscriptions in `matched` that catch up, leaving the live ones.
+    fn keep_for_catch_ups(&mut self, event: &StoredEvent, matched: &mut Vec<SubscriptionId>) {
+        let budget = self.outbound.budget();
+        let mut lagging = Vec::new();
+        matched.retain(|number| {
+            let Some(sub) = self.subscriptions.get_mut(number) else { return false };
+            match &mut sub.delivery {
+                Delivery::Live => true,
+                Delivery::Since(buffer) => {
+                    buffer.keep(Buffered::new(event, vec![*number]), &mut self.buffered, budget);
+                    false
+                }
+                Delivery::Lagging => {
+                    lagging.push(*number);
+                    false
+                }
+            }
+        });
+        if let (Some(lag), false) = (&mut self.lag, lagging.is_empty()) {
+            lag.buffer.keep(Buffered::new(event, lagging), &mut self.buffered, budget);
         }
-        self.remove_connection(connection);
+    }
+
+    /// The mailbox refused `event` (for the live subscriptions `matched`): every live
+    /// subscription joins a new lag from the id before it, and the session is told.
+    fn fall_behind(&mut self, event: &StoredEvent, matched: Vec<SubscriptionId>) {
+        let from = event.id.saturating_sub(1);
+        let mut lag = Lag {
+            members: HashMap::new(),
+            generation: 0,
+            buffer: Buffer::new(from),
+            claimed: false,
+        };
+        let mut numbers: Vec<SubscriptionId> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, sub)| matches!(sub.delivery, Delivery::Live))
+            .map(|(number, _)| *number)
+            .collect();
+        numbers.sort_unstable();
+        for number in numbers {
+            if let Some(sub) = self.subscriptions.get_mut(&number) {
+                sub.delivery = Delivery::Lagging;
+            }
+            self.catching_up += 1;
+            lag.members.insert(number, from);
+            // Where the stream leaves this subscription: the writer tells the client, and
+            // counts it in the resume id of a 4008 from here on.
+            let _ =
+                self.outbound.push(Frame::CatchingUp { subscription: number, from, lagging: true });
+        }
+        let budget = self.outbound.budget();
+        lag.buffer.keep(Buffered::new(event, matched), &mut self.buffered, budget);
+        self.lag = Some(lag);
+        self.outbound.fell_behind();
+    }
+
+    /// Lets go of what a removed subscription held.
+    fn forget(&mut self, subscription: SubscriptionId, delivery: Delivery) {
+        match delivery {
+            Delivery::Live => return,
+            Delivery::Since(buffer) => buffer.release(&mut self.buffered),
+            Delivery::Lagging => {
+                if let Some(lag) = &mut self.lag {
+                    lag.members.remove(&subscription);
+                    if lag.members.is_empty()
+                        && let Some(lag) = self.lag.take()
+                    {
+                        lag.buffer.release(&mut self.buffered);
+                    }
+                }
+            }
+        }
+        self.catching_up -= 1;
+    }
+}
+
+impl Lag {
+    /// A subscription joins at `from`: it had every match up to there.
+    fn join(&mut self, subscription: SubscriptionId, from: u64) {
+        self.members.insert(subscription, from);
+        self.generation += 1;
     }
 }
 

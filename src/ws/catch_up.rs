@@ -12,7 +12,11 @@
 //! The bus decides when the subscription is live, under its lock, from the cursor the log
 //! reads reached: that is what makes the hand-off exact however busy the log is. History is
 //! pushed with [`Outbound::push_paced`], so a long catch-up waits for the writer instead of
-//! overflowing the queue, and leaves room for the connection's live frames.
+//! overflowing the queue, and leaves room for the connection's live frames. History counts
+//! for nothing in the connection's lag (`--max-lag`): the client asked for it.
+//!
+//! A connection that falls behind catches up the same way, for all its subscriptions at
+//! once: `lag.rs`, which reads its pages with [`read_page`] too.
 
 use std::sync::Arc;
 
@@ -23,10 +27,10 @@ use crate::backoff::Backoff;
 use crate::bus::mailbox::{Frame, Outbound, Rejected};
 use crate::bus::{ConnectionId, GoLive, SubscriptionId};
 use crate::filter::Filter;
-use crate::log::Range;
+use crate::log::{Page, Range};
 
 /// Events per catch-up read.
-const CATCH_UP_PAGE: usize = 500;
+pub(super) const CATCH_UP_PAGE: usize = 500;
 /// The first wait before a failed catch-up read is tried again; it doubles up to the max.
 const CATCH_UP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const CATCH_UP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
@@ -73,6 +77,11 @@ impl<H: History> CatchUp<H> {
             match self.context.bus.go_live(self.connection, self.subscription, cursor) {
                 GoLive::Live | GoLive::Gone => return,
                 GoLive::Behind(head) => target = head,
+                GoLive::Wait(bytes) => {
+                    if self.outbound.room(bytes).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -80,26 +89,9 @@ impl<H: History> CatchUp<H> {
     /// Sends one page after `cursor`; returns the new cursor, `None` when the connection is
     /// closing.
     async fn read(&self, cursor: u64, target: u64) -> Option<u64> {
-        let range = Range {
-            after: cursor,
-            up_to: Some(target),
-            from: None,
-            to: None,
-            limit: CATCH_UP_PAGE,
-        };
-        let mut backoff = Backoff::new(CATCH_UP_RETRY_FIRST, CATCH_UP_RETRY_MAX);
-        let page = loop {
-            match self.context.history.read(&self.filter, &range).await {
-                Ok(page) => break page,
-                Err(err) => {
-                    tracing::warn!(connection = self.connection, error = %err, "catch-up read failed; retrying");
-                    if self.outbound.is_closing() {
-                        return None;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
-        };
+        let (context, outbound) = (&*self.context, &*self.outbound);
+        let range = span(cursor, target, CATCH_UP_PAGE);
+        let page = read_page(context, self.connection, outbound, &self.filter, &range).await?;
         if page.oldest > cursor + 1 {
             let frame = protocol::reset(self.subscription, "cursor_expired", page.oldest);
             self.push(Frame::Control(frame)).await.ok()?;
@@ -123,5 +115,34 @@ impl<H: History> CatchUp<H> {
 
     async fn push(&self, frame: Frame) -> Result<(), Rejected> {
         self.outbound.push_paced(frame).await
+    }
+}
+
+/// At most `limit` events after `after`, up to `up_to`.
+pub(super) fn span(after: u64, up_to: u64, limit: usize) -> Range {
+    Range { after, up_to: Some(up_to), from: None, to: None, limit }
+}
+
+/// One page of the log for `filter` in `range`, retried with backoff while the log fails;
+/// `None` once the connection is closing.
+pub(super) async fn read_page<H: History>(
+    context: &Context<H>,
+    connection: ConnectionId,
+    outbound: &Outbound,
+    filter: &Filter,
+    range: &Range,
+) -> Option<Page> {
+    let mut backoff = Backoff::new(CATCH_UP_RETRY_FIRST, CATCH_UP_RETRY_MAX);
+    loop {
+        match context.history.read(filter, range).await {
+            Ok(page) => return Some(page),
+            Err(err) => {
+                tracing::warn!(connection, error = %err, "catch-up read failed; retrying");
+                if outbound.is_closing() {
+                    return None;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 //!     └─ session::run(socket halves, Context { limits, bus, history, metrics, metadata })
 //!          ├─ read loop: protocol::parse → dispatch, limits (rate), idle and token expiry
 //!          ├─ catch_up: `since` history from the log, then bus.go_live
+//!          ├─ lag: a connection that fell behind, from the log, then bus.lag_go_live
 //!          ├─ replay: a time window from the log, paced
 //!          └─ writer: Outbound → socket, batches, pings, close codes
 //! ```
@@ -12,13 +13,14 @@
 //! - [`protocol`]: the frames, parsed and rendered (pure);
 //! - [`session`]: one connection, generic over its transport and its log, and its [`Context`];
 //! - [`history`]: the session's reads of the log, and the pool-backed [`history::EventLog`];
-//! - `writer`, `catch_up`, `replay`, `limits`: the parts of a session, one idea each;
+//! - `writer`, `catch_up`, `lag`, `replay`, `limits`: the parts of a session, one idea each;
 //! - `tests`: sessions driven through channels and an in-memory log, with no socket and no
 //!   database (the integration tests cover the real socket and the real log).
 
 mod catch_up;
 mod context;
 pub mod history;
+mod lag;
 mod limits;
 pub mod protocol;
 mod replay;

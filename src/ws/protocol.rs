@@ -217,6 +217,13 @@ pub fn caught_up(subscription: u32, last_id: u64) -> String {
     render(json!({"type": "caught_up", "subscription_id": id, "last_id": last_id}), None)
 }
 
+/// A subscription of a connection that fell behind now catches up from the log, after
+/// `last_id` (everything matching up to it was sent before this frame); `caught_up` follows.
+pub fn lagging(subscription: u32, last_id: u64) -> String {
+    let id = subscription_name(subscription);
+    render(json!({"type": "lagging", "subscription_id": id, "last_id": last_id}), None)
+}
+
 pub fn reset(subscription: u32, reason: &str, oldest_id: u64) -> String {
     let id = subscription_name(subscription);
     let frame =
@@ -407,6 +414,7 @@ mod tests {
             subscribed(1, &filter, 5, None),
             unsubscribed("s1", None),
             caught_up(1, 5),
+            lagging(1, 5),
             reset(1, "cursor_expired", 3),
             pong(None),
         ] {

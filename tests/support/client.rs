@@ -23,10 +23,52 @@ pub enum Incoming {
     Closed(Option<CloseFrame>),
 }
 
+/// How a connection ended, for a client that read it to the end.
+#[derive(Debug)]
+pub enum Ending {
+    /// A close frame; `None` if it had no code.
+    Closed(Option<CloseFrame>),
+    /// The connection ended without a close frame: the server dropped it.
+    Aborted(String),
+}
+
 impl Ws {
     pub async fn connect(url: &str) -> Ws {
         let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
         Ws { socket }
+    }
+
+    /// Connects with a receive buffer of about `bytes`: a client whose socket fills up at once
+    /// when it does not read.
+    pub async fn connect_small(addr: SocketAddr, url: &str, bytes: u32) -> Ws {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("rcvbuf");
+        let stream = socket.connect(addr).await.expect("connect");
+        let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("handshake");
+        Ws { socket }
+    }
+
+    /// Every text frame until the connection ends, and how it ended; panics after `silence`
+    /// with nothing new.
+    pub async fn read_to_end(&mut self, silence: Duration) -> (Vec<Value>, Ending) {
+        let mut frames = Vec::new();
+        loop {
+            let message =
+                tokio::time::timeout(silence, self.socket.next()).await.unwrap_or_else(|_| {
+                    panic!("nothing for {silence:?} after {} frames", frames.len())
+                });
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    frames.push(serde_json::from_str(text.as_str()).expect("frames are JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => return (frames, Ending::Closed(frame)),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return (frames, Ending::Aborted(err.to_string())),
+                None => return (frames, Ending::Aborted("end of stream".into())),
+            }
+        }
     }
 
     /// Connects and reads the welcome; returns the client and `welcome.last_id`.

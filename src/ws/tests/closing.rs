@@ -105,37 +105,64 @@ async fn shutdown_writes_what_is_queued_then_closes_with_1001() {
     client.session.await.expect("the session ended");
 }
 
+/// The id a 4008 reason names.
+pub(super) fn resume_id(reason: &str) -> u64 {
+    reason
+        .rsplit_once("; last delivered id ")
+        .and_then(|(_, id)| id.parse().ok())
+        .unwrap_or_else(|| panic!("the reason names no id: {reason:?}"))
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_slow_consumer_is_closed_with_4008_naming_an_id_to_resume_from() {
-    let limits = ServerSettings { outbound_frames: 8, ..ServerSettings::default() };
+async fn a_socket_that_takes_nothing_is_closed_with_4008_once_the_client_reads_again() {
+    let limits = ServerSettings::default();
+    let (write_timeout, close_timeout) = (limits.write_timeout, limits.close_timeout);
     let context = context(limits, &[]);
-    // A socket that takes one frame the client has not read, then makes the writer wait.
+    // A socket that holds one frame the client has not read, then makes the writer wait.
     let mut client = connect(&context, Scope::everything(), Ok(None), 1);
     client.json().await;
     client.send(json!({"action": "subscribe"}));
     assert_eq!(client.json().await["type"], "subscribed");
     commit(&context, &agents(1..=3));
-    let mut received = Vec::new();
-    for _ in 0..3 {
-        received.push(client.json().await["id"].as_u64().expect("an event"));
-    }
-    // The client stops reading: one event fills the socket, the writer waits on the next,
-    // and then far more than the queue holds arrive.
-    for id in 4..=6 {
-        commit(&context, &agents([id]));
-        tokio::task::yield_now().await;
-    }
-    commit(&context, &agents(7..=40));
+    let start = Instant::now();
+    // Nothing is read for longer than the write timeout, but less than it plus the close
+    // timeout: the client comes back in time for the close frame.
+    tokio::time::sleep(write_timeout + close_timeout / 2).await;
+    assert_eq!(context.bus.stats().slow_consumer_closes, 1, "decided at the write timeout");
     let (frames, close) = client.until_close().await;
-    received.extend(event_ids(&frames));
-    let (code, reason) = close.expect("a close frame");
+    let (code, reason) = close.expect("a close frame, with a code");
     assert_eq!(code, 4008);
-    let resume: u64 = reason
-        .strip_prefix("slow consumer; last delivered id ")
-        .and_then(|id| id.parse().ok())
-        .expect("the reason names an id");
-    // Everything up to that id was received, nothing after it: `since` loses nothing.
-    assert!(resume >= 4, "the socket took event 4 before it filled: {received:?}");
-    assert_eq!(received, (1..=resume).collect::<Vec<_>>());
-    assert_eq!(context.bus.stats().slow_consumer_closes, 1);
+    assert!(reason.starts_with("slow consumer, nothing read for 30s; "), "{reason}");
+    // Everything up to the id it names arrived before it, nothing after: `since` loses nothing.
+    let resume = resume_id(&reason);
+    assert_eq!(event_ids(&frames), (1..=resume).collect::<Vec<_>>());
+    assert!(resume >= 1, "the socket held event 1");
+    assert!(Instant::now() - start < write_timeout + close_timeout);
+    assert!(!client.closed_without_a_code());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_again_is_dropped_without_a_codeless_close() {
+    let limits = ServerSettings::default();
+    let (write_timeout, close_timeout) = (limits.write_timeout, limits.close_timeout);
+    let context = context(limits, &[]);
+    let mut client = connect(&context, Scope::everything(), Ok(None), 1);
+    client.json().await;
+    client.send(json!({"action": "subscribe"}));
+    assert_eq!(client.json().await["type"], "subscribed");
+    let start = Instant::now();
+    commit(&context, &agents(1..=3));
+    (&mut client.session).await.expect("the session ended");
+    let ended = Instant::now() - start;
+    assert!(ended >= write_timeout + close_timeout, "{ended:?}");
+    assert!(ended < write_timeout + close_timeout + Duration::from_millis(10), "{ended:?}");
+    // What the socket held, then its end: no close frame at all rather than one without a code.
+    let mut rest = Vec::new();
+    while let Ok(message) = client.from_server.try_recv() {
+        rest.push(message);
+    }
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert!(matches!(&rest[0], Message::Text(_)), "{rest:?}");
+    assert!(!client.closed_without_a_code(), "dropped, not closed without a code");
+    assert_eq!(context.bus.stats().connections, 0, "it left the bus");
 }

@@ -153,6 +153,9 @@ async fn a_flood_gets_rate_limited_then_closed_with_1008() {
     assert_eq!(types[..5], ["pong"; 5], "the burst is answered");
     assert_eq!(codes, ["rate_limited"; 10], "then refused, twice the burst");
     assert_eq!(frames.len(), 15);
+    let refs: Vec<&Value> = frames.iter().map(|f| &f["ref"]).collect();
+    let sent: Vec<Value> = (0..15).map(|n| json!(n)).collect();
+    assert_eq!(refs, sent.iter().collect::<Vec<_>>(), "a refusal answers its frame");
     assert_eq!(close, Some((1008, "rate limit exceeded".into())));
     assert_eq!(client.next().await, None, "the socket is closed");
 }

@@ -7,13 +7,17 @@
 mod catch_up;
 mod closing;
 mod dispatch;
+mod lagging;
 mod replay;
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Message;
-use futures_util::SinkExt;
+use futures_util::{Sink, SinkExt};
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, mpsc};
 use tokio::task::JoinHandle;
@@ -161,8 +165,53 @@ pub(super) fn commit(context: &Context<MemoryLog>, events: &[StoredEvent]) {
 /// The client end of a session.
 pub(super) struct Client {
     to_server: mpsc::UnboundedSender<Result<Message, axum::Error>>,
-    from_server: mpsc::Receiver<Message>,
+    pub(super) from_server: mpsc::Receiver<Message>,
     pub(super) session: JoinHandle<()>,
+    /// Whether the session closed its socket before a close frame with a code went in.
+    codeless: Arc<AtomicBool>,
+}
+
+/// The server's end of a test socket: frames go into a bounded channel, as into a socket's
+/// send buffer. Closing a WebSocket sink before a close frame with a code went in is what
+/// makes axum (tungstenite) send one without a code, the 1005 a client must never see; this
+/// socket records whether the session ever did.
+struct Socket {
+    frames: PollSender<Message>,
+    coded: bool,
+    codeless: Arc<AtomicBool>,
+}
+
+impl Sink<Message> for Socket {
+    type Error = axum::Error;
+
+    fn poll_ready(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), Self::Error>> {
+        self.frames.poll_ready_unpin(cx).map_err(axum::Error::new)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, message: Message) -> Result<(), Self::Error> {
+        self.coded |= matches!(message, Message::Close(Some(_)));
+        self.frames.start_send_unpin(message).map_err(axum::Error::new)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), Self::Error>> {
+        self.frames.poll_flush_unpin(cx).map_err(axum::Error::new)
+    }
+
+    fn poll_close(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Result<(), Self::Error>> {
+        if !self.coded {
+            self.codeless.store(true, Ordering::Relaxed);
+        }
+        self.frames.poll_close_unpin(cx).map_err(axum::Error::new)
+    }
 }
 
 /// Starts a session for a client whose socket holds `room` frames it has not read yet.
@@ -174,10 +223,12 @@ pub(super) fn connect<H: History>(
 ) -> Client {
     let (to_server, mut incoming) = mpsc::unbounded_channel();
     let (outgoing, from_server) = mpsc::channel(room);
-    let sink = PollSender::new(outgoing).sink_map_err(axum::Error::new);
+    let codeless = Arc::new(AtomicBool::new(false));
+    let sink =
+        Socket { frames: PollSender::new(outgoing), coded: false, codeless: codeless.clone() };
     let stream = futures_util::stream::poll_fn(move |cx| incoming.poll_recv(cx));
     let session = tokio::spawn(session::run(sink, stream, context.clone(), scope, initial));
-    Client { to_server, from_server, session }
+    Client { to_server, from_server, session, codeless }
 }
 
 /// A session with no initial subscription, a roomy socket and a token that grants everything.
@@ -186,6 +237,11 @@ pub(super) fn open<H: History>(context: &Arc<Context<H>>) -> Client {
 }
 
 impl Client {
+    /// Whether the session ever closed the socket before a close frame with a code went in.
+    pub(super) fn closed_without_a_code(&self) -> bool {
+        self.codeless.load(Ordering::Relaxed)
+    }
+
     pub(super) fn send(&self, frame: Value) {
         self.send_message(Ok(Message::Text(frame.to_string().into())));
     }
@@ -237,7 +293,8 @@ impl Client {
                 Some(Message::Close(Some(frame))) => {
                     return (frames, Some((frame.code, frame.reason.to_string())));
                 }
-                None | Some(Message::Close(None)) => return (frames, None),
+                None => return (frames, None),
+                Some(Message::Close(None)) => panic!("a close frame without a code"),
                 Some(other) => panic!("unexpected {other:?}"),
             }
         }
