@@ -38,13 +38,20 @@ pub struct Subject<'a> {
     pub severity: Severity,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
     /// Empty: every type.
     types: Vec<Pattern>,
     organizations: Option<Vec<String>>,
     domains: Option<Vec<String>>,
+    /// The minimum; without one, the lowest (`debug`): a missing part matches everything.
     severity: Severity,
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Self { types: Vec::new(), organizations: None, domains: None, severity: Severity::Debug }
+    }
 }
 
 impl Filter {
@@ -208,7 +215,7 @@ impl Filter {
         if let Some(domains) = &self.domains {
             object.insert("domain_id".into(), json!(domains));
         }
-        if self.severity != Severity::Info {
+        if self.severity != Severity::Debug {
             object.insert("severity".into(), json!(self.severity.as_str()));
         }
         Value::Object(object)
