@@ -1,4 +1,5 @@
-//! The `rowcast` command: argument parsing and wiring only.
+//! The `rowcast` command: argument parsing and wiring only. Long because every flag of every
+//! command is declared here with its documentation (what `--help` prints); no logic lives here.
 
 use std::path::PathBuf;
 use std::str::FromStr;

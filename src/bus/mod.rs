@@ -30,6 +30,9 @@
 //!     ^                                  │ buffer matches; session reads the log (paced)
 //!     └──── lag_go_live(cursor): buffered matches after the cursor, `caught_up`, Live markers
 //! ```
+//!
+//! Longer than most files on purpose: everything done under the registry lock is here, because
+//! that one lock is the guarantee (`last_id`, the `since` and lag hand-offs, one frame per event).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

@@ -13,6 +13,9 @@
 //! keepalive's `wal_end`, received between transactions, says nothing relevant is pending
 //! before it, so an idle database or writes to unmapped tables keep the slot moving and it
 //! never retains WAL for nothing.
+//!
+//! Longer than most files on purpose: one transaction state machine, from Begin to Commit,
+//! switch markers and application events included, reads best in one place.
 
 use std::collections::HashMap;
 use std::sync::Arc;

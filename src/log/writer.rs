@@ -1,5 +1,8 @@
 //! The single writer: numbers events, appends them with the source's cursor in one
 //! statement, and drops what a re-sending source already appended.
+//!
+//! Longer than most files on purpose: every kind of append the single writer makes (capture
+//! batches, trigger drains, application events, gaps, hand-overs) side by side, each one statement.
 
 use tokio_postgres::Client;
 

@@ -19,6 +19,8 @@
 //! - Drops (network, server restart, 1001, 4008 slow consumer, silence) are retried forever
 //!   with backoff; refusals that retrying cannot fix (401/403 or another 4xx at the
 //!   handshake, a refused filter, a bad flag) end the command with a [`TailError`].
+//!
+//! Longer than most files on purpose: one reconnect loop and what it promises about stdout.
 
 use std::io;
 use std::sync::Arc;
