@@ -180,8 +180,10 @@ async fn agent_subscribers_get_row_and_app_events_in_id_order() {
         .await
         .expect("seed");
     let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
-    // Heartbeats are declared debug, below a filter's default minimum (info).
-    ws.subscribe(json!({"type": "agent.*", "severity": "debug"}), None).await;
+    // Heartbeats are declared debug; a filter without severity sees them.
+    ws.subscribe(json!({"type": "agent.*"}), None).await;
+    let (mut loud, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    loud.subscribe(json!({"type": "agent.*", "severity": "warning"}), None).await;
     client
         .batch_execute(
             "INSERT INTO agents (id, organization_id, name) VALUES ('agt-1', 'quant', 'a')",
@@ -214,6 +216,21 @@ async fn agent_subscribers_get_row_and_app_events_in_id_order() {
             seen.push(frame);
         }
     }
+    // A warning filter saw none of those (info and debug), only what is at least a warning.
+    let alarm = json!({"type": "agent.heartbeat", "organization_id": "quant", "severity": "error", "data": {"id": "agt-1"}});
+    let (status, reply) =
+        post(server.addr, "/api/events", None, alarm.to_string().as_bytes()).await;
+    assert_eq!(status, 201, "{reply}");
+    let first = loop {
+        let frame = tokio::time::timeout(WAIT, loud.frame()).await.expect("the alarm arrives");
+        if is_event(&frame) {
+            break frame;
+        }
+    };
+    assert_eq!(
+        (first["type"].as_str(), first["severity"].as_str()),
+        (Some("agent.heartbeat"), Some("error"))
+    );
     server.stop().await;
     let kinds: Vec<(&str, &str)> = seen
         .iter()
