@@ -129,7 +129,8 @@ pub(super) struct Signals {
 }
 
 impl Signals {
-    /// Signals nobody watches and no bus: for work before serving (a switch's drain).
+    /// Signals nobody watches yet and no bus: what a publisher starts with (`with_bus` and the
+    /// others add to it), and what work before serving uses (a switch's drain).
     fn detached() -> Self {
         Signals {
             state: watch::channel(State::Starting).0,
@@ -160,15 +161,7 @@ const REPUBLISH_PAGE: i64 = 1000;
 
 impl Publisher {
     pub fn new(settings: Settings) -> Self {
-        let signals = Signals {
-            state: watch::channel(State::Starting).0,
-            head: watch::channel(0).0,
-            bus: None,
-            scopes: None,
-            metrics: Arc::default(),
-            inbox: None,
-        };
-        Self { settings, signals }
+        Self { settings, signals: Signals::detached() }
     }
 
     /// Publishes every appended event on `bus`, in id order, after its append commits.
