@@ -39,6 +39,7 @@ pub async fn history(
             "organization_id",
             "domain_id",
             "severity",
+            "where",
             "since",
             "from",
             "to",
