@@ -197,6 +197,33 @@ impl Filter {
                     .is_some_and(|envelope| self.predicates.iter().all(|p| p.matches(envelope))))
     }
 
+    /// Refuses a `where` on a column that an entity this filter can reach redacts (SPEC §5):
+    /// the column is never in the row, so the predicate could only mislead.
+    pub fn check_redactions<'a>(
+        &self,
+        redacted: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) -> Result<(), FilterError> {
+        if self.predicates.is_empty() {
+            return Ok(());
+        }
+        let reachable = self.entities();
+        for (entity, columns) in redacted {
+            if reachable.as_ref().is_some_and(|list| !list.contains(&entity)) {
+                continue;
+            }
+            if let Some(p) =
+                self.predicates.iter().find(|p| columns.iter().any(|c| c == p.column()))
+            {
+                return Err(FilterError::new(format!(
+                    "where {:?}: column {:?} of {entity} is redacted and cannot be filtered on",
+                    p.to_json()[0],
+                    p.column()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The `where` predicates, all of which must hold.
     pub fn predicates(&self) -> &[Predicate] {
         &self.predicates

@@ -149,6 +149,7 @@ pub(super) fn context(limits: ServerSettings, history: &[StoredEvent]) -> Arc<Co
         history: log,
         metrics,
         metadata: Box::new(|_| json!({"entities": []})),
+        mapping: Arc::new(crate::mapping::Mapping::builtin()),
     })
 }
 
