@@ -69,6 +69,7 @@ fn filters(c: &mut Criterion) {
         organization_id: Some("quant"),
         domain_id: Some("research"),
         severity: Severity::Info,
+        envelope: None,
     };
     c.bench_function("filter: match one event", |b| {
         b.iter(|| black_box(&filter).matches(&subject))

@@ -138,7 +138,7 @@ proptest! {
             return Ok(());
         };
         for (org, domain, kind) in events {
-            let subject = Subject { event_type: kind, organization_id: org, domain_id: domain, severity: Severity::Info };
+            let subject = Subject { event_type: kind, organization_id: org, domain_id: domain, severity: Severity::Info, envelope: None };
             if confined.matches(&subject) {
                 if let Some(granted) = &granted_orgs {
                     prop_assert!(org.is_some_and(|o| granted.iter().any(|g| g == o)), "org {org:?} leaked");

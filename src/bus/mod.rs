@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::filter::{Filter, Subject};
+use crate::filter::{Envelope, Filter};
 use crate::log::StoredEvent;
 use crate::metrics::Metrics;
 use crate::model::Timestamp;
@@ -391,12 +391,9 @@ impl Bus {
             registry.head = registry.head.max(event.id);
             registry.last_event_at = Some(event.timestamp);
             self.newest_commit.fetch_max(event.timestamp.0, Ordering::Relaxed);
-            let subject = Subject {
-                event_type: &event.event_type,
-                organization_id: event.organization_id.as_deref(),
-                domain_id: event.domain_id.as_deref(),
-                severity: event.severity,
-            };
+            // Parsed only if a candidate's filter has `where` predicates, once for all of them.
+            let envelope = Envelope::new(&event.json);
+            let subject = event.subject(&envelope);
             matches.clear();
             registry.index.candidates(&subject, &mut matches);
             let mut queued = 0;

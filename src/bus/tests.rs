@@ -111,12 +111,8 @@ proptest! {
             let expected: Vec<(u64, Vec<u32>)> = stored
                 .iter()
                 .filter_map(|e| {
-                    let subject = Subject {
-                        event_type: &e.event_type,
-                        organization_id: e.organization_id.as_deref(),
-                        domain_id: e.domain_id.as_deref(),
-                        severity: e.severity,
-                    };
+                    let envelope = Envelope::new(&e.json);
+                    let subject = e.subject(&envelope);
                     let numbers: Vec<u32> =
                         live.iter().filter(|(_, f)| f.matches(&subject)).map(|(n, _)| *n).collect();
                     (!numbers.is_empty()).then_some((e.id, numbers))

@@ -1,8 +1,9 @@
 //! Subscription filters (SPEC §5): parsing and matching, both pure.
 //!
-//! A filter has four optional parts, all of which must match: `type` (patterns `*`,
+//! A filter has five optional parts, all of which must match: `type` (patterns `*`,
 //! `entity.*`, `*.action`, `entity.action`, one or a list), `organization_id` and `domain_id`
-//! (one or a list) and `severity` (a minimum). A missing part matches everything. The same
+//! (one or a list), `severity` (a minimum) and `where` (row-content predicates, see
+//! [`predicate`]). A missing part matches everything. The same
 //! filter drives live matching ([`Filter::matches`]), its index keys in the bus and the SQL
 //! of history reads ([`Filter::sql`]), so the three cannot drift apart.
 
@@ -14,9 +15,11 @@ use crate::model::Severity;
 pub const MAX_LIST: usize = 256;
 
 mod pattern;
+pub mod predicate;
 mod sql;
 
 pub use pattern::Pattern;
+pub use predicate::{Envelope, MAX_PREDICATES, Predicate};
 pub use sql::{SqlFilter, sql_condition};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +39,9 @@ pub struct Subject<'a> {
     pub organization_id: Option<&'a str>,
     pub domain_id: Option<&'a str>,
     pub severity: Severity,
+    /// The event's envelope, for `where` predicates: parsed only if a candidate filter has
+    /// some. `None`: no predicate holds.
+    pub envelope: Option<&'a Envelope<'a>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,11 +52,19 @@ pub struct Filter {
     domains: Option<Vec<String>>,
     /// The minimum; without one, the lowest (`debug`): a missing part matches everything.
     severity: Severity,
+    /// All must hold; empty: no condition on the row.
+    predicates: Vec<Predicate>,
 }
 
 impl Default for Filter {
     fn default() -> Self {
-        Self { types: Vec::new(), organizations: None, domains: None, severity: Severity::Debug }
+        Self {
+            types: Vec::new(),
+            organizations: None,
+            domains: None,
+            severity: Severity::Debug,
+            predicates: Vec::new(),
+        }
     }
 }
 
@@ -87,9 +101,16 @@ impl Filter {
                         .ok_or_else(|| FilterError::new("filter.severity must be a string"))?;
                     filter.severity = text.parse().map_err(FilterError)?;
                 }
+                "where" => {
+                    let entries = value.as_array().ok_or_else(|| {
+                        FilterError::new("filter.where must be a list of [path, operator, value]")
+                    })?;
+                    filter.predicates =
+                        entries.iter().map(Predicate::from_json).collect::<Result<_, _>>()?;
+                }
                 other => {
                     return Err(FilterError::new(format!(
-                        "unknown filter field {other:?} (expected type, organization_id, domain_id or severity)"
+                        "unknown filter field {other:?} (expected type, organization_id, domain_id, severity or where)"
                     )));
                 }
             }
@@ -105,6 +126,12 @@ impl Filter {
             ("organization_id", self.organizations.as_ref().map_or(0, Vec::len)),
             ("domain_id", self.domains.as_ref().map_or(0, Vec::len)),
         ];
+        if self.predicates.len() > MAX_PREDICATES {
+            return Err(FilterError::new(format!(
+                "filter.where holds {} predicates; at most {MAX_PREDICATES} are allowed",
+                self.predicates.len()
+            )));
+        }
         match sizes.iter().find(|(_, n)| *n > MAX_LIST) {
             Some((field, n)) => Err(FilterError::new(format!(
                 "filter.{field} lists {n} values; at most {MAX_LIST} are allowed"
@@ -114,7 +141,7 @@ impl Filter {
     }
 
     /// Builds a filter from query parameters (`type`, `organization_id`, `domain_id`,
-    /// `severity`); lists are repeated parameters or comma-separated. Other keys are ignored.
+    /// `severity`, and `where=path:op[:value]`, repeated); lists are repeated parameters or comma-separated. Other keys are ignored.
     /// `None` when no filter parameter is present.
     pub fn from_query<'a>(
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -137,6 +164,7 @@ impl Filter {
                     filter.domains.get_or_insert_default().extend(split(value).map(String::from))
                 }
                 "severity" => filter.severity = value.parse().map_err(FilterError)?,
+                "where" => filter.predicates.push(Predicate::from_query(value)?),
                 _ => continue,
             }
             present = true;
@@ -162,6 +190,43 @@ impl Filter {
             && (self.types.is_empty() || self.types.iter().any(|p| p.matches(subject.event_type)))
             && within(&self.organizations, subject.organization_id)
             && within(&self.domains, subject.domain_id)
+            && (self.predicates.is_empty()
+                || subject
+                    .envelope
+                    .and_then(Envelope::value)
+                    .is_some_and(|envelope| self.predicates.iter().all(|p| p.matches(envelope))))
+    }
+
+    /// Refuses a `where` on a column that an entity this filter can reach redacts (SPEC §5):
+    /// the column is never in the row, so the predicate could only mislead.
+    pub fn check_redactions<'a>(
+        &self,
+        redacted: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) -> Result<(), FilterError> {
+        if self.predicates.is_empty() {
+            return Ok(());
+        }
+        let reachable = self.entities();
+        for (entity, columns) in redacted {
+            if reachable.as_ref().is_some_and(|list| !list.contains(&entity)) {
+                continue;
+            }
+            if let Some(p) =
+                self.predicates.iter().find(|p| columns.iter().any(|c| c == p.column()))
+            {
+                return Err(FilterError::new(format!(
+                    "where {:?}: column {:?} of {entity} is redacted and cannot be filtered on",
+                    p.to_json()[0],
+                    p.column()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `where` predicates, all of which must hold.
+    pub fn predicates(&self) -> &[Predicate] {
+        &self.predicates
     }
 
     /// The organizations this filter is confined to; `None`: any.
@@ -218,6 +283,9 @@ impl Filter {
         if self.severity != Severity::Debug {
             object.insert("severity".into(), json!(self.severity.as_str()));
         }
+        if !self.predicates.is_empty() {
+            object.insert("where".into(), self.predicates.iter().map(Predicate::to_json).collect());
+        }
         Value::Object(object)
     }
 }
@@ -261,6 +329,7 @@ mod tests {
             organization_id: org,
             domain_id: domain,
             severity: Severity::Info,
+            envelope: None,
         }
     }
 

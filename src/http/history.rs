@@ -39,6 +39,7 @@ pub async fn history(
             "organization_id",
             "domain_id",
             "severity",
+            "where",
             "since",
             "from",
             "to",
@@ -52,6 +53,9 @@ pub async fn history(
     let filter = Filter::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|err| AppError::BadRequest(err.to_string()))?
         .unwrap_or_else(Filter::all);
+    filter
+        .check_redactions(state.settings.mapping.redactions())
+        .map_err(|err| AppError::BadRequest(err.to_string()))?;
     let filter = scope.confine(filter).map_err(AppError::Forbidden)?;
     let number = |name: &str| -> Result<Option<u64>, AppError> {
         param(name)

@@ -73,6 +73,24 @@ pub struct StoredEvent {
     pub json: std::sync::Arc<str>,
 }
 
+impl StoredEvent {
+    /// What filters see of this event; `envelope` wraps `self.json` (see [`Envelope`]).
+    ///
+    /// [`Envelope`]: crate::filter::Envelope
+    pub fn subject<'a>(
+        &'a self,
+        envelope: &'a crate::filter::Envelope<'a>,
+    ) -> crate::filter::Subject<'a> {
+        crate::filter::Subject {
+            event_type: &self.event_type,
+            organization_id: self.organization_id.as_deref(),
+            domain_id: self.domain_id.as_deref(),
+            severity: self.severity,
+            envelope: Some(envelope),
+        }
+    }
+}
+
 /// Installs the log's schema (idempotent).
 pub async fn install(client: &Client) -> Result<(), LogError> {
     client.batch_execute(SCHEMA_SQL).await?;

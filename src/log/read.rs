@@ -40,7 +40,7 @@ pub async fn read(client: &Client, filter: &Filter, range: &Range) -> Result<Pag
                   AND ($3::timestamptz IS NULL OR committed_at >= $3)
                   AND ($4::timestamptz IS NULL OR committed_at < $4)
                   AND {}
-                ORDER BY id LIMIT $12) e ON true
+                ORDER BY id LIMIT $13) e ON true
           ORDER BY e.id",
         crate::filter::sql_condition(5)
     );

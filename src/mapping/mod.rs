@@ -170,6 +170,11 @@ impl Mapping {
         self.app_events.iter().find(|declared| declared.event_type == event_type)
     }
 
+    /// Each entity's redacted columns, for refusing `where` on them.
+    pub fn redactions(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.entities.iter().map(|e| (e.name.as_str(), e.redact.as_slice()))
+    }
+
     pub fn entities(&self) -> &[Arc<Entity>] {
         &self.entities
     }

@@ -20,4 +20,6 @@ pub struct Context<H> {
     pub metrics: Arc<Metrics>,
     /// The `get_metadata` answer for a scope, the same as `GET /api/events/metadata`.
     pub metadata: Box<dyn Fn(&Scope) -> serde_json::Value + Send + Sync>,
+    /// The mapping, whose redacted columns `where` may not name.
+    pub mapping: Arc<crate::mapping::Mapping>,
 }

@@ -106,6 +106,7 @@ fn context(state: Arc<AppState>) -> Arc<Context<EventLog>> {
         bus: state.bus.clone(),
         metrics: state.metrics.clone(),
         metadata: Box::new(move |scope| crate::http::metadata::build(&shared, scope)),
+        mapping: state.settings.mapping.clone(),
         history: EventLog(state),
     })
 }

@@ -315,6 +315,9 @@ impl<H: History> Session<H> {
                     let message = format!("at most {limit} replays may run at once");
                     return self.error(ErrorCode::TooManySubscriptions, message, reference).await;
                 }
+                if let Err(err) = filter.check_redactions(self.context.mapping.redactions()) {
+                    return self.error(ErrorCode::BadRequest, err.to_string(), reference).await;
+                }
                 let filter = match self.scope.confine(filter) {
                     Ok(filter) => filter,
                     Err(message) => {
@@ -355,6 +358,9 @@ impl<H: History> Session<H> {
         since: Option<u64>,
         reference: Option<&serde_json::Value>,
     ) {
+        if let Err(err) = filter.check_redactions(self.context.mapping.redactions()) {
+            return self.error(ErrorCode::BadRequest, err.to_string(), reference).await;
+        }
         let filter = match self.scope.confine(filter) {
             Ok(filter) => filter,
             Err(message) => return self.error(ErrorCode::Forbidden, message, reference).await,

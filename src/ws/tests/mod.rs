@@ -28,7 +28,7 @@ use super::session::{self, Context, Initial};
 use crate::auth::Scope;
 use crate::bus::Bus;
 use crate::config::ServerSettings;
-use crate::filter::{Filter, Subject};
+use crate::filter::{Envelope, Filter};
 use crate::log::{LogError, Page, Range, StoredEvent};
 use crate::model::{Severity, Timestamp};
 
@@ -76,12 +76,8 @@ impl MemoryLog {
     ) -> impl Iterator<Item = &'a StoredEvent> {
         events.iter().filter(move |event| {
             let at = committed_at(event);
-            let subject = Subject {
-                event_type: &event.event_type,
-                organization_id: event.organization_id.as_deref(),
-                domain_id: event.domain_id.as_deref(),
-                severity: event.severity,
-            };
+            let envelope = Envelope::new(&event.json);
+            let subject = event.subject(&envelope);
             from.is_none_or(|from| at >= from)
                 && to.is_none_or(|to| at < to)
                 && filter.matches(&subject)
@@ -153,6 +149,7 @@ pub(super) fn context(limits: ServerSettings, history: &[StoredEvent]) -> Arc<Co
         history: log,
         metrics,
         metadata: Box::new(|_| json!({"entities": []})),
+        mapping: Arc::new(crate::mapping::Mapping::builtin()),
     })
 }
 
