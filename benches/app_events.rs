@@ -13,24 +13,11 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rowcast::apps::cluster::Cluster;
-use support::{arg, client};
+use support::{arg, client, start_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -43,29 +30,6 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, S
     let _ = stream.read_to_string(&mut response).await;
     let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, response)
-}
-
-async fn start_server(url: &str) -> Server {
-    let port = rowcast::apps::cluster::free_port().expect("a free port");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(["serve", "--listen", &addr.to_string(), "--status-interval", "1s"])
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("rowcast serve (build it with cargo bench)");
-    let server = Server { child, addr };
-    let admin = client(url).await;
-    for _ in 0..600 {
-        let _ = admin.batch_execute("CHECKPOINT").await;
-        if http(addr, "GET", "/readyz", "").await.0 == 200 {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("rowcast serve never became ready");
 }
 
 async fn head(db: &tokio_postgres::Client) -> i64 {
@@ -122,7 +86,7 @@ async fn main() {
     db.batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Quant')")
         .await
         .expect("org");
-    let server = start_server(&url).await;
+    let server = start_server(&url, &[]).await;
     let addr = server.addr;
 
     let inserts = sql_rate(

@@ -16,14 +16,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use rowcast::apps::cluster::Cluster;
-use support::{arg, client};
+use support::{arg, client, start_server};
 use tokio_tungstenite::tungstenite::Message;
 
 fn rss_kb(pid: u32) -> u64 {
@@ -62,43 +62,6 @@ fn now_micros() -> i64 {
 
 fn micros_of(timestamp: &str) -> i64 {
     rowcast::model::Timestamp::parse_rfc3339(timestamp).map_or(0, |t| t.0)
-}
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_server(url: &str) -> Server {
-    let port = rowcast::apps::cluster::free_port().expect("a free port");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(["serve", "--listen", &addr.to_string(), "--max-connections", "20000"])
-        .args(["--status-interval", "1s"])
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("rowcast serve (build it with cargo bench)");
-    let server = Server { child, addr };
-    let admin = client(url).await;
-    for _ in 0..600 {
-        // Slot creation waits for running transactions; a checkpoint lets it finish at once.
-        let _ = admin.batch_execute("CHECKPOINT").await;
-        if http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200") {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("rowcast serve never became ready");
 }
 
 /// The whole response to a GET, or nothing.
@@ -272,7 +235,7 @@ async fn main() {
     )
     .await
     .expect("orgs");
-    let server = start_server(&url).await;
+    let server = start_server(&url, &["--max-connections", "20000"]).await;
     let pid = server.child.id();
     let addr = server.addr;
 

@@ -337,6 +337,21 @@ async fn burst(client: &tokio_postgres::Client, tag: &str, rows: usize) {
 }
 
 /// The ids of the events a client receives until it has `last`, read as fast as it can.
+/// Seeds an organization and commits three 2,000-row transactions (`total` events with the
+/// organization's), waiting until the log holds them all. Returns the writing connection.
+async fn three_bursts(db: &TestDb, server: &mut Running, total: u64) -> tokio_postgres::Client {
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
+        .await
+        .expect("org");
+    for round in 0..3 {
+        burst(&client, &format!("b{round}"), 2000).await;
+    }
+    server.wait_for_id(total, Duration::from_secs(60)).await;
+    client
+}
+
 fn read_events(mut ws: Ws, last: u64) -> tokio::task::JoinHandle<(Vec<u64>, Ws)> {
     tokio::spawn(async move {
         let mut ids = Vec::new();
@@ -385,15 +400,7 @@ async fn a_slow_reader_falls_behind_catches_up_and_loses_nothing() {
         }
         (frames, slow)
     });
-    let client = db.client().await;
-    client
-        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
-        .await
-        .expect("org");
-    for round in 0..3 {
-        burst(&client, &format!("b{round}"), 2000).await;
-    }
-    server.wait_for_id(total, Duration::from_secs(60)).await;
+    let client = three_bursts(&db, &mut server, total).await;
     let (received, mut good) = tokio::time::timeout(Duration::from_secs(60), good)
         .await
         .expect("the good client in time")
@@ -444,15 +451,7 @@ async fn a_client_that_stops_reading_is_closed_with_4008_or_dropped_and_resumes(
     }
     let total = 1 + 3 * 2000;
     let good = read_events(good, total);
-    let client = db.client().await;
-    client
-        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Q')")
-        .await
-        .expect("org");
-    for round in 0..3 {
-        burst(&client, &format!("b{round}"), 2000).await;
-    }
-    server.wait_for_id(total, Duration::from_secs(60)).await;
+    three_bursts(&db, &mut server, total).await;
     let (received, _good) = tokio::time::timeout(Duration::from_secs(60), good)
         .await
         .expect("the good client in time")

@@ -187,18 +187,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).await.expect("http connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("http write");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("http read");
-    let text = String::from_utf8(response).expect("utf-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    (status, value)
+    read_response(stream).await
 }
 
 fn dechunk(mut body: &str) -> String {
