@@ -71,6 +71,9 @@ pub struct StreamSettings {
     pub status_interval: Duration,
 }
 
+/// Postgres's own default `wal_sender_timeout`, assumed when the server does not say.
+const PG_DEFAULT_WAL_SENDER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The shortest receive deadline, whatever the settings say.
 const MIN_RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -83,7 +86,8 @@ pub fn receive_timeout(
     status_interval: Duration,
     wal_sender_timeout: Option<Duration>,
 ) -> Duration {
-    let server = wal_sender_timeout.filter(|t| !t.is_zero()).unwrap_or(Duration::from_secs(60));
+    let server =
+        wal_sender_timeout.filter(|t| !t.is_zero()).unwrap_or(PG_DEFAULT_WAL_SENDER_TIMEOUT);
     (status_interval * 3).max(server / 2).max(MIN_RECEIVE_TIMEOUT)
 }
 

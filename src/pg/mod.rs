@@ -23,6 +23,9 @@ mod tls;
 pub use error::{Transience, is_transient, sqlstate_transience, transience};
 pub use lsn::{Lsn, format_lsn, parse_lsn};
 pub use pool::Pool;
+
+/// How long opening a connection may take when the URL does not set `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub use quote::{quote_ident, quote_literal};
 pub use target::{Target, TargetError};
 pub use tls::{RootCert, SslMode, Tls, TlsError};

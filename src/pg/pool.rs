@@ -9,9 +9,6 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-/// How long a reader waits for a new connection unless the URL sets `connect_timeout`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub struct Pool {
     target: super::Target,
     role: &'static str,
@@ -23,7 +20,7 @@ impl Pool {
     pub fn new(mut target: super::Target, role: &'static str, size: usize) -> Self {
         // A reader waiting on an unreachable server holds its slot: give up in time.
         if target.config.get_connect_timeout().is_none() {
-            target.config.connect_timeout(CONNECT_TIMEOUT);
+            target.config.connect_timeout(super::DEFAULT_CONNECT_TIMEOUT);
         }
         let slots = (0..size.max(1)).map(|_| Mutex::new(None)).collect();
         Self { target, role, slots, next: AtomicUsize::new(0) }

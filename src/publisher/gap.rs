@@ -12,19 +12,20 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::PublisherError;
-use super::replication::{observe, source_name};
-use crate::capture::catalog::{Catalog, CatalogError};
+use super::replication::{observe, recorded as recorded_by, source_name};
 use crate::capture::continuity::{self, Break, Recorded, Verdict};
 use crate::capture::replication::{ConnectParams, ReplicationClient};
 use crate::capture::stream::CaptureError;
 use crate::config::Settings;
 use crate::log::{LogError, LogWriter, recorded_source};
-use crate::model::{Event, Row, Severity, Source, Timestamp};
+use crate::model::{Event, Severity, Source, Timestamp};
 use crate::pg::{Lsn, format_lsn};
 
 /// How long accepting waits for a running publisher to let go of the log's writer lock (a
 /// broken one takes it only briefly, to check again).
 const LOCK_PATIENCE: Duration = Duration::from_secs(30);
+/// How often the lock is tried again meanwhile.
+const LOCK_POLL: Duration = Duration::from_millis(200);
 
 /// What `accept-gap` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +39,7 @@ pub enum Acceptance {
 pub async fn accept_gap(settings: &Settings) -> Result<Acceptance, PublisherError> {
     let params = ConnectParams::from_target(&settings.database, settings.max_message_bytes);
     let source = source_name(&settings.slot);
-    let catalog =
-        crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
-    let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
+    let catalog = super::catalog(settings).await?;
     let mut client = ReplicationClient::connect(&params).await.map_err(CaptureError::from)?;
     // A first look without the writer lock, which a streaming publisher holds.
     let log = crate::pg::connect(&settings.log, "accept-gap").await.map_err(LogError::from)?;
@@ -56,11 +55,7 @@ pub async fn accept_gap(settings: &Settings) -> Result<Acceptance, PublisherErro
     }
     // Broken: take the lock (a waiting publisher only holds it to check again) and look again.
     let mut writer = open_writer(settings, &source).await?;
-    let recorded = Recorded {
-        known: writer.is_known(),
-        system_identifier: writer.system_identifier().map(str::to_owned),
-        progress: writer.cursor().progress,
-    };
+    let recorded = recorded_by(&writer);
     let mut observed = observe(&mut client, &catalog, &settings.slot).await?;
     let broken = match continuity::check(&settings.slot, &recorded, &observed) {
         Verdict::Broken(broken) => broken,
@@ -82,7 +77,7 @@ async fn open_writer(settings: &Settings, source: &str) -> Result<LogWriter, Pub
     loop {
         match LogWriter::open(&settings.log, source).await {
             Err(LogError::Locked) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(LOCK_POLL).await;
             }
             opened => return Ok(opened?),
         }
@@ -91,13 +86,13 @@ async fn open_writer(settings: &Settings, source: &str) -> Result<LogWriter, Pub
 
 /// `rowcast.gap`: no organization (every `["*"]` subscriber sees it), severity critical.
 fn gap_event(source: &str, slot: &str, broken: &Break, to: Lsn) -> Event {
-    let data = json!({
-        "reason": broken.reason,
-        "capture": source,
-        "slot": slot,
-        "from_lsn": format_lsn(broken.from),
-        "to_lsn": format_lsn(to),
-    });
+    let data = serde_json::Map::from_iter([
+        ("reason".to_owned(), json!(broken.reason)),
+        ("capture".to_owned(), json!(source)),
+        ("slot".to_owned(), json!(slot)),
+        ("from_lsn".to_owned(), json!(format_lsn(broken.from))),
+        ("to_lsn".to_owned(), json!(format_lsn(to))),
+    ]);
     Event {
         id: 0,
         event_type: "rowcast.gap".into(),
@@ -105,10 +100,7 @@ fn gap_event(source: &str, slot: &str, broken: &Break, to: Lsn) -> Event {
         organization_id: None,
         domain_id: None,
         severity: Severity::Critical,
-        data: match data {
-            serde_json::Value::Object(map) => Some(map),
-            _ => Some(Row::new()),
-        },
+        data: Some(data),
         old: None,
         changed: None,
         source: Source::Rowcast { capture: source.to_owned() },

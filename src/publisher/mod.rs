@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::bus::Bus;
+use crate::capture::catalog::{Catalog, CatalogError};
 use crate::capture::continuity::Break;
 use crate::capture::replication::ConnectParams;
 use crate::capture::stream::CaptureError;
@@ -264,6 +265,13 @@ async fn supervise(
             Err(err) => return Err(err),
         }
     }
+}
+
+/// A catalog connection to the source database.
+pub(super) async fn catalog(settings: &Settings) -> Result<Catalog, PublisherError> {
+    let client =
+        crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
+    Ok(Catalog::new(client.map_err(CaptureError::from)?))
 }
 
 /// Takes the log's writer lock and brings the bus up to the log's head.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{PublisherError, Signals, State, open_log};
+use super::{PublisherError, Signals, State, catalog, open_log};
 use crate::capture::Captured;
 use crate::capture::catalog::{Catalog, CatalogError};
 use crate::capture::continuity::{self, Observed, Recorded, Verdict};
@@ -20,12 +20,22 @@ use crate::capture::replication::{ConnectParams, ReplicationClient, ReplicationS
 use crate::capture::stream::{Capture, CaptureError, Marker, StreamSettings};
 use crate::config::Settings;
 use crate::log::{LogWriter, app};
-use crate::pg::{format_lsn, parse_lsn};
+use crate::pg::{Lsn, format_lsn, parse_lsn};
 use crate::setup;
 
 /// The name of a slot's cursor in the log.
 pub(super) fn source_name(slot: &str) -> String {
     format!("replication:{slot}")
+}
+
+/// A pipeline ready to stream.
+struct Connected {
+    writer: LogWriter,
+    catalog: Catalog,
+    stream: (ReplicationStream, Duration),
+    stream_settings: StreamSettings,
+    /// The slot's confirmed position when streaming started.
+    slot_confirmed: Lsn,
 }
 
 /// Opens the log and the source, and hands the bus whatever the log holds that it has not
@@ -35,15 +45,14 @@ async fn connect(
     params: &ConnectParams,
     signals: &Signals,
     source: &str,
-) -> Result<(LogWriter, Catalog, (ReplicationStream, Duration), StreamSettings), PublisherError> {
+) -> Result<Connected, PublisherError> {
     let mut writer = open_log(settings, signals, source).await?;
-    let catalog =
-        crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
-    let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
+    let catalog = catalog(settings).await?;
     setup::check_mapping(&catalog, &settings.mapping).await?;
     setup::check_slot(catalog.client(), &settings.slot).await?;
     let mut client = ReplicationClient::connect(params).await.map_err(CaptureError::from)?;
-    prove_continuity(&mut writer, &mut client, &catalog, &settings.slot).await?;
+    let slot_confirmed =
+        prove_continuity(&mut writer, &mut client, &catalog, &settings.slot).await?;
     let cursor = writer.cursor();
     let stream_settings = StreamSettings {
         slot: settings.slot.clone(),
@@ -52,7 +61,7 @@ async fn connect(
     };
     let stream = Capture::start(client, &stream_settings, cursor.progress).await?;
     tracing::info!(slot = %settings.slot, from = %format_lsn(cursor.progress), last_id = writer.last_id(), "streaming");
-    Ok((writer, catalog, stream, stream_settings))
+    Ok(Connected { writer, catalog, stream, stream_settings, slot_confirmed })
 }
 
 /// Checks that the slot continues where the log left off (see [`continuity`]); on a first
@@ -62,14 +71,9 @@ async fn prove_continuity(
     client: &mut ReplicationClient,
     catalog: &Catalog,
     slot: &str,
-) -> Result<(), PublisherError> {
+) -> Result<Lsn, PublisherError> {
     let mut observed = observe(client, catalog, slot).await?;
-    let recorded = Recorded {
-        known: writer.is_known(),
-        system_identifier: writer.system_identifier().map(str::to_owned),
-        progress: writer.cursor().progress,
-    };
-    let record = match continuity::check(slot, &recorded, &observed) {
+    let record = match continuity::check(slot, &recorded(writer), &observed) {
         Verdict::Broken(broken) => return Err(broken.into()),
         Verdict::Continues { record } => record,
         Verdict::FirstCapture => {
@@ -80,12 +84,21 @@ async fn prove_continuity(
             true
         }
     };
+    let slot_confirmed = observed.slot.flatten().unwrap_or(0);
     if record {
         // The slot's position is where this log's capture of the source begins.
-        let start = observed.slot.flatten().unwrap_or(0);
-        writer.record_origin(&observed.system_identifier, start).await?;
+        writer.record_origin(&observed.system_identifier, slot_confirmed).await?;
     }
-    Ok(())
+    Ok(slot_confirmed)
+}
+
+/// What the log's writer knows of its source, for the continuity check.
+pub(super) fn recorded(writer: &LogWriter) -> Recorded {
+    Recorded {
+        known: writer.is_known(),
+        system_identifier: writer.system_identifier().map(str::to_owned),
+        progress: writer.cursor().progress,
+    }
 }
 
 /// The cluster's identity and WAL end (`IDENTIFY_SYSTEM`) and the slot's confirmed position.
@@ -130,15 +143,14 @@ pub(super) async fn pipeline(
         _ = shutdown.cancelled() => return Ok(()),
         connected = connect(settings, params, signals, &source) => connected?,
     };
-    let (mut writer, catalog, stream, stream_settings) = connected;
+    let Connected { mut writer, catalog, stream, stream_settings, slot_confirmed } = connected;
     let cursor = writer.cursor();
     signals.state.send_replace(State::Streaming);
     signals.metrics.continuity_broken(false);
 
     let (queue_tx, queue_rx) = mpsc::channel(settings.queue_capacity);
     // Never report less than the slot already has: Postgres takes a status update's flush
-    // position as is, and the log only writes progress along with events.
-    let slot_confirmed = slot_confirmed_lsn(&catalog, &settings.slot).await?;
+    // position as is.
     let (acked_tx, acked_rx) = watch::channel(cursor.progress.max(slot_confirmed));
     let marker = match stop_at {
         Some(token) => Some(Marker::StopAt(token.to_owned())),
@@ -158,19 +170,6 @@ pub(super) async fn pipeline(
     stream.close().await;
     tracing::info!(acked = %format_lsn(acked), "capture stopped");
     Ok(())
-}
-
-async fn slot_confirmed_lsn(catalog: &Catalog, slot: &str) -> Result<u64, PublisherError> {
-    let row = catalog
-        .client()
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|err| CaptureError::from(CatalogError::from(err)))?;
-    let text: Option<String> = row.and_then(|row| row.get(0));
-    Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
 }
 
 /// Progress that arrives without events (keepalives on an idle database, transactions on

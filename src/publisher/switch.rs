@@ -24,7 +24,7 @@ use rand::Rng;
 
 use super::replication::{self, observe, source_name};
 use super::{PublisherError, Signals};
-use crate::capture::catalog::{Catalog, CatalogError};
+use crate::capture::catalog::Catalog;
 use crate::capture::replication::{ConnectParams, ReplicationClient};
 use crate::capture::stream::{CaptureError, SWITCH_PREFIX};
 use crate::capture::triggers;
@@ -153,7 +153,7 @@ async fn to_replication(settings: &Settings) -> Result<usize, PublisherError> {
     setup::setup_replication(settings).await?;
     let params = ConnectParams::from_target(&settings.database, settings.max_message_bytes);
     let mut writer = LogWriter::open(&settings.log, &source_name(&settings.slot)).await?;
-    let catalog = catalog(settings).await?;
+    let catalog = super::catalog(settings).await?;
     let mut client = ReplicationClient::connect(&params).await.map_err(CaptureError::from)?;
     let token = match writer.skip_until_marker() {
         // Resumed: the slot made for this switch already holds everything after its start.
@@ -232,6 +232,13 @@ async fn to_triggers(settings: &Settings) -> Result<usize, PublisherError> {
 
 /// How long the switching transaction keeps trying to lock the mapped tables.
 const LOCK_PATIENCE: Duration = Duration::from_secs(60);
+/// The pause between two attempts at the locks, in milliseconds (random, so that a retry does
+/// not fall into step with the application's writes).
+const LOCK_RETRY_MS: std::ops::Range<u64> = 10..60;
+/// How long a walsender that is letting go of the slot is waited for, and how often it is
+/// checked.
+const SLOT_RELEASE_PATIENCE: Duration = Duration::from_secs(10);
+const SLOT_POLL: Duration = Duration::from_millis(100);
 
 /// T: locks every mapped table at once or not at all (`NOWAIT`: holding some while waiting
 /// for others could deadlock with the application, and Postgres might pick the application's
@@ -271,7 +278,7 @@ async fn switching_transaction(
                         "the mapped tables were never free at once for {LOCK_PATIENCE:?}; try again when writes are quieter"
                     )));
                 }
-                let pause = rand::rng().random_range(10..60);
+                let pause = rand::rng().random_range(LOCK_RETRY_MS);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
             Err(err) => {
@@ -282,14 +289,10 @@ async fn switching_transaction(
     }
 }
 
-async fn catalog(settings: &Settings) -> Result<Catalog, PublisherError> {
-    let client = crate::pg::connect(&settings.database, "switch").await.map_err(CatalogError::from);
-    Ok(Catalog::new(client.map_err(CaptureError::from)?))
-}
-
 /// Drops the slot if it exists, waiting for a walsender that is still letting go of it.
 async fn drop_slot(catalog: &Catalog, slot: &str) -> Result<(), PublisherError> {
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + SLOT_RELEASE_PATIENCE;
+    while tokio::time::Instant::now() < deadline {
         let dropped = catalog
             .client()
             .query(
@@ -310,7 +313,7 @@ async fn drop_slot(catalog: &Catalog, slot: &str) -> Result<(), PublisherError> 
             }
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(SLOT_POLL).await;
     }
     Err(PublisherError::Switch(format!(
         "replication slot {slot:?} stays active: stop the rowcast that streams from it first"

@@ -3,8 +3,7 @@
 use tokio_util::sync::CancellationToken;
 
 use super::{PublisherError, Signals, State, open_log};
-use crate::capture::catalog::{Catalog, CatalogError};
-use crate::capture::stream::CaptureError;
+use crate::capture::catalog::Catalog;
 use crate::capture::triggers::{self, TriggerSettings};
 use crate::config::Settings;
 use crate::log::StoredEvent;
@@ -20,8 +19,7 @@ pub(super) async fn pipeline(
         _ = shutdown.cancelled() => return Ok(()),
         opened = async {
             let writer = open_log(settings, signals, "triggers").await?;
-            let catalog = crate::pg::connect(&settings.database, "catalog").await.map_err(CatalogError::from);
-            let catalog = Catalog::new(catalog.map_err(CaptureError::from)?);
+            let catalog = super::catalog(settings).await?;
             setup::check_mapping(&catalog, &settings.mapping).await?;
             warn_of_a_slot(&catalog, &settings.slot).await;
             Ok::<_, PublisherError>(writer)

@@ -68,7 +68,7 @@ impl ConnectParams {
             connect_timeout: config
                 .get_connect_timeout()
                 .copied()
-                .unwrap_or(Duration::from_secs(10)),
+                .unwrap_or(crate::pg::DEFAULT_CONNECT_TIMEOUT),
             max_message_bytes,
             tls: target.tls.clone(),
         }

@@ -10,6 +10,9 @@ use super::frame::{server_error, unexpected};
 use super::{PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationError};
 use crate::pg::Lsn;
 
+/// How long the goodbye to the walsender (CopyDone, Terminate) may take to be written.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the server sends while streaming.
 #[derive(Debug)]
 pub enum ReplicationMessage {
@@ -87,7 +90,7 @@ impl ReplicationStream {
     pub async fn close(mut self) {
         frontend::copy_done(&mut self.client.write_buf);
         frontend::terminate(&mut self.client.write_buf);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, self.client.flush()).await;
     }
 }
 
