@@ -43,6 +43,11 @@ impl Backoff {
     }
 }
 
+/// The first and the longest wait of [`patiently`]: short at first (a database that is just
+/// starting), never longer than the publisher's default reconnect cap.
+const PATIENT_FIRST: Duration = Duration::from_millis(200);
+const PATIENT_MAX: Duration = Duration::from_secs(5);
+
 /// Runs `attempt` until it succeeds or fails for good, waiting between transient failures
 /// (what `transient` says) and saying what it waits for, once per distinct error: a database
 /// that is still starting is waited for, visibly, instead of ending the program.
@@ -51,7 +56,7 @@ pub async fn patiently<T, E: std::fmt::Display>(
     transient: impl Fn(&E) -> bool,
     mut attempt: impl AsyncFnMut() -> Result<T, E>,
 ) -> Result<T, E> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut backoff = Backoff::new(PATIENT_FIRST, PATIENT_MAX);
     let mut said = String::new();
     loop {
         match attempt().await {

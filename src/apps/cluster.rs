@@ -22,6 +22,10 @@ const PACKAGED_BINARIES: &str = "/usr/lib/postgresql";
 
 /// How long a starting server may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often readiness is checked meanwhile.
+const READY_POLL: Duration = Duration::from_millis(50);
+/// Lines of the server log quoted when it fails to start.
+const LOG_TAIL_LINES: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -271,13 +275,13 @@ impl Cluster {
                 return Err(ClusterError::Exited {
                     status,
                     log: log.to_owned(),
-                    tail: tail(log, 20),
+                    tail: tail(log, LOG_TAIL_LINES),
                 });
             }
             if Instant::now() > deadline {
                 return Err(ClusterError::NotReady { log: log.to_owned() });
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(READY_POLL);
         }
     }
 

@@ -273,16 +273,11 @@ impl Bus {
         if c.lag.is_some() {
             frames.push(Frame::CatchingUp { subscription, from: head, lagging: true });
         }
-        // What the mailbox must have room for: `Wait` says exactly that, so that waiting for
-        // it is never satisfied while the offer would still be refused.
-        let size: usize = frames.iter().map(Frame::size).sum();
-        match c.outbound.offer_all(frames) {
-            Ok(()) => {}
-            Err(Rejected::Full) => return GoLive::Wait(size),
-            Err(Rejected::Closed) => {
+        if let Err(held) = offer_or_hold(&c.outbound, frames) {
+            if held == GoLive::Gone {
                 registry.remove_connection(connection);
-                return GoLive::Gone;
             }
+            return held;
         }
         let delivery = match &mut c.lag {
             Some(lag) => {
@@ -347,14 +342,11 @@ impl Bus {
         frames.extend(
             members.iter().map(|&subscription| Frame::Live { subscription, caught_up: Some(head) }),
         );
-        let size: usize = frames.iter().map(Frame::size).sum();
-        match c.outbound.offer_all(frames) {
-            Ok(()) => {}
-            Err(Rejected::Full) => return GoLive::Wait(size),
-            Err(Rejected::Closed) => {
+        if let Err(held) = offer_or_hold(&c.outbound, frames) {
+            if held == GoLive::Gone {
                 registry.remove_connection(connection);
-                return GoLive::Gone;
             }
+            return held;
         }
         for number in &members {
             if let Some(sub) = c.subscriptions.get_mut(number) {
@@ -489,6 +481,18 @@ impl Bus {
             subscriptions: registry.connections.values().map(|c| c.subscriptions.len()).sum(),
             slow_consumer_closes: self.slow_closes.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Offers `frames` to a mailbox all or none. `Err(Wait(size))` when it has no room for them
+/// yet: the size is exactly what it must have, so that waiting for it is never satisfied while
+/// the offer would still be refused. `Err(Gone)` when it is closing.
+fn offer_or_hold(outbound: &Outbound, frames: Vec<Frame>) -> Result<(), GoLive> {
+    let size: usize = frames.iter().map(Frame::size).sum();
+    match outbound.offer_all(frames) {
+        Ok(()) => Ok(()),
+        Err(Rejected::Full) => Err(GoLive::Wait(size)),
+        Err(Rejected::Closed) => Err(GoLive::Gone),
     }
 }
 

@@ -23,7 +23,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::UNIX_EPOCH;
 
 use super::catch_up::{CATCH_UP_PAGE, read_page, span};
 use super::context::Context;
@@ -112,7 +111,7 @@ impl<H: History> LagCatchUp<H> {
             let full = page.events.len() == limit;
             let last = page.events.last().map(|(id, _)| *id);
             for ((id, envelope), at) in page.events.into_iter().zip(page.committed_at) {
-                let at = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+                let at = crate::model::Timestamp::from_system_time(at).0;
                 reader.pending.push_back((id, envelope, at));
             }
             reader.read_to = match (full, last) {

@@ -17,6 +17,12 @@ pub(super) struct RateLimit {
     at: tokio::time::Instant,
 }
 
+/// The abuse meter drains at the rate divided by this: a client that keeps sending faster
+/// than the rate fills it sooner or later, however slightly faster.
+const ABUSE_DRAIN_DIVISOR: f64 = 10.0;
+/// Refusals the meter holds, in bursts, before the connection is closed with 1008.
+const ABUSE_LIMIT_BURSTS: f64 = 2.0;
+
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Verdict {
     Allowed,
@@ -35,15 +41,17 @@ impl RateLimit {
         let elapsed = (now - self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        // The meter drains at a tenth of the rate: a client that keeps sending faster than the
-        // rate fills it sooner or later, however slightly faster.
-        self.abuse = (self.abuse - elapsed * self.rate / 10.0).max(0.0);
+        self.abuse = (self.abuse - elapsed * self.rate / ABUSE_DRAIN_DIVISOR).max(0.0);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Verdict::Allowed;
         }
         self.abuse += 1.0;
-        if self.abuse > 2.0 * self.burst { Verdict::Abusive } else { Verdict::Limited }
+        if self.abuse > ABUSE_LIMIT_BURSTS * self.burst {
+            Verdict::Abusive
+        } else {
+            Verdict::Limited
+        }
     }
 }
 

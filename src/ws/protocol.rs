@@ -7,6 +7,9 @@ use crate::filter::{Filter, FilterError};
 use crate::model::Timestamp;
 
 /// The `code` of an error frame.
+/// The fastest a replay may be played back (SPEC §5: 0 < speed ≤ 100).
+pub const MAX_REPLAY_SPEED: f64 = 100.0;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BadRequest,
@@ -154,11 +157,14 @@ fn action(mut object: Map<String, Value>) -> Result<Action, ProtocolError> {
             }
             let speed = match object.get("speed") {
                 None | Some(Value::Null) => 1.0,
-                Some(value) => {
-                    value.as_f64().filter(|s| *s > 0.0 && *s <= 100.0).ok_or_else(|| {
-                        ProtocolError::bad_request("replay: speed must be a number in (0, 100]")
-                    })?
-                }
+                Some(value) => value
+                    .as_f64()
+                    .filter(|s| *s > 0.0 && *s <= MAX_REPLAY_SPEED)
+                    .ok_or_else(|| {
+                        ProtocolError::bad_request(format!(
+                            "replay: speed must be a number in (0, {MAX_REPLAY_SPEED}]"
+                        ))
+                    })?,
             };
             Ok(Action::Replay { filter, from, to, speed })
         }

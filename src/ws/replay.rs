@@ -105,7 +105,8 @@ impl<H: History> Replay<H> {
 /// original spacing divided by `speed`, at most `REPLAY_MAX_GAP`.
 fn replay_wait(previous: SystemTime, next: SystemTime, speed: f64) -> Duration {
     let gap = next.duration_since(previous).unwrap_or_default();
-    gap.div_f64(speed.clamp(f64::MIN_POSITIVE, 100.0)).min(REPLAY_MAX_GAP)
+    gap.div_f64(speed.clamp(f64::MIN_POSITIVE, super::protocol::MAX_REPLAY_SPEED))
+        .min(REPLAY_MAX_GAP)
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use super::world::{
     AGENT_STATUSES, Agent, Change, DEPLOYMENT_STATUSES, Deployment, Domain, INSTANCE_STATUSES,
     Instance, Organization, PLANS, ROLES, User, World, known,
 };
+use crate::backoff::Backoff;
 
-/// The first wait after an error; it doubles up to `MAX_BACKOFF`.
+/// The first wait after an error; it grows up to `MAX_BACKOFF` (see [`Backoff`]).
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -26,7 +27,7 @@ pub struct Workload {
     database: crate::pg::Target,
     period: Duration,
     rng: StdRng,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl Workload {
@@ -36,7 +37,7 @@ impl Workload {
             database,
             period: Duration::from_secs(1) / rate.max(1),
             rng: StdRng::seed_from_u64(seed),
-            backoff: FIRST_BACKOFF,
+            backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
         }
     }
 
@@ -48,14 +49,14 @@ impl Workload {
                 _ = shutdown.cancelled() => return,
                 result = self.session() => result,
             };
+            let delay = self.backoff.next_delay();
             if let Err(err) = result {
-                tracing::warn!(error = %err, retry_in_ms = self.backoff.as_millis() as u64, "demo workload interrupted");
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "demo workload interrupted");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -78,7 +79,7 @@ impl Workload {
                 tracing::debug!(?change, "demo change found its rows changed; reloading");
                 world = load(&client).await?;
             }
-            self.backoff = FIRST_BACKOFF;
+            self.backoff.reset();
         }
     }
 }
