@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use rowcast::publisher::{Acceptance, State};
+use rowcast::publisher::{Acceptance, State, Watch};
 use serde_json::Value;
 use tokio_postgres::Client;
 
@@ -36,10 +36,13 @@ async fn drop_slot_under_it(admin: &Client, slot: &str) {
     panic!("could not drop slot {slot}");
 }
 
-async fn wait_for_broken(running: &mut Running) -> String {
+/// How long a state change may take to show.
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn wait_for_broken(watch: &mut Watch) -> String {
     let broken = tokio::time::timeout(
-        Duration::from_secs(30),
-        running.watch.state.wait_for(|state| matches!(state, State::Broken { .. })),
+        WAIT,
+        watch.state.wait_for(|state| matches!(state, State::Broken { .. })),
     )
     .await;
     match broken.ok().and_then(|state| state.ok()).map(|state| state.clone()) {
@@ -68,7 +71,7 @@ async fn a_dropped_slot_stops_capture_loudly() {
         .await
         .expect("write after the drop");
 
-    let reason = wait_for_broken(&mut running).await;
+    let reason = wait_for_broken(&mut running.watch).await;
     assert!(reason.contains("no longer exists"), "{reason}");
     assert_eq!(client::get_status(running.addr, "/readyz").await, Some(503));
     let (status, stats) = client::get(running.addr, "/api/events/stats").await;
@@ -95,7 +98,7 @@ async fn a_dropped_slot_stops_capture_loudly() {
     };
     assert!(to > from, "the gap runs forward: {from} to {to}");
     let streaming = tokio::time::timeout(
-        Duration::from_secs(30),
+        WAIT,
         running.watch.state.wait_for(|state| *state == State::Streaming),
     )
     .await
@@ -156,17 +159,9 @@ async fn a_cursor_beyond_the_servers_wal_stops_capture_loudly() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(server.run(listener, shutdown.clone()));
-    let broken = tokio::time::timeout(
-        Duration::from_secs(30),
-        watch.state.wait_for(|state| matches!(state, State::Broken { .. })),
-    )
-    .await;
-    let reason = match broken.ok().and_then(|s| s.ok()).map(|s| s.clone()) {
-        Some(State::Broken { reason }) => reason,
-        other => panic!("expected a broken source, got {other:?}"),
-    };
+    let reason = wait_for_broken(&mut watch).await;
     assert!(reason.contains("restored or recreated"), "{reason}");
     shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), task).await;
+    let stopped = tokio::time::timeout(WAIT, task).await;
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "a broken publisher still shuts down cleanly");
 }

@@ -337,6 +337,21 @@ async fn burst(client: &tokio_postgres::Client, tag: &str, rows: usize) {
 }
 
 /// The ids of the events a client receives until it has `last`, read as fast as it can.
+/// Stats once `until` holds for them, within `WAIT`; fails saying `what` did not happen.
+async fn stats_until(addr: std::net::SocketAddr, what: &str, until: impl Fn(&Value) -> bool) {
+    let reached = tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, stats) = get(addr, "/api/events/stats").await;
+            if until(&stats) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "{what} did not happen within {WAIT:?}");
+}
+
 /// Seeds an organization and commits three 2,000-row transactions (`total` events with the
 /// organization's), waiting until the log holds them all. Returns the writing connection.
 async fn three_bursts(db: &TestDb, server: &mut Running, total: u64) -> tokio_postgres::Client {
@@ -436,7 +451,8 @@ async fn a_client_that_stops_reading_is_closed_with_4008_or_dropped_and_resumes(
     let db = TestDb::migrated().await;
     let mut settings = db.settings();
     settings.server.outbound_bytes = 256 << 10;
-    settings.server.write_timeout = Duration::from_secs(1);
+    let write_timeout = Duration::from_secs(1);
+    settings.server.write_timeout = write_timeout;
     // Time for a client that stopped reading to come back for its close frame.
     settings.server.close_timeout = Duration::from_secs(5);
     let mut server = Running::start(settings).await;
@@ -459,14 +475,8 @@ async fn a_client_that_stops_reading_is_closed_with_4008_or_dropped_and_resumes(
     assert_eq!(received, (1..=total).collect::<Vec<u64>>(), "the good client lost nothing");
 
     // Both sockets took nothing for the write timeout: the server gives up on both.
-    let stats = loop {
-        let (_, stats) = get(addr, "/api/events/stats").await;
-        if stats["slow_consumer_closes"] == 2 {
-            break stats;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(stats["slow_consumer_closes"], 2, "{stats}");
+    stats_until(addr, "the server gives up on both sockets", |s| s["slow_consumer_closes"] == 2)
+        .await;
     // One reads again, within the close timeout: what the socket held, then 4008 naming the
     // last id it got.
     let (frames, ending) = stopped.read_to_end(WAIT).await;
@@ -477,7 +487,13 @@ async fn a_client_that_stops_reading_is_closed_with_4008_or_dropped_and_resumes(
     assert_eq!(u16::from(close.code), 4008);
     let reason = close.reason.as_str();
     let resume: u64 = reason
-        .strip_prefix("slow consumer, nothing read for 1s; last delivered id ")
+        .strip_prefix(
+            format!(
+                "slow consumer, nothing read for {}s; last delivered id ",
+                write_timeout.as_secs()
+            )
+            .as_str(),
+        )
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("the reason names no id: {reason:?}"));
     assert_eq!(ids(&frames), (1..=resume).collect::<Vec<u64>>(), "everything up to it, no more");
@@ -490,13 +506,8 @@ async fn a_client_that_stops_reading_is_closed_with_4008_or_dropped_and_resumes(
 
     // The other never read again: once the close timeout passed, the server dropped it. It
     // reads what its socket held, then the end: no close frame rather than one without a code.
-    loop {
-        let (_, stats) = get(addr, "/api/events/stats").await;
-        if stats["connections"] == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stats_until(addr, "the server drops the client that never read", |s| s["connections"] == 2)
+        .await;
     let (frames, ending) = gone.read_to_end(WAIT).await;
     let Ending::Aborted(why) = &ending else {
         panic!("expected the connection dropped without a close frame, got {ending:?}");

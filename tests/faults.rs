@@ -11,6 +11,9 @@ use crate::durability::{assert_sequence, created_sequence, seed, write_numbered}
 use crate::support::proxy::FaultProxy;
 use crate::support::{Cluster, Running, TestDb, client};
 
+/// How long a recovery may take before a test fails.
+const WAIT: Duration = Duration::from_secs(60);
+
 /// A piece of the SQL of the mapping check (`Catalog::columns`), which the publisher runs on
 /// every (re)connect before it streams.
 const MAPPING_CHECK: &str = "AS w(schema, name)";
@@ -45,7 +48,7 @@ async fn a_cut_during_the_reconnect_mapping_check_is_retried() {
     .await;
     assert!(cut.is_ok(), "the reconnecting publisher never ran its mapping check");
     // It must come back to streaming on its own, not stop.
-    let back = tokio::time::timeout(Duration::from_secs(60), async {
+    let back = tokio::time::timeout(WAIT, async {
         loop {
             let state = running.watch.state.borrow_and_update().clone();
             match state {
@@ -84,12 +87,12 @@ async fn a_fast_postgres_shutdown_is_a_reconnect() {
     settings.status_interval = Duration::from_millis(50);
     let mut running = Running::start(settings).await;
     write_numbered(db.client().await, 100).await;
-    running.wait_for_id(100, Duration::from_secs(60)).await;
+    running.wait_for_id(100, WAIT).await;
     // Caught up and idle when the server stops (the slot has confirmed everything the walsender
     // sent: then it ends the stream with CommandComplete alone), three times over.
     for round in 1..=3 {
         let lsn = db.current_wal_lsn().await;
-        db.wait_for_slot_to_confirm(&lsn, Duration::from_secs(60)).await;
+        db.wait_for_slot_to_confirm(&lsn, WAIT).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         tokio::task::block_in_place(|| cluster.restart_fast()).expect("restart cluster");
         let client = db.client().await;
@@ -100,7 +103,7 @@ async fn a_fast_postgres_shutdown_is_a_reconnect() {
             )
             .await
             .expect("insert after restart");
-        running.wait_for_id(100 + round, Duration::from_secs(60)).await;
+        running.wait_for_id(100 + round, WAIT).await;
         assert_eq!(*running.watch.state.borrow(), State::Streaming);
     }
     running.stop().await;
@@ -124,7 +127,7 @@ async fn a_blackholed_replication_connection_is_noticed_and_replaced() {
     settings.database = proxy.route(&settings.database);
     let mut running = Running::start(settings).await;
     write_numbered(db.client().await, 100).await;
-    running.wait_for_id(100, Duration::from_secs(60)).await;
+    running.wait_for_id(100, WAIT).await;
 
     proxy.blackhole_open();
     let noticed = tokio::time::timeout(
@@ -143,7 +146,7 @@ async fn a_blackholed_replication_connection_is_noticed_and_replaced() {
     )
     .await
     .expect("write while reconnecting");
-    running.wait_for_id(150, Duration::from_secs(60)).await;
+    running.wait_for_id(150, WAIT).await;
     assert_eq!(*running.watch.state.borrow(), State::Streaming);
     running.stop().await;
     assert_sequence(&created_sequence(&db.events().await), 150, "across a dead connection");
@@ -179,13 +182,8 @@ async fn health_stats_and_history_answer_when_the_log_does_not() {
 
     proxy.blackhole_new(false);
     proxy.reset_all();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while client::get_status(running.addr, "/readyz").await != Some(200) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(ready.is_ok(), "ready again once the log answers");
+    // Ready again once the log answers.
+    crate::support::wait_until_ready(&db, running.addr).await;
     running.stop().await;
 }
 
@@ -230,7 +228,7 @@ async fn serve_waits_for_a_database_that_is_not_there_yet() {
     // The database appears at that address.
     let _proxy = FaultProxy::start_on(port, upstream(&db)).await;
     let nudge = tokio::spawn(crate::support::nudge_slot_creation(db.config()));
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+    let ready = tokio::time::timeout(WAIT, async {
         while client::get_status(listen, "/readyz").await != Some(200) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -263,7 +261,7 @@ async fn capture_resumes_within_the_backoff_cap_after_a_long_outage() {
     proxy.refuse(false);
     let back = std::time::Instant::now();
     let streaming = tokio::time::timeout(
-        Duration::from_secs(60),
+        WAIT,
         running.watch.state.wait_for(|state| *state == State::Streaming),
     )
     .await
