@@ -7,90 +7,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::client::{Ws, get, is_event};
+use crate::support::matcher::{matches, query};
 use crate::support::{Running, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// SPEC §5's `where`, written from its words: a missing key or null matches only
-/// `is_null: true`; numbers compare as numbers, strings as strings, never across.
-fn holds(entry: &Value, event: &Value) -> bool {
-    let path = entry[0].as_str().expect("path");
-    let op = entry[1].as_str().expect("op");
-    let operand = &entry[2];
-    if op == "changed" {
-        return event["changed"].as_array().is_some_and(|c| c.contains(&json!(path)));
-    }
-    let (row, keys) = match path.strip_prefix("old.") {
-        Some(rest) => (&event["old"], rest),
-        None => (&event["data"], path),
-    };
-    let value = keys.split('.').fold(row, |at, key| &at[key]);
-    if op == "is_null" {
-        return operand.as_bool() == Some(value.is_null());
-    }
-    if value.is_null() {
-        return false;
-    }
-    let same = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
-        _ => !a.is_number() && !b.is_number() && !a.is_array() && a == b,
-    };
-    let order = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64(), a.as_str(), b.as_str()) {
-        (Some(x), Some(y), _, _) => x.partial_cmp(&y),
-        (_, _, Some(x), Some(y)) => Some(x.cmp(y)),
-        _ => None,
-    };
-    let listed = || operand.as_array().expect("list").iter().any(|x| same(value, x));
-    match op {
-        "eq" => same(value, operand),
-        "neq" => !same(value, operand),
-        "in" => listed(),
-        "nin" => !listed(),
-        "lt" => order(value, operand).is_some_and(|o| o.is_lt()),
-        "lte" => order(value, operand).is_some_and(|o| o.is_le()),
-        "gt" => order(value, operand).is_some_and(|o| o.is_gt()),
-        "gte" => order(value, operand).is_some_and(|o| o.is_ge()),
-        "contains" => match value {
-            Value::String(s) => operand.as_str().is_some_and(|p| s.contains(p)),
-            Value::Array(items) => items.iter().any(|i| same(i, operand)),
-            _ => false,
-        },
-        other => panic!("test operator {other}"),
-    }
-}
-
-fn matches(filter: &Value, event: &Value) -> bool {
-    let kind = event["type"].as_str().expect("type");
-    let (entity, action) = kind.split_once('.').expect("dot");
-    let type_ok = filter["type"].as_str().is_none_or(|p| {
-        let (e, a) = p.split_once('.').expect("pattern");
-        (e == "*" || e == entity) && (a == "*" || a == action)
-    });
-    let entries = filter["where"].as_array().expect("where");
-    type_ok && entries.iter().all(|entry| holds(entry, event))
-}
-
-/// The filter in query form: `type=…&where=path:op:value` (lists comma-separated).
-fn query(filter: &Value) -> String {
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut parts: Vec<String> =
-        filter["type"].as_str().map(|t| format!("type={t}")).into_iter().collect();
-    for entry in filter["where"].as_array().expect("where") {
-        let mut part = format!("where={}:{}", text(&entry[0]), text(&entry[1]));
-        match &entry[2] {
-            Value::Null => {}
-            Value::Array(items) => {
-                part += &format!(":{}", items.iter().map(text).collect::<Vec<_>>().join(","));
-            }
-            value => part += &format!(":{}", text(value)),
-        }
-        parts.push(part);
-    }
-    parts.join("&")
-}
 
 fn filters() -> Vec<Value> {
     vec![

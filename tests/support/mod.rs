@@ -11,6 +11,7 @@ pub mod certs;
 pub mod client;
 #[cfg(feature = "testcontainers")]
 pub mod docker;
+pub mod matcher;
 pub mod proxy;
 
 use std::net::SocketAddr;
