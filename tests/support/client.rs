@@ -88,10 +88,12 @@ impl Ws {
         self.socket.send(message).await.expect("send");
     }
 
-    /// The next text frame or the close, within `timeout`; `None` on timeout.
+    /// The next text frame or the close, within `timeout`; `None` on timeout. Pings and other
+    /// non-text messages do not extend the wait.
     pub async fn next_within(&mut self, timeout: Duration) -> Option<Incoming> {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let message = tokio::time::timeout(timeout, self.socket.next()).await.ok()?;
+            let message = tokio::time::timeout_at(deadline, self.socket.next()).await.ok()?;
             match message {
                 None => return Some(Incoming::Closed(None)),
                 Some(Err(err)) => panic!("websocket error: {err}"),
