@@ -247,7 +247,14 @@ impl Predicate {
     }
 }
 
+/// A value in the query form: `true`/`false`, a number, or else a string; a JSON string in
+/// double quotes (`"404"`, `"true"`) is always a string.
 fn query_value(raw: &str) -> Value {
+    if raw.starts_with('"')
+        && let Ok(Value::String(text)) = serde_json::from_str::<Value>(raw)
+    {
+        return Value::String(text);
+    }
     match raw {
         "true" => Value::Bool(true),
         "false" => Value::Bool(false),

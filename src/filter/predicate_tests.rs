@@ -80,6 +80,12 @@ fn query_values_are_typed_by_their_text() {
     assert_eq!(p.op(), &Op::In(vec![json!(1), json!("two"), json!(true), json!(2.5)]));
     // The value keeps its colons.
     assert_eq!(Predicate::from_query("t:eq:10:15").expect("valid").op(), &Op::Eq(json!("10:15")));
+    // Quotes make a string of what would be a number or a boolean.
+    assert_eq!(Predicate::from_query(r#"id:eq:"404""#).expect("valid").op(), &Op::Eq(json!("404")));
+    let p = Predicate::from_query(r#"n:in:"1",1,"true""#).expect("valid");
+    assert_eq!(p.op(), &Op::In(vec![json!("1"), json!(1), json!("true")]));
+    // An unbalanced quote is just text.
+    assert_eq!(Predicate::from_query(r#"n:eq:"4"#).expect("valid").op(), &Op::Eq(json!("\"4")));
 }
 
 #[test]
