@@ -285,16 +285,82 @@ fn compare(a: &Value, b: &Value) -> Option<Ordering> {
 }
 
 /// Integers exactly, anything else as doubles.
+/// Order of two JSON numbers by their exact decimal value, as Postgres's `numeric` orders
+/// them (`1.0 = 1`, `0.1 < 0.10000000000000001`): numbers keep their text
+/// (`arbitrary_precision`), so nothing is rounded through a float.
 fn numbers(x: &Number, y: &Number) -> Option<Ordering> {
-    if let (Some(x), Some(y)) = (as_i128(x), as_i128(y)) {
+    if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
         return Some(x.cmp(&y));
     }
-    x.as_f64()?.partial_cmp(&y.as_f64()?)
+    match (Decimal::parse(&x.to_string()), Decimal::parse(&y.to_string())) {
+        (Some(x), Some(y)) => Some(x.cmp(&y)),
+        // An exponent past i64 (1e99999999999999999999): only a float can say.
+        _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
+    }
 }
 
-fn as_i128(n: &Number) -> Option<i128> {
-    // Numbers keep their text (`arbitrary_precision`): integers past 64 bits stay exact too.
-    n.as_i64().map(i128::from).or_else(|| n.to_string().parse().ok())
+/// A finite decimal as `sign × 0.digits × 10^exponent`, with no leading or trailing zero
+/// digit (zero has no digits and is never negative), so equal values have equal parts.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Decimal {
+    negative: bool,
+    exponent: i64,
+    digits: Vec<u8>,
+}
+
+impl Decimal {
+    /// JSON number text: `-?int(.frac)?([eE][+-]?exp)?`; `None` for anything else.
+    pub(super) fn parse(text: &str) -> Option<Self> {
+        let (negative, rest) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exponent) = match rest.split_once(['e', 'E']) {
+            Some((mantissa, exponent)) => {
+                let exponent = exponent.strip_prefix('+').unwrap_or(exponent);
+                (mantissa, exponent.parse::<i64>().ok()?)
+            }
+            None => (rest, 0),
+        };
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, "0"));
+        if int.is_empty()
+            || frac.is_empty()
+            || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let all = int.bytes().chain(frac.bytes());
+        let leading = all.clone().take_while(|b| *b == b'0').count();
+        let mut digits: Vec<u8> = all.skip(leading).collect();
+        while digits.last() == Some(&b'0') {
+            digits.pop();
+        }
+        if digits.is_empty() {
+            return Some(Self { negative: false, exponent: 0, digits });
+        }
+        let places = i64::try_from(int.len()).ok()? - i64::try_from(leading).ok()?;
+        Some(Self { negative, exponent: exponent.checked_add(places)?, digits })
+    }
+}
+
+impl Ord for Decimal {
+    fn cmp(&self, other: &Self) -> Ordering {
+        fn magnitude(d: &Decimal) -> (bool, i64, &[u8]) {
+            (!d.digits.is_empty(), d.exponent, &d.digits)
+        }
+        match (self.negative, other.negative) {
+            (false, true) => Ordering::Greater,
+            (true, false) => Ordering::Less,
+            (false, false) => magnitude(self).cmp(&magnitude(other)),
+            (true, true) => magnitude(other).cmp(&magnitude(self)),
+        }
+    }
+}
+
+impl PartialOrd for Decimal {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 #[cfg(test)]
