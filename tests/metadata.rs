@@ -11,7 +11,7 @@ use rowcast::mapping::{DEFAULT_MAPPING, Mapping};
 use serde_json::{Value, json};
 
 use crate::fidelity::{SCHEMA, assert_same_row};
-use crate::support::client::get;
+use crate::support::client::{Ws, get, is_event};
 use crate::support::proxy::FaultProxy;
 use crate::support::{Running, TestDb};
 
@@ -215,6 +215,68 @@ async fn rows_render_as_the_created_events_do() {
         assert_same_row(row, &event["data"], &format!("row {}", row["id"]));
         assert!(row.get("big").is_none(), "redacted columns are left out");
     }
+    server.stop().await;
+}
+
+/// The rows at `last_id`, then the events after it applied by key, equal the table at the end,
+/// with writes going on while the snapshot is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_and_the_events_after_it_converge_on_the_table() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('o', 'O')")
+        .await
+        .expect("organization");
+    let mut server = Running::start(db.settings()).await;
+    let writer = tokio::spawn(async move {
+        for i in 0..150 {
+            let statement = format!(
+                "INSERT INTO agents (id, organization_id, name) VALUES ('a{}', 'o', 'n{i}')
+                     ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,
+                        status = CASE WHEN agents.status = 'active' THEN 'paused' ELSE 'active' END;
+                 DELETE FROM agents WHERE id = 'a{}' AND {i} % 7 = 0;",
+                i % 40,
+                (i * 3) % 40
+            );
+            client.batch_execute(&statement).await.expect("write");
+        }
+    });
+    server.wait_for_id(40, WAIT).await;
+    let (status, snapshot) = get(server.addr, "/api/entities/agent/rows").await;
+    assert_eq!(status, 200, "{snapshot}");
+    let since = snapshot["last_id"].as_u64().expect("last_id");
+    let mut rows: std::collections::BTreeMap<String, Value> = snapshot["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| (row["id"].as_str().expect("id").to_owned(), row.clone()))
+        .collect();
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    ws.subscribe(json!({"type": "agent.*"}), Some(since)).await;
+    writer.await.expect("writer");
+    let last = db.settled_events().await.last().expect("events")["id"].as_u64().expect("id");
+    assert!(last > since, "the snapshot was taken while writes went on");
+    loop {
+        let frame = ws.frame().await;
+        if !is_event(&frame) {
+            continue;
+        }
+        let id = frame["id"].as_u64().expect("id");
+        assert!(id > since, "only events after the snapshot");
+        let key = frame["data"]["id"].as_str().expect("key").to_owned();
+        if frame["type"] == "agent.deleted" {
+            rows.remove(&key);
+        } else {
+            rows.insert(key, frame["data"].clone());
+        }
+        if id == last {
+            break;
+        }
+    }
+    let (_, table) = get(server.addr, "/api/entities/agent/rows").await;
+    let table: Vec<&Value> = table["rows"].as_array().expect("rows").iter().collect();
+    assert_eq!(rows.values().collect::<Vec<_>>(), table);
     server.stop().await;
 }
 

@@ -64,7 +64,7 @@ enum Cached {
     Failed { at: Instant, error: String },
 }
 
-/// The cached facts, and the render categories of the types readers met.
+/// The cached facts, and the render categories of the types readers met since they were read.
 pub struct Schema {
     cached: Mutex<Cached>,
     kinds: Mutex<Kinds>,
@@ -99,6 +99,10 @@ impl Schema {
             Some(Err(err)) => Err(failure(&err)),
             None => Err(failure(&"no answer in time")),
         };
+        if outcome.is_ok() {
+            // A type altered since (a composite's attributes) is resolved again.
+            *self.kinds.lock().await = Kinds::default();
+        }
         let at = Instant::now();
         *cached = match &outcome {
             Ok(tables) => Cached::Read { at, tables: tables.clone() },
