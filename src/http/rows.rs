@@ -21,6 +21,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::error::SqlState;
 
 use super::AppState;
 use super::access::{AppError, authorize, query_pairs};
@@ -37,6 +38,13 @@ const MAX_LIMIT: usize = 5000;
 /// The longest the read may take, connecting included; the statement gets the same bound
 /// on the server, so an abandoned read does not go on there.
 const ROWS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the read gave no rows: the role may not read the table (the operator can fix that), or
+/// anything else (logged, answered as unavailable).
+enum ReadError {
+    Denied,
+    Failed(String),
+}
 
 fn source_unavailable(err: impl std::fmt::Display) -> AppError {
     tracing::warn!(error = %err, "entity rows read failed");
@@ -102,14 +110,30 @@ pub async fn rows(
     let read = state
         .source
         .within(ROWS_TIMEOUT, async |client| {
-            let kinds = state.schema.kinds(client, &oids).await.map_err(|e| e.to_string())?;
-            let messages = client.simple_query(&sql).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((kinds, messages))
+            let kinds = state
+                .schema
+                .kinds(client, &oids)
+                .await
+                .map_err(|err| ReadError::Failed(err.to_string()))?;
+            let messages = client.simple_query(&sql).await.map_err(|err| {
+                if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                    ReadError::Denied
+                } else {
+                    ReadError::Failed(err.to_string())
+                }
+            })?;
+            Ok((kinds, messages))
         })
         .await;
     let (kinds, messages) = match read {
         Some(Ok(Ok(read))) => read,
-        Some(Ok(Err(err))) => return Err(source_unavailable(err)),
+        Some(Ok(Err(ReadError::Denied))) => {
+            return Err(AppError::Unavailable(format!(
+                "rowcast's database role may not read {}; grant it SELECT",
+                entity.table
+            )));
+        }
+        Some(Ok(Err(ReadError::Failed(err)))) => return Err(source_unavailable(err)),
         Some(Err(err)) => return Err(source_unavailable(err)),
         None => return Err(source_unavailable("no answer in time")),
     };
