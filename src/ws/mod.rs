@@ -105,7 +105,10 @@ fn context(state: Arc<AppState>) -> Arc<Context<EventLog>> {
         limits: state.settings.server.clone(),
         bus: state.bus.clone(),
         metrics: state.metrics.clone(),
-        metadata: Box::new(move |scope| crate::http::metadata::build(&shared, scope)),
+        metadata: Box::new(move |scope| {
+            let shared = shared.clone();
+            Box::pin(async move { crate::http::metadata::build(&shared, &scope).await })
+        }),
         mapping: state.settings.mapping.clone(),
         history: EventLog(state),
     })

@@ -289,7 +289,7 @@ impl<H: History> Session<H> {
                 self.reply(protocol::unsubscribed(&subscription, reference)).await;
             }
             Action::GetMetadata => {
-                let metadata = (self.context.metadata)(&self.scope);
+                let metadata = (self.context.metadata)(self.scope.clone()).await;
                 self.reply(protocol::metadata(&metadata, reference)).await
             }
             Action::Auth { token } => match self.context.limits.auth.verify(Some(&token)) {

@@ -162,7 +162,7 @@ pub(super) fn context(limits: ServerSettings, history: &[StoredEvent]) -> Arc<Co
         bus: Arc::new(Bus::new(head, Arc::clone(&metrics))),
         history: log,
         metrics,
-        metadata: Box::new(|_| json!({"entities": []})),
+        metadata: Box::new(|_| Box::pin(async { json!({"entities": []}) })),
         mapping: Arc::new(crate::mapping::Mapping::builtin()),
     })
 }
