@@ -309,6 +309,7 @@ async fn the_page_asks_for_a_token_instead_of_reconnecting() {
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/token.mjs"))
             .arg(format!("http://{}/", server.addr))
             .arg(&good)
+            .arg(Path::new(env!("CARGO_TARGET_TMPDIR")).join("page-token.png"))
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .output(),

@@ -204,6 +204,7 @@ function show(event) {
     buffered.push(event);
     // Only the newest FEED_LIMIT would be shown anyway.
     if (buffered.length > FEED_LIMIT) seen.delete(buffered.shift().id);
+    counts();
     return;
   }
   render(event);

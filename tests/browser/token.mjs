@@ -1,9 +1,10 @@
 // The page on a server with `--auth jwt`, for tests/browser.rs: without a token, and with a
 // refused one, it says "token required" with the token input focused and stops reconnecting;
-// with a good one it connects. Usage: node token.mjs URL GOOD_TOKEN. Prints `ok` or `fail <why>`.
+// with a good one it connects. Usage: node token.mjs URL GOOD_TOKEN [SCREENSHOT]. Prints `ok`
+// or `fail <why>`.
 import { chromium } from "playwright-core";
 
-const [url, good] = process.argv.slice(2);
+const [url, good, screenshot] = process.argv.slice(2);
 const say = (line) => process.stdout.write(`${line}\n`);
 const check = (ok, why) => {
   if (!ok) throw new Error(why);
@@ -37,6 +38,7 @@ try {
   await page.fill("#token", "not-a-token");
   await Promise.all([page.waitForNavigation(), page.press("#token", "Enter")]);
   await asks("refused");
+  if (screenshot) await page.screenshot({ path: screenshot });
   await page.fill("#token", good);
   await Promise.all([page.waitForNavigation(), page.press("#token", "Enter")]);
   await page.waitForSelector('#connection[data-state="open"]', { timeout: 20000 });
