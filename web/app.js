@@ -23,7 +23,11 @@ tokenInput.value = params.get("token") ?? localStorage.getItem("rowcast.token") 
 params.delete("token");
 tokenInput.addEventListener("change", () => {
   localStorage.setItem("rowcast.token", tokenInput.value.trim());
-  location.reload();
+  // Refused so far: try the new token in place. Connected: start afresh with it.
+  if (client.state !== State.UNAUTHORIZED) return location.reload();
+  $("auth").hidden = true;
+  client.reconnect();
+  loadMetadata();
 });
 const token = () => tokenInput.value.trim() || undefined;
 const headers = () => (token() ? { Authorization: `Bearer ${token()}` } : {});

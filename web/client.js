@@ -7,7 +7,8 @@
 //
 // Guarantees: each subscription remembers the id of the last event it delivered and resumes
 // from it (`since`) after a reconnect, and drops anything at or below it, so a reconnect loses
-// nothing and repeats nothing. Identical filters share one server subscription. Reconnects
+// nothing and repeats nothing. Identical filters share one server subscription (except those
+// asking for a `history` backlog). Reconnects
 // back off exponentially with jitter, except after a refused token: a socket that closes
 // before it opened is checked with one HTTP request, and a 401 stops reconnecting (state
 // `unauthorized`) until `reconnect()` is called with a better token.
@@ -328,11 +329,11 @@ class Client {
    * history count still in force (null if the server refused it).
    */
   subscribe(filter, handler, options = {}) {
-    // A subscription resuming from a given id, or asking for a backlog, cannot share with
-    // one that is further along.
+    // A subscription resuming from a given id cannot share with one that is further along,
+    // and one asking for a backlog shares with none: each gets its own.
     const since = options.since ?? null;
     const history = since === null && options.history > 0 ? Math.min(1000, Math.floor(options.history)) : null;
-    const key = filterKey(filter) + (since === null ? "" : `@${since}`) + (history ? `~${history}` : "");
+    const key = filterKey(filter) + (since === null ? "" : `@${since}`) + (history ? `~${history}#${this.nextRef++}` : "");
     let sub = this.subscriptions.get(key);
     if (!sub) {
       const copy = JSON.parse(JSON.stringify(filter ?? {}));
