@@ -41,6 +41,16 @@ pub fn app(state: Arc<AppState>, transports: Router<Arc<AppState>>) -> Router {
         .route("/", get(page))
         .route("/client.js", get(|| asset("text/javascript", include_str!("../../web/client.js"))))
         .route("/app.js", get(|| asset("text/javascript", include_str!("../../web/app.js"))))
+        .route(
+            "/builder.js",
+            get(|| asset("text/javascript", include_str!("../../web/builder.js"))),
+        )
+        .route("/entity.js", get(|| asset("text/javascript", include_str!("../../web/entity.js"))))
+        .route("/chart.js", get(|| asset("text/javascript", include_str!("../../web/chart.js"))))
+        .route(
+            "/favicon.svg",
+            get(|| asset("image/svg+xml", include_str!("../../web/favicon.svg"))),
+        )
         .route("/style.css", get(|| asset("text/css", include_str!("../../web/style.css"))))
         .route("/api/events", get(history::history).post(emit::route))
         .route("/api/events/metadata", get(metadata::route))
