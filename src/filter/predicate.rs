@@ -277,17 +277,16 @@ fn compare(a: &Value, b: &Value) -> Option<Ordering> {
     }
 }
 
-/// Integers exactly, anything else as doubles.
+/// Integers exactly, anything else as doubles. Numbers keep their text (`arbitrary_precision`):
+/// `as_i128` reads it in place, so integers past 64 bits stay exact and a non-integer costs no
+/// copy of its text (this runs per candidate subscription per event).
 fn numbers(x: &Number, y: &Number) -> Option<Ordering> {
-    if let (Some(x), Some(y)) = (as_i128(x), as_i128(y)) {
-        return Some(x.cmp(&y));
+    if let Some(a) = x.as_i128()
+        && let Some(b) = y.as_i128()
+    {
+        return Some(a.cmp(&b));
     }
     x.as_f64()?.partial_cmp(&y.as_f64()?)
-}
-
-fn as_i128(n: &Number) -> Option<i128> {
-    // Numbers keep their text (`arbitrary_precision`): integers past 64 bits stay exact too.
-    n.as_i64().map(i128::from).or_else(|| n.to_string().parse().ok())
 }
 
 #[cfg(test)]
