@@ -284,33 +284,38 @@ fn compare(a: &Value, b: &Value) -> Option<Ordering> {
     }
 }
 
-/// Integers exactly, anything else as doubles.
 /// Order of two JSON numbers by their exact decimal value, as Postgres's `numeric` orders
 /// them (`1.0 = 1`, `0.1 < 0.10000000000000001`): numbers keep their text
-/// (`arbitrary_precision`), so nothing is rounded through a float.
+/// (`arbitrary_precision`), so nothing is rounded through a float. Integers are read in place
+/// (`as_i128`), and a decimal's text is borrowed, not copied: this runs per candidate
+/// subscription per event.
 fn numbers(x: &Number, y: &Number) -> Option<Ordering> {
-    if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
-        return Some(x.cmp(&y));
+    if let Some(a) = x.as_i128()
+        && let Some(b) = y.as_i128()
+    {
+        return Some(a.cmp(&b));
     }
-    match (Decimal::parse(&x.to_string()), Decimal::parse(&y.to_string())) {
+    match (Decimal::parse(x.as_str()), Decimal::parse(y.as_str())) {
         (Some(x), Some(y)) => Some(x.cmp(&y)),
         // An exponent past i64 (1e99999999999999999999): only a float can say.
         _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
     }
 }
 
-/// A finite decimal as `sign × 0.digits × 10^exponent`, with no leading or trailing zero
-/// digit (zero has no digits and is never negative), so equal values have equal parts.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) struct Decimal {
+/// A finite decimal as `sign × 0.digits × 10^exponent`, read in place from a JSON number's
+/// text: `digits` are `int` then `frac`, with no leading or trailing zero digit (zero has no
+/// digits and is never negative).
+#[derive(Debug)]
+pub(super) struct Decimal<'a> {
     negative: bool,
     exponent: i64,
-    digits: Vec<u8>,
+    int: &'a str,
+    frac: &'a str,
 }
 
-impl Decimal {
+impl<'a> Decimal<'a> {
     /// JSON number text: `-?int(.frac)?([eE][+-]?exp)?`; `None` for anything else.
-    pub(super) fn parse(text: &str) -> Option<Self> {
+    pub(super) fn parse(text: &'a str) -> Option<Self> {
         let (negative, rest) = match text.strip_prefix('-') {
             Some(rest) => (true, rest),
             None => (false, text),
@@ -322,46 +327,72 @@ impl Decimal {
             }
             None => (rest, 0),
         };
-        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, "0"));
-        if int.is_empty()
-            || frac.is_empty()
-            || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
-        {
+        let (int, frac) = match mantissa.split_once('.') {
+            Some((_, "")) => return None,
+            Some(parts) => parts,
+            None => (mantissa, ""),
+        };
+        if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
             return None;
         }
-        let all = int.bytes().chain(frac.bytes());
-        let leading = all.clone().take_while(|b| *b == b'0').count();
-        let mut digits: Vec<u8> = all.skip(leading).collect();
-        while digits.last() == Some(&b'0') {
-            digits.pop();
+        // `places`: where the point sits after the first significant digit's position.
+        let int = int.trim_start_matches('0');
+        let (int, frac, places) = if int.is_empty() {
+            let significant = frac.trim_start_matches('0');
+            let skipped = i64::try_from(frac.len() - significant.len()).ok()?;
+            ("", significant, -skipped)
+        } else {
+            (int, frac, i64::try_from(int.len()).ok()?)
+        };
+        let (int, frac) = match frac.trim_end_matches('0') {
+            "" => (int.trim_end_matches('0'), ""),
+            frac => (int, frac),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Some(Self { negative: false, exponent: 0, int, frac });
         }
-        if digits.is_empty() {
-            return Some(Self { negative: false, exponent: 0, digits });
-        }
-        let places = i64::try_from(int.len()).ok()? - i64::try_from(leading).ok()?;
-        Some(Self { negative, exponent: exponent.checked_add(places)?, digits })
+        Some(Self { negative, exponent: exponent.checked_add(places)?, int, frac })
+    }
+
+    fn digits(&self) -> impl Iterator<Item = u8> + '_ {
+        self.int.bytes().chain(self.frac.bytes())
+    }
+
+    fn is_zero(&self) -> bool {
+        self.int.is_empty() && self.frac.is_empty()
+    }
+
+    fn magnitude(&self, other: &Self) -> Ordering {
+        (!self.is_zero(), self.exponent)
+            .cmp(&(!other.is_zero(), other.exponent))
+            .then_with(|| self.digits().cmp(other.digits()))
     }
 }
 
-impl Ord for Decimal {
+impl Ord for Decimal<'_> {
     fn cmp(&self, other: &Self) -> Ordering {
-        fn magnitude(d: &Decimal) -> (bool, i64, &[u8]) {
-            (!d.digits.is_empty(), d.exponent, &d.digits)
-        }
         match (self.negative, other.negative) {
             (false, true) => Ordering::Greater,
             (true, false) => Ordering::Less,
-            (false, false) => magnitude(self).cmp(&magnitude(other)),
-            (true, true) => magnitude(other).cmp(&magnitude(self)),
+            (false, false) => self.magnitude(other),
+            (true, true) => other.magnitude(self),
         }
     }
 }
 
-impl PartialOrd for Decimal {
+impl PartialOrd for Decimal<'_> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
+
+impl PartialEq for Decimal<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Decimal<'_> {}
 
 #[cfg(test)]
 #[path = "predicate_tests.rs"]
