@@ -195,17 +195,9 @@ impl Predicate {
                 .and_then(Value::as_array)
                 .is_some_and(|columns| columns.iter().any(|c| c.as_str() == Some(self.column())));
         }
-        let row = envelope.get(match self.side {
-            Side::Data => "data",
-            Side::Old => "old",
-        });
-        let value = self
-            .path
-            .iter()
-            .try_fold(row, |at, key| Some(at?.get(key)))
-            .flatten()
-            .filter(|v| !v.is_null());
-        let Some(value) = value else { return self.op == Op::IsNull(true) };
+        let Some(value) = lookup(envelope, self.side, &self.path) else {
+            return self.op == Op::IsNull(true);
+        };
         match &self.op {
             Op::Eq(x) => equal(value, x),
             Op::Neq(x) => !equal(value, x),
@@ -223,6 +215,19 @@ impl Predicate {
             },
             Op::Changed => false,
         }
+    }
+
+    /// For `eq` and `in` on a `data` path: the path and the [`equality_key`] of each value it
+    /// accepts. An event whose value at that path has none of these keys cannot match, which
+    /// is what lets the bus index such predicates (`bus/index.rs`).
+    pub fn equality_keys(&self) -> Option<(&[String], Vec<String>)> {
+        let values = match (&self.side, &self.op) {
+            (Side::Data, Op::Eq(x)) => std::slice::from_ref(x),
+            (Side::Data, Op::In(xs)) => xs.as_slice(),
+            _ => return None,
+        };
+        let keys = values.iter().map(equality_key).collect::<Option<Vec<_>>>()?;
+        Some((&self.path, keys))
     }
 
     /// The predicate as it is echoed (and parsed back).
@@ -245,6 +250,37 @@ impl Predicate {
             None => json!([self.text, name]),
         }
     }
+}
+
+/// The non-null value at `path` below the envelope's `data` or `old`.
+fn lookup<'v>(envelope: &'v Value, side: Side, path: &[String]) -> Option<&'v Value> {
+    let row = envelope.get(match side {
+        Side::Data => "data",
+        Side::Old => "old",
+    });
+    path.iter().try_fold(row, |at, key| Some(at?.get(key))).flatten().filter(|v| !v.is_null())
+}
+
+/// The value at `path` below the envelope's `data`, as [`equality_key`] keys it.
+pub fn data_key(envelope: &Value, path: &[String]) -> Option<String> {
+    lookup(envelope, Side::Data, path).and_then(equality_key)
+}
+
+/// A key that two scalars share exactly when [`equal`] holds for them (numbers by exact
+/// value: `1`, `1.0` and `1e0` share one); `None` for arrays, objects and null, which no
+/// `eq` holds for.
+pub fn equality_key(value: &Value) -> Option<String> {
+    Some(match value {
+        Value::String(text) => format!("s{text}"),
+        Value::Bool(true) => "t".to_owned(),
+        Value::Bool(false) => "f".to_owned(),
+        Value::Number(number) => {
+            let decimal = Decimal::parse(number.as_str())?;
+            let sign = if decimal.negative { "-" } else { "" };
+            format!("n{sign}{}{}e{}", decimal.int, decimal.frac, decimal.exponent)
+        }
+        Value::Null | Value::Array(_) | Value::Object(_) => return None,
+    })
 }
 
 /// A value in the query form: `true`/`false`, a number, or else a string; a JSON string in
@@ -295,11 +331,9 @@ fn numbers(x: &Number, y: &Number) -> Option<Ordering> {
     {
         return Some(a.cmp(&b));
     }
-    match (Decimal::parse(x.as_str()), Decimal::parse(y.as_str())) {
-        (Some(x), Some(y)) => Some(x.cmp(&y)),
-        // An exponent past i64 (1e99999999999999999999): only a float can say.
-        _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
-    }
+    // An exponent past i64 (1e99999999999999999999) compares with nothing, as Postgres's
+    // numeric cannot hold it either.
+    Some(Decimal::parse(x.as_str())?.cmp(&Decimal::parse(y.as_str())?))
 }
 
 /// A finite decimal as `sign × 0.digits × 10^exponent`, read in place from a JSON number's

@@ -410,3 +410,27 @@ proptest! {
         prop_assert_eq!(parsed.0.cmp(&parsed.1), exact(m1, x1).cmp(&exact(m2, x2)), "{} vs {}", a, b);
     }
 }
+
+#[test]
+fn equal_values_share_an_equality_key() {
+    let key = |text: &str| equality_key(&serde_json::from_str(text).expect("json"));
+    assert_eq!(key("1"), key("1.0"));
+    assert_eq!(key("1"), key("10e-1"));
+    assert_eq!(key("0"), key("-0.0"));
+    assert_eq!(key("-2.50"), key("-25E-1"));
+    assert_ne!(key("1"), key(r#""1""#));
+    assert_ne!(key("1"), key("-1"));
+    assert_ne!(key("0.1"), key("0.10000000000000001"));
+    assert_ne!(key("true"), key(r#""true""#));
+    for none in ["null", "[1]", r#"{"a":1}"#] {
+        assert_eq!(key(none), None, "{none}");
+    }
+    let keys = |entry: Value| {
+        let predicate = Predicate::from_json(&entry).expect("valid");
+        predicate.equality_keys().map(|(path, keys)| (path.join("."), keys))
+    };
+    assert_eq!(keys(json!(["m.k", "eq", "a"])), Some(("m.k".into(), vec!["sa".into()])));
+    assert_eq!(keys(json!(["s", "in", ["a", true]])).map(|(_, k)| k.len()), Some(2));
+    assert_eq!(keys(json!(["old.s", "eq", "a"])), None, "old rows are not indexed");
+    assert_eq!(keys(json!(["s", "neq", "a"])), None);
+}
