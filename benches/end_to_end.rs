@@ -1,14 +1,16 @@
 //! End-to-end benchmark: rowcast's release binary against its own throwaway Postgres, with
 //! real WebSocket clients, next to `pg_recvlogical` draining the same WAL (the physical limit).
 //!
-//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS TXN_ROWS STALLED]`
-//! (defaults 100000 10000 1000 10 100 0; READERS are the clients subscribed to everything during
-//! the throughput run, TXN_ROWS the rows of each of its transactions, STALLED clients subscribed
-//! to everything that never read during it; IDLE and LATENCY_CLIENTS 0 skip those runs). The
+//! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS TXN_ROWS STALLED]
+//! [--predicates]` (defaults 100000 10000 1000 10 100 0; READERS are the clients subscribed to
+//! everything during the throughput run, TXN_ROWS the rows of each of its transactions, STALLED
+//! clients subscribed to everything that never read during it; ROWS, IDLE and LATENCY_CLIENTS 0
+//! skip those runs). With `--predicates`, the latency run is repeated with a `where` predicate
+//! on every client's subscription (see [`Where`]) instead of the run with a slow client. The
 //! server runs with its default settings.
 //!
 //! Prints, per scenario: changes/s sustained, events delivered/s, commit-to-client latency
-//! p50/p99/max (commit time from Postgres, receive time on the same clock), server RSS (now and
+//! p50/p95/p99/max (commit time from Postgres, receive time on the same clock), server RSS (now and
 //! peak), RSS per idle connection and server CPU; for the throughput run, whether every reader
 //! got every event in order and stayed connected, and how often readers fell behind. See
 //! docs/benchmarks.md for the figures and the machine.
@@ -170,12 +172,75 @@ fn percentile(sorted: &[i64], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
+/// Statuses the writers give their rows, in turn (the reference schema allows these four).
+const STATUSES: [&str; 4] = ["active", "inactive", "paused", "error"];
+
+/// The values of the `i`-th row of a writer spreading over `orgs` organizations, as [`write`]
+/// inserts them: (organization, status index, `config.max_tokens`). Within an organization the
+/// statuses take turns, and the token counts 0, 256, ..., 1792 every fourth turn: over a long
+/// run each status is a quarter of its rows, and tokens above 1000 half, whatever the status.
+fn row_values(i: usize, orgs: usize) -> (usize, usize, u64) {
+    (i % orgs, i / orgs % 4, (i / (orgs * 4) % 8) as u64 * 256)
+}
+
+/// The `where` predicate of a latency client with `--predicates`, by its index: of each
+/// organization's ten clients, five want one status (a quarter of the rows), three two statuses
+/// (half), two `config.max_tokens` above 1000 (half): 37.5 % of the frames without predicates
+/// over a long run. The latency run's 10,000 rows give 35.6 % ([`expected_for`] counts them).
+#[derive(Clone, Copy)]
+enum Where {
+    Eq(usize),
+    In(usize, usize),
+    TokensAbove(u64),
+}
+
+impl Where {
+    fn of_client(c: usize) -> Self {
+        match c / 100 % 10 {
+            j @ 0..5 => Self::Eq(j % 4),
+            5..8 => Self::In(0, 2),
+            _ => Self::TokensAbove(1000),
+        }
+    }
+
+    fn query(self) -> String {
+        match self {
+            Self::Eq(s) => format!("where=status:eq:{}", STATUSES[s]),
+            Self::In(a, b) => format!("where=status:in:{},{}", STATUSES[a], STATUSES[b]),
+            Self::TokensAbove(n) => format!("where=config.max_tokens:gt:{n}"),
+        }
+    }
+
+    fn holds(self, status: usize, tokens: u64) -> bool {
+        match self {
+            Self::Eq(s) => status == s,
+            Self::In(a, b) => status == a || status == b,
+            Self::TokensAbove(n) => tokens > n,
+        }
+    }
+}
+
+/// The events a client of organization `org` (with `predicate`) receives from `write(rows, ..,
+/// orgs)`: each writer inserts the rows `0..rows / 4`.
+fn expected_for(org: usize, predicate: Option<Where>, rows: usize, orgs: usize) -> u64 {
+    let writers = 4;
+    let share = rows / writers;
+    let held = (0..share)
+        .map(|i| row_values(i, orgs))
+        .filter(|&(o, status, tokens)| {
+            o == org && predicate.is_none_or(|p| p.holds(status, tokens))
+        })
+        .count();
+    (held * writers) as u64
+}
+
 async fn log_head(db: &tokio_postgres::Client) -> i64 {
     db.query_one("SELECT last_id FROM rowcast.log_head", &[]).await.expect("head").get(0)
 }
 
 /// Inserts `rows` agents over 4 connections in transactions of `per_txn`, spread over `orgs`
-/// organizations, as fast as possible or at `rate` changes per second.
+/// organizations with the statuses and `config` of [`row_values`], as fast as possible or at
+/// `rate` changes per second.
 async fn write(url: &str, rows: usize, per_txn: usize, orgs: usize, rate: Option<f64>, tag: &str) {
     let writers = 4;
     let started = Instant::now();
@@ -189,8 +254,10 @@ async fn write(url: &str, rows: usize, per_txn: usize, orgs: usize, rate: Option
             while done < share {
                 let n = per_txn.min(share - done);
                 db.execute(
-                    "INSERT INTO agents (id, organization_id, name, status)
-                     SELECT $1 || '-' || $2::int || '-' || i, 'org' || (i % $4::int), 'agent', 'active'
+                    "INSERT INTO agents (id, organization_id, name, status, config)
+                     SELECT $1 || '-' || $2::int || '-' || i, 'org' || (i % $4::int), 'agent',
+                            (ARRAY['active', 'inactive', 'paused', 'error'])[i / $4::int % 4 + 1],
+                            jsonb_build_object('max_tokens', i / ($4::int * 4) % 8 * 256)
                        FROM generate_series($3::int, $3::int + $5::int - 1) i",
                     &[&tag, &(w as i32), &(done as i32), &(orgs as i32), &(n as i32)],
                 )
@@ -219,9 +286,10 @@ async fn main() {
     let readers_count = arg(4, 10);
     let per_txn = arg(5, 100);
     let stalled_count = arg(6, 0);
+    let predicates = std::env::args().any(|a| a == "--predicates");
     println!(
         "rowcast end-to-end benchmark: rows={rows} idle={idle} latency_clients={latency_clients} \
-         readers={readers_count} txn_rows={per_txn} stalled={stalled_count}"
+         readers={readers_count} txn_rows={per_txn} stalled={stalled_count} predicates={predicates}"
     );
     let cluster =
         Cluster::start(&[("wal_level", "logical"), ("max_wal_size", "4GB")]).expect("cluster");
@@ -268,108 +336,135 @@ async fn main() {
     }
 
     // 2. Throughput, with pg_recvlogical draining the same WAL afterwards.
-    db.batch_execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
-        .await
-        .expect("raw slot");
-    let seen = Arc::new(Seen::default());
-    let mut readers = Vec::new();
-    for _ in 0..readers_count {
-        readers.push(subscriber(addr, "type=*".into(), seen.clone(), true).await);
-    }
-    let mut stalled = Vec::new();
-    for _ in 0..stalled_count {
-        stalled.push(subscriber(addr, "type=*".into(), seen.clone(), false).await);
-    }
-    let head_before = log_head(&db).await;
-    let cpu_before = cpu_seconds(pid);
-    let started = Instant::now();
-    write(&url, rows, per_txn, 100, None, "t").await;
-    let written = started.elapsed();
-    let target = head_before + rows as i64;
-    while log_head(&db).await < target {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let appended = started.elapsed();
-    // Readers that fell behind catch up from the log: give them time.
-    while readers_count > 0
-        && seen.frames.load(Ordering::Relaxed) < (rows * readers_count) as u64
-        && started.elapsed() < appended + Duration::from_secs(120)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let delivered = started.elapsed();
-    let cpu = (cpu_seconds(pid) - cpu_before) / delivered.as_secs_f64() * 100.0;
-    let end_lsn: String =
-        db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
-    let raw_started = Instant::now();
-    let status = Command::new(
-        rowcast::apps::cluster::find_binaries().expect("binaries").join("pg_recvlogical"),
-    )
-    .args(["-d", &url, "--slot", "bench_raw", "--start", "--endpos", &end_lsn, "-f", "/dev/null"])
-    .args(["-o", "proto_version=1", "-o", "publication_names=rowcast", "--no-loop"])
-    .status()
-    .expect("pg_recvlogical");
-    let raw = raw_started.elapsed();
-    assert!(status.success(), "pg_recvlogical failed");
-    let sustained = rows as f64 / appended.as_secs_f64();
-    let raw_rate = rows as f64 / raw.as_secs_f64();
-    let frames = seen.frames.load(Ordering::Relaxed);
-    let mut latencies =
-        std::mem::take(&mut *seen.latencies.lock().unwrap_or_else(|p| p.into_inner()));
-    latencies.sort_unstable();
-    println!(
-        "throughput: {rows} rows by 4 writers in {:.2}s; appended in {:.2}s = {:.0} changes/s; \
+    if rows > 0 {
+        db.batch_execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
+            .await
+            .expect("raw slot");
+        let seen = Arc::new(Seen::default());
+        let mut readers = Vec::new();
+        for _ in 0..readers_count {
+            readers.push(subscriber(addr, "type=*".into(), seen.clone(), true).await);
+        }
+        let mut stalled = Vec::new();
+        for _ in 0..stalled_count {
+            stalled.push(subscriber(addr, "type=*".into(), seen.clone(), false).await);
+        }
+        let head_before = log_head(&db).await;
+        let cpu_before = cpu_seconds(pid);
+        let started = Instant::now();
+        write(&url, rows, per_txn, 100, None, "t").await;
+        let written = started.elapsed();
+        let target = head_before + rows as i64;
+        while log_head(&db).await < target {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let appended = started.elapsed();
+        // Readers that fell behind catch up from the log: give them time.
+        while readers_count > 0
+            && seen.frames.load(Ordering::Relaxed) < (rows * readers_count) as u64
+            && started.elapsed() < appended + Duration::from_secs(120)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let delivered = started.elapsed();
+        let cpu = (cpu_seconds(pid) - cpu_before) / delivered.as_secs_f64() * 100.0;
+        let end_lsn: String =
+            db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+        let raw_started = Instant::now();
+        let status = Command::new(
+            rowcast::apps::cluster::find_binaries().expect("binaries").join("pg_recvlogical"),
+        )
+        .args([
+            "-d",
+            &url,
+            "--slot",
+            "bench_raw",
+            "--start",
+            "--endpos",
+            &end_lsn,
+            "-f",
+            "/dev/null",
+        ])
+        .args(["-o", "proto_version=1", "-o", "publication_names=rowcast", "--no-loop"])
+        .status()
+        .expect("pg_recvlogical");
+        let raw = raw_started.elapsed();
+        assert!(status.success(), "pg_recvlogical failed");
+        let sustained = rows as f64 / appended.as_secs_f64();
+        let raw_rate = rows as f64 / raw.as_secs_f64();
+        let frames = seen.frames.load(Ordering::Relaxed);
+        let mut latencies =
+            std::mem::take(&mut *seen.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+        latencies.sort_unstable();
+        println!(
+            "throughput: {rows} rows by 4 writers in {:.2}s; appended in {:.2}s = {:.0} changes/s; \
          {frames} frames to {readers_count} clients in {:.2}s = {:.0} events/s; server CPU {:.0}% (of one core); RSS {} KB",
-        written.as_secs_f64(),
-        appended.as_secs_f64(),
-        sustained,
-        delivered.as_secs_f64(),
-        frames as f64 / delivered.as_secs_f64(),
-        cpu,
-        rss_kb(pid)
-    );
-    println!(
-        "physical limit: pg_recvlogical (pgoutput) drained the same WAL in {:.2}s = {:.0} changes/s; rowcast = {:.0}% of it",
-        raw.as_secs_f64(),
-        raw_rate,
-        sustained / raw_rate * 100.0
-    );
-    println!(
-        "throughput latency (saturated): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 1.0)
-    );
-    let orders: Vec<&Order> = readers.iter().map(|(_, order)| &**order).collect();
-    let complete = orders.iter().filter(|o| o.events.load(Ordering::Relaxed) == rows as u64);
-    let in_order = orders.iter().filter(|o| o.disorder.load(Ordering::Relaxed) == 0);
-    let closes: Vec<u64> =
-        orders.iter().map(|o| o.closed.load(Ordering::Relaxed)).filter(|c| *c != 0).collect();
-    let lagging: u64 = orders.iter().map(|o| o.lagging.load(Ordering::Relaxed)).sum();
-    println!(
-        "readers: {} of {readers_count} got all {rows} events, {} in order and exactly once, \
+            written.as_secs_f64(),
+            appended.as_secs_f64(),
+            sustained,
+            delivered.as_secs_f64(),
+            frames as f64 / delivered.as_secs_f64(),
+            cpu,
+            rss_kb(pid)
+        );
+        println!(
+            "physical limit: pg_recvlogical (pgoutput) drained the same WAL in {:.2}s = {:.0} changes/s; rowcast = {:.0}% of it",
+            raw.as_secs_f64(),
+            raw_rate,
+            sustained / raw_rate * 100.0
+        );
+        println!(
+            "throughput latency (saturated): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            percentile(&latencies, 1.0)
+        );
+        let orders: Vec<&Order> = readers.iter().map(|(_, order)| &**order).collect();
+        let complete = orders.iter().filter(|o| o.events.load(Ordering::Relaxed) == rows as u64);
+        let in_order = orders.iter().filter(|o| o.disorder.load(Ordering::Relaxed) == 0);
+        let closes: Vec<u64> =
+            orders.iter().map(|o| o.closed.load(Ordering::Relaxed)).filter(|c| *c != 0).collect();
+        let lagging: u64 = orders.iter().map(|o| o.lagging.load(Ordering::Relaxed)).sum();
+        println!(
+            "readers: {} of {readers_count} got all {rows} events, {} in order and exactly once, \
          {} disconnected {closes:?}; {lagging} lagging frames, {} lag switches on the server; \
          server RSS {} KB now, {} KB peak (VmHWM)",
-        complete.count(),
-        in_order.count(),
-        closes.len(),
-        metric(addr, "rowcast_lagging_switches_total").await.unwrap_or(0),
-        rss_kb(pid),
-        status_kb(pid, "VmHWM:"),
-    );
-    for (reader, _) in readers.into_iter().chain(stalled) {
-        reader.abort();
+            complete.count(),
+            in_order.count(),
+            closes.len(),
+            metric(addr, "rowcast_lagging_switches_total").await.unwrap_or(0),
+            rss_kb(pid),
+            status_kb(pid, "VmHWM:"),
+        );
+        for (reader, _) in readers.into_iter().chain(stalled) {
+            reader.abort();
+        }
+        db.batch_execute("SELECT pg_drop_replication_slot('bench_raw')")
+            .await
+            .expect("drop raw slot");
     }
-    db.batch_execute("SELECT pg_drop_replication_slot('bench_raw')").await.expect("drop raw slot");
 
     // 3 and 4. Latency at 1,000 changes/s with many subscribed clients (each organization's
-    // events go to its 10 clients), then the same with one client that never reads.
-    let latency_runs: &[bool] = if latency_clients == 0 { &[] } else { &[false, true] };
-    for &slow in latency_runs {
+    // events go to its 10 clients), then the same with one client that never reads, or (with
+    // `--predicates`) with a `where` predicate on every client's subscription.
+    let latency_runs: &[(bool, bool)] = match (latency_clients, predicates) {
+        (0, _) => &[],
+        (_, false) => &[(false, false), (true, false)],
+        (_, true) => &[(false, false), (false, true)],
+    };
+    let changes = 10_000;
+    for &(slow, with_where) in latency_runs {
         let seen = Arc::new(Seen::default());
         let mut clients = Vec::new();
+        let mut expected = 0;
         for i in 0..latency_clients {
-            let query = format!("type=agent.*&organization_id=org{}", i % 100);
+            let org = i % 100;
+            let mut query = format!("type=agent.*&organization_id=org{org}");
+            let predicate = with_where.then(|| Where::of_client(i));
+            if let Some(predicate) = predicate {
+                query = format!("{query}&{}", predicate.query());
+            }
+            expected += expected_for(org, predicate, changes, 100);
             clients.push(subscriber(addr, query, seen.clone(), true).await);
         }
         if slow {
@@ -378,9 +473,12 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cpu_before = cpu_seconds(pid);
         let started = Instant::now();
-        let changes = 10_000;
-        write(&url, changes, 10, 100, Some(1_000.0), if slow { "s" } else { "l" }).await;
-        let expected = (changes * latency_clients / 100) as u64;
+        let tag = match (slow, with_where) {
+            (true, _) => "s",
+            (false, true) => "w",
+            (false, false) => "l",
+        };
+        write(&url, changes, 10, 100, Some(1_000.0), tag).await;
         while seen.frames.load(Ordering::Relaxed) < expected
             && started.elapsed() < Duration::from_secs(60)
         {
@@ -392,11 +490,16 @@ async fn main() {
             std::mem::take(&mut *seen.latencies.lock().unwrap_or_else(|p| p.into_inner()));
         latencies.sort_unstable();
         println!(
-            "latency{}: {changes} changes at 1,000/s, {} clients ({} frames of {expected}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; server CPU {:.0}%, RSS {} KB",
-            if slow { " with one slow client" } else { "" },
+            "latency{}: {changes} changes at 1,000/s, {} clients ({} frames of {expected}): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms; server CPU {:.0}%, RSS {} KB",
+            match (slow, with_where) {
+                (true, _) => " with one slow client",
+                (false, true) => " with where predicates",
+                (false, false) => "",
+            },
             clients.len(),
             seen.frames.load(Ordering::Relaxed),
             percentile(&latencies, 0.5),
+            percentile(&latencies, 0.95),
             percentile(&latencies, 0.99),
             percentile(&latencies, 1.0),
             cpu,

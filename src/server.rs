@@ -43,6 +43,9 @@ impl ServeError {
 
 /// Connections kept for history, catch-up and stats reads.
 const READ_CONNECTIONS: usize = 4;
+/// Connections reading the source database (slot lag, catalog facts, entity rows); the rows
+/// endpoint's reads are bounded by their deadline, so two keep a slow one from holding up stats.
+const SOURCE_CONNECTIONS: usize = 2;
 /// How often retention is applied.
 const TRIM_INTERVAL: Duration = Duration::from_secs(60);
 /// How often `events_per_second` is sampled.
@@ -71,7 +74,8 @@ impl Server {
             .with_metrics(metrics.clone())
             .with_inbox(inbox);
         let state = Arc::new(AppState {
-            source: Pool::new(settings.database.clone(), "stats", 1),
+            source: Pool::new(settings.database.clone(), "source reader", SOURCE_CONNECTIONS),
+            schema: Default::default(),
             publisher: publisher.watch(),
             sessions: TaskTracker::new(),
             rate: Rate::new(head),

@@ -340,4 +340,32 @@ async fn appends_at_or_before_the_cursor_are_dropped() {
         [4]
     );
     assert_eq!(db.events().await.len(), 4);
+
+    // Pipelined: two appends sent before either commits are numbered and deduplicated
+    // against each other, and confirmed in order; the cursor moves only as each commits.
+    writer.send(vec![at(40, 0), at(40, 1)], Some(41)).expect("send");
+    writer.send(vec![at(40, 1), at(50, 0)], Some(51)).expect("send");
+    assert_eq!((writer.in_flight(), writer.cursor().progress), (2, 31));
+    assert_eq!(ids(writer.confirm().await.expect("one").expect("commits")), [5, 6]);
+    assert_eq!((writer.last_id(), writer.cursor().progress), (6, 41));
+    assert_eq!(ids(writer.confirm().await.expect("two").expect("commits")), [7]);
+    assert_eq!((writer.last_id(), writer.cursor().progress), (7, 51));
+    assert!(writer.confirm().await.is_none());
+
+    // An append whose head moved under it (here by hand; in life, an append before it that
+    // failed) stores nothing and moves no cursor: the log never gets a hole.
+    db.client()
+        .await
+        .batch_execute("UPDATE rowcast.log_head SET last_id = 100")
+        .await
+        .expect("move the head");
+    writer.send(vec![at(60, 0)], Some(61)).expect("send");
+    writer.send(vec![at(70, 0)], Some(71)).expect("send");
+    let refused = writer.confirm().await.expect("one").expect_err("the head moved");
+    assert!(matches!(refused, rowcast::log::LogError::HeadMoved(7)), "{refused}");
+    assert!(refused.is_retryable());
+    drop(writer);
+    assert_eq!(db.events().await.len(), 7, "nothing stored after the head moved");
+    let writer = open_writer(&db).await;
+    assert_eq!((writer.last_id(), writer.cursor().progress), (100, 51));
 }

@@ -158,7 +158,7 @@ async fn data_and_old_equal_postgres_to_jsonb() {
 
 /// Equal as JSON values and as text (same keys in the same jsonb order, same digits); on a
 /// mismatch, names the differing columns with short excerpts.
-fn assert_same_row(actual: &Value, expected: &Value, what: &str) {
+pub fn assert_same_row(actual: &Value, expected: &Value, what: &str) {
     if actual == expected
         && serde_json::to_string(actual).ok() == serde_json::to_string(expected).ok()
     {

@@ -15,6 +15,7 @@ mod emit;
 mod faults;
 mod fidelity;
 mod first_start;
+mod metadata;
 mod predicates;
 mod publish;
 mod replay;

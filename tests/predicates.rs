@@ -143,6 +143,11 @@ async fn where_picks_the_same_events_live_on_catch_up_in_history_and_replay() {
     server.stop().await;
 }
 
+/// A JSON number exactly as written.
+fn number(text: &str) -> Value {
+    serde_json::from_str(text).expect("a JSON number")
+}
+
 /// The SQL of `where` and the live matcher agree on every operator over awkward values
 /// (missing, null, numbers beside numeric strings, nesting, arrays), on a real Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,6 +174,10 @@ async fn sql_and_live_matching_agree_on_every_operator() {
         json!(true),
         json!(["a", 1]),
         json!({"k": "a"}),
+        // Decimals a float would round (to 0.3), 1 spelled with zeros, an exponent.
+        number("0.30000000000000001"),
+        number("1.000"),
+        number("-2.5e-3"),
     ];
     let mut bodies = Vec::new();
     for (i, v) in values.iter().enumerate() {
@@ -193,8 +202,17 @@ async fn sql_and_live_matching_agree_on_every_operator() {
             .await
             .expect("row");
     }
-    let operands =
-        [json!(1), json!(2.5), json!(10), json!("10"), json!("a"), json!("B"), json!(true)];
+    let operands = [
+        json!(1),
+        json!(2.5),
+        json!(10),
+        json!("10"),
+        json!("a"),
+        json!("B"),
+        json!(true),
+        number("0.3"),
+        number("-0.0025"),
+    ];
     let mut entries = vec![
         json!(["c", "changed"]),
         json!(["c", "is_null", true]),

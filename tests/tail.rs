@@ -93,7 +93,14 @@ impl Tail {
 
     fn spawn_command(mut command: Command, args: &[&str]) -> Self {
         command.arg("tail").args(args).env("RUST_LOG", "info");
-        for var in ["ROWCAST_URL", "ROWCAST_TOKEN", "ROWCAST_TAIL_TYPE", "ROWCAST_TAIL_SINCE"] {
+        for var in [
+            "ROWCAST_URL",
+            "ROWCAST_TOKEN",
+            "ROWCAST_TAIL_TYPE",
+            "ROWCAST_TAIL_SINCE",
+            "ROWCAST_TAIL_WHERE",
+            "ROWCAST_TAIL_HISTORY",
+        ] {
             command.env_remove(var);
         }
         let mut child = command
@@ -371,4 +378,55 @@ async fn sigterm_stops_tail_even_when_stdout_is_stalled() {
     let (success, stderr) = tail.exit().await;
     assert!(success, "{stderr}");
     server.abort();
+}
+
+/// `--where` and `--history` against a real server: the last N matching events first, then
+/// live matching ones, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_and_history_print_the_last_matches_then_live_ones() {
+    let db = crate::support::TestDb::migrated().await;
+    let mut server = crate::support::Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+             INSERT INTO agents (id, organization_id, name)
+                  SELECT 'a' || n, 'quant', 'agent ' || n FROM generate_series(1, 6) n;
+             UPDATE agents SET status = CASE WHEN id IN ('a1', 'a3', 'a5') THEN 'error'
+                                             ELSE 'active' END;",
+        )
+        .await
+        .expect("workload");
+    // 1 organization + 6 inserts + 6 updates, each with its status_changed.
+    server.wait_for_id(19, Duration::from_secs(30)).await;
+
+    let url = format!("http://{}", server.addr);
+    let mut tail = Tail::spawn(&[
+        "--url",
+        &url,
+        "--type",
+        "agent.updated",
+        "--where",
+        "status:eq:error",
+        "--history",
+        "2",
+    ]);
+    let agent = |line: &str| {
+        let event: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(
+            (event["type"].as_str(), event["data"]["status"].as_str()),
+            (Some("agent.updated"), Some("error")),
+            "{line}"
+        );
+        event["data"]["id"].as_str().expect("id").to_owned()
+    };
+    assert_eq!([agent(&tail.line().await), agent(&tail.line().await)], ["a3", "a5"]);
+    // Live from here: a non-matching update, then a matching one.
+    client.batch_execute("UPDATE agents SET status = 'paused' WHERE id = 'a2'").await.expect("a2");
+    client.batch_execute("UPDATE agents SET status = 'error' WHERE id = 'a4'").await.expect("a4");
+    assert_eq!(agent(&tail.line().await), "a4");
+    tail.terminate();
+    let (success, stderr) = tail.exit().await;
+    assert!(success, "{stderr}");
+    server.stop().await;
 }

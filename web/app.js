@@ -1,23 +1,36 @@
-// The live event page: a subscription builder fed by /api/events/metadata, subscription
-// cards, a bounded live feed with pause and search, event details with a before/after diff,
-// toasts for `error` events, and a replay panel. Everything goes through /client.js.
+// The live event page. It opens live: without saved subscriptions in its URL it subscribes to
+// every event the visitor may see and says so. The builder (builder.js) adds subscriptions,
+// which are kept in the URL (`?sub=...`) so a view can be bookmarked and shared; the feed is
+// bounded, with pause and search, severity colours and an events-per-second chart (chart.js);
+// details show a before/after diff; replays play into their own list; the entity view
+// (entity.js) shows an entity's current rows. All times are UTC. Everything goes through
+// /client.js; a refused or missing token stops reconnecting and asks for one.
 
 import { connect, State } from "/client.js";
+import { builtSpec, describe, entityMeta, fillBuilder, restoreBuilder, specsFrom } from "/builder.js";
+import { rateChart } from "/chart.js";
+import { showEntity } from "/entity.js";
 
 const $ = (id) => document.getElementById(id);
 const FEED_LIMIT = 500;
+const REPLAY_LIMIT = 5000;
+const EVERYTHING = { filter: { type: "*" } };
 
 const params = new URLSearchParams(location.search);
 const tokenInput = $("token");
+// An old link may carry `?token=`: use it, but keep it out of the address bar and history.
 tokenInput.value = params.get("token") ?? localStorage.getItem("rowcast.token") ?? "";
+params.delete("token");
 tokenInput.addEventListener("change", () => {
   localStorage.setItem("rowcast.token", tokenInput.value.trim());
-  // The input wins from now on; keep the token out of the address bar and history.
-  params.delete("token");
-  history.replaceState(null, "", `${location.pathname}${params.size ? `?${params}` : ""}`);
-  location.reload();
+  // Refused so far: try the new token in place. Connected: start afresh with it.
+  if (client.state !== State.UNAUTHORIZED) return location.reload();
+  $("auth").hidden = true;
+  client.reconnect();
+  loadMetadata();
 });
 const token = () => tokenInput.value.trim() || undefined;
+const headers = () => (token() ? { Authorization: `Bearer ${token()}` } : {});
 
 const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/events`;
 const indicator = $("connection");
@@ -25,98 +38,85 @@ const client = connect(wsUrl, {
   token,
   onState: (state, detail) => {
     indicator.dataset.state = state;
-    indicator.textContent = state;
+    indicator.textContent = state === State.UNAUTHORIZED ? "token required" : state;
     indicator.title = detail ?? "";
-    if (state === State.OPEN) loadMetadata();
+    if (state === State.UNAUTHORIZED) tokenRequired(detail);
+    if (state === State.OPEN) {
+      $("auth").hidden = true;
+      loadMetadata();
+    }
   },
   onError: (frame) => toast(`${frame.code}: ${frame.message}`, "warning"),
   onReset: (_filter, oldest) => toast(`resuming from event ${oldest}: the log no longer holds what came before`, "warning"),
-  onRefused: (filter, message) => toast(`subscription refused: ${message}`, "error"),
+  onRefused: (_filter, message) => toast(`subscription refused: ${message}`, "error"),
 });
 
-// ---- builder -------------------------------------------------------------------------------
+function tokenRequired(why) {
+  indicator.dataset.state = State.UNAUTHORIZED;
+  indicator.textContent = "token required";
+  $("auth-why").textContent = why === "token refused" ? "The server refused this token." : "This server wants a token.";
+  $("auth").hidden = false;
+  tokenInput.focus();
+}
 
-let metadataLoaded = false;
+// ---- metadata and the builder ----------------------------------------------------------------
+
+let metadata = null;
+let loading = false;
 async function loadMetadata() {
-  if (metadataLoaded) return;
-  const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
-  let metadata;
+  if (metadata || loading) return;
+  loading = true;
   try {
-    const response = await fetch("/api/events/metadata", { headers });
+    const response = await fetch("/api/events/metadata", { headers: headers() });
+    if (response.status === 401) return tokenRequired(token() ? "token refused" : "token required");
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     metadata = await response.json();
   } catch (err) {
     toast(`metadata: ${err.message}`, "warning");
     return;
+  } finally {
+    loading = false;
   }
-  metadataLoaded = true;
-  const entities = $("entities");
-  entities.replaceChildren();
-  for (const entity of metadata.entities) {
-    const box = document.createElement("fieldset");
-    const legend = document.createElement("legend");
-    const all = checkbox(`${entity.name}.*`, entity.name, "entity");
-    legend.append(all);
-    box.append(legend);
-    for (const type of entity.event_types) {
-      box.append(checkbox(type, type.split(".")[1], "type"));
-    }
-    entities.append(box);
+  fillBuilder(metadata);
+  const last = subscriptions.findLast((s) => !s.implicit);
+  if (last) restoreBuilder(last.spec);
+  const views = $("entity-view");
+  views.append(...metadata.entities.filter((e) => e.table).map((e) => new Option(e.name, e.name)));
+  if (params.get("view")) {
+    views.value = params.get("view");
+    openEntity();
   }
-  fill($("organizations"), metadata.organizations.map((o) => [o, o || "(empty)"]));
-  fill($("domains"), metadata.domains.map((d) => [d.id, `${d.id || "(empty)"} · ${d.organization_id}`]));
 }
+loadMetadata();
 
-function checkbox(value, text, kind) {
-  const label = document.createElement("label");
-  const input = document.createElement("input");
-  input.type = "checkbox";
-  input.value = value;
-  input.dataset.kind = kind;
-  label.append(input, ` ${text}`);
-  return label;
-}
-
-function fill(select, options) {
-  select.replaceChildren(...options.map(([value, text]) => new Option(text, value)));
-}
-
-function selected(select) {
-  return [...select.selectedOptions].map((o) => o.value);
-}
-
-function builtFilter() {
-  const types = [...document.querySelectorAll("#entities input:checked")].map((i) => i.value);
-  const filter = {};
-  if (types.length) filter.type = types;
-  const orgs = selected($("organizations"));
-  if (orgs.length) filter.organization_id = orgs;
-  const domains = selected($("domains"));
-  if (domains.length) filter.domain_id = domains;
-  if ($("severity").value !== "debug") filter.severity = $("severity").value;
-  return filter;
-}
-
-// ---- subscriptions -------------------------------------------------------------------------
+// ---- subscriptions, kept in the URL ----------------------------------------------------------
 
 const subscriptions = [];
 
-$("subscribe").addEventListener("click", () => addSubscription(builtFilter()));
+$("subscribe").addEventListener("click", () => {
+  // The "everything" subscription a visit starts with gives way to the first one built.
+  const implicit = subscriptions.filter((s) => s.implicit);
+  addSubscription(builtSpec());
+  for (const entry of implicit) removeSubscription(entry);
+});
 
-function describe(filter) {
-  const parts = [];
-  parts.push(filter.type ? filter.type.join(", ") : "every type");
-  if (filter.organization_id) parts.push(`org ${filter.organization_id.join(", ")}`);
-  if (filter.domain_id) parts.push(`domain ${filter.domain_id.join(", ")}`);
-  if (filter.severity) parts.push(`≥ ${filter.severity}`);
-  return parts.join(" · ");
+function saveUrl() {
+  const query = new URLSearchParams();
+  for (const entry of subscriptions) if (!entry.implicit) query.append("sub", JSON.stringify(entry.spec));
+  if ($("entity-view").value) query.set("view", $("entity-view").value);
+  const tab = document.querySelector('[role="tab"][aria-selected="true"]')?.dataset.tab;
+  if (tab && tab !== "live") query.set("tab", tab);
+  history.replaceState(null, "", `${location.pathname}${query.size ? `?${query}` : ""}`);
+  const everything = subscriptions.length === 1 && subscriptions[0].implicit;
+  $("notice").textContent = everything ? "showing all events you may see" : "";
 }
 
-function addSubscription(filter) {
+function addSubscription(spec, implicit = false) {
   const card = document.createElement("div");
   card.className = "card";
   const text = document.createElement("span");
-  text.textContent = describe(filter);
+  text.className = "what";
+  text.textContent = implicit ? "everything you may see" : describe(spec);
   const count = document.createElement("span");
   count.className = "count";
   count.textContent = "0";
@@ -126,24 +126,51 @@ function addSubscription(filter) {
   card.append(text, count, remove);
   $("cards").append(card);
   let received = 0;
-  const entry = { filter, card };
-  entry.stop = client.subscribe(filter, (event) => {
-    received += 1;
-    count.textContent = String(received);
-    show(event, false);
-  });
-  remove.addEventListener("click", () => {
-    entry.stop();
-    card.remove();
-    subscriptions.splice(subscriptions.indexOf(entry), 1);
-  });
+  const entry = { spec, card, implicit };
+  entry.stop = client.subscribe(
+    spec.filter,
+    (event) => {
+      received += 1;
+      count.textContent = String(received);
+      show(event);
+    },
+    { history: spec.history },
+  );
+  remove.addEventListener("click", () => removeSubscription(entry));
   subscriptions.push(entry);
+  saveUrl();
 }
 
-// ---- feed ----------------------------------------------------------------------------------
+function removeSubscription(entry) {
+  entry.stop();
+  entry.card.remove();
+  subscriptions.splice(subscriptions.indexOf(entry), 1);
+  saveUrl();
+}
+
+const saved = specsFrom(params);
+if (saved.length) for (const spec of saved) addSubscription(spec);
+else addSubscription(EVERYTHING, true);
+
+// ---- tabs ------------------------------------------------------------------------------------
+
+const tabs = [...document.querySelectorAll('[role="tab"]')];
+function selectTab(name) {
+  for (const tab of tabs) {
+    const on = tab.dataset.tab === name;
+    tab.setAttribute("aria-selected", String(on));
+    $(`tab-${tab.dataset.tab}`).hidden = !on;
+  }
+  saveUrl();
+}
+for (const tab of tabs) tab.addEventListener("click", () => selectTab(tab.dataset.tab));
+if (tabs.some((t) => t.dataset.tab === params.get("tab"))) selectTab(params.get("tab"));
+
+// ---- the live feed ---------------------------------------------------------------------------
 
 const feed = $("feed");
 const seen = new Set();
+const countRate = rateChart($("rate-chart"), $("rate"));
 let paused = false;
 let buffered = [];
 let total = 0;
@@ -153,13 +180,15 @@ $("pause").addEventListener("click", () => {
   $("pause").textContent = paused ? "Resume" : "Pause";
   $("pause").setAttribute("aria-pressed", String(paused));
   if (!paused) {
-    for (const [event, replayed] of buffered) render(event, replayed);
+    for (const event of buffered) render(event);
     buffered = [];
   }
+  counts();
 });
 $("clear").addEventListener("click", () => {
   feed.replaceChildren();
   seen.clear();
+  buffered = [];
   total = 0;
   counts();
 });
@@ -167,70 +196,81 @@ $("search").addEventListener("input", () => {
   for (const item of feed.children) applySearch(item);
 });
 
-function show(event, replayed) {
-  const key = `${replayed ? "r" : "l"}${event.id}`;
+function show(event) {
   // Several subscriptions may deliver one event; the feed shows it once.
-  if (seen.has(key)) return;
-  seen.add(key);
-  if ((event.severity === "error" || event.severity === "critical") && !replayed) {
+  if (seen.has(event.id)) return;
+  seen.add(event.id);
+  countRate();
+  if (event.severity === "error" || event.severity === "critical") {
     toast(`${event.type} in ${event.organization_id ?? "-"}/${event.domain_id ?? "-"}`, "error");
   }
   if (paused) {
-    buffered.push([event, replayed]);
+    buffered.push(event);
     // Only the newest FEED_LIMIT would be shown anyway.
-    if (buffered.length > FEED_LIMIT) {
-      const [dropped, wasReplay] = buffered.shift();
-      seen.delete(`${wasReplay ? "r" : "l"}${dropped.id}`);
-    }
+    if (buffered.length > FEED_LIMIT) seen.delete(buffered.shift().id);
+    counts();
     return;
   }
-  render(event, replayed);
+  render(event);
 }
 
-function render(event, replayed) {
-  const item = document.createElement("li");
-  item.className = `event ${event.severity}${replayed ? " replayed" : ""}`;
-  item.dataset.id = event.id;
-  item.dataset.key = `${replayed ? "r" : "l"}${event.id}`;
-  item.dataset.type = event.type;
-  item.dataset.search = JSON.stringify(event).toLowerCase();
-  const time = event.timestamp.slice(11, 23);
-  item.innerHTML = `<span class="id"></span><span class="type"></span><span class="scope"></span><span class="time"></span>`;
-  item.querySelector(".id").textContent = `#${event.id}`;
-  item.querySelector(".type").textContent = event.type + (replayed ? " (replay)" : "");
-  item.querySelector(".scope").textContent = `${event.organization_id ?? "–"} / ${event.domain_id ?? "–"}`;
-  item.querySelector(".time").textContent = time;
-  item.addEventListener("click", () => details(event, item));
-  applySearch(item);
-  feed.prepend(item);
+function item(event) {
+  const li = document.createElement("li");
+  li.className = `event ${event.severity}`;
+  li.dataset.id = event.id;
+  li.dataset.type = event.type;
+  li.dataset.search = JSON.stringify(event).toLowerCase();
+  for (const [name, text] of [
+    ["id", `#${event.id}`],
+    ["sev", event.severity],
+    ["type", event.type],
+    ["scope", `${event.organization_id ?? "–"} / ${event.domain_id ?? "–"}`],
+    ["time", event.timestamp.slice(11, 23)],
+  ]) {
+    const span = document.createElement("span");
+    span.className = name;
+    span.textContent = text;
+    li.append(span);
+  }
+  li.title = `${event.timestamp} (UTC)`;
+  li.addEventListener("click", () => details(event, li));
+  return li;
+}
+
+function render(event) {
+  const li = item(event);
+  applySearch(li);
+  feed.prepend(li);
   while (feed.children.length > FEED_LIMIT) {
-    const oldest = feed.lastElementChild;
-    seen.delete(oldest.dataset.key);
-    oldest.remove();
+    seen.delete(Number(feed.lastElementChild.dataset.id));
+    feed.lastElementChild.remove();
   }
   total += 1;
   counts();
 }
 
-function applySearch(item) {
+function applySearch(li) {
   const query = $("search").value.trim().toLowerCase();
-  item.hidden = query !== "" && !item.dataset.search.includes(query);
+  li.hidden = query !== "" && !li.dataset.search.includes(query);
 }
 
 function counts() {
-  $("counts").textContent = `${total} events${paused ? " (paused)" : ""}`;
+  $("counts").textContent = `${total} events${paused ? ` (paused, ${buffered.length} waiting)` : ""}`;
 }
 
-function details(event, item) {
-  for (const other of feed.querySelectorAll(".selected")) other.classList.remove("selected");
-  item.classList.add("selected");
+// ---- details ---------------------------------------------------------------------------------
+
+function details(event, li) {
+  for (const other of document.querySelectorAll(".events .selected, #rows .selected")) other.classList.remove("selected");
+  li?.classList.add("selected");
   $("detail-empty").hidden = true;
   $("detail-json").textContent = JSON.stringify(event, null, 2);
   const diff = $("diff");
   diff.replaceChildren();
   if (event.old && event.data && event.changed?.length) {
     const table = document.createElement("table");
-    table.innerHTML = "<thead><tr><th>column</th><th>before</th><th>after</th></tr></thead>";
+    table.className = "diff";
+    table.innerHTML = '<thead><tr><th scope="col">column</th><th scope="col">before</th><th scope="col">after</th></tr></thead>';
     const body = document.createElement("tbody");
     for (const column of event.changed) {
       const row = document.createElement("tr");
@@ -246,7 +286,7 @@ function details(event, item) {
   }
 }
 
-// ---- toasts --------------------------------------------------------------------------------
+// ---- toasts ----------------------------------------------------------------------------------
 
 function toast(text, kind) {
   const note = document.createElement("div");
@@ -257,21 +297,27 @@ function toast(text, kind) {
   while ($("toasts").children.length > 5) $("toasts").firstElementChild.remove();
 }
 
-// ---- replay --------------------------------------------------------------------------------
+// ---- replay: its own list, oldest first --------------------------------------------------------
 
-const local = (date) => new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
-$("replay-from").value = local(new Date(Date.now() - 15 * 60000));
-$("replay-to").value = local(new Date(Date.now() + 60000));
+// `datetime-local` has no zone: the page reads and writes it as UTC, like the feed's times.
+const utcInput = (date) => date.toISOString().slice(0, 19);
+$("replay-from").value = utcInput(new Date(Date.now() - 15 * 60000));
+$("replay-to").value = utcInput(new Date(Date.now() + 60000));
 let running = null;
 
 $("replay-start").addEventListener("click", () => {
-  const from = new Date($("replay-from").value);
-  const to = new Date($("replay-to").value);
+  running?.stop();
+  const from = new Date(`${$("replay-from").value}Z`);
+  const to = new Date(`${$("replay-to").value}Z`);
+  if (Number.isNaN(from.getTime()) || Number.isNaN(to.getTime())) return toast("replay: pick both times", "warning");
   const speed = Number($("replay-speed").value) || 1;
-  const filter = subscriptions[0]?.filter ?? {};
+  const filter = subscriptions[0]?.spec.filter ?? {};
+  const list = $("replay-feed");
   const progress = $("replay-progress");
   const status = $("replay-status");
+  list.replaceChildren();
   progress.value = 0;
+  delete status.dataset.done;
   status.textContent = "starting…";
   $("replay-stop").disabled = false;
   running = client.replay({ filter, from, to, speed }, {
@@ -279,7 +325,10 @@ $("replay-start").addEventListener("click", () => {
       progress.max = Math.max(count, 1);
       status.textContent = `0 / ${count}`;
     },
-    onEvent: (event) => show(event, true),
+    onEvent: (event) => {
+      list.append(item(event));
+      if (list.children.length > REPLAY_LIMIT) list.firstElementChild.remove();
+    },
     onProgress: (sent, count) => {
       progress.value = sent;
       status.textContent = `${sent} / ${count}`;
@@ -298,5 +347,20 @@ $("replay-start").addEventListener("click", () => {
 });
 $("replay-stop").addEventListener("click", () => running?.stop());
 
-// Expose the client for debugging from the console.
+// ---- entity view -----------------------------------------------------------------------------
+
+function openEntity() {
+  saveUrl();
+  showEntity($("entity-view").value, {
+    client,
+    headers,
+    meta: entityMeta,
+    onUnauthorized: () => tokenRequired(token() ? "token refused" : "token required"),
+    onDetails: (row) => details({ data: row }, null),
+  });
+}
+$("entity-view").addEventListener("change", openEntity);
+
+// For the console and the browser test.
 window.rowcast = client;
+window.rowcastPage = { builtSpec, subscriptions };

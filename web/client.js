@@ -7,14 +7,18 @@
 //
 // Guarantees: each subscription remembers the id of the last event it delivered and resumes
 // from it (`since`) after a reconnect, and drops anything at or below it, so a reconnect loses
-// nothing and repeats nothing. Identical filters share one server subscription. Reconnects
-// back off exponentially with jitter.
+// nothing and repeats nothing. Identical filters share one server subscription (except those
+// asking for a `history` backlog). Reconnects
+// back off exponentially with jitter, except after a refused token: a socket that closes
+// before it opened is checked with one HTTP request, and a 401 stops reconnecting (state
+// `unauthorized`) until `reconnect()` is called with a better token.
 
 /** Connection states passed to `onState`. */
 export const State = Object.freeze({
   CONNECTING: "connecting",
   OPEN: "open",
   RECONNECTING: "reconnecting",
+  UNAUTHORIZED: "unauthorized",
   CLOSED: "closed",
 });
 
@@ -26,6 +30,7 @@ export const State = Object.freeze({
  * - `onReset(filter, oldestId)`: the log no longer held a subscription's resume point.
  * - `onError(frame)`: error frames from the server.
  * - `onRefused(filter, message, code)`: a subscription the server refused (and dropped).
+ * - `onCaughtUp(filter, lastId)`: a subscription's backlog (`since`, `history`) is delivered.
  * - `minBackoff`, `maxBackoff` (ms): reconnect delays (default 250 and 15000).
  */
 export function connect(url, options = {}) {
@@ -92,6 +97,10 @@ class Client {
       return this.retry(String(err));
     }
     this.socket = socket;
+    let opened = false;
+    socket.onopen = () => {
+      opened = true;
+    };
     socket.onmessage = (message) => this.receive(message.data);
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
@@ -107,8 +116,42 @@ class Client {
       for (const replay of this.replays.values()) replay.fail("connection lost");
       this.replays.clear();
       if (this.closed) return this.setState(State.CLOSED);
-      this.retry(`closed ${event.code}${event.reason ? `: ${event.reason}` : ""}`);
+      const why = `closed ${event.code}${event.reason ? `: ${event.reason}` : ""}`;
+      // A browser hides the status of a refused upgrade: a close before open (or 4001, token
+      // expired) may be a 401, which retrying with the same token would only repeat.
+      if (!opened || event.code === 4001) return this.checkToken(token, why);
+      this.retry(why);
     };
+  }
+
+  async checkToken(token, why) {
+    const probe = new URL(this.url);
+    probe.protocol = probe.protocol === "wss:" ? "https:" : "http:";
+    probe.pathname = "/api/events/metadata";
+    probe.search = "";
+    let status = 0;
+    try {
+      const headers = token ? { Authorization: `Bearer ${token}` } : {};
+      status = (await fetch(probe, { headers, cache: "no-store" })).status;
+    } catch {
+      // Unreachable: an ordinary reconnect.
+    }
+    if (this.closed) return;
+    if (status === 401) {
+      clearTimeout(this.timer);
+      this.timer = null;
+      return this.setState(State.UNAUTHORIZED, token ? "token refused" : "token required");
+    }
+    this.retry(why);
+  }
+
+  /** Connects again now (after `unauthorized`, with the token option giving a new token). */
+  reconnect() {
+    if (this.closed || this.socket) return;
+    clearTimeout(this.timer);
+    this.attempt = 0;
+    this.state = null;
+    this.open();
   }
 
   retry(why) {
@@ -155,12 +198,20 @@ class Client {
         sub.ref = null;
         sub.serverId = frame.subscription_id;
         this.byServerId.set(frame.subscription_id, sub.key);
-        if (sub.lastId === null) sub.lastId = frame.last_id;
+        // A `history` backlog holds ids at or below `last_id`: its events set the cursor.
+        if (sub.lastId === null && !sub.history) {
+          sub.lastId = frame.last_id;
+          for (const done of sub.onCaughtUp) done(sub.lastId, sub.history);
+        }
         break;
       }
       case "caught_up": {
         const sub = this.subscriptions.get(this.byServerId.get(frame.subscription_id));
-        if (sub) sub.lastId = Math.max(sub.lastId ?? 0, frame.last_id);
+        if (sub) {
+          sub.lastId = Math.max(sub.lastId ?? 0, frame.last_id);
+          this.options.onCaughtUp?.(sub.filter, sub.lastId);
+          for (const done of sub.onCaughtUp) done(sub.lastId, sub.history);
+        }
         break;
       }
       case "reset": {
@@ -209,12 +260,13 @@ class Client {
             }
           }, 1000);
         }
+        let handled = false;
         if (this.pending.has(frame.ref)) {
           const waiting = this.pending.get(frame.ref);
           this.pending.delete(frame.ref);
-          waiting.fail?.(frame.message, frame.code);
+          handled = waiting.fail?.(frame.message, frame.code) === true;
         }
-        this.options.onError?.(frame);
+        if (!handled) this.options.onError?.(frame);
         break;
       default:
         break;
@@ -250,6 +302,12 @@ class Client {
       if (this.subscriptions.get(sub.key) !== sub || sub.ref !== ref) return;
       if (code === "rate_limited") return;
       sub.ref = null;
+      if (code === "bad_request" && sub.history && /history/.test(message ?? "")) {
+        // A server without `history`: live events only (`onCaughtUp` is told).
+        sub.history = null;
+        this.sendSubscribe(sub);
+        return true;
+      }
       if (code) {
         this.subscriptions.delete(sub.key);
         this.options.onRefused?.(sub.filter, message, code);
@@ -258,28 +316,41 @@ class Client {
     this.pending.set(ref, { sub, fail });
     const frame = { action: "subscribe", filter: sub.filter, ref };
     if (sub.lastId !== null) frame.since = sub.lastId;
+    else if (sub.history) frame.history = sub.history;
     this.send(frame);
   }
 
   /**
    * Calls `handler(event)` for every event matching `filter`, once, in order. Returns the
-   * function that unsubscribes. `options.since` resumes from a known event id.
+   * function that unsubscribes. `options.since` resumes from a known event id;
+   * `options.history` (1..1000) starts with the last that many matching events (a server
+   * that refuses `history` gets a live-only subscription); `options.onCaughtUp(lastId,
+   * history)` is called when the backlog is delivered (at once without one), with the
+   * history count still in force (null if the server refused it).
    */
   subscribe(filter, handler, options = {}) {
-    // A subscription resuming from a given id cannot share with one that is further along.
+    // A subscription resuming from a given id cannot share with one that is further along,
+    // and one asking for a backlog shares with none: each gets its own.
     const since = options.since ?? null;
-    const key = filterKey(filter) + (since === null ? "" : `@${since}`);
+    const history = since === null && options.history > 0 ? Math.min(1000, Math.floor(options.history)) : null;
+    const key = filterKey(filter) + (since === null ? "" : `@${since}`) + (history ? `~${history}#${this.nextRef++}` : "");
     let sub = this.subscriptions.get(key);
     if (!sub) {
       const copy = JSON.parse(JSON.stringify(filter ?? {}));
-      sub = { key, filter: copy, handlers: new Set(), serverId: null, ref: null, lastId: since };
+      sub = { key, filter: copy, handlers: new Set(), serverId: null, ref: null, lastId: since, history, onCaughtUp: new Set() };
       this.subscriptions.set(key, sub);
       if (this.socket?.readyState === WebSocket.OPEN && this.state === State.OPEN) this.sendSubscribe(sub);
     }
     const entry = (event) => handler(event);
     sub.handlers.add(entry);
+    const caughtUp = options.onCaughtUp ? (lastId, history) => options.onCaughtUp(lastId, history) : null;
+    if (caughtUp) {
+      if (sub.serverId && sub.lastId !== null) caughtUp(sub.lastId, sub.history);
+      sub.onCaughtUp.add(caughtUp);
+    }
     return () => {
       sub.handlers.delete(entry);
+      if (caughtUp) sub.onCaughtUp.delete(caughtUp);
       if (sub.handlers.size > 0 || this.subscriptions.get(key) !== sub) return;
       this.subscriptions.delete(key);
       if (sub.serverId) {

@@ -15,6 +15,17 @@ fn event(
     domain: Option<&str>,
     severity: Severity,
 ) -> StoredEvent {
+    with_data(id, kind, org, domain, severity, "null")
+}
+
+fn with_data(
+    id: u64,
+    kind: &str,
+    org: Option<&str>,
+    domain: Option<&str>,
+    severity: Severity,
+    data: &str,
+) -> StoredEvent {
     StoredEvent {
         id,
         event_type: kind.into(),
@@ -22,9 +33,34 @@ fn event(
         domain_id: domain.map(String::from),
         severity,
         timestamp: Timestamp(0),
-        json: format!(r#"{{"id":{id}}}"#).into(),
+        json: format!(r#"{{"id":{id},"data":{data}}}"#).into(),
     }
 }
+
+/// Rows for `where`: the same numbers spelled differently, numbers beside numeric strings,
+/// missing and null values, a nested key.
+const DATA: [&str; 9] = [
+    r#"{"status":"a","n":1}"#,
+    r#"{"status":"b","n":1.0}"#,
+    r#"{"status":"a","n":"1"}"#,
+    r#"{"status":"c","n":10e-1}"#,
+    r#"{"n":0}"#,
+    r#"{"status":null,"n":-0.0}"#,
+    r#"{"status":true,"n":2,"m":{"k":"a"}}"#,
+    r#"{"status":["a"],"n":[1]}"#,
+    "null",
+];
+const PREDICATES: [&str; 9] = [
+    r#"["status","eq","a"]"#,
+    r#"["status","in",["a","b",true]]"#,
+    r#"["n","eq",1]"#,
+    r#"["n","in",[0,"1"]]"#,
+    r#"["n","eq",1e0]"#,
+    r#"["m.k","eq","a"]"#,
+    r#"["status","neq","a"]"#,
+    r#"["n","gte",1]"#,
+    r#"["old.n","eq",1]"#,
+];
 
 /// `(event id, subscription numbers)` of every event frame queued.
 fn delivered(outbound: &Outbound) -> Vec<(u64, Vec<u32>)> {
@@ -63,10 +99,18 @@ fn filter_strategy() -> impl Strategy<Value = Filter> {
     let domains =
         prop::option::of(prop::collection::vec(prop::sample::select(&["demo", "prod"][..]), 1..2));
     let severity = prop::sample::select(&["info", "warning", "error"][..]);
-    (types, orgs, domains, severity).prop_map(|(types, orgs, domains, severity)| {
-        let filter = json!({"type": types, "organization_id": orgs, "domain_id": domains, "severity": severity});
-        Filter::from_json(Some(&filter)).expect("generated filters are valid")
-    })
+    let predicates = prop::collection::vec(prop::sample::select(&PREDICATES[..]), 0..3);
+    (types, orgs, domains, severity, predicates).prop_map(
+        |(types, orgs, domains, severity, predicates)| {
+            let predicates: Vec<serde_json::Value> = predicates
+                .iter()
+                .map(|text| serde_json::from_str(text).expect("predicate"))
+                .collect();
+            let filter = json!({"type": types, "organization_id": orgs, "domain_id": domains,
+                "severity": severity, "where": predicates});
+            Filter::from_json(Some(&filter)).expect("generated filters are valid")
+        },
+    )
 }
 
 proptest! {
@@ -75,7 +119,7 @@ proptest! {
     #[test]
     fn indexed_matching_equals_brute_force(
         connections in prop::collection::vec(prop::collection::vec(filter_strategy(), 0..4), 1..6),
-        events in prop::collection::vec((0..KINDS.len(), 0..ORGS.len(), 0..DOMAINS.len(), 0..3u8), 1..40),
+        events in prop::collection::vec((0..KINDS.len(), 0..ORGS.len(), 0..DOMAINS.len(), 0..3u8, 0..DATA.len()), 1..40),
         unsubscribe in prop::collection::vec(any::<bool>(), 0..24),
     ) {
         let bus = Bus::new(0, Arc::default());
@@ -100,9 +144,9 @@ proptest! {
         let stored: Vec<StoredEvent> = events
             .iter()
             .enumerate()
-            .map(|(i, &(k, o, d, s))| {
+            .map(|(i, &(k, o, d, s, data))| {
                 let severity = [Severity::Info, Severity::Warning, Severity::Error][s as usize];
-                event(i as u64 + 1, KINDS[k], ORGS[o], DOMAINS[d], severity)
+                with_data(i as u64 + 1, KINDS[k], ORGS[o], DOMAINS[d], severity, DATA[data])
             })
             .collect();
         bus.publish(&stored);

@@ -42,7 +42,7 @@ const INT2VECTOR: u32 = 22;
 const OIDVECTOR: u32 = 30;
 
 /// The kinds `to_jsonb` treats specially, by OID; everything else is resolved from the catalog.
-fn builtin(oid: u32) -> Option<Category> {
+pub fn builtin(oid: u32) -> Option<Category> {
     Some(match oid {
         BOOL => Category::Bool,
         oid if NUMBERS.contains(&oid) => Category::Number,
@@ -60,12 +60,12 @@ fn builtin(oid: u32) -> Option<Category> {
 
 pub struct Catalog {
     client: Client,
-    kinds: HashMap<u32, Category>,
+    kinds: Kinds,
 }
 
 impl Catalog {
     pub fn new(client: Client) -> Self {
-        Self { client, kinds: HashMap::new() }
+        Self { client, kinds: Kinds::default() }
     }
 
     pub fn client(&self) -> &Client {
@@ -73,61 +73,7 @@ impl Catalog {
     }
 
     pub async fn kind(&mut self, oid: u32) -> Result<Category, CatalogError> {
-        self.resolve(oid, 0).await
-    }
-
-    async fn resolve(&mut self, oid: u32, depth: usize) -> Result<Category, CatalogError> {
-        if let Some(kind) = builtin(oid).or_else(|| self.kinds.get(&oid).cloned()) {
-            return Ok(kind);
-        }
-        if depth > MAX_DEPTH {
-            return Err(CatalogError::TooDeep(oid));
-        }
-        let row = self
-            .client
-            .query_opt(
-                "SELECT t.typtype::text, t.typcategory::text, t.typelem, t.typbasetype, t.typrelid, \
-                        coalesce(e.typdelim::text, ',') \
-                   FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem WHERE t.oid = $1",
-                &[&oid],
-            )
-            .await?
-            .ok_or(CatalogError::UnknownType(oid))?;
-        let typtype: String = row.get(0);
-        let category: String = row.get(1);
-        let elem: u32 = row.get(2);
-        let base: u32 = row.get(3);
-        let relid: u32 = row.get(4);
-        let delim: String = row.get(5);
-        let kind = match typtype.as_str() {
-            "d" => Box::pin(self.resolve(base, depth + 1)).await?,
-            "c" => {
-                let attributes = self
-                    .client
-                    .query(
-                        "SELECT attname::text, atttypid FROM pg_attribute \
-                          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                        &[&relid],
-                    )
-                    .await?;
-                let mut fields = Vec::with_capacity(attributes.len());
-                for attribute in attributes {
-                    let field_oid: u32 = attribute.get(1);
-                    fields.push((
-                        attribute.get(0),
-                        Box::pin(self.resolve(field_oid, depth + 1)).await?,
-                    ));
-                }
-                Category::Composite { fields }
-            }
-            _ if category == "A" && elem != 0 => Category::Array {
-                elem: Box::new(Box::pin(self.resolve(elem, depth + 1)).await?),
-                delim: delim.bytes().next().unwrap_or(b','),
-            },
-            _ => Category::Text,
-        };
-        self.kinds.insert(oid, kind.clone());
-        Ok(kind)
+        self.kinds.kind(&self.client, oid).await
     }
 
     /// The column names of each of `tables` that exists.
@@ -159,5 +105,74 @@ impl Catalog {
             }
         }
         Ok(columns)
+    }
+}
+
+/// Categories already resolved, by type OID: kept per catalog connection, or shared by readers
+/// that bring their own connection.
+#[derive(Debug, Default)]
+pub struct Kinds(HashMap<u32, Category>);
+
+impl Kinds {
+    /// The category of type `oid`, asking `client` about what is neither built in nor known.
+    pub async fn kind(&mut self, client: &Client, oid: u32) -> Result<Category, CatalogError> {
+        self.resolve(client, oid, 0).await
+    }
+
+    async fn resolve(
+        &mut self,
+        client: &Client,
+        oid: u32,
+        depth: usize,
+    ) -> Result<Category, CatalogError> {
+        if let Some(kind) = builtin(oid).or_else(|| self.0.get(&oid).cloned()) {
+            return Ok(kind);
+        }
+        if depth > MAX_DEPTH {
+            return Err(CatalogError::TooDeep(oid));
+        }
+        let row = client
+            .query_opt(
+                "SELECT t.typtype::text, t.typcategory::text, t.typelem, t.typbasetype, t.typrelid, \
+                        coalesce(e.typdelim::text, ',') \
+                   FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem WHERE t.oid = $1",
+                &[&oid],
+            )
+            .await?
+            .ok_or(CatalogError::UnknownType(oid))?;
+        let typtype: String = row.get(0);
+        let category: String = row.get(1);
+        let elem: u32 = row.get(2);
+        let base: u32 = row.get(3);
+        let relid: u32 = row.get(4);
+        let delim: String = row.get(5);
+        let kind = match typtype.as_str() {
+            "d" => Box::pin(self.resolve(client, base, depth + 1)).await?,
+            "c" => {
+                let attributes = client
+                    .query(
+                        "SELECT attname::text, atttypid FROM pg_attribute \
+                          WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                        &[&relid],
+                    )
+                    .await?;
+                let mut fields = Vec::with_capacity(attributes.len());
+                for attribute in attributes {
+                    let field_oid: u32 = attribute.get(1);
+                    fields.push((
+                        attribute.get(0),
+                        Box::pin(self.resolve(client, field_oid, depth + 1)).await?,
+                    ));
+                }
+                Category::Composite { fields }
+            }
+            _ if category == "A" && elem != 0 => Category::Array {
+                elem: Box::new(Box::pin(self.resolve(client, elem, depth + 1)).await?),
+                delim: delim.bytes().next().unwrap_or(b','),
+            },
+            _ => Category::Text,
+        };
+        self.0.insert(oid, kind.clone());
+        Ok(kind)
     }
 }

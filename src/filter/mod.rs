@@ -229,6 +229,13 @@ impl Filter {
         &self.predicates
     }
 
+    /// Where the bus may index this filter beyond type and scope: the first `eq`/`in`
+    /// predicate on a `data` field, as that field's path and the keys of the values it accepts
+    /// (see [`Predicate::equality_keys`]).
+    pub fn equality_index(&self) -> Option<(&[String], Vec<String>)> {
+        self.predicates.iter().find_map(Predicate::equality_keys)
+    }
+
     /// The organizations this filter is confined to; `None`: any.
     pub fn organizations(&self) -> Option<&[String]> {
         self.organizations.as_deref()

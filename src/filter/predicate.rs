@@ -195,17 +195,9 @@ impl Predicate {
                 .and_then(Value::as_array)
                 .is_some_and(|columns| columns.iter().any(|c| c.as_str() == Some(self.column())));
         }
-        let row = envelope.get(match self.side {
-            Side::Data => "data",
-            Side::Old => "old",
-        });
-        let value = self
-            .path
-            .iter()
-            .try_fold(row, |at, key| Some(at?.get(key)))
-            .flatten()
-            .filter(|v| !v.is_null());
-        let Some(value) = value else { return self.op == Op::IsNull(true) };
+        let Some(value) = lookup(envelope, self.side, &self.path) else {
+            return self.op == Op::IsNull(true);
+        };
         match &self.op {
             Op::Eq(x) => equal(value, x),
             Op::Neq(x) => !equal(value, x),
@@ -223,6 +215,19 @@ impl Predicate {
             },
             Op::Changed => false,
         }
+    }
+
+    /// For `eq` and `in` on a `data` path: the path and the [`equality_key`] of each value it
+    /// accepts. An event whose value at that path has none of these keys cannot match, which
+    /// is what lets the bus index such predicates (`bus/index.rs`).
+    pub fn equality_keys(&self) -> Option<(&[String], Vec<String>)> {
+        let values = match (&self.side, &self.op) {
+            (Side::Data, Op::Eq(x)) => std::slice::from_ref(x),
+            (Side::Data, Op::In(xs)) => xs.as_slice(),
+            _ => return None,
+        };
+        let keys = values.iter().map(equality_key).collect::<Option<Vec<_>>>()?;
+        Some((&self.path, keys))
     }
 
     /// The predicate as it is echoed (and parsed back).
@@ -247,7 +252,45 @@ impl Predicate {
     }
 }
 
+/// The non-null value at `path` below the envelope's `data` or `old`.
+fn lookup<'v>(envelope: &'v Value, side: Side, path: &[String]) -> Option<&'v Value> {
+    let row = envelope.get(match side {
+        Side::Data => "data",
+        Side::Old => "old",
+    });
+    path.iter().try_fold(row, |at, key| Some(at?.get(key))).flatten().filter(|v| !v.is_null())
+}
+
+/// The value at `path` below the envelope's `data`, as [`equality_key`] keys it.
+pub fn data_key(envelope: &Value, path: &[String]) -> Option<String> {
+    lookup(envelope, Side::Data, path).and_then(equality_key)
+}
+
+/// A key that two scalars share exactly when [`equal`] holds for them (numbers by exact
+/// value: `1`, `1.0` and `1e0` share one); `None` for arrays, objects and null, which no
+/// `eq` holds for.
+pub fn equality_key(value: &Value) -> Option<String> {
+    Some(match value {
+        Value::String(text) => format!("s{text}"),
+        Value::Bool(true) => "t".to_owned(),
+        Value::Bool(false) => "f".to_owned(),
+        Value::Number(number) => {
+            let decimal = Decimal::parse(number.as_str())?;
+            let sign = if decimal.negative { "-" } else { "" };
+            format!("n{sign}{}{}e{}", decimal.int, decimal.frac, decimal.exponent)
+        }
+        Value::Null | Value::Array(_) | Value::Object(_) => return None,
+    })
+}
+
+/// A value in the query form: `true`/`false`, a number, or else a string; a JSON string in
+/// double quotes (`"404"`, `"true"`) is always a string.
 fn query_value(raw: &str) -> Value {
+    if raw.starts_with('"')
+        && let Ok(Value::String(text)) = serde_json::from_str::<Value>(raw)
+    {
+        return Value::String(text);
+    }
     match raw {
         "true" => Value::Bool(true),
         "false" => Value::Bool(false),
@@ -277,18 +320,113 @@ fn compare(a: &Value, b: &Value) -> Option<Ordering> {
     }
 }
 
-/// Integers exactly, anything else as doubles.
+/// Order of two JSON numbers by their exact decimal value, as Postgres's `numeric` orders
+/// them (`1.0 = 1`, `0.1 < 0.10000000000000001`): numbers keep their text
+/// (`arbitrary_precision`), so nothing is rounded through a float. Integers are read in place
+/// (`as_i128`), and a decimal's text is borrowed, not copied: this runs per candidate
+/// subscription per event.
 fn numbers(x: &Number, y: &Number) -> Option<Ordering> {
-    if let (Some(x), Some(y)) = (as_i128(x), as_i128(y)) {
-        return Some(x.cmp(&y));
+    if let Some(a) = x.as_i128()
+        && let Some(b) = y.as_i128()
+    {
+        return Some(a.cmp(&b));
     }
-    x.as_f64()?.partial_cmp(&y.as_f64()?)
+    // An exponent past i64 (1e99999999999999999999) compares with nothing, as Postgres's
+    // numeric cannot hold it either.
+    Some(Decimal::parse(x.as_str())?.cmp(&Decimal::parse(y.as_str())?))
 }
 
-fn as_i128(n: &Number) -> Option<i128> {
-    // Numbers keep their text (`arbitrary_precision`): integers past 64 bits stay exact too.
-    n.as_i64().map(i128::from).or_else(|| n.to_string().parse().ok())
+/// A finite decimal as `sign × 0.digits × 10^exponent`, read in place from a JSON number's
+/// text: `digits` are `int` then `frac`, with no leading or trailing zero digit (zero has no
+/// digits and is never negative).
+#[derive(Debug)]
+pub(super) struct Decimal<'a> {
+    negative: bool,
+    exponent: i64,
+    int: &'a str,
+    frac: &'a str,
 }
+
+impl<'a> Decimal<'a> {
+    /// JSON number text: `-?int(.frac)?([eE][+-]?exp)?`; `None` for anything else.
+    pub(super) fn parse(text: &'a str) -> Option<Self> {
+        let (negative, rest) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exponent) = match rest.split_once(['e', 'E']) {
+            Some((mantissa, exponent)) => {
+                let exponent = exponent.strip_prefix('+').unwrap_or(exponent);
+                (mantissa, exponent.parse::<i64>().ok()?)
+            }
+            None => (rest, 0),
+        };
+        let (int, frac) = match mantissa.split_once('.') {
+            Some((_, "")) => return None,
+            Some(parts) => parts,
+            None => (mantissa, ""),
+        };
+        if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // `places`: where the point sits after the first significant digit's position.
+        let int = int.trim_start_matches('0');
+        let (int, frac, places) = if int.is_empty() {
+            let significant = frac.trim_start_matches('0');
+            let skipped = i64::try_from(frac.len() - significant.len()).ok()?;
+            ("", significant, -skipped)
+        } else {
+            (int, frac, i64::try_from(int.len()).ok()?)
+        };
+        let (int, frac) = match frac.trim_end_matches('0') {
+            "" => (int.trim_end_matches('0'), ""),
+            frac => (int, frac),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Some(Self { negative: false, exponent: 0, int, frac });
+        }
+        Some(Self { negative, exponent: exponent.checked_add(places)?, int, frac })
+    }
+
+    fn digits(&self) -> impl Iterator<Item = u8> + '_ {
+        self.int.bytes().chain(self.frac.bytes())
+    }
+
+    fn is_zero(&self) -> bool {
+        self.int.is_empty() && self.frac.is_empty()
+    }
+
+    fn magnitude(&self, other: &Self) -> Ordering {
+        (!self.is_zero(), self.exponent)
+            .cmp(&(!other.is_zero(), other.exponent))
+            .then_with(|| self.digits().cmp(other.digits()))
+    }
+}
+
+impl Ord for Decimal<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self.negative, other.negative) {
+            (false, true) => Ordering::Greater,
+            (true, false) => Ordering::Less,
+            (false, false) => self.magnitude(other),
+            (true, true) => other.magnitude(self),
+        }
+    }
+}
+
+impl PartialOrd for Decimal<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Decimal<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Decimal<'_> {}
 
 #[cfg(test)]
 #[path = "predicate_tests.rs"]

@@ -80,6 +80,12 @@ fn query_values_are_typed_by_their_text() {
     assert_eq!(p.op(), &Op::In(vec![json!(1), json!("two"), json!(true), json!(2.5)]));
     // The value keeps its colons.
     assert_eq!(Predicate::from_query("t:eq:10:15").expect("valid").op(), &Op::Eq(json!("10:15")));
+    // Quotes make a string of what would be a number or a boolean.
+    assert_eq!(Predicate::from_query(r#"id:eq:"404""#).expect("valid").op(), &Op::Eq(json!("404")));
+    let p = Predicate::from_query(r#"n:in:"1",1,"true""#).expect("valid");
+    assert_eq!(p.op(), &Op::In(vec![json!("1"), json!(1), json!("true")]));
+    // An unbalanced quote is just text.
+    assert_eq!(Predicate::from_query(r#"n:eq:"4"#).expect("valid").op(), &Op::Eq(json!("\"4")));
 }
 
 #[test]
@@ -330,4 +336,101 @@ fn redacted_columns_cannot_be_filtered_on() {
     // Entities that do not redact it may still be filtered on it.
     assert!(check(json!({"type": "agent.*", "where": [["password_hash", "eq", "x"]]})).is_ok());
     assert!(check(json!({"where": [["name", "eq", "x"]]})).is_ok());
+}
+
+#[test]
+fn numbers_compare_by_exact_decimal_value() {
+    use super::Decimal;
+    let order = |a: &str, b: &str| Decimal::parse(a).expect(a).cmp(&Decimal::parse(b).expect(b));
+    for (a, b) in [
+        ("1", "1.0"),
+        ("0", "-0.000"),
+        ("100", "1e2"),
+        ("1.5E+3", "1500"),
+        ("0.00120", "12e-4"),
+        ("-7.10", "-71E-1"),
+    ] {
+        assert_eq!(order(a, b), Ordering::Equal, "{a} = {b}");
+    }
+    for (a, b) in [
+        ("0.1", "0.10000000000000001"),
+        ("0.3", "0.30000000000000004"),
+        ("9007199254740992", "9007199254740993"),
+        ("-1", "0"),
+        ("-2", "-1.99999999999999999999"),
+        ("0", "1e-400"),
+        ("1e400", "1e401"),
+        ("0.99", "1"),
+        ("12", "123"),
+        ("13", "123"),
+    ] {
+        assert_eq!(order(a, b), Ordering::Less, "{a} < {b}");
+        assert_eq!(order(b, a), Ordering::Greater, "{b} > {a}");
+    }
+    for junk in ["", "-", "1.", ".5", "1e", "1x", "--1", "1e9999999999999999999999"] {
+        assert_eq!(Decimal::parse(junk), None, "{junk:?}");
+    }
+    // Through the predicates, as a where on a numeric column sees them.
+    let envelope: Value =
+        serde_json::from_str(r#"{"data":{"price":0.30000000000000001}}"#).expect("json");
+    let holds = |entry: Value| Predicate::from_json(&entry).expect("valid").matches(&envelope);
+    // As floats both are 0.3.
+    let entry = |op: &str, value: &str| {
+        serde_json::from_str::<Value>(&format!(r#"["price", "{op}", {value}]"#)).expect("entry")
+    };
+    assert!(!holds(entry("eq", "0.3")));
+    assert!(holds(entry("gt", "0.3")));
+    assert!(holds(entry("eq", "0.300000000000000010")));
+}
+
+proptest! {
+    /// `m1e{x1}` against `m2e{x2}` in any spelling orders as the exact values do.
+    #[test]
+    fn decimal_order_is_the_order_of_the_values(
+        m1 in -99_999i64..99_999, x1 in -6i32..6, m2 in -99_999i64..99_999, x2 in -6i32..6,
+        spelling in 0u8..3,
+    ) {
+        use super::Decimal;
+        // Both scaled to 10^-12 exactly: |m| < 1e5, x in [-6, 6) fits i128 easily.
+        let exact = |m: i64, x: i32| i128::from(m) * 10i128.pow((x + 12) as u32);
+        let spell = |m: i64, x: i32| match spelling {
+            0 => format!("{m}e{x}"),
+            1 => format!("{m}.000E{x:+}"),
+            _ => {
+                // Plain decimal notation.
+                let scaled = exact(m, x);
+                let sign = if scaled < 0 { "-" } else { "" };
+                let digits = format!("{:013}", scaled.unsigned_abs());
+                let (int, frac) = digits.split_at(digits.len() - 12);
+                format!("{sign}{int}.{frac}")
+            }
+        };
+        let (a, b) = (spell(m1, x1), spell(m2, x2));
+        let parsed = (Decimal::parse(&a).expect("a"), Decimal::parse(&b).expect("b"));
+        prop_assert_eq!(parsed.0.cmp(&parsed.1), exact(m1, x1).cmp(&exact(m2, x2)), "{} vs {}", a, b);
+    }
+}
+
+#[test]
+fn equal_values_share_an_equality_key() {
+    let key = |text: &str| equality_key(&serde_json::from_str(text).expect("json"));
+    assert_eq!(key("1"), key("1.0"));
+    assert_eq!(key("1"), key("10e-1"));
+    assert_eq!(key("0"), key("-0.0"));
+    assert_eq!(key("-2.50"), key("-25E-1"));
+    assert_ne!(key("1"), key(r#""1""#));
+    assert_ne!(key("1"), key("-1"));
+    assert_ne!(key("0.1"), key("0.10000000000000001"));
+    assert_ne!(key("true"), key(r#""true""#));
+    for none in ["null", "[1]", r#"{"a":1}"#] {
+        assert_eq!(key(none), None, "{none}");
+    }
+    let keys = |entry: Value| {
+        let predicate = Predicate::from_json(&entry).expect("valid");
+        predicate.equality_keys().map(|(path, keys)| (path.join("."), keys))
+    };
+    assert_eq!(keys(json!(["m.k", "eq", "a"])), Some(("m.k".into(), vec!["sa".into()])));
+    assert_eq!(keys(json!(["s", "in", ["a", true]])).map(|(_, k)| k.len()), Some(2));
+    assert_eq!(keys(json!(["old.s", "eq", "a"])), None, "old rows are not indexed");
+    assert_eq!(keys(json!(["s", "neq", "a"])), None);
 }

@@ -18,6 +18,7 @@ pub enum AppError {
     BadRequest(String),
     Unauthorized(String),
     Forbidden(String),
+    NotFound(String),
     /// A body, an event or a batch over its limit (413).
     TooLarge(String),
     Unavailable(String),
@@ -29,6 +30,7 @@ impl IntoResponse for AppError {
             AppError::BadRequest(message) => (StatusCode::BAD_REQUEST, "bad_request", message),
             AppError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "unauthorized", message),
             AppError::Forbidden(message) => (StatusCode::FORBIDDEN, "forbidden", message),
+            AppError::NotFound(message) => (StatusCode::NOT_FOUND, "not_found", message),
             AppError::TooLarge(message) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", message),
             AppError::Unavailable(message) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

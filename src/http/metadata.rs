@@ -1,5 +1,11 @@
 //! What a UI needs to build filters: entities, event types with severities, filterable fields,
 //! and the organizations and domains the caller may use (SPEC §4, §7).
+//!
+//! A table's entity carries its `key` and its `fields` (columns in order: name, type, whether
+//! filters may name it, known values, comment) from the source catalog (`schema`). When the
+//! catalog cannot be read, the answer still comes, in time: those entities have `"fields": null`
+//! and `"key": null` (unknown, unlike the `[]` of an entity that is no table's) and
+//! `fields_error` says why.
 
 use std::sync::Arc;
 
@@ -9,25 +15,36 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::access::Authorized;
+use super::schema::Table;
 use crate::auth::Scope;
+use crate::mapping::{Entity, Trigger};
 use crate::model::Severity;
 
 /// Entities, event types with severities, filterable fields and the organizations and
 /// domains `scope` may use.
-pub fn build(state: &AppState, scope: &Scope) -> Value {
+pub async fn build(state: &AppState, scope: &Scope) -> Value {
     let mapping = &state.settings.mapping;
+    let tables = state.schema.tables(&state.source, mapping).await;
     let mut entities: Vec<serde_json::Map<String, Value>> = Vec::new();
     let mut event_types = Vec::new();
     for entity in mapping.entities() {
         let mut types = Vec::new();
         for (kind, severity) in entity.row_event_types() {
             let action = kind.split_once('.').map_or("", |(_, action)| action).to_owned();
+            let description = describe(entity, &action);
             event_types.push(json!({"type": kind, "entity": entity.name, "action": action,
-                "severity": severity.as_str(), "kind": "row"}));
+                "severity": severity.as_str(), "kind": "row", "description": description}));
             types.push(json!(kind));
         }
+        let table = tables.as_ref().ok().and_then(|tables| tables.get(&entity.table));
+        let description =
+            entity.description.clone().or_else(|| table.and_then(|t| t.description.clone()));
+        let (key, fields) = match table {
+            Some(table) => (json!(table.key), fields(entity, table)),
+            None => (Value::Null, Value::Null),
+        };
         let Value::Object(object) = json!({"name": entity.name, "table": entity.table.to_string(),
-            "description": entity.description, "event_types": types})
+            "description": description, "key": key, "fields": fields, "event_types": types})
         else {
             continue;
         };
@@ -46,7 +63,7 @@ pub fn build(state: &AppState, scope: &Scope) -> Value {
             Some(at) => at,
             None => {
                 let Value::Object(object) = json!({"name": entity, "table": null,
-                    "description": null, "event_types": []})
+                    "description": null, "key": [], "fields": [], "event_types": []})
                 else {
                     continue;
                 };
@@ -79,9 +96,44 @@ pub fn build(state: &AppState, scope: &Scope) -> Value {
         "severities": Severity::ALL.map(Severity::as_str),
         "organizations": organizations,
         "domains": domains,
+        "fields_error": tables.err(),
     })
 }
 
 pub async fn route(State(state): State<Arc<AppState>>, Authorized(scope): Authorized) -> Response {
-    axum::Json(build(&state, &scope)).into_response()
+    axum::Json(build(&state, &scope).await).into_response()
+}
+
+/// A table's columns as filterable fields; redacted ones are listed but may not be filtered on,
+/// and their values are not told.
+fn fields(entity: &Entity, table: &Table) -> Value {
+    let fields: Vec<Value> = table
+        .columns
+        .iter()
+        .map(|column| {
+            let redacted = entity.redact.contains(&column.name);
+            let values = if redacted { None } else { column.values.as_ref() };
+            json!({"name": column.name, "type": column.type_name, "filterable": !redacted,
+                "values": values, "description": column.description})
+        })
+        .collect();
+    Value::Array(fields)
+}
+
+/// A row event type in a few words: "a row of public.agents was inserted".
+fn describe(entity: &Entity, action: &str) -> String {
+    let table = &entity.table;
+    match action {
+        "created" => format!("a row of {table} was inserted"),
+        "updated" => format!("a row of {table} was updated"),
+        "deleted" => format!("a row of {table} was deleted"),
+        "truncated" => format!("{table} was truncated"),
+        extra => match entity.events.iter().find(|e| e.action == extra).map(|e| &e.trigger) {
+            Some(Trigger::Changed(column)) => format!("{column} of a row of {table} changed"),
+            Some(Trigger::Becomes { column, value }) => {
+                format!("{column} became {value} in a row of {table}")
+            }
+            None => format!("{action} of a row of {table}"),
+        },
+    }
 }

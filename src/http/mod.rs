@@ -8,6 +8,8 @@
 //! history.rs   GET /api/events
 //! emit.rs      POST /api/events: application events, through the log's single writer
 //! metadata.rs  GET /api/events/metadata (and the WebSocket get_metadata action)
+//! schema.rs    the source catalog's facts about mapped tables (columns, keys, values), cached
+//! rows.rs      GET /api/entities/{name}/rows: a table's current rows, as events render them
 //! status.rs    stats, /metrics, /healthz, /readyz
 //! ```
 //!
@@ -18,6 +20,8 @@ pub mod access;
 pub mod emit;
 mod history;
 pub mod metadata;
+mod rows;
+mod schema;
 mod state;
 mod status;
 
@@ -37,10 +41,21 @@ pub fn app(state: Arc<AppState>, transports: Router<Arc<AppState>>) -> Router {
         .route("/", get(page))
         .route("/client.js", get(|| asset("text/javascript", include_str!("../../web/client.js"))))
         .route("/app.js", get(|| asset("text/javascript", include_str!("../../web/app.js"))))
+        .route(
+            "/builder.js",
+            get(|| asset("text/javascript", include_str!("../../web/builder.js"))),
+        )
+        .route("/entity.js", get(|| asset("text/javascript", include_str!("../../web/entity.js"))))
+        .route("/chart.js", get(|| asset("text/javascript", include_str!("../../web/chart.js"))))
+        .route(
+            "/favicon.svg",
+            get(|| asset("image/svg+xml", include_str!("../../web/favicon.svg"))),
+        )
         .route("/style.css", get(|| asset("text/css", include_str!("../../web/style.css"))))
         .route("/api/events", get(history::history).post(emit::route))
         .route("/api/events/metadata", get(metadata::route))
         .route("/api/events/stats", get(status::stats))
+        .route("/api/entities/{name}/rows", get(rows::rows))
         .route("/healthz", get(status::healthz))
         .route("/readyz", get(status::readyz))
         .route("/metrics", get(status::metrics))

@@ -17,8 +17,10 @@ pub struct AppState {
     pub bus: Arc<Bus>,
     /// Readers of the event log (history, catch-up, replay, stats).
     pub log: Pool,
-    /// Readers of the source database (slot lag).
+    /// Readers of the source database (slot lag, catalog facts, entity rows).
     pub source: Pool,
+    /// What the source catalog says about the mapped tables, cached.
+    pub schema: super::schema::Schema,
     pub publisher: publisher::Watch,
     /// Every WebSocket session, so shutdown can wait for them to close.
     pub sessions: TaskTracker,

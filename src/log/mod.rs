@@ -19,7 +19,7 @@ mod read;
 mod scopes;
 mod writer;
 
-pub use read::{Page, Range, count, read};
+pub use read::{Page, Range, count, oldest_of_last, read};
 pub use scopes::{Scopes, load_scopes};
 pub use writer::{LogWriter, recorded_source};
 
@@ -40,13 +40,19 @@ pub enum LogError {
     Empty,
     #[error("event log database: no answer within {0:?}")]
     TimedOut(std::time::Duration),
+    /// An append found the log's head elsewhere than where its events were numbered: an
+    /// append before it failed, or another writer got in. It stored nothing.
+    #[error(
+        "the event log's head is no longer at {0}: an earlier append failed or another writer got in"
+    )]
+    HeadMoved(u64),
 }
 
 impl LogError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LogError::Postgres(err) => crate::pg::is_transient(err),
-            LogError::Locked | LogError::TimedOut(_) => true,
+            LogError::Locked | LogError::TimedOut(_) | LogError::HeadMoved(_) => true,
             LogError::Serialize(_) | LogError::Empty => false,
         }
     }

@@ -69,6 +69,29 @@ pub async fn read(client: &Client, filter: &Filter, range: &Range) -> Result<Pag
     Ok(page)
 }
 
+/// The id of the oldest of the last `count` events matching `filter` with ids up to `up_to`
+/// (where a `history` subscription starts); `None` when none match.
+pub async fn oldest_of_last(
+    client: &Client,
+    filter: &Filter,
+    up_to: u64,
+    count: usize,
+) -> Result<Option<u64>, LogError> {
+    let statement = format!(
+        "SELECT min(id) FROM (SELECT id FROM rowcast.events WHERE id <= $1 AND {}
+                               ORDER BY id DESC LIMIT $10) last",
+        crate::filter::sql_condition(2)
+    );
+    let sql = filter.sql();
+    let up_to = up_to.min(i64::MAX as u64) as i64;
+    let count = count.min(i64::MAX as usize) as i64;
+    let mut params: Vec<Param<'_>> = vec![&up_to];
+    params.extend(sql.params());
+    params.push(&count);
+    let row = client.query_one(&statement, &params).await?;
+    Ok(row.get::<_, Option<i64>>(0).map(|id| id as u64))
+}
+
 /// How many events match `filter` in `[from, to)`.
 pub async fn count(
     client: &Client,

@@ -4,9 +4,14 @@
 //! Longer than most files on purpose: every kind of append the single writer makes (capture
 //! batches, trigger drains, application events, gaps, hand-overs) side by side, each one statement.
 
-use tokio_postgres::Client;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
-use std::collections::HashMap;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use sync_wrapper::SyncWrapper;
+use tokio_postgres::{Client, Statement};
 
 use super::app::{Appended, KeyedEvent};
 use super::{Cursor, LogError, Param, StoredEvent};
@@ -24,6 +29,30 @@ async fn bounded<T>(
         Ok(result) => Ok(result?),
         Err(_) => Err(LogError::TimedOut(WRITE_TIMEOUT)),
     }
+}
+
+/// The capture append: a batch of events and the source's cursor, fenced on the head
+/// ([`Batch::STATEMENT`]); the cursor is `$10..$13`.
+fn append_statement() -> String {
+    format!(
+        "{}, moved AS (
+        INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
+        SELECT $10, $11, $12, $13 WHERE EXISTS (SELECT FROM fenced)
+        ON CONFLICT (source) DO UPDATE SET position_major = excluded.position_major,
+            position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
+    )
+    SELECT count(*) FROM appended",
+        Batch::STATEMENT
+    )
+}
+
+/// An append on its way: the events it stores once it commits.
+type Pending = BoxFuture<'static, Result<Vec<StoredEvent>, LogError>>;
+
+/// What an append sent and not yet confirmed commits.
+struct Sent {
+    last_id: u64,
+    cursor: Cursor,
 }
 
 /// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
@@ -46,11 +75,19 @@ pub async fn recorded_source(
 
 /// The single writer of the log.
 pub struct LogWriter {
-    client: Client,
+    client: Arc<Client>,
+    /// The capture append ([`append_statement`]), prepared once.
+    append: Statement,
     source: String,
+    /// The last id committed.
     last_id: u64,
     /// What the log holds for the source: never ahead of what is committed.
     cursor: Cursor,
+    /// Appends sent and not yet confirmed, oldest first (see [`LogWriter::send`]).
+    /// (Only ever used through `&mut self`: the wrapper lets the writer stay `Sync`.)
+    in_flight: SyncWrapper<FuturesOrdered<Pending>>,
+    /// What each of them commits, in the same order.
+    sent: VecDeque<Sent>,
     /// Progress that arrived without events and is not written yet (see `flush_progress`).
     pending_progress: Option<u64>,
     /// Whether the source has a cursor row: it appended, or recorded its origin, before.
@@ -87,7 +124,11 @@ impl LogWriter {
             },
             progress: row.get::<_, i64>(2) as u64,
         });
+        let append = client.prepare(&append_statement()).await?;
         Ok(Self {
+            append,
+            in_flight: SyncWrapper::new(FuturesOrdered::new()),
+            sent: VecDeque::new(),
             source: source.to_owned(),
             last_id: last_id as u64,
             cursor: cursor.unwrap_or_default(),
@@ -95,7 +136,7 @@ impl LogWriter {
             known: row.is_some(),
             system_identifier: row.as_ref().and_then(|row| row.get(3)),
             skip_until_marker: row.and_then(|row| row.get(4)),
-            client,
+            client: Arc::new(client),
         })
     }
 
@@ -241,20 +282,43 @@ impl LogWriter {
     }
 
     /// Appends `events` (those after the cursor's position) and moves the cursor, in one
-    /// transaction. `progress` is the source position the batch completes, if any.
+    /// transaction, and waits for it to commit (and for any append sent before it).
+    /// `progress` is the source position the batch completes, if any.
     pub async fn append(
         &mut self,
         events: Vec<(Position, Event)>,
         progress: Option<u64>,
     ) -> Result<Vec<StoredEvent>, LogError> {
-        let mut cursor = self.cursor;
+        self.send(events, progress)?;
+        let mut stored = Vec::new();
+        while let Some(confirmed) = self.confirm().await {
+            stored.extend(confirmed?);
+        }
+        Ok(stored)
+    }
+
+    /// Sends an append of `events` (those after the position of the last append sent) that
+    /// moves the cursor to `progress`, without waiting for it: the next batch can be numbered
+    /// and sent while this one commits. [`LogWriter::confirm`] reports the appends in the order
+    /// they were sent.
+    ///
+    /// Each append commits only on the log head it was numbered after ([`Batch::STATEMENT`]): when one
+    /// fails, those sent behind it store nothing, so the log never has a hole. Progress that
+    /// comes without events waits for [`LogWriter::flush_progress`] instead.
+    pub fn send(
+        &mut self,
+        events: Vec<(Position, Event)>,
+        progress: Option<u64>,
+    ) -> Result<(), LogError> {
+        let (last_id, sent_cursor) = self.ahead();
+        let mut cursor = sent_cursor;
         // Progress that waited for a write goes with these events: it came before them.
         for progress in progress.into_iter().chain(self.pending_progress) {
             cursor.progress = cursor.progress.max(progress);
         }
         let mut fresh = Vec::with_capacity(events.len());
         for (position, event) in events {
-            if position <= self.cursor.position {
+            if position <= sent_cursor.position {
                 continue;
             }
             cursor.position = position;
@@ -262,33 +326,52 @@ impl LogWriter {
         }
         if fresh.is_empty() {
             // Progress alone waits: written in bulk by `flush_progress`, not once per keepalive.
-            if cursor.progress > self.cursor.progress {
+            if cursor.progress > sent_cursor.progress {
                 self.pending_progress = Some(cursor.progress);
             }
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let batch = Batch::new(self.last_id, fresh)?;
-        let statement = format!(
-            "{}, moved AS (
-                INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
-                VALUES ($9, $10, $11, $12)
-                ON CONFLICT (source) DO UPDATE SET position_major = excluded.position_major,
-                    position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
-            )
-            SELECT count(*) FROM appended",
-            Batch::STATEMENT
-        );
-        let arrays = batch.arrays();
-        let mut params = arrays.params();
-        let (major, minor, progress) =
-            (cursor.position.major as i64, cursor.position.minor as i64, cursor.progress as i64);
-        params.extend::<[Param<'_>; 4]>([&self.source, &major, &minor, &progress]);
-        bounded(self.client.query_one(&statement, &params)).await?;
-        self.last_id = batch.last_id;
-        self.cursor = cursor;
+        let batch = Batch::new(last_id, fresh)?;
+        let (client, statement, source) =
+            (self.client.clone(), self.append.clone(), self.source.clone());
+        self.sent.push_back(Sent { last_id: batch.last_id, cursor });
+        self.in_flight.get_mut().push_back(Box::pin(async move {
+            let (major, minor, progress) = (
+                cursor.position.major as i64,
+                cursor.position.minor as i64,
+                cursor.progress as i64,
+            );
+            let arrays = batch.arrays();
+            let mut params = arrays.params();
+            params.extend::<[Param<'_>; 4]>([&source, &major, &minor, &progress]);
+            let row = bounded(client.query_one(&statement, &params)).await?;
+            batch.check(&row)?;
+            Ok(batch.stored)
+        }));
         self.pending_progress = None;
-        self.known = true;
-        Ok(batch.stored)
+        Ok(())
+    }
+
+    /// Waits for the oldest append sent and not yet confirmed; `None` when there is none.
+    /// Cancel-safe: an append whose wait is dropped is confirmed by the next call.
+    pub async fn confirm(&mut self) -> Option<Result<Vec<StoredEvent>, LogError>> {
+        let result = self.in_flight.get_mut().next().await?;
+        let sent = self.sent.pop_front()?;
+        Some(result.inspect(|_| {
+            self.last_id = sent.last_id;
+            self.cursor = sent.cursor;
+            self.known = true;
+        }))
+    }
+
+    /// How many appends are sent and not yet confirmed.
+    pub fn in_flight(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// The last id and the cursor after every append sent, committed or not.
+    fn ahead(&self) -> (u64, Cursor) {
+        self.sent.back().map_or((self.last_id, self.cursor), |sent| (sent.last_id, sent.cursor))
     }
 
     /// Appends a gap the operator accepted and restarts the source's cursor at `progress`
@@ -304,7 +387,7 @@ impl LogWriter {
         let statement = format!(
             "{}, moved AS (
                 INSERT INTO rowcast.cursors (source, position_major, position_minor, progress, system_identifier)
-                VALUES ($9, 0, 0, $10, $11)
+                SELECT $10, 0, 0, $11, $12 WHERE EXISTS (SELECT FROM fenced)
                 ON CONFLICT (source) DO UPDATE SET position_major = 0, position_minor = 0,
                     progress = excluded.progress, system_identifier = excluded.system_identifier,
                     updated_at = now()
@@ -316,7 +399,7 @@ impl LogWriter {
         let mut params = arrays.params();
         let progress_param = progress as i64;
         params.extend::<[Param<'_>; 3]>([&self.source, &progress_param, &system_identifier]);
-        bounded(self.client.query_one(&statement, &params)).await?;
+        batch.check(&bounded(self.client.query_one(&statement, &params)).await?)?;
         self.last_id = batch.last_id;
         self.cursor = Cursor { position: Position::default(), progress };
         self.pending_progress = None;
@@ -337,9 +420,10 @@ impl LogWriter {
         let batch = Batch::new(self.last_id, events)?;
         let statement = format!(
             "{}, drained AS (
-                DELETE FROM rowcast.outbox WHERE id = ANY($9)
+                DELETE FROM rowcast.outbox WHERE id = ANY($10) AND EXISTS (SELECT FROM fenced)
             ), finished AS (
-                DELETE FROM rowcast.outbox_commits WHERE xid = ANY($10::text[]::xid8[])
+                DELETE FROM rowcast.outbox_commits
+                 WHERE xid = ANY($11::text[]::xid8[]) AND EXISTS (SELECT FROM fenced)
             )
             SELECT count(*) FROM appended",
             Batch::STATEMENT
@@ -347,7 +431,7 @@ impl LogWriter {
         let arrays = batch.arrays();
         let mut params = arrays.params();
         params.extend::<[Param<'_>; 2]>([&outbox_ids, &finished_xids]);
-        bounded(self.client.query_one(&statement, &params)).await?;
+        batch.check(&bounded(self.client.query_one(&statement, &params)).await?)?;
         self.last_id = batch.last_id;
         Ok(batch.stored)
     }
@@ -390,21 +474,25 @@ impl LogWriter {
             return Ok((answers, Vec::new()));
         }
         let batch = Batch::new(self.last_id, fresh)?;
+        // Batch::STATEMENT's, with each event's key (`$10`).
         let statement = "\
-            WITH appended AS (
+            WITH fenced AS (
+                SELECT FROM rowcast.log_head WHERE last_id = $9
+            ), appended AS (
                 INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body, key)
                 SELECT id, type, committed_at, organization_id, domain_id, severity, body::json, key
-                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[], $9::text[])
+                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[], $10::text[])
                        AS e(id, type, committed_at, organization_id, domain_id, severity, body, key)
+                 WHERE EXISTS (SELECT FROM fenced)
                 RETURNING 1
             ), head AS (
-                UPDATE rowcast.log_head SET last_id = greatest(last_id, $8)
+                UPDATE rowcast.log_head SET last_id = $8 WHERE last_id = $9
             )
             SELECT count(*) FROM appended";
         let arrays = batch.arrays();
         let mut params = arrays.params();
         params.push(&fresh_keys);
-        bounded(self.client.query_one(statement, &params)).await?;
+        batch.check(&bounded(self.client.query_one(statement, &params)).await?)?;
         self.last_id = batch.last_id;
         Ok((answers, batch.stored))
     }
@@ -419,6 +507,8 @@ impl LogWriter {
 struct Batch {
     stored: Vec<StoredEvent>,
     times: Vec<std::time::SystemTime>,
+    /// The head they were numbered after.
+    previous: u64,
     last_id: u64,
 }
 
@@ -433,20 +523,36 @@ struct Arrays<'a> {
     severities: Vec<i16>,
     bodies: Vec<&'a str>,
     last_id: i64,
+    previous: i64,
 }
 
 impl Batch {
-    /// The common head of every append: the events (`$1..$7`) and the new log head (`$8`).
+    /// The common head of every append: the events (`$1..$7`), the new log head (`$8`), and
+    /// the head they were numbered after (`$9`). The append is fenced on that head: when the
+    /// log's head is elsewhere (an append sent before this one failed, or another writer got
+    /// in), it stores nothing, and what the statement adds must check `fenced` too. Ends with
+    /// `appended`, to be counted by [`Batch::check`].
     const STATEMENT: &'static str = "\
-        WITH appended AS (
+        WITH fenced AS (
+            SELECT FROM rowcast.log_head WHERE last_id = $9
+        ), appended AS (
             INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body)
             SELECT id, type, committed_at, organization_id, domain_id, severity, body::json
               FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[])
                    AS e(id, type, committed_at, organization_id, domain_id, severity, body)
+             WHERE EXISTS (SELECT FROM fenced)
             RETURNING 1
         ), head AS (
-            UPDATE rowcast.log_head SET last_id = greatest(last_id, $8)
+            UPDATE rowcast.log_head SET last_id = $8 WHERE last_id = $9
         )";
+
+    /// `SELECT count(*) FROM appended` stored the whole batch, or the head had moved.
+    fn check(&self, row: &tokio_postgres::Row) -> Result<(), LogError> {
+        match row.try_get::<_, i64>(0)? {
+            count if count == self.stored.len() as i64 => Ok(()),
+            _ => Err(LogError::HeadMoved(self.previous)),
+        }
+    }
 
     fn new(last_id: u64, events: Vec<Event>) -> Result<Self, LogError> {
         let mut stored = Vec::with_capacity(events.len());
@@ -467,7 +573,7 @@ impl Batch {
                 json,
             });
         }
-        Ok(Self { stored, times, last_id: id })
+        Ok(Self { stored, times, previous: last_id, last_id: id })
     }
 
     fn arrays(&self) -> Arrays<'_> {
@@ -481,6 +587,7 @@ impl Batch {
             severities: stored.iter().map(|e| e.severity.rank()).collect(),
             bodies: stored.iter().map(|e| &*e.json).collect(),
             last_id: self.last_id as i64,
+            previous: self.previous as i64,
         }
     }
 }
@@ -496,6 +603,7 @@ impl<'a> Arrays<'a> {
             &self.severities,
             &self.bodies,
             &self.last_id,
+            &self.previous,
         ]
     }
 }

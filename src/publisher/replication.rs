@@ -177,8 +177,16 @@ pub(super) async fn pipeline(
 /// written, so it never gets ahead of what the log can prove.
 const PROGRESS_FLUSH: Duration = Duration::from_millis(500);
 
+/// Appends sent and not yet committed at once: the next batch is numbered, serialized and sent
+/// while the one before it commits, so the log's connection never waits for rowcast.
+const APPENDS_IN_FLIGHT: usize = 2;
+
 /// Appends what capture sends, a batch at a time, and reports durable progress. Ends when
 /// capture drops its sender (shutdown) after draining everything it sent.
+///
+/// Up to [`APPENDS_IN_FLIGHT`] appends are pipelined; each is published and acknowledged
+/// once it commits, in order. Everything else the writer does (progress alone, application
+/// events, a switch marker) waits until nothing is in flight.
 async fn write_loop(
     writer: &mut LogWriter,
     mut queue: mpsc::Receiver<Captured>,
@@ -205,10 +213,16 @@ async fn write_loop(
         });
     };
     loop {
+        let idle = writer.in_flight() == 0;
         // Waits for at least one item, then takes what is already queued, up to a batch.
         let received = tokio::select! {
-            received = queue.recv_many(&mut items, batch_size) => received,
-            () = tokio::time::sleep_until(flushed_at + PROGRESS_FLUSH), if writer.has_pending_progress() => {
+            Some(confirmed) = writer.confirm(), if !idle => {
+                signals.appended(&confirmed?);
+                report(writer);
+                continue;
+            }
+            received = queue.recv_many(&mut items, batch_size), if writer.in_flight() < APPENDS_IN_FLIGHT => received,
+            () = tokio::time::sleep_until(flushed_at + PROGRESS_FLUSH), if idle && writer.has_pending_progress() => {
                 writer.flush_progress().await?;
                 flushed_at = tokio::time::Instant::now();
                 report(writer);
@@ -219,7 +233,7 @@ async fn write_loop(
                     Some(inbox) => inbox.recv().await,
                     None => std::future::pending().await,
                 }
-            }, if !mid_transaction => {
+            }, if idle && !mid_transaction => {
                 let stored = app::serve(writer, request).await?;
                 signals.appended(&stored);
                 continue;
@@ -252,13 +266,18 @@ async fn write_loop(
                 }
             }
         }
-        let stored = writer.append(batch, progress).await?;
-        signals.appended(&stored);
-        if writer.has_pending_progress() && flushed_at.elapsed() >= PROGRESS_FLUSH {
+        writer.send(batch, progress)?;
+        if writer.in_flight() == 0
+            && writer.has_pending_progress()
+            && flushed_at.elapsed() >= PROGRESS_FLUSH
+        {
             writer.flush_progress().await?;
             flushed_at = tokio::time::Instant::now();
+            report(writer);
         }
-        report(writer);
+    }
+    while let Some(confirmed) = writer.confirm().await {
+        signals.appended(&confirmed?);
     }
     // Shutdown: what capture sent is in; its progress too, before the last acknowledgement.
     writer.flush_progress().await?;

@@ -1,8 +1,9 @@
-//! Catch-up (SPEC §5, `since`): history from the log for a new subscription, then the hand-off
-//! to live delivery without a gap or a duplicate.
+//! Catch-up (SPEC §5, `since` and `history`): history from the log for a new subscription,
+//! then the hand-off to live delivery without a gap or a duplicate.
 //!
 //! ```text
 //!   bus.subscribe(since)  ── subscribed {last_id: N}; the bus buffers matches above N
+//!   (history: M) since := just before the oldest of the last M matches up to N
 //!   history.read (since, N], page by page ──> events, oldest first
 //!   caught_up {last_id: N}
 //!   bus.go_live(cursor) ── Live: buffered matches above the cursor are queued, then live ones
@@ -22,7 +23,7 @@ use std::sync::Arc;
 
 use super::context::Context;
 use super::history::History;
-use super::protocol;
+use super::protocol::{self, Start};
 use crate::backoff::Backoff;
 use crate::bus::mailbox::{Frame, Outbound, Rejected};
 use crate::bus::{ConnectionId, GoLive, SubscriptionId};
@@ -50,7 +51,15 @@ pub(super) struct CatchUp<H> {
 }
 
 impl<H: History> CatchUp<H> {
-    pub(super) async fn run(self, since: u64, last_id: u64) {
+    pub(super) async fn run(self, start: Start, last_id: u64) {
+        let since = match start {
+            Start::Live => last_id,
+            Start::Since(since) => since,
+            Start::History(count) => match self.history_start(last_id, count).await {
+                Some(since) => since,
+                None => return,
+            },
+        };
         let mut cursor = since;
         if since > last_id {
             // A cursor from a log this one never had (or a different database).
@@ -81,6 +90,26 @@ impl<H: History> CatchUp<H> {
                     if self.outbound.room(bytes).await.is_err() {
                         return;
                     }
+                }
+            }
+        }
+    }
+
+    /// The cursor just before the oldest of the last `count` matching events up to `last_id`
+    /// (`last_id` when none match), retried while the log fails; `None` once the connection
+    /// is closing.
+    async fn history_start(&self, last_id: u64, count: usize) -> Option<u64> {
+        let mut backoff = Backoff::new(CATCH_UP_RETRY_FIRST, CATCH_UP_RETRY_MAX);
+        loop {
+            match self.context.history.oldest_of_last(&self.filter, last_id, count).await {
+                Ok(oldest) => return Some(oldest.map_or(last_id, |id| id.saturating_sub(1))),
+                Err(err) => {
+                    let connection = self.connection;
+                    tracing::warn!(connection, error = %err, "history read failed; retrying");
+                    if self.outbound.is_closing() {
+                        return None;
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+
 use crate::auth::Scope;
 use crate::bus::Bus;
 use crate::config::ServerSettings;
@@ -19,7 +21,7 @@ pub struct Context<H> {
     pub history: H,
     pub metrics: Arc<Metrics>,
     /// The `get_metadata` answer for a scope, the same as `GET /api/events/metadata`.
-    pub metadata: Box<dyn Fn(&Scope) -> serde_json::Value + Send + Sync>,
+    pub metadata: Box<dyn Fn(Scope) -> BoxFuture<'static, serde_json::Value> + Send + Sync>,
     /// The mapping, whose redacted columns `where` may not name.
     pub mapping: Arc<crate::mapping::Mapping>,
 }

@@ -1,4 +1,5 @@
-//! The reads of the event log a session makes: catch-up pages, replay pages and replay counts.
+//! The reads of the event log a session makes: catch-up pages, where `history` starts, replay
+//! pages and replay counts.
 //!
 //! Sessions read the log through [`History`] rather than the readers' pool so their logic can
 //! be driven from memory in unit tests; the server's implementation, [`EventLog`], is
@@ -23,6 +24,15 @@ pub trait History: Send + Sync + 'static {
         range: &Range,
     ) -> impl Future<Output = Result<Page, LogError>> + Send;
 
+    /// The id of the oldest of the last `count` events matching `filter` up to `up_to`;
+    /// `None` when none match.
+    fn oldest_of_last(
+        &self,
+        filter: &Filter,
+        up_to: u64,
+        count: usize,
+    ) -> impl Future<Output = Result<Option<u64>, LogError>> + Send;
+
     /// How many events match `filter` in `[from, to)`.
     fn count(
         &self,
@@ -39,6 +49,16 @@ impl History for EventLog {
     async fn read(&self, filter: &Filter, range: &Range) -> Result<Page, LogError> {
         let client = self.0.log.get().await?;
         crate::log::read(&client, filter, range).await
+    }
+
+    async fn oldest_of_last(
+        &self,
+        filter: &Filter,
+        up_to: u64,
+        count: usize,
+    ) -> Result<Option<u64>, LogError> {
+        let client = self.0.log.get().await?;
+        crate::log::oldest_of_last(&client, filter, up_to, count).await
     }
 
     async fn count(

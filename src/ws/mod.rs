@@ -105,7 +105,10 @@ fn context(state: Arc<AppState>) -> Arc<Context<EventLog>> {
         limits: state.settings.server.clone(),
         bus: state.bus.clone(),
         metrics: state.metrics.clone(),
-        metadata: Box::new(move |scope| crate::http::metadata::build(&shared, scope)),
+        metadata: Box::new(move |scope| {
+            let shared = shared.clone();
+            Box::pin(async move { crate::http::metadata::build(&shared, &scope).await })
+        }),
         mapping: state.settings.mapping.clone(),
         history: EventLog(state),
     })
@@ -113,16 +116,11 @@ fn context(state: Arc<AppState>) -> Arc<Context<EventLog>> {
 
 fn initial_subscription(pairs: &[(String, String)]) -> session::Initial {
     let filter = Filter::from_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
-    let since = match pairs.iter().rev().find(|(k, _)| k == "since") {
-        Some((_, value)) => Some(value.parse::<u64>().map_err(|_| {
-            ProtocolError::bad_request(format!(
-                "query parameter since={value:?} is not an event id"
-            ))
-        })?),
-        None => None,
-    };
-    Ok(match (filter, since) {
-        (None, None) => None,
-        (filter, since) => Some((filter.unwrap_or_else(Filter::all), since)),
+    let last = |key: &str| pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let start = protocol::Start::parse(last("since"), last("history"))
+        .map_err(|err| ProtocolError::bad_request(format!("query parameter {}", err.message)))?;
+    Ok(match (filter, start) {
+        (None, protocol::Start::Live) => None,
+        (filter, start) => Some((filter.unwrap_or_else(Filter::all), start)),
     })
 }

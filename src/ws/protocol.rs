@@ -53,7 +53,7 @@ impl From<FilterError> for ProtocolError {
 pub enum Action {
     Subscribe {
         filter: Filter,
-        since: Option<u64>,
+        start: Start,
     },
     Unsubscribe {
         subscription: String,
@@ -74,6 +74,48 @@ pub enum Action {
     StopReplay {
         replay: String,
     },
+}
+
+/// Where a new subscription starts (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Every matching event after `subscribed.last_id`.
+    Live,
+    /// `since`: the matching events after this id first, then `caught_up`, then live.
+    Since(u64),
+    /// `history`: the last this many matching events up to `last_id` first, then `caught_up`,
+    /// then live.
+    History(usize),
+}
+
+/// The most events `history` may ask for.
+pub const MAX_HISTORY: usize = 1000;
+
+impl Start {
+    /// From the `since` and `history` values of a subscribe frame or a query string, as given.
+    pub fn parse(since: Option<&str>, history: Option<&str>) -> Result<Self, ProtocolError> {
+        match (since, history) {
+            (None, None) => Ok(Self::Live),
+            (Some(_), Some(_)) => {
+                Err(ProtocolError::bad_request("since and history exclude each other: use one"))
+            }
+            (Some(since), None) => since.parse().map(Self::Since).map_err(|_| {
+                ProtocolError::bad_request(format!(
+                    "since must be a non-negative integer event id, not {since:?}"
+                ))
+            }),
+            (None, Some(history)) => history
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_HISTORY).contains(n))
+                .map(Self::History)
+                .ok_or_else(|| {
+                    ProtocolError::bad_request(format!(
+                        "history must be a number of events from 1 to {MAX_HISTORY}, not {history:?}"
+                    ))
+                }),
+        }
+    }
 }
 
 /// A client frame: its `ref` (echoed in the reply) and what it asks for.
@@ -118,15 +160,16 @@ fn action(mut object: Map<String, Value>) -> Result<Action, ProtocolError> {
     };
     match name.as_str() {
         "subscribe" => {
-            allow(&object, &["filter", "since"])?;
+            allow(&object, &["filter", "since", "history"])?;
             let filter = Filter::from_json(object.get("filter"))?;
-            let since = match object.get("since") {
-                None | Some(Value::Null) => None,
-                Some(value) => Some(value.as_u64().ok_or_else(|| {
-                    ProtocolError::bad_request("since must be a non-negative integer event id")
-                })?),
+            let number = |field: &str| match object.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(value) => value.as_u64().map(|n| Some(n.to_string())).ok_or_else(|| {
+                    ProtocolError::bad_request(format!("{field} must be a non-negative integer"))
+                }),
             };
-            Ok(Action::Subscribe { filter, since })
+            let start = Start::parse(number("since")?.as_deref(), number("history")?.as_deref())?;
+            Ok(Action::Subscribe { filter, start })
         }
         "unsubscribe" => {
             allow(&object, &["subscription_id"])?;
@@ -307,9 +350,30 @@ mod tests {
             r#"{"action":"subscribe","filter":{"type":"agent.*","organization_id":"quant"},"since":1040,"ref":"r1"}"#,
         );
         assert_eq!(request.reference, Some(json!("r1")));
-        let Ok(Action::Subscribe { filter, since }) = request.action else { panic!("subscribe") };
-        assert_eq!(since, Some(1040));
+        let Ok(Action::Subscribe { filter, start }) = request.action else { panic!("subscribe") };
+        assert_eq!(start, Start::Since(1040));
         assert_eq!(filter.to_json(), json!({"type": ["agent.*"], "organization_id": ["quant"]}));
+    }
+
+    #[test]
+    fn history_asks_for_one_to_a_thousand_events_and_excludes_since() {
+        let start = |text: &str| match parse(text).action {
+            Ok(Action::Subscribe { start, .. }) => Ok(start),
+            Ok(other) => panic!("{other:?}"),
+            Err(err) => Err(err.message),
+        };
+        assert_eq!(start(r#"{"action":"subscribe","history":50}"#), Ok(Start::History(50)));
+        assert_eq!(start(r#"{"action":"subscribe","history":1000}"#), Ok(Start::History(1000)));
+        assert_eq!(start(r#"{"action":"subscribe","history":null}"#), Ok(Start::Live));
+        for refused in [r#"0"#, "1001", "-1", "2.5", r#""50""#, "18446744073709551616"] {
+            let text = format!(r#"{{"action":"subscribe","history":{refused}}}"#);
+            let message = start(&text).expect_err(&text);
+            assert!(message.contains("history"), "{text}: {message}");
+        }
+        let both = start(r#"{"action":"subscribe","since":3,"history":5}"#);
+        assert_eq!(both, Err("since and history exclude each other: use one".into()));
+        assert_eq!(Start::parse(None, Some("20")).map_err(|e| e.message), Ok(Start::History(20)));
+        assert!(Start::parse(Some("x"), None).is_err());
     }
 
     #[test]
@@ -361,6 +425,7 @@ mod tests {
                 "\"type\"",
                 "\"agent.*\"",
                 "\"since\"",
+                "\"history\"",
                 "1e400",
                 "-1",
                 "18446744073709551616",
@@ -396,10 +461,10 @@ mod tests {
             let frame = json!({"action": "subscribe", "filter": {"type": types, "organization_id": orgs}, "since": since, "ref": reference});
             let request = parse(&frame.to_string());
             prop_assert_eq!(request.reference, Some(json!(reference)));
-            let Ok(Action::Subscribe { filter, since: parsed }) = request.action else {
+            let Ok(Action::Subscribe { filter, start }) = request.action else {
                 return Err(TestCaseError::fail("not a subscribe"));
             };
-            prop_assert_eq!(parsed, since);
+            prop_assert_eq!(start, since.map_or(Start::Live, Start::Since));
             prop_assert!(filter.organizations().is_some_and(|o| o.iter().all(|x| orgs.contains(x))));
         }
     }

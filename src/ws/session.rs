@@ -36,7 +36,7 @@ pub use super::context::Context;
 use super::history::History;
 use super::lag::LagCatchUp;
 use super::limits::{RateLimit, Verdict};
-use super::protocol::{self, Action, ErrorCode, ProtocolError};
+use super::protocol::{self, Action, ErrorCode, ProtocolError, Start};
 use super::replay::Replay;
 use super::writer::{Ended, Writer};
 use crate::auth::Scope;
@@ -48,7 +48,7 @@ use crate::filter::Filter;
 const LONGEST_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 /// What the handshake's query string asked for.
-pub type Initial = Result<Option<(Filter, Option<u64>)>, ProtocolError>;
+pub type Initial = Result<Option<(Filter, Start)>, ProtocolError>;
 
 /// Serves one connection until it closes: `sink` and `stream` are the two halves of its
 /// transport, `scope` what its token grants, `initial` the subscription its query asked for.
@@ -84,7 +84,7 @@ pub async fn run<W, R, H>(
         lag_progress: Arc::default(),
     };
     match initial {
-        Ok(Some((filter, since))) => session.subscribe(filter, since, None).await,
+        Ok(Some((filter, start))) => session.subscribe(filter, start, None).await,
         Ok(None) => {}
         Err(err) => session.reply(protocol::error(&err, None)).await,
     }
@@ -253,13 +253,13 @@ impl<H: History> Session<H> {
             Err(err) => return self.reply(protocol::error(&err, reference)).await,
         };
         match action {
-            Action::Subscribe { filter, since } => {
+            Action::Subscribe { filter, start } => {
                 if self.subscriptions.len() >= self.context.limits.max_subscriptions {
                     let limit = self.context.limits.max_subscriptions;
                     let message = format!("a connection may hold at most {limit} subscriptions");
                     return self.error(ErrorCode::TooManySubscriptions, message, reference).await;
                 }
-                self.subscribe(filter, since, reference).await;
+                self.subscribe(filter, start, reference).await;
             }
             Action::Unsubscribe { subscription } => {
                 let number = protocol::subscription_number(&subscription)
@@ -289,7 +289,7 @@ impl<H: History> Session<H> {
                 self.reply(protocol::unsubscribed(&subscription, reference)).await;
             }
             Action::GetMetadata => {
-                let metadata = (self.context.metadata)(&self.scope);
+                let metadata = (self.context.metadata)(self.scope.clone()).await;
                 self.reply(protocol::metadata(&metadata, reference)).await
             }
             Action::Auth { token } => match self.context.limits.auth.verify(Some(&token)) {
@@ -355,7 +355,7 @@ impl<H: History> Session<H> {
     async fn subscribe(
         &mut self,
         filter: Filter,
-        since: Option<u64>,
+        start: Start,
         reference: Option<&serde_json::Value>,
     ) {
         if let Err(err) = filter.check_redactions(self.context.mapping.redactions()) {
@@ -377,12 +377,20 @@ impl<H: History> Session<H> {
             return;
         }
         let filter = Arc::new(filter);
+        // A `history` subscription catches up from the head as far as the bus and a 4008's
+        // resume id are concerned: the events before `last_id` it asked for are context, not a
+        // cursor it holds, and where they start is known only once `last_id` is.
+        let since = match start {
+            Start::Live => None,
+            Start::Since(since) => Some(since),
+            Start::History(_) => Some(u64::MAX),
+        };
         let subscribed =
             self.context.bus.subscribe(self.connection, number, filter.clone(), since, |head| {
                 protocol::subscribed(number, &filter, head, reference)
             });
         let Ok(last_id) = subscribed else { return };
-        let catch_up = since.map(|since| {
+        let catch_up = (start != Start::Live).then(|| {
             let catch_up = CatchUp {
                 context: self.context.clone(),
                 connection: self.connection,
@@ -390,7 +398,7 @@ impl<H: History> Session<H> {
                 filter,
                 outbound: self.outbound.clone(),
             };
-            tokio::spawn(catch_up.run(since, last_id))
+            tokio::spawn(catch_up.run(start, last_id))
         });
         self.subscriptions.insert(number, catch_up);
     }

@@ -30,7 +30,7 @@ impl Endpoint {
             return Err(invalid(
                 "url",
                 "no query or fragment, please: filters go in --type, --organization-id, \
-                 --domain-id, --severity and --since",
+                 --domain-id, --severity, --where, --since and --history",
             ));
         }
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -73,12 +73,15 @@ pub(super) struct Filter {
     pub(super) organization_ids: Vec<String>,
     pub(super) domain_ids: Vec<String>,
     pub(super) severity: Option<Severity>,
+    /// `where` predicates in their query form, `path:op[:value]`.
+    pub(super) predicates: Vec<String>,
 }
 
 impl Filter {
-    /// The query subscribing with this filter after `since`. Lists are repeated parameters,
-    /// encoded as the server decodes them (`application/x-www-form-urlencoded`).
-    pub(super) fn query(&self, since: Option<u64>) -> String {
+    /// The query subscribing with this filter after `since`, or with the last `history`
+    /// events. Lists are repeated parameters, encoded as the server decodes them
+    /// (`application/x-www-form-urlencoded`).
+    pub(super) fn query(&self, since: Option<u64>, history: Option<usize>) -> String {
         let mut query = form_urlencoded::Serializer::new(String::new());
         if self.types.is_empty() {
             // Explicit, so that the connection has a subscription even without filters.
@@ -88,6 +91,7 @@ impl Filter {
             ("type", &self.types),
             ("organization_id", &self.organization_ids),
             ("domain_id", &self.domain_ids),
+            ("where", &self.predicates),
         ];
         for (key, values) in lists {
             query.extend_pairs(values.iter().map(|value| (key, value)));
@@ -95,9 +99,11 @@ impl Filter {
         if let Some(severity) = self.severity {
             query.append_pair("severity", severity.as_str());
         }
-        if let Some(since) = since {
-            query.append_pair("since", &since.to_string());
-        }
+        match (since, history) {
+            (Some(since), _) => query.append_pair("since", &since.to_string()),
+            (None, Some(history)) => query.append_pair("history", &history.to_string()),
+            (None, None) => &mut query,
+        };
         query.finish()
     }
 }
@@ -192,21 +198,25 @@ mod tests {
     #[test]
     fn queries() {
         let filter = Filter::default();
-        assert_eq!(filter.query(None), "type=*");
-        assert_eq!(filter.query(Some(0)), "type=*&since=0");
+        assert_eq!(filter.query(None, None), "type=*");
+        assert_eq!(filter.query(Some(0), None), "type=*&since=0");
+        assert_eq!(filter.query(None, Some(20)), "type=*&history=20");
+        assert_eq!(filter.query(Some(3), Some(20)), "type=*&since=3", "a cursor wins");
         let filter = Filter {
             types: vec!["agent.*".into(), "*.failed".into()],
             organization_ids: vec!["quant".into(), "a&b=c d".into()],
             domain_ids: vec!["démo/1".into()],
             severity: Some(Severity::Warning),
+            predicates: vec!["status:in:failed,error".into(), "old.status:changed".into()],
         };
         assert_eq!(
-            filter.query(Some(42)),
+            filter.query(Some(42), None),
             "type=agent.*&type=*.failed&organization_id=quant&organization_id=a%26b%3Dc+d\
-             &domain_id=d%C3%A9mo%2F1&severity=warning&since=42"
+             &domain_id=d%C3%A9mo%2F1&where=status%3Ain%3Afailed%2Cerror\
+             &where=old.status%3Achanged&severity=warning&since=42"
         );
         // What the server reads back (it decodes with form_urlencoded too).
-        let query = filter.query(None);
+        let query = filter.query(None, None);
         let pairs: Vec<(String, String)> =
             form_urlencoded::parse(query.as_bytes()).into_owned().collect();
         let values = |key: &str| -> Vec<&str> {
@@ -215,7 +225,8 @@ mod tests {
         assert_eq!(values("organization_id"), ["quant", "a&b=c d"]);
         assert_eq!(values("domain_id"), ["démo/1"]);
         assert_eq!(values("type"), ["agent.*", "*.failed"]);
-        let url = Endpoint::parse("ws://h:1").expect("endpoint").with_query(&filter.query(None));
+        let url =
+            Endpoint::parse("ws://h:1").expect("endpoint").with_query(&filter.query(None, None));
         assert!(url.parse::<Uri>().is_ok(), "{url}");
     }
 

@@ -27,6 +27,9 @@ impl Cursor {
 /// What one connection has seen so far.
 #[derive(Debug, Default)]
 pub(super) struct Connection {
+    /// The subscription asked for `history`: `subscribed.last_id` vouches for nothing until
+    /// `caught_up`, the events up to it are still to come.
+    pub(super) history: bool,
     pub(super) subscribed: bool,
     pub(super) printed: u64,
 }
@@ -73,7 +76,8 @@ fn control(
         "subscribed" => {
             connection.subscribed = true;
             // Live mode: the server delivers every matching event after last_id.
-            if let (None, Some(last_id)) = (cursor.0, number("last_id")) {
+            if let (None, Some(last_id), false) = (cursor.0, number("last_id"), connection.history)
+            {
                 cursor.advance(last_id);
             }
             tracing::info!(
@@ -267,10 +271,13 @@ mod tests {
 
     /// Feeds frames through `handle` as a session would; returns the ids printed.
     fn feed(cursor: &mut Cursor, frames: &[String]) -> Vec<u64> {
-        let mut connection = Connection::default();
+        feed_on(&mut Connection::default(), cursor, frames)
+    }
+
+    fn feed_on(connection: &mut Connection, cursor: &mut Cursor, frames: &[String]) -> Vec<u64> {
         let mut printed = Vec::new();
         for frame in frames {
-            if let Step::Print { id, .. } = handle(frame, cursor, &mut connection) {
+            if let Step::Print { id, .. } = handle(frame, cursor, connection) {
                 cursor.advance(id);
                 printed.push(id);
             }
@@ -314,6 +321,17 @@ mod tests {
             &[r#"{"type":"caught_up","last_id":"x"}"#.into(), r#"{"type":"pong"}"#.into()],
         );
         assert_eq!(cursor, Cursor(Some(99)));
+    }
+
+    #[test]
+    fn history_is_printed_before_the_cursor_moves_to_last_id() {
+        let mut connection = Connection { history: true, ..Connection::default() };
+        let mut cursor = Cursor(None);
+        let subscribed = r#"{"type":"subscribed","subscription_id":"s1","last_id":40}"#;
+        let caught_up = r#"{"type":"caught_up","subscription_id":"s1","last_id":40}"#;
+        let frames = [subscribed.into(), event(31), event(38), caught_up.into(), event(41)];
+        assert_eq!(feed_on(&mut connection, &mut cursor, &frames), [31, 38, 41]);
+        assert_eq!(cursor, Cursor(Some(41)));
     }
 
     #[test]

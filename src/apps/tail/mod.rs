@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::model::Severity;
+use crate::ws::protocol::MAX_HISTORY;
 
 mod endpoint;
 mod frame;
@@ -89,8 +90,17 @@ pub struct TailArgs {
     pub severity: Option<Severity>,
     /// Start after this event id: retained events with a greater id come first, then live
     /// ones [default: live events only].
-    #[arg(long, env = "ROWCAST_TAIL_SINCE", value_name = "ID")]
+    #[arg(long, env = "ROWCAST_TAIL_SINCE", value_name = "ID", conflicts_with = "history")]
     pub since: Option<u64>,
+    /// Start with the last N matching events (1 to 1000), then live ones. Applies to the first
+    /// connection; reconnections resume after the last event printed.
+    #[arg(long, env = "ROWCAST_TAIL_HISTORY", value_name = "N")]
+    pub history: Option<usize>,
+    /// Row-content predicate `path:op[:value]`, e.g. `status:eq:failed`,
+    /// `status:in:failed,error`, `old.status:changed`, `priority:gt:3` (repeatable; all must
+    /// hold). Not comma-separated: `in` lists use commas.
+    #[arg(long = "where", env = "ROWCAST_TAIL_WHERE", value_name = "PREDICATE")]
+    pub predicates: Vec<String>,
     /// Bearer token for a server run with `--auth jwt`; sent in the Authorization header,
     /// never printed or logged.
     #[arg(long, env = "ROWCAST_TOKEN", hide_env_values = true)]
@@ -138,6 +148,8 @@ pub struct Tail {
     endpoint: Endpoint,
     filter: Filter,
     since: Option<u64>,
+    /// `--history`: asked for by a connection only while nothing is printed or vouched for.
+    history: Option<usize>,
     /// `Bearer <token>`, marked sensitive so that no `Debug` shows it.
     authorization: Option<HeaderValue>,
     max_backoff: Duration,
@@ -170,6 +182,13 @@ impl Tail {
             }
             None => None,
         };
+        for predicate in &args.predicates {
+            crate::filter::Predicate::from_query(predicate)
+                .map_err(|err| invalid("where", err.to_string()))?;
+        }
+        if args.history.is_some_and(|n| !(1..=MAX_HISTORY).contains(&n)) {
+            return Err(invalid("history", format!("must be from 1 to {MAX_HISTORY}")));
+        }
         if args.max_backoff.is_zero() {
             return Err(invalid("max-backoff", "must be at least 1s"));
         }
@@ -182,8 +201,10 @@ impl Tail {
                 organization_ids: args.organization_id,
                 domain_ids: args.domain_id,
                 severity: args.severity,
+                predicates: args.predicates,
             },
             since: args.since,
+            history: args.history,
             authorization,
             max_backoff: args.max_backoff,
             max_frame_bytes: usize::try_from(args.max_frame_bytes).unwrap_or(usize::MAX),
@@ -200,14 +221,16 @@ impl Tail {
         let mut backoff = Backoff::new(INITIAL_BACKOFF, self.max_backoff);
         tracing::info!(url = %self.endpoint.as_str(), since = self.since, "tailing");
         loop {
-            let url = self.endpoint.with_query(&self.filter.query(cursor.0));
+            // Once the cursor holds, resuming after it is what `--history` asked for too.
+            let history = self.history.filter(|_| cursor.0.is_none());
+            let url = self.endpoint.with_query(&self.filter.query(cursor.0, history));
             let ended = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 connected = self.connect(&url) => match connected {
                     Ok(ws) => {
                         tracing::debug!(since = cursor.0, "connected");
-                        self.session(ws, &mut cursor, &mut out, &shutdown).await?
+                        self.session(ws, history.is_some(), &mut cursor, &mut out, &shutdown).await?
                     }
                     Err(Failure::Definite(err)) => return Err(err),
                     Err(Failure::Retryable(reason)) => {
@@ -260,6 +283,7 @@ impl Tail {
     async fn session<W>(
         &self,
         mut socket: Socket,
+        history: bool,
         cursor: &mut Cursor,
         out: &mut W,
         shutdown: &CancellationToken,
@@ -268,7 +292,7 @@ impl Tail {
         W: AsyncWrite + Unpin,
     {
         let started = Instant::now();
-        let mut connection = Connection::default();
+        let mut connection = Connection { history, ..Connection::default() };
         let mut heard = Instant::now();
         let mut ping = tokio::time::interval_at(started + PING_INTERVAL, PING_INTERVAL);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

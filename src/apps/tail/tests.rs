@@ -28,6 +28,18 @@ fn flags() {
     assert!(args(&["--organization-id", ""]).is_err());
     assert!(args(&["--max-backoff", "0s"]).is_err());
     assert!(args(&["--max-frame-bytes", "10"]).is_err());
+
+    let tail =
+        args(&["--where", "status:in:failed,error", "--where", "status:changed"]).expect("tail");
+    assert_eq!(tail.filter.predicates, ["status:in:failed,error", "status:changed"]);
+    let err = args(&["--where", "status:like:x"]).expect_err("an unknown operator").to_string();
+    assert!(err.starts_with("invalid --where"), "{err}");
+    assert!(args(&["--where", "status"]).is_err(), "no operator");
+    assert_eq!(args(&["--history", "20"]).expect("tail").history, Some(20));
+    for refused in [["--history", "0"], ["--history", "1001"], ["--history", "x"]] {
+        assert!(args(&refused).is_err(), "{refused:?}");
+    }
+    assert!(args(&["--history", "5", "--since", "3"]).is_err(), "one or the other");
 }
 
 #[test]

@@ -92,6 +92,16 @@ pub enum RenderError {
     TooDeep(usize),
 }
 
+/// The session settings the text output this module reads must be produced with (see above):
+/// the replication session starts with them, the rows endpoint sets them for its read.
+pub const OUTPUT_SETTINGS: [(&str, &str); 5] = [
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
 /// Nesting limit for arrays and composites inside one another. Postgres has no fixed limit, but
 /// catalog types this deep do not occur in practice.
 const MAX_NESTING: usize = 32;

@@ -130,13 +130,12 @@ impl ReplicationClient {
             ("replication", "database"),
             ("application_name", params.application_name.as_str()),
             ("client_encoding", "UTF8"),
-            ("TimeZone", "UTC"),
-            ("DateStyle", "ISO"),
-            ("IntervalStyle", "postgres"),
-            ("extra_float_digits", "3"),
-            ("bytea_output", "hex"),
         ];
-        frontend::startup_message(startup.iter().copied(), &mut self.write_buf)?;
+        let output = crate::capture::render::OUTPUT_SETTINGS;
+        frontend::startup_message(
+            startup.iter().chain(output.iter()).copied(),
+            &mut self.write_buf,
+        )?;
         self.flush().await?;
         self.authenticate(params).await?;
         // ParameterStatus and BackendKeyData until ReadyForQuery.

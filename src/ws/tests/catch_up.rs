@@ -114,3 +114,58 @@ async fn nothing_of_a_catch_up_follows_its_unsubscribed() {
     commit(&context, &agents([11]));
     assert_eq!(client.sync("after").await, [] as [Value; 0]);
 }
+
+/// Events 1..=n alternating `agent.created` (odd ids) and `deployment.created` (even ids).
+fn mixed(ids: std::ops::RangeInclusive<u64>) -> Vec<StoredEvent> {
+    let kind = |id: u64| if id % 2 == 1 { "agent.created" } else { "deployment.created" };
+    ids.map(|id| event(id, kind(id), id as i64)).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn history_sends_the_last_n_matches_then_caught_up_then_live() {
+    let context = context(ServerSettings::default(), &mixed(1..=40));
+    let mut client = open(&context);
+    client.json().await;
+    let slow = context.history.gate.write().await;
+    let filter = json!({"type": "agent.*"});
+    client.send(json!({"action": "subscribe", "filter": filter, "history": 5}));
+    assert_eq!(client.json().await["last_id"], 40);
+    // Published while the start of the history is being looked for: live, not history.
+    commit(&context, &mixed(41..=44));
+    drop(slow);
+    let frames = frames_until(&mut client, |f| f["type"] == "caught_up").await;
+    assert_eq!(event_ids(&frames), [31, 33, 35, 37, 39], "the last five agent events");
+    assert_eq!(
+        frames.last(),
+        Some(&json!({"type": "caught_up", "subscription_id": "s1", "last_id": 40}))
+    );
+    assert_eq!(client.json().await["id"], 41);
+    assert_eq!(client.json().await["id"], 43);
+    commit(&context, &mixed(45..=45));
+    assert_eq!(client.json().await["id"], 45, "then live");
+}
+
+#[tokio::test(start_paused = true)]
+async fn history_longer_than_the_log_or_matching_nothing_sends_what_there_is() {
+    let context = context(ServerSettings::default(), &mixed(1..=6));
+    let mut client = open(&context);
+    client.json().await;
+    client
+        .send(json!({"action": "subscribe", "filter": {"type": "deployment.*"}, "history": 1000}));
+    assert_eq!(client.json().await["type"], "subscribed");
+    let frames = frames_until(&mut client, |f| f["type"] == "caught_up").await;
+    assert_eq!(event_ids(&frames), [2, 4, 6]);
+
+    client.send(json!({"action": "subscribe", "filter": {"type": "user.*"}, "history": 3}));
+    assert_eq!(client.json().await["type"], "subscribed");
+    assert_eq!(
+        client.json().await,
+        json!({"type": "caught_up", "subscription_id": "s2", "last_id": 6})
+    );
+    client.send(json!({"action": "subscribe", "since": 1, "history": 3, "ref": "both"}));
+    let refused = client.json().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("bad_request"), Some("both"))
+    );
+}

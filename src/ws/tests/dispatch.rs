@@ -122,7 +122,8 @@ async fn subscriptions_are_confined_to_the_token_scope() {
 #[tokio::test(start_paused = true)]
 async fn the_handshake_query_subscribes_or_says_why_not() {
     let context = context(ServerSettings::default(), &agents(1..=3));
-    let mut client = connect(&context, Scope::everything(), Ok(Some((Filter::all(), None))), 100);
+    let mut client =
+        connect(&context, Scope::everything(), Ok(Some((Filter::all(), Start::Live))), 100);
     assert_eq!(client.json().await["type"], "welcome");
     let subscribed = client.json().await;
     assert_eq!(

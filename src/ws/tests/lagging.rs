@@ -155,7 +155,7 @@ async fn a_client_too_far_behind_is_closed_with_4008_and_resumes_from_the_named_
     assert_eq!(context.bus.stats().slow_consumer_closes, 1);
 
     // Resuming from that id gets the rest, exactly once.
-    let initial = Ok(Some((Filter::all(), Some(resume))));
+    let initial = Ok(Some((Filter::all(), Start::Since(resume))));
     let mut resumed = connect(&context, Scope::everything(), initial, 100_000);
     resumed.json().await;
     assert_eq!(resumed.json().await["type"], "subscribed");

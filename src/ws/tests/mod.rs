@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
 use super::history::History;
+use super::protocol::Start;
 use super::session::{self, Context, Initial};
 use crate::auth::Scope;
 use crate::bus::Bus;
@@ -102,6 +103,19 @@ impl History for MemoryLog {
         Ok(page)
     }
 
+    async fn oldest_of_last(
+        &self,
+        filter: &Filter,
+        up_to: u64,
+        count: usize,
+    ) -> Result<Option<u64>, LogError> {
+        drop(self.gate.read().await);
+        let state = self.lock();
+        let matching = MemoryLog::matching(&state.events, filter, None, None);
+        let ids: Vec<u64> = matching.map(|event| event.id).filter(|id| *id <= up_to).collect();
+        Ok(ids.len().checked_sub(count.max(1)).map_or(ids.first(), |skip| ids.get(skip)).copied())
+    }
+
     async fn count(
         &self,
         filter: &Filter,
@@ -148,7 +162,7 @@ pub(super) fn context(limits: ServerSettings, history: &[StoredEvent]) -> Arc<Co
         bus: Arc::new(Bus::new(head, Arc::clone(&metrics))),
         history: log,
         metrics,
-        metadata: Box::new(|_| json!({"entities": []})),
+        metadata: Box::new(|_| Box::pin(async { json!({"entities": []}) })),
         mapping: Arc::new(crate::mapping::Mapping::builtin()),
     })
 }
