@@ -949,7 +949,7 @@ fn history_sizes(rng: &mut StdRng, expected: &[Vec<u64>]) -> Vec<usize> {
         .iter()
         .map(|ids| match rng.random_range(0..4) {
             0 => 1000,
-            1 => (ids.len() / 2).max(1),
+            1 => (ids.len() / 2).clamp(1, 1000),
             2 => rng.random_range(1..=10),
             _ => (ids.len() + 5).min(1000),
         })
@@ -1210,6 +1210,20 @@ async fn history_hands_off_to_live_while_writes_go_on() {
         };
         split.read_until(&mut ws, what, done).await;
         check_history_hand_off(&format!("seed {seed}: {what}"), &split, &filter, &log);
+    }
+
+    // `history` excludes `since`, and asks for at most 1000.
+    let (mut ws, _) = Ws::connect_welcomed(&server.ws_url("")).await;
+    for extra in [json!({"since": 0, "history": 5}), json!({"history": 1001})] {
+        let mut request = json!({"action": "subscribe", "filter": filter, "ref": "bad"});
+        request.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        ws.send(request.clone()).await;
+        let reply = ws.frame().await;
+        assert_eq!(
+            (&reply["type"], &reply["code"]),
+            (&json!("error"), &json!("bad_request")),
+            "{request}: {reply}"
+        );
     }
     server.stop().await;
 }
