@@ -53,6 +53,11 @@ fn seed(test: &str) -> u64 {
     seed
 }
 
+/// A JSON number exactly as written (`1.0`, `1e1`).
+fn raw(text: &str) -> Value {
+    serde_json::from_str(text).expect("a JSON number")
+}
+
 fn domains_of(org: &str) -> [String; 2] {
     [format!("{org}-prod"), format!("{org}-dev")]
 }
@@ -128,11 +133,16 @@ impl Workload {
     }
 
     fn number(&mut self) -> Value {
-        match self.rng.random_range(0..5) {
-            0 => json!(self.rng.random_range(0..12)),
-            1 => json!(f64::from(self.rng.random_range(0..40i32)) / 4.0),
-            2 => json!(self.rng.random_range(0..12).to_string()),
-            3 => Value::Null,
+        match self.rng.random_range(0..6) {
+            // The same numbers written otherwise: trailing zeros, exponents, minus zero.
+            0 => {
+                let texts = ["1.0", "10.00", "2.50", "1e1", "-0", "0.10", "3E0", "5.000"];
+                raw(texts.choose(&mut self.rng).expect("text"))
+            }
+            1 => json!(self.rng.random_range(0..12)),
+            2 => json!(f64::from(self.rng.random_range(0..40i32)) / 4.0),
+            3 => json!(self.rng.random_range(0..12).to_string()),
+            4 => Value::Null,
             _ => json!(-self.rng.random_range(1..5)),
         }
     }
@@ -471,7 +481,7 @@ fn fields() -> HashMap<&'static str, Vec<Value>> {
         ("region", with(strings(&REGIONS), vec![json!(5), json!("us"), json!("eu-west-1")])),
         (
             "cpu_millis",
-            vec![json!(250), json!(500), json!(1000), json!(2000), json!(999.5), json!("1000")],
+            vec![json!(250), json!(500), json!(1000), raw("1000.0"), json!(999.5), json!("1000")],
         ),
         ("memory_mb", vec![json!(256), json!(512), json!(1024), json!(2048)]),
         ("version", with(strings(&VERSIONS), vec![json!(9), json!(10), json!(1.1)])),
@@ -490,7 +500,10 @@ fn fields() -> HashMap<&'static str, Vec<Value>> {
         ("config.tags", with(strings(&TAGS), vec![json!(1), json!(2)])),
         ("config.limits.rpm", vec![json!(10), json!(100), json!(1000)]),
         ("metadata.tier", with(strings(&TIERS), vec![json!("gold")])),
-        ("metadata.n", vec![json!(1), json!(2.5), json!(3), json!("3"), json!(10), json!(-2)]),
+        (
+            "metadata.n",
+            vec![json!(1), raw("2.50"), json!(3), json!("3"), raw("1e1"), json!(-2), raw("0.0")],
+        ),
         ("metadata.tags", with(strings(&TAGS), vec![json!(1), json!(2)])),
         ("metadata.attempt", vec![json!(1), json!(2), json!(3)]),
         ("metadata.ci.run", vec![json!(450), json!(500), json!(520)]),
@@ -501,7 +514,7 @@ fn fields() -> HashMap<&'static str, Vec<Value>> {
         ("started_at", vec![]),
         ("line", with(strings(&LINES), vec![json!("step"), json!("/7")])),
         ("level", strings(&LEVELS)),
-        ("n", vec![json!(0), json!(5), json!(10), json!("5"), json!(7.5), json!(-1)]),
+        ("n", vec![json!(0), raw("5.0"), json!(10), json!("5"), json!(7.5), json!(-1), raw("0.1")]),
         ("tags", with(strings(&TAGS), vec![json!(1)])),
         ("ctx.k", vec![json!("a"), json!("B"), json!(1)]),
         ("ok", vec![json!(true), json!(false)]),
@@ -957,7 +970,7 @@ fn history_sizes(rng: &mut StdRng, expected: &[Vec<u64>]) -> Vec<usize> {
 }
 
 /// How many random filters the first test checks (two broad ones join them).
-const RANDOM_FILTERS: usize = 72;
+const RANDOM_FILTERS: usize = 90;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_filters_pick_what_the_spec_says_everywhere() {
@@ -969,6 +982,13 @@ async fn random_filters_pick_what_the_spec_says_everywhere() {
     // Two broad ones: more than `history`'s 1000, and every severity.
     filters.push(json!({"where": [["id", "is_null", false]]}));
     filters.push(json!({"severity": "debug", "where": [["nope", "is_null", true]]}));
+    // Numbers equal however they are written (the events below write them in many ways).
+    filters.push(json!({"type": "query.routed", "where": [["n", "eq", 10]]}));
+    filters.push(json!({"type": "query.routed", "where": [["n", "in", [0, 2.5]]]}));
+    filters.push(json!({"type": "query.routed", "where": [["n", "eq", 1e1]]}));
+    filters.push(json!({"type": "query.routed", "where": [["n", "neq", 10], ["n", "gte", 0]]}));
+    filters.push(json!({"type": "query.routed", "where": [["n", "nin", [2.50, "10"]]]}));
+    filters.push(json!({"type": "query.routed", "where": [["n", "eq", "10"]]}));
 
     let db = TestDb::migrated().await;
     let mut settings = db.settings();
@@ -990,6 +1010,13 @@ async fn random_filters_pick_what_the_spec_says_everywhere() {
     let slow = keep_reading(ws, split, stop.clone(), Duration::from_millis(20));
     let mut workload = Workload::new(rng.random());
     write(&db, &server, &mut workload, 2300).await;
+    let numbers =
+        ["10", "10.0", "1e1", "10.00", "1.0E+1", "\"10\"", "0", "-0", "0.0", "2.5", "2.50"];
+    let events: Vec<Value> =
+        numbers.iter().map(|n| json!({"type": "query.routed", "data": {"n": raw(n)}})).collect();
+    let body = json!({ "events": events }).to_string();
+    let (status, reply) = post(server.addr, "/api/events", None, body.as_bytes()).await;
+    assert_eq!(status, 201, "{reply}");
     // A burst of big application events: more than the slow reader's socket buffers and its
     // queue hold, so it falls behind and is fed from the log.
     for _ in 0..4 {
