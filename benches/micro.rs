@@ -204,6 +204,15 @@ fn all_candidates(with_where: bool) -> impl Iterator<Item = Value> {
     })
 }
 
+/// 10,000 dashboards each watching one agent (`agent.*` where `id eq …`), all in the event's
+/// organization: only the index on `eq` predicates keeps this from being 10,000 checks.
+fn watching_one_agent_each() -> impl Iterator<Item = Value> {
+    (0..10_000u32).map(|i| {
+        json!({"type": "agent.*", "organization_id": "org7",
+               "where": [["id", "eq", format!("agt-{:06}", 123 + i)]]})
+    })
+}
+
 /// A bus with one connection (one subscription each) per filter, and their mailboxes.
 fn bus_with(filters: impl Iterator<Item = Value>) -> (Bus, Vec<Arc<Outbound>>) {
     let bus = Bus::new(0, Default::default());
@@ -271,6 +280,7 @@ fn predicate_publish(c: &mut Criterion) {
     bench_publish(c, "bus 10k: indexed, 1-3 where each", spread(true));
     bench_publish(c, "bus 10k: all candidates, no where", all_candidates(false));
     bench_publish(c, "bus 10k: all candidates, 1-3 where each", all_candidates(true));
+    bench_publish(c, "bus 10k: each watches one agent id", watching_one_agent_each());
 }
 
 criterion_group!(benches, decode, render_values, filters, predicate_publish);
