@@ -55,7 +55,7 @@ async fn handshake(url: &str, headers: &[(&str, &str)]) -> Result<(Ws, Option<St
                 .headers()
                 .get("sec-websocket-protocol")
                 .map(|v| v.to_str().expect("ascii").to_owned());
-            Ok((Ws { socket }, protocol))
+            Ok((Ws::new(socket), protocol))
         }
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             Err(response.status().as_u16())

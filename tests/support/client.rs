@@ -14,6 +14,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub struct Ws {
     pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read ahead (by `subscribe`, waiting for its reply) and not yet returned.
+    pending: std::collections::VecDeque<Value>,
 }
 
 /// What arrived next.
@@ -35,7 +37,11 @@ pub enum Ending {
 impl Ws {
     pub async fn connect(url: &str) -> Ws {
         let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
-        Ws { socket }
+        Ws::new(socket)
+    }
+
+    pub fn new(socket: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Ws {
+        Ws { socket, pending: Default::default() }
     }
 
     /// Connects with a receive buffer of about `bytes`: a client whose socket fills up at once
@@ -47,13 +53,13 @@ impl Ws {
         let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
             .await
             .expect("handshake");
-        Ws { socket }
+        Ws::new(socket)
     }
 
     /// Every text frame until the connection ends, and how it ended; panics after `silence`
     /// with nothing new.
     pub async fn read_to_end(&mut self, silence: Duration) -> (Vec<Value>, Ending) {
-        let mut frames = Vec::new();
+        let mut frames: Vec<Value> = self.pending.drain(..).collect();
         loop {
             let message =
                 tokio::time::timeout(silence, self.socket.next()).await.unwrap_or_else(|_| {
@@ -91,6 +97,9 @@ impl Ws {
     /// The next text frame or the close, within `timeout`; `None` on timeout. Pings and other
     /// non-text messages do not extend the wait.
     pub async fn next_within(&mut self, timeout: Duration) -> Option<Incoming> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Some(Incoming::Frame(frame));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let message = tokio::time::timeout_at(deadline, self.socket.next()).await.ok()?;
@@ -132,7 +141,16 @@ impl Ws {
             request["since"] = since.into();
         }
         self.send(request).await;
-        let reply = self.frame().await;
+        // Events of the connection's other subscriptions may come first: kept for `frame`.
+        let mut ahead = Vec::new();
+        let reply = loop {
+            let frame = self.frame().await;
+            if !is_event(&frame) {
+                break frame;
+            }
+            ahead.push(frame);
+        };
+        self.pending.extend(ahead);
         assert_eq!(reply["type"], "subscribed", "{reply}");
         (
             reply["subscription_id"].as_str().expect("id").to_owned(),
