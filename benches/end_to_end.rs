@@ -9,6 +9,10 @@
 //! on every client's subscription (see [`Where`]) instead of the run with a slow client. The
 //! server runs with its default settings.
 //!
+//! First, with ROWS > 0, capture alone: ROWS changes written while rowcast is stopped, then
+//! drained into its log from a standing start, beside `pg_recvlogical` draining the same WAL
+//! alone (the ratio issue 15 tracks).
+//!
 //! Prints, per scenario: changes/s sustained, events delivered/s, commit-to-client latency
 //! p50/p95/p99/max (commit time from Postgres, receive time on the same clock), server RSS (now and
 //! peak), RSS per idle connection and server CPU; for the throughput run, whether every reader
@@ -234,6 +238,25 @@ fn expected_for(org: usize, predicate: Option<Where>, rows: usize, orgs: usize) 
     (held * writers) as u64
 }
 
+/// Drains `slot` with `pg_recvlogical` up to the current end of WAL, then drops it; returns how
+/// long the drain took.
+async fn drain(db: &tokio_postgres::Client, url: &str, slot: &str) -> Duration {
+    let end_lsn: String =
+        db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    let started = Instant::now();
+    let status = Command::new(
+        rowcast::apps::cluster::find_binaries().expect("binaries").join("pg_recvlogical"),
+    )
+    .args(["-d", url, "--slot", slot, "--start", "--endpos", &end_lsn, "-f", "/dev/null"])
+    .args(["-o", "proto_version=1", "-o", "publication_names=rowcast", "--no-loop"])
+    .status()
+    .expect("pg_recvlogical");
+    let took = started.elapsed();
+    assert!(status.success(), "pg_recvlogical failed");
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.expect("drop slot");
+    took
+}
+
 async fn log_head(db: &tokio_postgres::Client) -> i64 {
     db.query_one("SELECT last_id FROM rowcast.log_head", &[]).await.expect("head").get(0)
 }
@@ -303,7 +326,39 @@ async fn main() {
     )
     .await
     .expect("orgs");
-    let server = start_server(&url, &["--max-connections", "20000"]).await;
+    let serve = ["--max-connections", "20000"];
+    let mut server = start_server(&url, &serve).await;
+
+    // 1a. Capture alone, from a standing start: `rows` changes are written while rowcast is
+    // stopped, then drained by rowcast into its log and by pg_recvlogical from a slot made at
+    // the same point, each alone on the machine. Capture's rate counts from the process start.
+    if rows > 0 {
+        drop(server);
+        db.batch_execute("SELECT pg_create_logical_replication_slot('bench_drain', 'pgoutput')")
+            .await
+            .expect("drain slot");
+        let head_before = log_head(&db).await;
+        write(&url, rows, per_txn, 100, None, "d").await;
+        let started = Instant::now();
+        server = start_server(&url, &serve).await;
+        let ready = started.elapsed();
+        while log_head(&db).await < head_before + rows as i64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let captured = started.elapsed();
+        let raw = drain(&db, &url, "bench_drain").await;
+        let (rate, raw_rate) =
+            (rows as f64 / captured.as_secs_f64(), rows as f64 / raw.as_secs_f64());
+        println!(
+            "capture alone: rowcast drained {rows} changes into its log in {:.2}s from its start \
+             (ready after {:.2}s) = {rate:.0} changes/s; pg_recvlogical drained the same WAL in \
+             {:.2}s = {raw_rate:.0} changes/s; rowcast = {:.0}% of it",
+            captured.as_secs_f64(),
+            ready.as_secs_f64(),
+            raw.as_secs_f64(),
+            rate / raw_rate * 100.0
+        );
+    }
     let pid = server.child.id();
     let addr = server.addr;
 
@@ -368,28 +423,7 @@ async fn main() {
         }
         let delivered = started.elapsed();
         let cpu = (cpu_seconds(pid) - cpu_before) / delivered.as_secs_f64() * 100.0;
-        let end_lsn: String =
-            db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
-        let raw_started = Instant::now();
-        let status = Command::new(
-            rowcast::apps::cluster::find_binaries().expect("binaries").join("pg_recvlogical"),
-        )
-        .args([
-            "-d",
-            &url,
-            "--slot",
-            "bench_raw",
-            "--start",
-            "--endpos",
-            &end_lsn,
-            "-f",
-            "/dev/null",
-        ])
-        .args(["-o", "proto_version=1", "-o", "publication_names=rowcast", "--no-loop"])
-        .status()
-        .expect("pg_recvlogical");
-        let raw = raw_started.elapsed();
-        assert!(status.success(), "pg_recvlogical failed");
+        let raw = drain(&db, &url, "bench_raw").await;
         let sustained = rows as f64 / appended.as_secs_f64();
         let raw_rate = rows as f64 / raw.as_secs_f64();
         let frames = seen.frames.load(Ordering::Relaxed);
@@ -439,9 +473,6 @@ async fn main() {
         for (reader, _) in readers.into_iter().chain(stalled) {
             reader.abort();
         }
-        db.batch_execute("SELECT pg_drop_replication_slot('bench_raw')")
-            .await
-            .expect("drop raw slot");
     }
 
     // 3 and 4. Latency at 1,000 changes/s with many subscribed clients (each organization's
