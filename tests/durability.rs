@@ -366,6 +366,35 @@ async fn appends_at_or_before_the_cursor_are_dropped() {
     assert!(refused.is_retryable());
     drop(writer);
     assert_eq!(db.events().await.len(), 7, "nothing stored after the head moved");
-    let writer = open_writer(&db).await;
+    let mut writer = open_writer(&db).await;
     assert_eq!((writer.last_id(), writer.cursor().progress), (100, 51));
+
+    // 1,000 events of 40 KB (about 40 MB) go as several appends of at most 16 MiB of bodies,
+    // numbered on, each moving the cursor to its last event, the progress with the last.
+    let big: Vec<_> = (0..1_000)
+        .map(|change| {
+            let (position, mut event) = at(80, change);
+            let pad = serde_json::Value::String("x".repeat(40_000));
+            event.data = Some(serde_json::Map::from_iter([("pad".to_owned(), pad)]));
+            (position, event)
+        })
+        .collect();
+    let stored = writer.append(big, Some(81)).await.expect("big append");
+    assert_eq!(ids(stored), (101..=1_100).collect::<Vec<_>>());
+    assert_eq!((writer.last_id(), writer.cursor().progress), (1_100, 81));
+    assert_eq!(writer.cursor().position, at(80, 999).0);
+    let (appends, biggest): (i64, i64) = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*), max(bytes)::bigint FROM (
+                 SELECT sum(octet_length(body::text)) AS bytes FROM rowcast.events
+                  WHERE id > 100 GROUP BY xmin::text) a",
+            &[],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .expect("appends");
+    assert!(appends >= 3, "40 MB of events went in {appends} statement(s)");
+    assert!(biggest <= 16 << 20, "one append carried {biggest} bytes of bodies");
 }

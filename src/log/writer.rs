@@ -55,6 +55,9 @@ struct Sent {
     cursor: Cursor,
 }
 
+/// The most bytes of event bodies one capture append carries; a bigger batch goes as several.
+const MAX_APPEND_BYTES: usize = 16 << 20;
+
 /// Advisory lock key held by the single writer of a log ("rowcast" in ASCII).
 const WRITER_LOCK: i64 = 0x0072_6f77_6361_7374;
 
@@ -317,11 +320,13 @@ impl LogWriter {
             cursor.progress = cursor.progress.max(progress);
         }
         let mut fresh = Vec::with_capacity(events.len());
+        let mut positions = Vec::with_capacity(events.len());
         for (position, event) in events {
             if position <= sent_cursor.position {
                 continue;
             }
             cursor.position = position;
+            positions.push(position);
             fresh.push(event);
         }
         if fresh.is_empty() {
@@ -331,7 +336,28 @@ impl LogWriter {
             }
             return Ok(());
         }
-        let batch = Batch::new(last_id, fresh)?;
+        // Big rows make big statements: past MAX_APPEND_BYTES the batch goes as several appends,
+        // each moving the position to its last event; only the last one carries the progress
+        // (everything before it in the log), so a crash between them re-sends the rest.
+        let chunks = Batch::new(last_id, fresh)?.split(MAX_APPEND_BYTES);
+        let count = chunks.len();
+        let mut appended = 0;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            appended += chunk.stored.len();
+            let chunk_cursor = match positions.get(appended - 1) {
+                Some(&position) if i + 1 < count => {
+                    Cursor { position, progress: sent_cursor.progress }
+                }
+                _ => cursor,
+            };
+            self.push(chunk, chunk_cursor);
+        }
+        self.pending_progress = None;
+        Ok(())
+    }
+
+    /// Sends the capture append of `batch` moving the source's cursor to `cursor`.
+    fn push(&mut self, batch: Batch, cursor: Cursor) {
         let (client, statement, source) =
             (self.client.clone(), self.append.clone(), self.source.clone());
         self.sent.push_back(Sent { last_id: batch.last_id, cursor });
@@ -348,8 +374,6 @@ impl LogWriter {
             batch.check(&row)?;
             Ok(batch.stored)
         }));
-        self.pending_progress = None;
-        Ok(())
     }
 
     /// Waits for the oldest append sent and not yet confirmed; `None` when there is none.
@@ -546,6 +570,27 @@ impl Batch {
             UPDATE rowcast.log_head SET last_id = $8 WHERE last_id = $9
         )";
 
+    /// The batch as consecutive batches of at most `max_bytes` of bodies each (an event
+    /// bigger than that alone).
+    fn split(self, max_bytes: usize) -> Vec<Batch> {
+        let mut batches = Vec::new();
+        let (mut stored, mut times, mut bytes, mut previous) =
+            (Vec::new(), Vec::new(), 0, self.previous);
+        for (event, time) in self.stored.into_iter().zip(self.times) {
+            if !stored.is_empty() && bytes + event.json.len() > max_bytes {
+                let last_id = previous + stored.len() as u64;
+                let (stored, times) = (std::mem::take(&mut stored), std::mem::take(&mut times));
+                batches.push(Batch { stored, times, previous, last_id });
+                (previous, bytes) = (last_id, 0);
+            }
+            bytes += event.json.len();
+            stored.push(event);
+            times.push(time);
+        }
+        batches.push(Batch { stored, times, previous, last_id: self.last_id });
+        batches
+    }
+
     /// `SELECT count(*) FROM appended` stored the whole batch, or the head had moved.
     fn check(&self, row: &tokio_postgres::Row) -> Result<(), LogError> {
         match row.try_get::<_, i64>(0)? {
@@ -605,5 +650,52 @@ impl<'a> Arrays<'a> {
             &self.last_id,
             &self.previous,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Op, Source};
+
+    fn events(sizes: &[usize]) -> Vec<Event> {
+        sizes
+            .iter()
+            .map(|size| Event {
+                id: 0,
+                event_type: "thing.created".into(),
+                timestamp: Timestamp(0),
+                organization_id: None,
+                domain_id: None,
+                severity: Severity::Info,
+                data: Some(serde_json::Map::from_iter([(
+                    "pad".to_owned(),
+                    "x".repeat(*size).into(),
+                )])),
+                old: None,
+                changed: None,
+                source: Source::Row { table: "t".into(), op: Op::Insert, lsn: None, xid: 1 },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn big_batches_split_by_bytes_into_consecutive_ids() {
+        let batch = Batch::new(10, events(&[100, 100, 5000, 100, 100, 100])).expect("batch");
+        let one = batch.stored[0].json.len();
+        let batches = batch.split(3 * one);
+        let spans: Vec<(u64, u64, Vec<u64>)> = batches
+            .iter()
+            .map(|b| (b.previous, b.last_id, b.stored.iter().map(|e| e.id).collect()))
+            .collect();
+        assert_eq!(
+            spans,
+            [(10, 12, vec![11, 12]), (12, 13, vec![13]), (13, 16, vec![14, 15, 16]),],
+            "the big event goes alone; ids stay consecutive; each batch knows the head before it"
+        );
+        assert!(batches.iter().all(|b| b.times.len() == b.stored.len()));
+        let whole = Batch::new(0, events(&[1, 2, 3])).expect("batch").split(usize::MAX);
+        assert_eq!(whole.len(), 1);
+        assert_eq!((whole[0].previous, whole[0].last_id), (0, 3));
     }
 }
