@@ -398,3 +398,83 @@ async fn appends_at_or_before_the_cursor_are_dropped() {
     assert!(appends >= 3, "40 MB of events went in {appends} statement(s)");
     assert!(biggest <= 16 << 20, "one append carried {biggest} bytes of bodies");
 }
+
+/// A log made before bodies were `text` keeps its `json` column: setup leaves it (no rewrite)
+/// and swaps only the time index; appends and history work on both, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_with_json_bodies_keep_working_after_the_upgrade() {
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    rowcast::log::install(&admin).await.expect("log schema");
+    // What an earlier rowcast made.
+    admin
+        .batch_execute(
+            "ALTER TABLE rowcast.events ALTER COLUMN body TYPE json USING body::json;
+             DROP INDEX rowcast.events_committed_at_brin;
+             CREATE INDEX events_committed_at ON rowcast.events (committed_at);",
+        )
+        .await
+        .expect("an old log");
+    let event = |xid: u64| {
+        let mut data = serde_json::Map::new();
+        data.insert("name".into(), Value::from("café \u{1F600} \"q\" 1.50"));
+        let event = Event {
+            id: 0,
+            event_type: "thing.created".into(),
+            timestamp: Timestamp(1_767_225_600_123_456),
+            organization_id: Some("quant".into()),
+            domain_id: None,
+            severity: Severity::Info,
+            data: Some(data),
+            old: None,
+            changed: None,
+            source: Source::Row { table: "public.things".into(), op: Op::Insert, lsn: None, xid },
+        };
+        (Position::of(xid, 0, 0).expect("position"), event)
+    };
+    let mut writer = open_writer(&db).await;
+    let before = writer.append(vec![event(10)], Some(11)).await.expect("append to json");
+    drop(writer);
+    rowcast::log::install(&admin).await.expect("setup again");
+    let (body_type, indexes): (String, Vec<String>) = {
+        let row = admin
+            .query_one(
+                "SELECT format_type(atttypid, atttypmod),
+                        (SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes
+                          WHERE schemaname = 'rowcast' AND tablename = 'events')
+                   FROM pg_attribute WHERE attrelid = 'rowcast.events'::regclass AND attname = 'body'",
+                &[],
+            )
+            .await
+            .expect("catalog");
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(body_type, "json", "setup must not rewrite an existing log");
+    assert!(indexes.contains(&"events_committed_at_brin".to_owned()), "{indexes:?}");
+    assert!(!indexes.contains(&"events_committed_at".to_owned()), "{indexes:?}");
+    let mut writer = open_writer(&db).await;
+    let after = writer.append(vec![event(20)], Some(21)).await.expect("append after setup");
+    let stored: Vec<String> = before.iter().chain(&after).map(|e| e.json.to_string()).collect();
+    let rows = admin
+        .query("SELECT body::text FROM rowcast.events ORDER BY id", &[])
+        .await
+        .expect("history");
+    let read: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(read, stored, "history reads give back exactly what was appended");
+
+    // A new log's body is text, and reads back the same way.
+    let fresh = TestDb::new().await;
+    rowcast::log::install(&fresh.client().await).await.expect("log schema");
+    let mut writer = open_writer(&fresh).await;
+    let appended = writer.append(vec![event(30)], Some(31)).await.expect("append to text");
+    let row = fresh
+        .client()
+        .await
+        .query_one("SELECT body::text, pg_typeof(body)::text FROM rowcast.events", &[])
+        .await
+        .expect("read");
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        (appended[0].json.to_string(), "text".into())
+    );
+}

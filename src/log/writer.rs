@@ -32,8 +32,8 @@ async fn bounded<T>(
 }
 
 /// The capture append: a batch of events and the source's cursor, fenced on the head
-/// ([`Batch::STATEMENT`]); the cursor is `$10..$13`.
-fn append_statement() -> String {
+/// ([`Batch::statement`]); the cursor is `$10..$13`.
+fn append_statement(body: &str) -> String {
     format!(
         "{}, moved AS (
         INSERT INTO rowcast.cursors (source, position_major, position_minor, progress)
@@ -42,7 +42,7 @@ fn append_statement() -> String {
             position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
     )
     SELECT count(*) FROM appended",
-        Batch::STATEMENT
+        Batch::statement(body)
     )
 }
 
@@ -81,6 +81,9 @@ pub struct LogWriter {
     client: Arc<Client>,
     /// The capture append ([`append_statement`]), prepared once.
     append: Statement,
+    /// The body as the appends write it: `body` into a `text` column (today's logs), `body::json`
+    /// into the `json` column of logs made before it was `text` (no rewrite on upgrade).
+    body: &'static str,
     source: String,
     /// The last id committed.
     last_id: u64,
@@ -127,9 +130,19 @@ impl LogWriter {
             },
             progress: row.get::<_, i64>(2) as u64,
         });
-        let append = client.prepare(&append_statement()).await?;
+        let body_type: String = client
+            .query_one(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+                  WHERE attrelid = 'rowcast.events'::regclass AND attname = 'body'",
+                &[],
+            )
+            .await?
+            .get(0);
+        let body = if body_type == "text" { "body" } else { "body::json" };
+        let append = client.prepare(&append_statement(body)).await?;
         Ok(Self {
             append,
+            body,
             in_flight: SyncWrapper::new(FuturesOrdered::new()),
             sent: VecDeque::new(),
             source: source.to_owned(),
@@ -305,7 +318,7 @@ impl LogWriter {
     /// and sent while this one commits. [`LogWriter::confirm`] reports the appends in the order
     /// they were sent.
     ///
-    /// Each append commits only on the log head it was numbered after ([`Batch::STATEMENT`]): when one
+    /// Each append commits only on the log head it was numbered after ([`Batch::statement`]): when one
     /// fails, those sent behind it store nothing, so the log never has a hole. Progress that
     /// comes without events waits for [`LogWriter::flush_progress`] instead.
     pub fn send(
@@ -417,7 +430,7 @@ impl LogWriter {
                     updated_at = now()
             )
             SELECT count(*) FROM appended",
-            Batch::STATEMENT
+            Batch::statement(self.body)
         );
         let arrays = batch.arrays();
         let mut params = arrays.params();
@@ -450,7 +463,7 @@ impl LogWriter {
                  WHERE xid = ANY($11::text[]::xid8[]) AND EXISTS (SELECT FROM fenced)
             )
             SELECT count(*) FROM appended",
-            Batch::STATEMENT
+            Batch::statement(self.body)
         );
         let arrays = batch.arrays();
         let mut params = arrays.params();
@@ -498,13 +511,14 @@ impl LogWriter {
             return Ok((answers, Vec::new()));
         }
         let batch = Batch::new(self.last_id, fresh)?;
-        // Batch::STATEMENT's, with each event's key (`$10`).
-        let statement = "\
+        // Batch::statement's, with each event's key (`$10`).
+        let statement = format!(
+            "\
             WITH fenced AS (
                 SELECT FROM rowcast.log_head WHERE last_id = $9
             ), appended AS (
                 INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body, key)
-                SELECT id, type, committed_at, organization_id, domain_id, severity, body::json, key
+                SELECT id, type, committed_at, organization_id, domain_id, severity, {body}, key
                   FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[], $10::text[])
                        AS e(id, type, committed_at, organization_id, domain_id, severity, body, key)
                  WHERE EXISTS (SELECT FROM fenced)
@@ -512,11 +526,13 @@ impl LogWriter {
             ), head AS (
                 UPDATE rowcast.log_head SET last_id = $8 WHERE last_id = $9
             )
-            SELECT count(*) FROM appended";
+            SELECT count(*) FROM appended",
+            body = self.body
+        );
         let arrays = batch.arrays();
         let mut params = arrays.params();
         params.push(&fresh_keys);
-        batch.check(&bounded(self.client.query_one(statement, &params)).await?)?;
+        batch.check(&bounded(self.client.query_one(&statement, &params)).await?)?;
         self.last_id = batch.last_id;
         Ok((answers, batch.stored))
     }
@@ -556,19 +572,21 @@ impl Batch {
     /// log's head is elsewhere (an append sent before this one failed, or another writer got
     /// in), it stores nothing, and what the statement adds must check `fenced` too. Ends with
     /// `appended`, to be counted by [`Batch::check`].
-    const STATEMENT: &'static str = "\
+    fn statement(body: &str) -> String {
+        format!("\
         WITH fenced AS (
             SELECT FROM rowcast.log_head WHERE last_id = $9
         ), appended AS (
             INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body)
-            SELECT id, type, committed_at, organization_id, domain_id, severity, body::json
+            SELECT id, type, committed_at, organization_id, domain_id, severity, {body}
               FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[])
                    AS e(id, type, committed_at, organization_id, domain_id, severity, body)
              WHERE EXISTS (SELECT FROM fenced)
             RETURNING 1
         ), head AS (
             UPDATE rowcast.log_head SET last_id = $8 WHERE last_id = $9
-        )";
+        )")
+    }
 
     /// The batch as consecutive batches of at most `max_bytes` of bodies each (an event
     /// bigger than that alone).
