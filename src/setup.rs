@@ -286,38 +286,41 @@ pub async fn prepare_triggers(settings: &Settings) -> Result<Catalog, SetupError
     Ok(catalog)
 }
 
-/// The statements that put the capture triggers on every mapped table (idempotent).
+/// The statements that put the capture triggers on every mapped table (idempotent; see
+/// `rowcast.install_capture` in `triggers/capture.sql`).
 pub fn capture_triggers_sql(mapping: &Mapping) -> String {
     let mut sql = String::new();
     for entity in mapping.entities() {
         let table = &entity.table;
-        let args = format!("{}, {}", quote_literal(&table.schema), quote_literal(&table.name));
         sql.push_str(&format!(
-            "CREATE OR REPLACE TRIGGER rowcast_capture
-                 AFTER INSERT OR UPDATE OR DELETE ON {t}
-                 FOR EACH ROW EXECUTE FUNCTION rowcast.capture({args});
-             CREATE OR REPLACE TRIGGER rowcast_capture_truncate
-                 AFTER TRUNCATE ON {t}
-                 FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture({args});
-",
-            t = table.sql()
+            "SELECT rowcast.install_capture({}::regclass, {}, {});\n",
+            quote_literal(&table.sql()),
+            quote_literal(&table.schema),
+            quote_literal(&table.name)
         ));
     }
     sql
 }
 
+/// Every trigger trigger capture puts on a table.
+const CAPTURE_TRIGGERS: [&str; 4] = [
+    "rowcast_capture",
+    "rowcast_capture_insert",
+    "rowcast_capture_delete",
+    "rowcast_capture_truncate",
+];
+
+/// The statements that take the capture triggers off `table`.
+fn drop_triggers_sql(table: &TableName) -> String {
+    CAPTURE_TRIGGERS
+        .iter()
+        .map(|name| format!("DROP TRIGGER IF EXISTS {name} ON {};\n", table.sql()))
+        .collect()
+}
+
 /// The statements that take the capture triggers off every mapped table.
 pub fn drop_capture_triggers_sql(mapping: &Mapping) -> String {
-    let mut sql = String::new();
-    for entity in mapping.entities() {
-        sql.push_str(&format!(
-            "DROP TRIGGER IF EXISTS rowcast_capture ON {t};
-             DROP TRIGGER IF EXISTS rowcast_capture_truncate ON {t};
-",
-            t = entity.table.sql()
-        ));
-    }
-    sql
+    mapping.entities().iter().map(|entity| drop_triggers_sql(&entity.table)).collect()
 }
 
 /// Removes the capture triggers from every table that has them, and the capture functions.
@@ -330,23 +333,22 @@ pub async fn uninstall_triggers(target: &Target) -> Result<usize, SetupError> {
             "SELECT DISTINCT n.nspname::text, c.relname::text
                FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
                JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE t.tgname IN ('rowcast_capture', 'rowcast_capture_truncate') AND NOT t.tgisinternal
-                AND t.tgparentid = 0",
-            &[],
+              WHERE t.tgname = ANY($1) AND NOT t.tgisinternal AND t.tgparentid = 0",
+            &[&CAPTURE_TRIGGERS.as_slice()],
         )
         .await?;
     for row in &rows {
         let table = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
-        client
-            .batch_execute(&format!(
-                "DROP TRIGGER IF EXISTS rowcast_capture ON {t};
-                 DROP TRIGGER IF EXISTS rowcast_capture_truncate ON {t}",
-                t = table.sql()
-            ))
-            .await?;
+        client.batch_execute(&drop_triggers_sql(&table)).await?;
         tracing::info!(table = %table, "removed capture triggers");
     }
-    client.batch_execute("DROP FUNCTION IF EXISTS rowcast.capture() CASCADE").await?;
+    client
+        .batch_execute(
+            "DROP FUNCTION IF EXISTS rowcast.capture() CASCADE;
+             DROP FUNCTION IF EXISTS rowcast.capture_rows() CASCADE;
+             DROP FUNCTION IF EXISTS rowcast.install_capture(regclass, text, text);",
+        )
+        .await?;
     let pending: Option<i64> = client
         .query_one("SELECT CASE WHEN to_regclass('rowcast.outbox') IS NOT NULL THEN (SELECT count(*) FROM rowcast.outbox) END", &[])
         .await?

@@ -325,7 +325,7 @@ async fn uninstall_removes_the_triggers_and_keeps_an_undrained_outbox() {
         async move { client.query_one(sql, &[]).await.expect(sql).get::<_, i64>(0) }
     };
     let triggers = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'rowcast_capture%'";
-    assert_eq!(count(triggers).await, 12, "two triggers on each of the six tables");
+    assert_eq!(count(triggers).await, 24, "four triggers on each of the six tables");
     seed(&client).await;
     assert_eq!(count("SELECT count(*) FROM rowcast.outbox").await, 2);
 

@@ -1,7 +1,8 @@
 -- rowcast trigger capture (SPEC §2): the outbox, the commit order and the capture function.
 -- Applied by `rowcast setup --source triggers`; idempotent. Needs Postgres 14 or newer.
 --
--- A row trigger on each mapped table writes the change into rowcast.outbox, rendered by
+-- Triggers on each mapped table (rowcast.install_capture) write each change into rowcast.outbox
+-- (a plain table's inserts and deletes a statement at a time), rendered by
 -- to_jsonb in a pinned session (UTC, ISO, hex bytea, shortest exact floats) so the data is
 -- byte-for-byte what logical replication would give, and sends an empty NOTIFY: a wake-up
 -- that carries no row data, so the 8000-byte NOTIFY limit never matters.
@@ -71,6 +72,80 @@ BEGIN
     -- Identical notifications of one transaction are folded into one by Postgres.
     PERFORM pg_notify('rowcast', '');
     RETURN NULL;
+END
+$$;
+
+-- Statement trigger for INSERT and DELETE on a plain table: the statement's rows at once, from
+-- its transition table, in the order the statement changed them (an update keeps the row
+-- trigger above, which pairs each new row with its old one). One trigger call, one outbox
+-- insert, one registration and one wake-up per statement instead of per row.
+CREATE OR REPLACE FUNCTION rowcast.capture_rows() RETURNS trigger
+LANGUAGE plpgsql
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 3
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    captured bigint;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
+        -- `changed.*` is the whole row, even in a table with a column named `changed`.
+        SELECT TG_ARGV[0], TG_ARGV[1], 'insert', to_jsonb(changed.*) FROM rowcast_new AS changed;
+    ELSE
+        INSERT INTO rowcast.outbox (table_schema, table_name, op, old_row)
+        SELECT TG_ARGV[0], TG_ARGV[1], 'delete', to_jsonb(changed.*) FROM rowcast_old AS changed;
+    END IF;
+    GET DIAGNOSTICS captured = ROW_COUNT;
+    IF captured > 0 THEN
+        INSERT INTO rowcast.outbox_commits (xid, seq) VALUES (pg_current_xact_id(), 0)
+        ON CONFLICT (xid) DO NOTHING;
+        PERFORM pg_notify('rowcast', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Puts the capture triggers on `tab` (reported as `schema.name`), replacing what it had. A plain
+-- table gets statement triggers for INSERT and DELETE; a partitioned table, a partition or an
+-- inheritance parent keeps row triggers for them (statement triggers would miss statements
+-- on its partitions or children, and they cannot have transition tables). Triggers are
+-- replaced in place, and one is dropped only when it exists: DROP TRIGGER takes a lock that
+-- would deadlock with the application's foreign-key checks while setup runs.
+CREATE OR REPLACE FUNCTION rowcast.install_capture(tab regclass, schema_name text, table_name text)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    plain boolean;
+    present text[];
+    args text := format('%L, %L', schema_name, table_name);
+BEGIN
+    SELECT c.relkind = 'r' AND NOT c.relispartition AND NOT c.relhassubclass INTO plain
+      FROM pg_class c WHERE c.oid = tab;
+    SELECT coalesce(array_agg(t.tgname::text), '{}') INTO present
+      FROM pg_trigger t WHERE t.tgrelid = tab AND NOT t.tgisinternal;
+    IF plain THEN
+        EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture AFTER UPDATE ON %s
+                            FOR EACH ROW EXECUTE FUNCTION rowcast.capture(%s)', tab, args);
+        EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture_insert AFTER INSERT ON %s
+                            REFERENCING NEW TABLE AS rowcast_new
+                            FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture_rows(%s)', tab, args);
+        EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture_delete AFTER DELETE ON %s
+                            REFERENCING OLD TABLE AS rowcast_old
+                            FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture_rows(%s)', tab, args);
+    ELSE
+        EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture AFTER INSERT OR UPDATE OR DELETE ON %s
+                            FOR EACH ROW EXECUTE FUNCTION rowcast.capture(%s)', tab, args);
+        IF 'rowcast_capture_insert' = ANY (present) THEN
+            EXECUTE format('DROP TRIGGER rowcast_capture_insert ON %s', tab);
+        END IF;
+        IF 'rowcast_capture_delete' = ANY (present) THEN
+            EXECUTE format('DROP TRIGGER rowcast_capture_delete ON %s', tab);
+        END IF;
+    END IF;
+    EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture_truncate AFTER TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture(%s)', tab, args);
 END
 $$;
 
