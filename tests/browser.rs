@@ -256,8 +256,9 @@ async fn the_page_shows_an_entity_filters_by_field_and_shares_its_view() {
     )
     .await;
     db.settled_events().await;
-    let paused =
-        format!("id > {start} AND body->'data'->>'status' = 'paused' AND type LIKE 'agent.%'");
+    let paused = format!(
+        "id > {start} AND body::jsonb->'data'->>'status' = 'paused' AND type LIKE 'agent.%'"
+    );
     let matching = ids_where(&client, &paused).await;
     assert_eq!(matching.split(',').count(), 3, "created p-1, updated and status_changed p-2");
     page.check(&format!("expect-b {matching}"), "seen").await;
@@ -272,8 +273,9 @@ async fn the_page_shows_an_entity_filters_by_field_and_shares_its_view() {
     )
     .await;
     db.settled_events().await;
-    let paused =
-        format!("id > {start} AND body->'data'->>'status' = 'paused' AND type LIKE 'agent.%'");
+    let paused = format!(
+        "id > {start} AND body::jsonb->'data'->>'status' = 'paused' AND type LIKE 'agent.%'"
+    );
     page.check(&format!("expect-c {}", ids_where(&client, &paused).await), "seen").await;
     page.finish("page-entity").await;
     drop(server);
