@@ -10,6 +10,24 @@ use tokio_postgres::Client;
 
 use crate::support::{Running, TestDb};
 
+/// The first row of many types; `$big$` stands for a TOASTed text value.
+pub const FIRST_ROW: &str = r#"INSERT INTO fidelity VALUES (1, 'first', 'plain ünïcödé "quoted" \ back', 'varchar', 'ab',
+                1.50, 1234567890123456789012345678901234567890, 3.14159, 0.1, true, -32768, 2147483647,
+                -9223372036854775808, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+                '{"b": 1.0e2, "a": [1, 2.50, {"z": null}], "a": "dup wins", "é": "\u00e9\ud83d\ude00"}',
+                '{"nested": {"k": [1, "two", null, true]}, "emoji": "😀", "num": 12.340}',
+                '\x00ff10', '2024-02-29', '23:59:59.999999', '12:00:00+05:30', '2024-01-02 03:04:05.5',
+                '2024-06-30 23:59:59.123456+02', '1 year 2 mons 3 days 04:05:06.7',
+                '{{1,NULL},{3,4}}', '{"a b","c\"d",NULL,"NULL",""}', '{1.5,NaN,-Infinity}',
+                '{"2024-01-01 00:00:00+00",NULL}', ARRAY['{"x": 1}'::jsonb, NULL],
+                'happy', '{sad,ok}', 42.42, '192.168.0.1/24', 12.34, '[1,10)', ROW(7, 'seven'), $big$)"#;
+/// A row of special values (NaN, infinities, an empty array).
+pub const SECOND_ROW: &str =
+    "INSERT INTO fidelity (id, f4, f8, n, d, ts, tstz, ia) VALUES (2, 'NaN', 'Infinity', 'NaN',
+    '-infinity', 'infinity', '-infinity', '{}')";
+/// A row of nulls.
+pub const THIRD_ROW: &str = "INSERT INTO fidelity (id) VALUES (3)";
+
 pub const SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN positive AS numeric CHECK (VALUE > 0);
@@ -100,28 +118,18 @@ async fn data_and_old_equal_postgres_to_jsonb() {
 
     let mut expected: Vec<(String, Value, Option<Value>)> = Vec::new();
     let statements: [(&str, i32); 6] = [
+        (FIRST_ROW, 1),
+        (SECOND_ROW, 2),
+        (THIRD_ROW, 3),
         (
-            r#"INSERT INTO fidelity VALUES (1, 'first', 'plain ünïcödé "quoted" \ back', 'varchar', 'ab',
-                1.50, 1234567890123456789012345678901234567890, 3.14159, 0.1, true, -32768, 2147483647,
-                -9223372036854775808, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
-                '{"b": 1.0e2, "a": [1, 2.50, {"z": null}], "a": "dup wins", "é": "\u00e9\ud83d\ude00"}',
-                '{"nested": {"k": [1, "two", null, true]}, "emoji": "😀", "num": 12.340}',
-                '\x00ff10', '2024-02-29', '23:59:59.999999', '12:00:00+05:30', '2024-01-02 03:04:05.5',
-                '2024-06-30 23:59:59.123456+02', '1 year 2 mons 3 days 04:05:06.7',
-                '{{1,NULL},{3,4}}', '{"a b","c\"d",NULL,"NULL",""}', '{1.5,NaN,-Infinity}',
-                '{"2024-01-01 00:00:00+00",NULL}', ARRAY['{"x": 1}'::jsonb, NULL],
-                'happy', '{sad,ok}', 42.42, '192.168.0.1/24', 12.34, '[1,10)', ROW(7, 'seven'), $big$)"#,
-            1,
-        ),
-        (
-            "INSERT INTO fidelity (id, f4, f8, n, d, ts, tstz, ia) VALUES (2, 'NaN', 'Infinity', 'NaN',
-                '-infinity', 'infinity', '-infinity', '{}')",
+            "UPDATE fidelity SET f8 = '-Infinity', tstz = 'infinity', d = '0044-03-15 BC', f4 = 1e-7 WHERE id = 2",
             2,
         ),
-        ("INSERT INTO fidelity (id) VALUES (3)", 3),
-        ("UPDATE fidelity SET f8 = '-Infinity', tstz = 'infinity', d = '0044-03-15 BC', f4 = 1e-7 WHERE id = 2", 2),
         // The big TOASTed value is left unchanged by this update of another column.
-        ("UPDATE fidelity SET label = 'second', f8 = 1e100, tstz = '1999-12-31 23:00:00-05' WHERE id = 1", 1),
+        (
+            "UPDATE fidelity SET label = 'second', f8 = 1e100, tstz = '1999-12-31 23:00:00-05' WHERE id = 1",
+            1,
+        ),
         ("UPDATE fidelity SET label = 'third' WHERE id = 3", 3),
     ];
     let mut snapshots = std::collections::HashMap::new();

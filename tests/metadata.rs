@@ -37,21 +37,11 @@ table = "fidelity"
 redact = ["big"]
 "#;
 
-/// Three rows of many types (the inserts of the fidelity test, with a short `big`).
-const INSERTS: &str = r#"
-INSERT INTO fidelity VALUES (1, 'first', 'plain ünïcödé "quoted" \ back', 'varchar', 'ab',
-    1.50, 1234567890123456789012345678901234567890, 3.14159, 0.1, true, -32768, 2147483647,
-    -9223372036854775808, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
-    '{"b": 1.0e2, "a": [1, 2.50, {"z": null}], "a": "dup wins", "é": "\u00e9\ud83d\ude00"}',
-    '{"nested": {"k": [1, "two", null, true]}, "emoji": "😀", "num": 12.340}',
-    '\x00ff10', '2024-02-29', '23:59:59.999999', '12:00:00+05:30', '2024-01-02 03:04:05.5',
-    '2024-06-30 23:59:59.123456+02', '1 year 2 mons 3 days 04:05:06.7',
-    '{{1,NULL},{3,4}}', '{"a b","c\"d",NULL,"NULL",""}', '{1.5,NaN,-Infinity}',
-    '{"2024-01-01 00:00:00+00",NULL}', ARRAY['{"x": 1}'::jsonb, NULL],
-    'happy', '{sad,ok}', 42.42, '192.168.0.1/24', 12.34, '[1,10)', ROW(7, 'seven'), 'big');
-INSERT INTO fidelity (id, f4, f8, n, d, ts, tstz, ia) VALUES (2, 'NaN', 'Infinity', 'NaN',
-    '-infinity', 'infinity', '-infinity', '{}');
-INSERT INTO fidelity (id) VALUES (3);"#;
+/// Three rows of many types: the inserts of the fidelity test, with a short `big`.
+fn inserts() -> String {
+    use crate::fidelity::{FIRST_ROW, SECOND_ROW, THIRD_ROW};
+    format!("{};\n{SECOND_ROW};\n{THIRD_ROW};", FIRST_ROW.replace("$big$", "'big'"))
+}
 
 fn mapping(extra: &str) -> Arc<Mapping> {
     Arc::new(Mapping::from_toml(&format!("{DEFAULT_MAPPING}\n{extra}")).expect("mapping"))
@@ -195,7 +185,7 @@ async fn rows_render_as_the_created_events_do() {
     let mut settings = db.settings();
     settings.mapping = Arc::new(Mapping::from_toml(FIDELITY).expect("mapping"));
     let mut server = Running::start(settings).await;
-    db.client().await.batch_execute(INSERTS).await.expect("inserts");
+    db.client().await.batch_execute(&inserts()).await.expect("inserts");
     server.wait_for_id(3, WAIT).await;
 
     let (status, history) = get(server.addr, "/api/events?type=fidelity.created").await;
