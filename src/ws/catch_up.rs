@@ -99,20 +99,12 @@ impl<H: History> CatchUp<H> {
     /// (`last_id` when none match), retried while the log fails; `None` once the connection
     /// is closing.
     async fn history_start(&self, last_id: u64, count: usize) -> Option<u64> {
-        let mut backoff = Backoff::new(CATCH_UP_RETRY_FIRST, CATCH_UP_RETRY_MAX);
-        loop {
-            match self.context.history.oldest_of_last(&self.filter, last_id, count).await {
-                Ok(oldest) => return Some(oldest.map_or(last_id, |id| id.saturating_sub(1))),
-                Err(err) => {
-                    let connection = self.connection;
-                    tracing::warn!(connection, error = %err, "history read failed; retrying");
-                    if self.outbound.is_closing() {
-                        return None;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
-        }
+        let (history, filter) = (&self.context.history, &*self.filter);
+        let oldest = retrying(self.connection, &self.outbound, || {
+            history.oldest_of_last(filter, last_id, count)
+        })
+        .await?;
+        Some(oldest.map_or(last_id, |id| id.saturating_sub(1)))
     }
 
     /// Sends one page after `cursor`; returns the new cursor, `None` when the connection is
@@ -161,10 +153,23 @@ pub(super) async fn read_page<H: History>(
     filter: &Filter,
     range: &Range,
 ) -> Option<Page> {
+    retrying(connection, outbound, || context.history.read(filter, range)).await
+}
+
+/// `read` of the log, tried again with backoff while it fails; `None` once the connection is
+/// closing.
+async fn retrying<T, F>(
+    connection: ConnectionId,
+    outbound: &Outbound,
+    mut read: impl FnMut() -> F,
+) -> Option<T>
+where
+    F: std::future::Future<Output = Result<T, crate::log::LogError>>,
+{
     let mut backoff = Backoff::new(CATCH_UP_RETRY_FIRST, CATCH_UP_RETRY_MAX);
     loop {
-        match context.history.read(filter, range).await {
-            Ok(page) => return Some(page),
+        match read().await {
+            Ok(value) => return Some(value),
             Err(err) => {
                 tracing::warn!(connection, error = %err, "catch-up read failed; retrying");
                 if outbound.is_closing() {
