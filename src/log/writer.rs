@@ -42,8 +42,15 @@ fn append_statement(body: &str) -> String {
             position_minor = excluded.position_minor, progress = excluded.progress, updated_at = now()
     )
     SELECT count(*) FROM appended",
-        Batch::statement(body)
+        Batch::statement(body, Keys::None)
     )
+}
+
+/// Whether an append stores idempotency keys (application events), and from which parameter.
+#[derive(Clone, Copy)]
+enum Keys {
+    None,
+    At(usize),
 }
 
 /// An append on its way: the events it stores once it commits.
@@ -430,7 +437,7 @@ impl LogWriter {
                     updated_at = now()
             )
             SELECT count(*) FROM appended",
-            Batch::statement(self.body)
+            Batch::statement(self.body, Keys::None)
         );
         let arrays = batch.arrays();
         let mut params = arrays.params();
@@ -463,7 +470,7 @@ impl LogWriter {
                  WHERE xid = ANY($11::text[]::xid8[]) AND EXISTS (SELECT FROM fenced)
             )
             SELECT count(*) FROM appended",
-            Batch::statement(self.body)
+            Batch::statement(self.body, Keys::None)
         );
         let arrays = batch.arrays();
         let mut params = arrays.params();
@@ -511,24 +518,8 @@ impl LogWriter {
             return Ok((answers, Vec::new()));
         }
         let batch = Batch::new(self.last_id, fresh)?;
-        // Batch::statement's, with each event's key (`$10`).
-        let statement = format!(
-            "\
-            WITH fenced AS (
-                SELECT FROM rowcast.log_head WHERE last_id = $9
-            ), appended AS (
-                INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body, key)
-                SELECT id, type, committed_at, organization_id, domain_id, severity, {body}, key
-                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[], $10::text[])
-                       AS e(id, type, committed_at, organization_id, domain_id, severity, body, key)
-                 WHERE EXISTS (SELECT FROM fenced)
-                RETURNING 1
-            ), head AS (
-                UPDATE rowcast.log_head SET last_id = $8 WHERE last_id = $9
-            )
-            SELECT count(*) FROM appended",
-            body = self.body
-        );
+        let statement =
+            format!("{} SELECT count(*) FROM appended", Batch::statement(self.body, Keys::At(10)));
         let arrays = batch.arrays();
         let mut params = arrays.params();
         params.push(&fresh_keys);
@@ -571,16 +562,21 @@ impl Batch {
     /// the head they were numbered after (`$9`). The append is fenced on that head: when the
     /// log's head is elsewhere (an append sent before this one failed, or another writer got
     /// in), it stores nothing, and what the statement adds must check `fenced` too. Ends with
-    /// `appended`, to be counted by [`Batch::check`].
-    fn statement(body: &str) -> String {
+    /// `appended`, to be counted by [`Batch::check`]. Application events add their keys
+    /// (`keys`).
+    fn statement(body: &str, keys: Keys) -> String {
+        let (column, array) = match keys {
+            Keys::None => (String::new(), String::new()),
+            Keys::At(n) => (", key".to_owned(), format!(", ${n}::text[]")),
+        };
         format!("\
         WITH fenced AS (
             SELECT FROM rowcast.log_head WHERE last_id = $9
         ), appended AS (
-            INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body)
-            SELECT id, type, committed_at, organization_id, domain_id, severity, {body}
-              FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[])
-                   AS e(id, type, committed_at, organization_id, domain_id, severity, body)
+            INSERT INTO rowcast.events (id, type, committed_at, organization_id, domain_id, severity, body{column})
+            SELECT id, type, committed_at, organization_id, domain_id, severity, {body}{column}
+              FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::smallint[], $7::text[]{array})
+                   AS e(id, type, committed_at, organization_id, domain_id, severity, body{column})
              WHERE EXISTS (SELECT FROM fenced)
             RETURNING 1
         ), head AS (
