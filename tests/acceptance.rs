@@ -25,6 +25,9 @@ use crate::support::{Running, TestDb, connect};
 const WAIT: Duration = Duration::from_secs(30);
 /// How long a connection must stay silent after everything expected arrived: extras show.
 const QUIET: Duration = Duration::from_millis(500);
+/// How often, and after what pause, a history page answered 503 ("try again") is asked again.
+const UNAVAILABLE_RETRIES: usize = 3;
+const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(500);
 const EVER: (&str, &str) = ("2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z");
 
 const ORGS: [&str; 3] = ["acme", "quant", "zeta"];
@@ -913,11 +916,11 @@ async fn history_api(server: &Running, query: &str, limit: usize) -> Vec<u64> {
         let (mut status, mut body) = get(server.addr, &path).await;
         // 503 says "try again" (the log did not answer in time on a loaded machine): a client
         // does, a few times.
-        for _ in 0..3 {
+        for _ in 0..UNAVAILABLE_RETRIES {
             if status != 503 {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(UNAVAILABLE_PAUSE).await;
             (status, body) = get(server.addr, &path).await;
         }
         assert_eq!(status, 200, "{path}: {body}");

@@ -212,6 +212,13 @@ async fn write_loop(
             moved
         });
     };
+    // Writes progress that came without events, and acknowledges it.
+    let flush = async |writer: &mut LogWriter, flushed_at: &mut tokio::time::Instant| {
+        writer.flush_progress().await?;
+        *flushed_at = tokio::time::Instant::now();
+        report(writer);
+        Ok::<(), PublisherError>(())
+    };
     loop {
         let idle = writer.in_flight() == 0;
         // Waits for at least one item, then takes what is already queued, up to a batch.
@@ -223,9 +230,7 @@ async fn write_loop(
             }
             received = queue.recv_many(&mut items, batch_size), if writer.in_flight() < APPENDS_IN_FLIGHT => received,
             () = tokio::time::sleep_until(flushed_at + PROGRESS_FLUSH), if idle && writer.has_pending_progress() => {
-                writer.flush_progress().await?;
-                flushed_at = tokio::time::Instant::now();
-                report(writer);
+                flush(writer, &mut flushed_at).await?;
                 continue;
             }
             Some(request) = async {
@@ -271,16 +276,12 @@ async fn write_loop(
             && writer.has_pending_progress()
             && flushed_at.elapsed() >= PROGRESS_FLUSH
         {
-            writer.flush_progress().await?;
-            flushed_at = tokio::time::Instant::now();
-            report(writer);
+            flush(writer, &mut flushed_at).await?;
         }
     }
     while let Some(confirmed) = writer.confirm().await {
         signals.appended(&confirmed?);
     }
     // Shutdown: what capture sent is in; its progress too, before the last acknowledgement.
-    writer.flush_progress().await?;
-    report(writer);
-    Ok(())
+    flush(writer, &mut flushed_at).await
 }
