@@ -345,7 +345,6 @@ pub async fn uninstall_triggers(target: &Target) -> Result<usize, SetupError> {
     client
         .batch_execute(
             "DROP FUNCTION IF EXISTS rowcast.capture() CASCADE;
-             DROP FUNCTION IF EXISTS rowcast.capture_rows() CASCADE;
              DROP FUNCTION IF EXISTS rowcast.install_capture(regclass, text, text);",
         )
         .await?;

@@ -41,8 +41,12 @@ CREATE TABLE IF NOT EXISTS rowcast.outbox_commits (
     seq bigint NOT NULL
 );
 
--- Row and TRUNCATE trigger of every mapped table. The arguments name the mapped table, so a
--- partition (which inherits the trigger) reports its root, as replication does.
+-- The capture trigger of every mapped table (see rowcast.install_capture). The arguments name
+-- the mapped table, so a partition (which inherits the trigger) reports its root, as
+-- replication does. As a statement trigger for INSERT or DELETE on a plain table it captures
+-- the statement's rows at once, from its transition table, in the order the statement changed
+-- them: one trigger call, one outbox insert, one registration and one wake-up per statement
+-- instead of per row. Updates keep a row trigger, which pairs each new row with its old one.
 CREATE OR REPLACE FUNCTION rowcast.capture() RETURNS trigger
 LANGUAGE plpgsql
 SET TimeZone = 'UTC'
@@ -51,57 +55,38 @@ SET IntervalStyle = 'postgres'
 SET extra_float_digits = 3
 SET bytea_output = 'hex'
 AS $$
+DECLARE
+    captured bigint := 1;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO rowcast.outbox (table_schema, table_name, op)
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'truncate');
+    ELSIF TG_LEVEL = 'STATEMENT' THEN
+        -- `changed.*` is the whole row, even in a table with a column named `changed`.
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
+            SELECT TG_ARGV[0], TG_ARGV[1], 'insert', to_jsonb(changed.*) FROM rowcast_new AS changed;
+        ELSE
+            INSERT INTO rowcast.outbox (table_schema, table_name, op, old_row)
+            SELECT TG_ARGV[0], TG_ARGV[1], 'delete', to_jsonb(changed.*) FROM rowcast_old AS changed;
+        END IF;
+        GET DIAGNOSTICS captured = ROW_COUNT;
+    ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
         VALUES (TG_ARGV[0], TG_ARGV[1], 'insert', to_jsonb(NEW));
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row, old_row)
         VALUES (TG_ARGV[0], TG_ARGV[1], 'update', to_jsonb(NEW), to_jsonb(OLD));
-    ELSIF TG_OP = 'DELETE' THEN
+    ELSE
         INSERT INTO rowcast.outbox (table_schema, table_name, op, old_row)
         VALUES (TG_ARGV[0], TG_ARGV[1], 'delete', to_jsonb(OLD));
-    ELSE
-        INSERT INTO rowcast.outbox (table_schema, table_name, op)
-        VALUES (TG_ARGV[0], TG_ARGV[1], 'truncate');
     END IF;
-    -- Once per transaction: after the first change this is an index probe that inserts nothing
-    -- (so the deferred numbering below fires once).
-    INSERT INTO rowcast.outbox_commits (xid, seq) VALUES (pg_current_xact_id(), 0)
-    ON CONFLICT (xid) DO NOTHING;
-    -- Identical notifications of one transaction are folded into one by Postgres.
-    PERFORM pg_notify('rowcast', '');
-    RETURN NULL;
-END
-$$;
-
--- Statement trigger for INSERT and DELETE on a plain table: the statement's rows at once, from
--- its transition table, in the order the statement changed them (an update keeps the row
--- trigger above, which pairs each new row with its old one). One trigger call, one outbox
--- insert, one registration and one wake-up per statement instead of per row.
-CREATE OR REPLACE FUNCTION rowcast.capture_rows() RETURNS trigger
-LANGUAGE plpgsql
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO'
-SET IntervalStyle = 'postgres'
-SET extra_float_digits = 3
-SET bytea_output = 'hex'
-AS $$
-DECLARE
-    captured bigint;
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
-        -- `changed.*` is the whole row, even in a table with a column named `changed`.
-        SELECT TG_ARGV[0], TG_ARGV[1], 'insert', to_jsonb(changed.*) FROM rowcast_new AS changed;
-    ELSE
-        INSERT INTO rowcast.outbox (table_schema, table_name, op, old_row)
-        SELECT TG_ARGV[0], TG_ARGV[1], 'delete', to_jsonb(changed.*) FROM rowcast_old AS changed;
-    END IF;
-    GET DIAGNOSTICS captured = ROW_COUNT;
     IF captured > 0 THEN
+        -- Once per transaction: after the first change this is an index probe that inserts
+        -- nothing (so the deferred numbering below fires once).
         INSERT INTO rowcast.outbox_commits (xid, seq) VALUES (pg_current_xact_id(), 0)
         ON CONFLICT (xid) DO NOTHING;
+        -- Identical notifications of one transaction are folded into one by Postgres.
         PERFORM pg_notify('rowcast', '');
     END IF;
     RETURN NULL;
@@ -130,10 +115,10 @@ BEGIN
                             FOR EACH ROW EXECUTE FUNCTION rowcast.capture(%s)', tab, args);
         EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture_insert AFTER INSERT ON %s
                             REFERENCING NEW TABLE AS rowcast_new
-                            FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture_rows(%s)', tab, args);
+                            FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture(%s)', tab, args);
         EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture_delete AFTER DELETE ON %s
                             REFERENCING OLD TABLE AS rowcast_old
-                            FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture_rows(%s)', tab, args);
+                            FOR EACH STATEMENT EXECUTE FUNCTION rowcast.capture(%s)', tab, args);
     ELSE
         EXECUTE format('CREATE OR REPLACE TRIGGER rowcast_capture AFTER INSERT OR UPDATE OR DELETE ON %s
                             FOR EACH ROW EXECUTE FUNCTION rowcast.capture(%s)', tab, args);
