@@ -30,8 +30,123 @@ impl SourceMode {
     }
 }
 
+/// What one process does (SPEC §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Role {
+    /// Capture, the log and the WebSocket/HTTP front in one process, with nothing but Postgres.
+    #[default]
+    All,
+    /// Capture into the log and publish every appended event to the JetStream stream; serves
+    /// HTTP (history, emit, stats) but no WebSocket clients.
+    Publisher,
+    /// Serve WebSocket/HTTP clients from the JetStream stream, reading the log for the rest.
+    Gateway,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Publisher => "publisher",
+            Role::Gateway => "gateway",
+        }
+    }
+
+    /// Whether this process captures into the log (and so holds, or waits for, its lock).
+    pub fn captures(self) -> bool {
+        self != Role::Gateway
+    }
+
+    /// Whether this process serves WebSocket clients from its bus.
+    pub fn serves_clients(self) -> bool {
+        self != Role::Publisher
+    }
+}
+
+/// The JetStream side of `--role publisher|gateway`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsSettings {
+    /// Servers to connect to (`--nats-url`, comma-separated); the client fails over among
+    /// them and the ones the cluster announces.
+    pub urls: Vec<String>,
+    /// The stream (default `ROWCAST`).
+    pub stream: String,
+    /// Subjects are `<prefix>.<org>.<domain>.<entity>.<action>` (default `rowcast.events`).
+    pub subject_prefix: String,
+    /// Copies of the stream the cluster keeps (default 1; 3 on a three-server cluster).
+    pub replicas: usize,
+    /// Messages older than this leave the stream (default 24 h). The log keeps its own
+    /// retention: gateways read it for anything the stream no longer has.
+    pub max_age: Duration,
+    /// Bytes the stream may hold, oldest dropped first (default unlimited: `None`).
+    pub max_bytes: Option<u64>,
+    /// How long the stream remembers message ids to drop a republished one (default 2 min).
+    pub duplicate_window: Duration,
+    /// A gateway that received nothing for this long asks the log for its head, so an event
+    /// the stream lost is still delivered (default 1 s).
+    pub idle_check: Duration,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            stream: "ROWCAST".into(),
+            subject_prefix: "rowcast.events".into(),
+            replicas: 1,
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: None,
+            duplicate_window: Duration::from_secs(120),
+            idle_check: Duration::from_secs(1),
+        }
+    }
+}
+
+impl NatsSettings {
+    /// Checks what the server would refuse later, with a message that names the flag.
+    pub fn check(&self) -> Result<(), String> {
+        if self.urls.is_empty() {
+            return Err("--role publisher and --role gateway need --nats-url".into());
+        }
+        for url in &self.urls {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|err| format!("--nats-url {url:?} is not a NATS server address: {err}"))?;
+        }
+        let stream_ok = !self.stream.is_empty()
+            && self.stream.len() <= 255
+            && self.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !stream_ok {
+            return Err(format!(
+                "--nats-stream {:?} must be 1-255 characters of A-Z, a-z, 0-9, _ and -",
+                self.stream
+            ));
+        }
+        let prefix_ok = self.subject_prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'*' | b'>'))
+        });
+        if !prefix_ok {
+            return Err(format!(
+                "--nats-subject-prefix {:?} must be dot-separated tokens without spaces, * or >",
+                self.subject_prefix
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(format!("--nats-replicas {} must be 1 to 5", self.replicas));
+        }
+        if self.duplicate_window > self.max_age {
+            return Err("--nats-duplicate-window must not exceed --nats-max-age".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// What this process does (default `all`).
+    pub role: Role,
+    /// The stream publishers write to and gateways read from (roles other than `all`).
+    pub nats: NatsSettings,
     /// The database whose changes are captured.
     pub database: Target,
     /// Where the event log lives; by default the source database.
@@ -147,6 +262,8 @@ impl Default for ServerSettings {
 impl Settings {
     pub fn new(database: Target) -> Self {
         Self {
+            role: Role::All,
+            nats: NatsSettings::default(),
             log: database.clone(),
             database,
             mapping: Arc::new(Mapping::builtin()),
@@ -220,6 +337,36 @@ mod tests {
         }
         let err = parse_duration("5x").expect_err("unknown unit");
         assert!(err.contains("30s, 15m") && err.contains("\"x\""), "{err}");
+    }
+
+    #[test]
+    fn nats_settings_are_checked() {
+        let good =
+            NatsSettings { urls: vec!["nats://127.0.0.1:4222".into()], ..Default::default() };
+        assert_eq!(good.check(), Ok(()));
+        let with = |change: fn(&mut NatsSettings)| {
+            let mut settings = good.clone();
+            change(&mut settings);
+            settings.check()
+        };
+        assert!(with(|s| s.urls.clear()).is_err_and(|e| e.contains("--nats-url")));
+        assert!(with(|s| s.urls = vec!["nats://[::1".into()]).is_err());
+        assert!(with(|s| s.stream = "ROW.CAST".into()).is_err_and(|e| e.contains("--nats-stream")));
+        assert!(with(|s| s.stream = String::new()).is_err());
+        assert!(with(|s| s.subject_prefix = "rowcast.*".into()).is_err());
+        assert!(with(|s| s.subject_prefix = "rowcast..events".into()).is_err());
+        assert!(with(|s| s.subject_prefix = "rc".into()).is_ok());
+        assert!(with(|s| s.replicas = 0).is_err());
+        assert!(with(|s| s.replicas = 6).is_err());
+        assert!(with(|s| s.replicas = 3).is_ok());
+        assert!(with(|s| s.max_age = Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn roles() {
+        assert!(Role::All.captures() && Role::All.serves_clients());
+        assert!(Role::Publisher.captures() && !Role::Publisher.serves_clients());
+        assert!(!Role::Gateway.captures() && Role::Gateway.serves_clients());
     }
 
     #[test]

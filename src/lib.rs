@@ -21,7 +21,10 @@
 //! 4. [`publisher`] supervises capture into the log, reconnects on transient failures (the one
 //!    rule is [`pg::transience`]), and hands each committed batch to the [`bus`], which matches
 //!    it against subscriptions ([`filter`]) by index into per-connection mailboxes.
-//! 5. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log); [`http`] the state they
+//! 5. [`nats`] takes the pipeline beyond one machine (`--role publisher|gateway`): a publisher
+//!    hands its committed batches to a JetStream stream instead of a bus, and gateways feed
+//!    their bus from the stream, filling any id gap from the log.
+//! 6. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log); [`http`] the state they
 //!    share, access control, history, metadata, stats and health; [`server`] wires it all and
 //!    shuts it down in order. [`apps`] holds the demo, `tail` and throwaway clusters.
 //!
@@ -43,6 +46,7 @@ pub mod log;
 pub mod mapping;
 pub mod metrics;
 pub mod model;
+pub mod nats;
 pub mod pg;
 pub mod publisher;
 pub mod server;

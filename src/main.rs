@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use rowcast::apps::demo::{Demo, DemoArgs};
 use rowcast::apps::emit::EmitArgs;
 use rowcast::apps::tail::{Tail, TailArgs};
-use rowcast::config::{self, Settings, SourceMode};
+use rowcast::config::{self, NatsSettings, Role, Settings, SourceMode};
 use rowcast::mapping::{Mapping, MappingError};
 use rowcast::publisher::{Acceptance, Decision, PublisherError};
 use rowcast::server::ServeError;
@@ -108,6 +108,62 @@ struct SourceArgs {
 }
 
 #[derive(Args)]
+struct NatsArgs {
+    /// NATS servers for --role publisher|gateway (comma-separated, e.g.
+    /// nats://n1:4222,nats://n2:4222); the client fails over among them.
+    #[arg(long, env = "ROWCAST_NATS_URL", value_delimiter = ',')]
+    nats_url: Vec<String>,
+    /// The JetStream stream (created when missing).
+    #[arg(long, env = "ROWCAST_NATS_STREAM", default_value = "ROWCAST")]
+    nats_stream: String,
+    /// Subjects are PREFIX.<org>.<domain>.<entity>.<action>.
+    #[arg(long, env = "ROWCAST_NATS_SUBJECT_PREFIX", default_value = "rowcast.events")]
+    nats_subject_prefix: String,
+    /// Copies of the stream the NATS cluster keeps, when rowcast creates it (3 on a
+    /// three-server cluster survives one server's loss).
+    #[arg(long, env = "ROWCAST_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    nats_replicas: u8,
+    /// Messages older than this leave the stream (gateways read older events from the log).
+    #[arg(long, env = "ROWCAST_NATS_MAX_AGE", default_value = "24h", value_parser = config::parse_duration)]
+    nats_max_age: Duration,
+    /// Bytes the stream may hold, oldest dropped first [default: unlimited].
+    #[arg(long, env = "ROWCAST_NATS_MAX_BYTES")]
+    nats_max_bytes: Option<u64>,
+    /// How long the stream drops a republished event id (a publisher resuming after a crash).
+    #[arg(long, env = "ROWCAST_NATS_DUPLICATE_WINDOW", default_value = "2m", value_parser = config::parse_duration)]
+    nats_duplicate_window: Duration,
+}
+
+impl NatsArgs {
+    /// The settings for `role`; checked for the roles that use them.
+    fn settings(&self, role: Role) -> anyhow::Result<NatsSettings> {
+        let settings = NatsSettings {
+            urls: self
+                .nats_url
+                .iter()
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect(),
+            stream: self.nats_stream.clone(),
+            subject_prefix: self.nats_subject_prefix.clone(),
+            replicas: usize::from(self.nats_replicas),
+            max_age: self.nats_max_age,
+            max_bytes: self.nats_max_bytes,
+            duplicate_window: self.nats_duplicate_window,
+            ..NatsSettings::default()
+        };
+        match role {
+            Role::All if !settings.urls.is_empty() => {
+                anyhow::bail!("--nats-url is for --role publisher or --role gateway")
+            }
+            Role::All => {}
+            _ => settings.check().map_err(anyhow::Error::msg)?,
+        }
+        Ok(settings)
+    }
+}
+
+#[derive(Args)]
 struct SetupArgs {
     #[command(flatten)]
     source: SourceArgs,
@@ -120,6 +176,13 @@ struct SetupArgs {
 struct ServeArgs {
     #[command(flatten)]
     source: SourceArgs,
+    /// What this process does: `all` (capture and serve, with nothing but Postgres),
+    /// `publisher` (capture, and publish every event to NATS JetStream; several may run, one
+    /// captures) or `gateway` (serve WebSocket/HTTP clients from the stream; no capture).
+    #[arg(long, env = "ROWCAST_ROLE", value_enum, default_value = "all")]
+    role: Role,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Events older than this are trimmed from the log (30s, 15m, 12h, 7d).
     #[arg(long, env = "ROWCAST_RETENTION", default_value = "7d", value_parser = config::parse_duration)]
     retention: Duration,
@@ -364,17 +427,7 @@ fn parse_url(url: &str) -> anyhow::Result<pg::Target> {
 /// The settings of the source flags, with the capture source decided against what the log
 /// recorded (see `publisher::decide`).
 async fn settings(args: &SourceArgs) -> anyhow::Result<(Settings, Decision)> {
-    config::check_object_name("slot", &args.slot).map_err(anyhow::Error::msg)?;
-    config::check_object_name("publication", &args.publication).map_err(anyhow::Error::msg)?;
-    let mut settings = Settings::new(parse_url(&args.database_url)?);
-    if let Some(log_url) = &args.log_url {
-        settings.log = parse_url(log_url)?;
-    }
-    if let Some(path) = &args.mapping {
-        settings.mapping = Arc::new(Mapping::load(path)?);
-    }
-    settings.slot.clone_from(&args.slot);
-    settings.publication.clone_from(&args.publication);
+    let mut settings = source_settings(args)?;
     let what = format!(
         "{} and {}",
         pg::describe(&settings.database, "source"),
@@ -389,6 +442,23 @@ async fn settings(args: &SourceArgs) -> anyhow::Result<(Settings, Decision)> {
     settings.source = decision.source;
     settings.source_reason = Some(decision.reason.clone());
     Ok((settings, decision))
+}
+
+/// The settings of the source flags, without deciding anything (what a gateway needs: it
+/// captures nothing, and may not even reach the source as a writer).
+fn source_settings(args: &SourceArgs) -> anyhow::Result<Settings> {
+    config::check_object_name("slot", &args.slot).map_err(anyhow::Error::msg)?;
+    config::check_object_name("publication", &args.publication).map_err(anyhow::Error::msg)?;
+    let mut settings = Settings::new(parse_url(&args.database_url)?);
+    if let Some(log_url) = &args.log_url {
+        settings.log = parse_url(log_url)?;
+    }
+    if let Some(path) = &args.mapping {
+        settings.mapping = Arc::new(Mapping::load(path)?);
+    }
+    settings.slot.clone_from(&args.slot);
+    settings.publication.clone_from(&args.publication);
+    Ok(settings)
 }
 
 /// Makes the databases ready for the decided source: `setup`, or a switch from the recorded
@@ -457,7 +527,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_key.as_deref(),
         listen,
     )?;
-    let (mut settings, decision) = settings(&args.source).await?;
+    let nats = args.nats.settings(args.role)?;
+    // A gateway captures nothing: no source decision, no setup (the publishers do both).
+    let (mut settings, decision) = match args.role {
+        Role::Gateway => (source_settings(&args.source)?, None),
+        _ => settings(&args.source).await.map(|(settings, decision)| (settings, Some(decision)))?,
+    };
+    settings.role = args.role;
+    settings.nats = nats;
     settings.retention = args.retention;
     settings.batch_size = args.batch_size as usize;
     settings.queue_capacity = args.queue_capacity as usize;
@@ -482,9 +559,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.allowed_origins = args.allowed_origins.clone();
     server.auth = auth;
     settings.poll_interval = args.poll_interval.max(Duration::from_millis(10));
-    if !args.no_setup {
-        prepare(&settings, &decision, args.source.mapping.is_none()).await?;
-    } else if let Some(from) = decision.switch_from {
+    if let Some(decision) = &decision
+        && !args.no_setup
+    {
+        prepare(&settings, decision, args.source.mapping.is_none()).await?;
+    } else if let Some(from) = decision.and_then(|d| d.switch_from) {
         anyhow::bail!(
             "the log is fed by {} capture; switching to {} runs setup: leave out --no-setup",
             from.name(),

@@ -64,6 +64,24 @@ pub struct Snapshot {
     pub outbound_frames: usize,
     pub slot_lag_bytes: Option<i64>,
     pub source: &'static str,
+    /// The role of this process (`all`, `publisher`, `gateway`).
+    pub role: &'static str,
+    /// The JetStream side, for publishers and gateways.
+    pub nats: Option<Nats>,
+}
+
+/// What a publisher's relay or a gateway's consumer counted (see `nats::Status`).
+#[derive(Debug, Clone, Default)]
+pub struct Nats {
+    pub connected: bool,
+    pub errors: u64,
+    pub published: u64,
+    pub received: u64,
+    pub pending: u64,
+    pub lag_seconds: f64,
+    pub gaps: u64,
+    pub filled: u64,
+    pub malformed: u64,
 }
 
 impl Default for Metrics {
@@ -224,6 +242,59 @@ impl Metrics {
             "The capture source in use",
             Info::new([("source", gauges.source)]),
         );
+        scraped.register(
+            "rowcast_role",
+            "What this process does",
+            Info::new([("role", gauges.role)]),
+        );
+        if let Some(nats) = &gauges.nats {
+            let counter = ConstCounter::new;
+            scraped.register(
+                "rowcast_nats_connected",
+                "1 while connected to a NATS server",
+                ConstGauge::new(i64::from(nats.connected)),
+            );
+            scraped.register(
+                "rowcast_nats_errors",
+                "Failures publishing to or consuming the stream (each retried)",
+                counter(nats.errors),
+            );
+            scraped.register(
+                "rowcast_nats_published",
+                "Events the stream acknowledged (publisher)",
+                counter(nats.published),
+            );
+            scraped.register(
+                "rowcast_nats_received",
+                "Messages taken from the stream (gateway)",
+                counter(nats.received),
+            );
+            scraped.register(
+                "rowcast_nats_stream_pending_messages",
+                "Messages the stream holds that this gateway has not taken yet",
+                ConstGauge::new(i64::try_from(nats.pending).unwrap_or(i64::MAX)),
+            );
+            scraped.register(
+                "rowcast_nats_stream_lag_seconds",
+                "How long ago the stream stored the last message taken, while it holds more (gateway)",
+                ConstGauge::<f64>::new(nats.lag_seconds),
+            );
+            scraped.register(
+                "rowcast_nats_gaps",
+                "Id gaps in the stream that this gateway filled from the log",
+                counter(nats.gaps),
+            );
+            scraped.register(
+                "rowcast_nats_gap_events",
+                "Events read from the log to fill gaps (gateway)",
+                counter(nats.filled),
+            );
+            scraped.register(
+                "rowcast_nats_malformed",
+                "Stream messages that were not events, skipped (their ids come from the log)",
+                counter(nats.malformed),
+            );
+        }
         // Writing to a String cannot fail.
         let _ = prometheus_text::encode(&mut out, &self.registry);
         let _ = prometheus_text::encode(&mut out, &scraped);
@@ -290,6 +361,14 @@ mod tests {
             outbound_frames: 7,
             slot_lag_bytes: Some(128),
             source: "replication",
+            role: "gateway",
+            nats: Some(Nats {
+                connected: true,
+                pending: 3,
+                lag_seconds: 0.5,
+                gaps: 2,
+                ..Default::default()
+            }),
         });
         for line in [
             "rowcast_events_appended_total{type=\"agent.created\"} 2",
@@ -309,6 +388,12 @@ mod tests {
             "rowcast_capture_queue_items 4",
             "rowcast_lagging_switches_total 1",
             "rowcast_source_info{source=\"replication\"} 1",
+            "rowcast_role_info{role=\"gateway\"} 1",
+            "rowcast_nats_connected 1",
+            "rowcast_nats_stream_pending_messages 3",
+            "rowcast_nats_stream_lag_seconds 0.5",
+            "rowcast_nats_gaps_total 2",
+            "rowcast_nats_gap_events_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
@@ -322,9 +407,12 @@ mod tests {
             outbound_frames: 0,
             slot_lag_bytes: None,
             source: "triggers",
+            role: "all",
+            nats: None,
         });
         assert!(text.contains("rowcast_events_appended_total{type=\"user.created\"} 1\n"));
         assert!(!text.contains("rowcast_events_delivered_total{"), "{text}");
         assert!(!text.contains("rowcast_source_lag_bytes"), "{text}");
+        assert!(!text.contains("rowcast_nats_"), "{text}");
     }
 }

@@ -1,9 +1,13 @@
 //! The whole server: capture into the log, the bus, retention and the HTTP/WebSocket front,
 //! wired together and shut down in order.
 //!
+//! What feeds the bus depends on the role (SPEC §10): the publisher itself (`all`), nothing
+//! (`publisher`: its appends go to the NATS relay, and it serves no WebSocket clients), or the
+//! stream (`gateway`: no capture, no log writer).
+//!
 //! Shutdown (SPEC §9): the listener stops accepting; the publisher finishes in-flight appends,
-//! publishes them and acknowledges the slot; then the bus closes every socket with 1001 after
-//! writing what was queued for it.
+//! publishes them and acknowledges the slot (then the relay publishes what it has left); then
+//! the bus closes every socket with 1001 after writing what was queued for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
-use crate::config::Settings;
+use crate::config::{Role, Settings};
 use crate::http::AppState;
 use crate::log::{self, LogError, Scopes};
 use crate::metrics::{Metrics, Rate};
+use crate::nats::{self, Gateway, NatsError, Relay};
 use crate::pg::Pool;
 use crate::publisher::{self, Publisher, PublisherError};
 
@@ -26,6 +31,8 @@ pub enum ServeError {
     Publisher(#[from] PublisherError),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -36,6 +43,7 @@ impl ServeError {
         match self {
             ServeError::Publisher(err) => err.is_retryable(),
             ServeError::Log(err) => err.is_retryable(),
+            ServeError::Nats(err) => err.is_retryable(),
             ServeError::Io(_) => false,
         }
     }
@@ -53,10 +61,21 @@ const RATE_SAMPLE: Duration = Duration::from_secs(1);
 /// The pause after a failed `accept` (out of file descriptors and the like).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
+/// Log connections of a gateway's consumer (gap fills) and of a publisher's relay.
+const NATS_LOG_CONNECTIONS: usize = 2;
+
 /// A server ready to run: its state is observable before it starts.
 pub struct Server {
     state: Arc<AppState>,
-    publisher: Publisher,
+    feed: Feed,
+}
+
+/// What feeds the log and the bus, by role.
+enum Feed {
+    /// Capture into the log; with a relay, to the stream instead of the bus.
+    Publisher(Publisher, Option<Relay>),
+    /// The stream into the bus.
+    Gateway(Gateway),
 }
 
 impl Server {
@@ -67,16 +86,49 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let scopes = Arc::new(Scopes::default());
         let bus = Arc::new(Bus::new(head, metrics.clone()));
-        let (appends, inbox) = log::app::channel(settings.server.append_queue);
-        let publisher = Publisher::new(settings.clone())
-            .with_bus(bus.clone())
-            .with_scopes(scopes.clone())
-            .with_metrics(metrics.clone())
-            .with_inbox(inbox);
+        let status = (settings.role != Role::All).then(Arc::<nats::Status>::default);
+        let nats_log = || Pool::new(settings.log.clone(), "nats log reader", NATS_LOG_CONNECTIONS);
+        let (feed, watch, appends) = match (settings.role, &status) {
+            (Role::Gateway, Some(status)) => {
+                let gateway = Gateway::new(
+                    settings.nats.clone(),
+                    bus.clone(),
+                    nats_log(),
+                    scopes.clone(),
+                    status.clone(),
+                );
+                (Feed::Gateway(gateway), publisher::Watch::detached(), None)
+            }
+            (role, status) => {
+                let (appends, inbox) = log::app::channel(settings.server.append_queue);
+                let mut publisher = Publisher::new(settings.clone())
+                    .with_scopes(scopes.clone())
+                    .with_metrics(metrics.clone())
+                    .with_inbox(inbox);
+                let watch = publisher.watch();
+                let relay = match status {
+                    Some(status) if role == Role::Publisher => {
+                        let (outlet, relay) = nats::relay(
+                            settings.nats.clone(),
+                            nats_log(),
+                            watch.head.clone(),
+                            status.clone(),
+                        );
+                        publisher = publisher.with_outlet(outlet);
+                        Some(relay)
+                    }
+                    _ => {
+                        publisher = publisher.with_bus(bus.clone());
+                        None
+                    }
+                };
+                (Feed::Publisher(publisher, relay), watch, Some(appends))
+            }
+        };
         let state = Arc::new(AppState {
             source: Pool::new(settings.database.clone(), "source reader", SOURCE_CONNECTIONS),
             schema: Default::default(),
-            publisher: publisher.watch(),
+            publisher: watch,
             sessions: TaskTracker::new(),
             rate: Rate::new(head),
             connections: Arc::new(tokio::sync::Semaphore::new(settings.server.max_connections)),
@@ -84,10 +136,11 @@ impl Server {
             scopes,
             bus,
             log,
-            appends: Some(appends),
+            appends,
+            nats: status,
             settings,
         });
-        Ok(Self { state, publisher })
+        Ok(Self { state, feed })
     }
 
     pub fn watch(&self) -> publisher::Watch {
@@ -107,20 +160,29 @@ impl Server {
         let state = self.state;
         let background = TaskTracker::new();
         background.spawn(load_scopes(state.clone()));
-        background.spawn(trim_log(
-            state.settings.log.clone(),
-            state.settings.retention,
-            shutdown.clone(),
-        ));
+        // Gateways never write the log (theirs may be a read replica).
+        if state.settings.role.captures() {
+            background.spawn(trim_log(
+                state.settings.log.clone(),
+                state.settings.retention,
+                shutdown.clone(),
+            ));
+        }
         background.spawn(sample_rate(state.clone(), shutdown.clone()));
         background.close();
 
-        let app = crate::http::app(state.clone(), crate::ws::routes());
+        // A publisher's bus is not fed: it serves no WebSocket clients.
+        let transports = if state.settings.role.serves_clients() {
+            crate::ws::routes()
+        } else {
+            Default::default()
+        };
+        let app = crate::http::app(state.clone(), transports);
         let handshake_timeout = state.settings.server.handshake_timeout;
         let http = tokio::spawn(accept(listener, app, handshake_timeout, shutdown.clone()));
-        tracing::info!(listen = %state.settings.server.listen, "serving");
+        tracing::info!(listen = %state.settings.server.listen, role = state.settings.role.name(), "serving");
 
-        let published = self.publisher.run(shutdown.clone()).await;
+        let published = feed(self.feed, &shutdown).await;
         // Whatever ended the publisher ends the server; what it appended is published.
         shutdown.cancel();
         state.bus.close();
@@ -137,6 +199,37 @@ impl Server {
         published?;
         served?;
         Ok(())
+    }
+}
+
+/// Runs what feeds the log and the bus until `shutdown`, or until it fails for good.
+async fn feed(feed: Feed, shutdown: &CancellationToken) -> Result<(), ServeError> {
+    match feed {
+        Feed::Publisher(publisher, None) => Ok(publisher.run(shutdown.clone()).await?),
+        Feed::Publisher(publisher, Some(relay)) => {
+            // The relay stops after the publisher, so it publishes the last appends too.
+            let relay_stop = CancellationToken::new();
+            let mut relaying = tokio::spawn(relay.run(relay_stop.clone()));
+            let publishing = publisher.run(shutdown.clone());
+            tokio::pin!(publishing);
+            let (published, relayed) = tokio::select! {
+                published = &mut publishing => {
+                    relay_stop.cancel();
+                    (published, relaying.await)
+                }
+                relayed = &mut relaying => {
+                    // The relay failed for good: stop capturing too, loudly.
+                    shutdown.cancel();
+                    (publishing.await, relayed)
+                }
+            };
+            published?;
+            match relayed {
+                Ok(relayed) => Ok(relayed?),
+                Err(panicked) => Err(NatsError::Publish(format!("relay task: {panicked}")).into()),
+            }
+        }
+        Feed::Gateway(gateway) => Ok(gateway.run(shutdown.clone()).await?),
     }
 }
 
@@ -234,7 +327,11 @@ async fn sample_rate(state: Arc<AppState>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => state.rate.sample(state.bus.head()),
+            _ = tick.tick() => state.rate.sample(match state.settings.role {
+                // Its bus is not fed: the log's head is what it appended.
+                Role::Publisher => *state.publisher.head.borrow(),
+                _ => state.bus.head(),
+            }),
         }
     }
 }

@@ -50,7 +50,7 @@ const APP_TYPES: [&str; 5] =
     ["deployment.log", "agent.heartbeat", "model.state_changed", "query.routed", "cache.miss"];
 
 /// The seed of this run: `ROWCAST_ACCEPT_SEED` or a fresh one, printed so a failure repeats.
-fn seed(test: &str) -> u64 {
+pub(crate) fn seed(test: &str) -> u64 {
     let seed = std::env::var("ROWCAST_ACCEPT_SEED")
         .ok()
         .map(|s| s.parse().expect("ROWCAST_ACCEPT_SEED is a number"))
@@ -77,7 +77,7 @@ fn jsonb(value: &Value) -> String {
 }
 
 /// A random workload over the six tables, kept consistent with what exists.
-struct Workload {
+pub(crate) struct Workload {
     rng: StdRng,
     next: u64,
     agents: Vec<String>,
@@ -90,7 +90,7 @@ struct Workload {
 }
 
 impl Workload {
-    fn new(seed: u64) -> Workload {
+    pub(crate) fn new(seed: u64) -> Workload {
         Workload {
             rng: StdRng::seed_from_u64(seed),
             next: 0,
@@ -103,7 +103,7 @@ impl Workload {
         }
     }
 
-    fn seed_sql() -> String {
+    pub(crate) fn seed_sql() -> String {
         let mut sql = String::new();
         for org in ORGS {
             sql += &format!("INSERT INTO organizations (id, name) VALUES ('{org}', '{org}');");
@@ -399,7 +399,7 @@ impl Workload {
     }
 
     /// One transaction of 1 to 4 statements.
-    fn transaction(&mut self) -> String {
+    pub(crate) fn transaction(&mut self) -> String {
         let n = self.rng.random_range(1..=4);
         let mut sql = String::from("BEGIN;");
         for _ in 0..n {
@@ -429,7 +429,7 @@ impl Workload {
     }
 
     /// A `POST /api/events` body of 1 to 15 application events.
-    fn app_events(&mut self) -> Value {
+    pub(crate) fn app_events(&mut self) -> Value {
         let n = self.rng.random_range(1..=15);
         let events: Vec<Value> = (0..n)
             .map(|_| {
@@ -468,7 +468,7 @@ async fn write(db: &TestDb, server: &Running, workload: &mut Workload, events: u
 }
 
 /// Fields a filter can name, with values the workload gives them (and some it does not).
-fn fields() -> HashMap<&'static str, Vec<Value>> {
+pub(crate) fn fields() -> HashMap<&'static str, Vec<Value>> {
     let strings = |items: &[&str]| items.iter().map(|s| json!(s)).collect::<Vec<_>>();
     let with = |mut items: Vec<Value>, more: Vec<Value>| {
         items.extend(more);
@@ -688,7 +688,7 @@ fn predicate(rng: &mut StdRng, fields: &HashMap<&str, Vec<Value>>, target: &Targ
 
 /// A random filter aimed at one target: maybe types, organizations, domains, a severity; 1 to 3
 /// predicates, mostly over the target's fields.
-fn filter(rng: &mut StdRng, fields: &HashMap<&str, Vec<Value>>) -> Value {
+pub(crate) fn filter(rng: &mut StdRng, fields: &HashMap<&str, Vec<Value>>) -> Value {
     let target = TARGETS.choose(rng).expect("target");
     let mut filter = json!({});
     match rng.random_range(0..10) {

@@ -54,7 +54,7 @@ async fn a_cut_during_the_reconnect_mapping_check_is_retried() {
             match state {
                 State::Streaming => return Ok(()),
                 State::Stopped => return Err("the publisher stopped"),
-                State::Starting | State::Reconnecting { .. } => {}
+                State::Starting | State::Standby | State::Reconnecting { .. } => {}
                 State::Broken { reason } => panic!("continuity broken: {reason}"),
             }
             if running.watch.state.changed().await.is_err() {

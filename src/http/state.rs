@@ -33,4 +33,6 @@ pub struct AppState {
     /// Application events posted over HTTP go to the publisher's writer through here; `None`
     /// where this process does not write the log.
     pub appends: Option<crate::log::app::Outbox>,
+    /// The relay (`--role publisher`) or the consumer (`--role gateway`); `None` for `all`.
+    pub nats: Option<Arc<crate::nats::Status>>,
 }

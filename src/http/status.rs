@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::access::Authorized;
+use crate::config::Role;
 use crate::publisher::State as PublisherState;
 
 /// The longest readiness, stats and metrics wait for a database before saying it does not
@@ -17,13 +18,31 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn stats(State(state): State<Arc<AppState>>, _: Authorized) -> Response {
     let bus = state.bus.stats();
+    let role = state.settings.role;
     let publisher = state.publisher.state.borrow().clone();
-    let (state_name, error) = match &publisher {
-        PublisherState::Starting => ("starting", None),
-        PublisherState::Streaming => ("streaming", None),
-        PublisherState::Reconnecting { error } => ("reconnecting", Some(error.clone())),
-        PublisherState::Broken { reason } => ("broken", Some(reason.clone())),
-        PublisherState::Stopped => ("stopped", None),
+    let (state_name, error) = match (&publisher, &state.nats) {
+        (_, Some(nats)) if role == Role::Gateway => {
+            if nats.is_healthy() {
+                ("consuming", None)
+            } else {
+                ("reconnecting", nats.stats(&state.settings.nats)["error"].as_str().map(Into::into))
+            }
+        }
+        (PublisherState::Starting, _) => ("starting", None),
+        (PublisherState::Streaming, _) => ("streaming", None),
+        (PublisherState::Standby, _) => ("standby", None),
+        (PublisherState::Reconnecting { error }, _) => ("reconnecting", Some(error.clone())),
+        (PublisherState::Broken { reason }, _) => ("broken", Some(reason.clone())),
+        (PublisherState::Stopped, _) => ("stopped", None),
+    };
+    let running = match role {
+        Role::Gateway => state.nats.as_ref().is_some_and(|nats| nats.is_healthy()),
+        _ => publisher == PublisherState::Streaming,
+    };
+    // A publisher's bus is not fed: what it appended is its log head.
+    let last_id = match role {
+        Role::Publisher => *state.publisher.head.borrow(),
+        _ => bus.head,
     };
     let log_size = async {
         let size = async |client: &tokio_postgres::Client| {
@@ -34,21 +53,23 @@ pub async fn stats(State(state): State<Arc<AppState>>, _: Authorized) -> Respons
     };
     let (log_size, slot_lag) = tokio::join!(log_size, slot_lag(&state));
     axum::Json(json!({
-        "running": publisher == PublisherState::Streaming,
+        "running": running,
+        "role": role.name(),
         "state": state_name,
         "error": error,
         "source": state.settings.source.name(),
         "source_reason": state.settings.source_reason,
         "connections": bus.connections,
         "subscriptions": bus.subscriptions,
-        "events_total": bus.head,
+        "events_total": last_id,
         "events_per_second": state.rate.per_second(),
-        "last_event_id": bus.head,
+        "last_event_id": last_id,
         "last_event_time": bus.last_event_at.map(|t| t.to_string()),
         "log_size_bytes": log_size,
         "slot": state.settings.slot,
         "slot_lag_bytes": slot_lag,
         "slow_consumer_closes": bus.slow_consumer_closes,
+        "nats": state.nats.as_ref().map(|nats| nats.stats(&state.settings.nats)),
     }))
     .into_response()
 }
@@ -63,13 +84,18 @@ pub async fn metrics(State(state): State<Arc<AppState>>, _: Authorized) -> Respo
         outbound_frames: state.bus.outbound_frames(),
         slot_lag_bytes: slot_lag(&state).await,
         source: state.settings.source.name(),
+        role: state.settings.role.name(),
+        nats: state.nats.as_ref().map(|nats| nats.metrics()),
     };
     let body = state.metrics.render(&snapshot);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
-/// Bytes of WAL the slot has not confirmed (replication only).
+/// Bytes of WAL the slot has not confirmed (replication only; gateways capture nothing).
 async fn slot_lag(state: &AppState) -> Option<i64> {
+    if !state.settings.role.captures() {
+        return None;
+    }
     let lag = async |client: &tokio_postgres::Client| {
         client
             .query_opt(
@@ -87,17 +113,34 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the source is streaming and the log answers.
+/// Ready when this process does its part and the log answers: `all` streams from the source;
+/// a publisher streams, or stands by for the active one, and reaches NATS; a gateway consumes
+/// the stream.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let streaming = *state.publisher.state.borrow() == PublisherState::Streaming;
+    let publisher = state.publisher.state.borrow().clone();
+    let nats = state.nats.as_ref().is_some_and(|nats| nats.is_connected());
+    let (working, standby) = match state.settings.role {
+        Role::All => (publisher == PublisherState::Streaming, false),
+        Role::Publisher => (
+            nats && matches!(publisher, PublisherState::Streaming | PublisherState::Standby),
+            publisher == PublisherState::Standby,
+        ),
+        Role::Gateway => (state.nats.as_ref().is_some_and(|nats| nats.is_healthy()), false),
+    };
     let probe = async |client: &tokio_postgres::Client| client.simple_query("SELECT 1").await;
     let log = matches!(state.log.within(PROBE_TIMEOUT, probe).await, Some(Ok(Ok(_))));
-    let status = if streaming && log { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (
-        status,
-        axum::Json(
-            json!({"ready": streaming && log, "source_streaming": streaming, "log_reachable": log}),
-        ),
-    )
-        .into_response()
+    let ready = working && log;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let mut body = json!({"ready": ready, "log_reachable": log});
+    match state.settings.role {
+        Role::Gateway => body["stream_consuming"] = json!(working),
+        role => {
+            body["source_streaming"] = json!(publisher == PublisherState::Streaming);
+            if role == Role::Publisher {
+                body["standby"] = json!(standby);
+                body["nats_connected"] = json!(nats);
+            }
+        }
+    }
+    (status, axum::Json(body)).into_response()
 }

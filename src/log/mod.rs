@@ -19,7 +19,7 @@ mod read;
 mod scopes;
 mod writer;
 
-pub use read::{Page, Range, count, oldest_of_last, read};
+pub use read::{Page, Range, count, oldest_of_last, read, read_stored};
 pub use scopes::{Scopes, load_scopes};
 pub use writer::{LogWriter, recorded_source};
 

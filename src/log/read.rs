@@ -2,8 +2,55 @@
 
 use tokio_postgres::Client;
 
-use super::{LogError, Param};
+use super::{LogError, Param, StoredEvent};
 use crate::filter::Filter;
+use crate::model::{Severity, Timestamp};
+
+/// Events as the bus takes them, from one snapshot: the oldest id the log holds (the next id
+/// to be given when it is empty) and up to `limit` events after `after` (and up to `up_to`),
+/// in id order.
+pub async fn read_stored(
+    client: &Client,
+    after: u64,
+    up_to: Option<u64>,
+    limit: usize,
+) -> Result<(u64, Vec<StoredEvent>), LogError> {
+    let (after, up_to) =
+        (after.min(i64::MAX as u64) as i64, up_to.map(|id| id.min(i64::MAX as u64) as i64));
+    let limit = limit.min(i64::MAX as usize) as i64;
+    let rows = client
+        .query(
+            "SELECT o.oldest, e.id, e.type, e.organization_id, e.domain_id, e.severity,
+                    e.committed_at, e.body
+               FROM (SELECT coalesce((SELECT min(id) FROM rowcast.events),
+                                     (SELECT last_id + 1 FROM rowcast.log_head)) AS oldest) o
+               LEFT JOIN LATERAL (
+                   SELECT id, type, organization_id, domain_id, severity, committed_at,
+                          body::text AS body
+                     FROM rowcast.events
+                    WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2)
+                    ORDER BY id LIMIT $3) e ON true
+              ORDER BY e.id",
+            &[&after, &up_to, &limit],
+        )
+        .await?;
+    let mut oldest = 0;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        oldest = row.try_get::<_, i64>(0)? as u64;
+        let Some(id) = row.try_get::<_, Option<i64>>(1)? else { continue };
+        events.push(StoredEvent {
+            id: id as u64,
+            event_type: row.try_get(2)?,
+            organization_id: row.try_get(3)?,
+            domain_id: row.try_get(4)?,
+            severity: Severity::from_rank(row.try_get(5)?),
+            timestamp: Timestamp::from_system_time(row.try_get(6)?),
+            json: row.try_get::<_, String>(7)?.into(),
+        });
+    }
+    Ok((oldest, events))
+}
 
 /// What a history read asks for: events after `after` (and up to `up_to`), committed in
 /// `[from, to)`, matching `filter`, at most `limit`.

@@ -15,7 +15,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::app::{Appended, KeyedEvent};
 use super::{Cursor, LogError, Param, StoredEvent};
-use crate::model::{Event, Position, Severity, Timestamp};
+use crate::model::{Event, Position};
 
 /// The longest one write to the log may take. A write that takes longer is on a connection
 /// that stopped answering (a dead path, a hung server): the pipeline is rebuilt on a new one,
@@ -277,27 +277,8 @@ impl LogWriter {
     }
 
     /// Up to `limit` stored events after `after`, in id order, as the bus takes them.
-    pub async fn read_after(&self, after: u64, limit: i64) -> Result<Vec<StoredEvent>, LogError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT id, type, organization_id, domain_id, severity, committed_at, body::text
-                   FROM rowcast.events WHERE id > $1 ORDER BY id LIMIT $2",
-                &[&(after.min(i64::MAX as u64) as i64), &limit],
-            )
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| StoredEvent {
-                id: row.get::<_, i64>(0) as u64,
-                event_type: row.get(1),
-                organization_id: row.get(2),
-                domain_id: row.get(3),
-                severity: Severity::from_rank(row.get(4)),
-                timestamp: Timestamp::from_system_time(row.get(5)),
-                json: row.get::<_, String>(6).into(),
-            })
-            .collect())
+    pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
+        Ok(super::read_stored(&self.client, after, None, limit).await?.1)
     }
 
     pub fn last_id(&self) -> u64 {
@@ -670,7 +651,7 @@ impl<'a> Arrays<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Op, Source};
+    use crate::model::{Op, Severity, Source, Timestamp};
 
     fn events(sizes: &[usize]) -> Vec<Event> {
         sizes

@@ -30,6 +30,7 @@ use crate::config::{Settings, SourceMode};
 use crate::log::app::Inbox;
 use crate::log::{LogError, LogWriter, Scopes, StoredEvent};
 use crate::metrics::Metrics;
+use crate::nats::Outlet;
 use crate::pg::format_lsn;
 use crate::setup::SetupError;
 
@@ -92,6 +93,9 @@ pub enum State {
     Starting,
     /// Streaming from the source; everything committed from now on will be captured.
     Streaming,
+    /// Another publisher holds the log's lock; this one checks every [`STANDBY_POLL`] and
+    /// takes over as soon as the lock is free (its holder died or stopped).
+    Standby,
     /// Waiting to reconnect after a retryable error.
     Reconnecting {
         error: String,
@@ -112,6 +116,13 @@ pub struct Watch {
     pub head: watch::Receiver<u64>,
 }
 
+impl Watch {
+    /// The watch of a process that runs no publisher (a gateway): stopped, head 0.
+    pub fn detached() -> Self {
+        Watch { state: watch::channel(State::Stopped).1, head: watch::channel(0).1 }
+    }
+}
+
 pub struct Publisher {
     settings: Settings,
     signals: Signals,
@@ -122,6 +133,8 @@ pub(super) struct Signals {
     head: watch::Sender<u64>,
     /// Where appended events go next, once committed.
     bus: Option<Arc<Bus>>,
+    /// The NATS relay, for `--role publisher`: never waits.
+    outlet: Option<Outlet>,
     /// The organizations and domains appended events carry, for metadata.
     scopes: Option<Arc<Scopes>>,
     metrics: Arc<Metrics>,
@@ -137,6 +150,7 @@ impl Signals {
             state: watch::channel(State::Starting).0,
             head: watch::channel(0).0,
             bus: None,
+            outlet: None,
             scopes: None,
             metrics: Arc::default(),
             inbox: None,
@@ -148,6 +162,10 @@ impl Signals {
         if let Some(bus) = &self.bus {
             bus.publish(stored);
         }
+        // Before the head moves: the relay, following the head, then finds them handed over.
+        if let Some(outlet) = &self.outlet {
+            outlet.offer(stored);
+        }
         if let Some(scopes) = &self.scopes {
             scopes.note(stored);
         }
@@ -158,7 +176,7 @@ impl Signals {
 }
 
 /// Events read per query when the bus catches up with the log after an in-doubt append.
-const REPUBLISH_PAGE: i64 = 1000;
+const REPUBLISH_PAGE: usize = 1000;
 
 impl Publisher {
     pub fn new(settings: Settings) -> Self {
@@ -168,6 +186,12 @@ impl Publisher {
     /// Publishes every appended event on `bus`, in id order, after its append commits.
     pub fn with_bus(mut self, bus: Arc<Bus>) -> Self {
         self.signals.bus = Some(bus);
+        self
+    }
+
+    /// Hands every appended event to the NATS relay, in id order, after its append commits.
+    pub fn with_outlet(mut self, outlet: Outlet) -> Self {
+        self.signals.outlet = Some(outlet);
         self
     }
 
@@ -206,6 +230,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// A pipeline that streamed and ran this long before failing starts again from
 /// `FIRST_BACKOFF` (shorter runs are a flapping source: the backoff keeps growing).
 const HEALTHY_RUN: Duration = Duration::from_secs(3);
+/// How often a standby tries the log's lock: with the active publisher's sessions ended by
+/// Postgres as soon as its process dies, a takeover takes about this plus one connection.
+pub const STANDBY_POLL: Duration = Duration::from_millis(500);
 /// How often a broken source is checked again (an operator may have accepted the gap).
 const CONTINUITY_RECHECK: Duration = Duration::from_secs(2);
 
@@ -222,11 +249,25 @@ async fn supervise(
             SourceMode::Triggers => triggers::pipeline(settings, signals, shutdown).await,
             _ => replication::pipeline(settings, &params, signals, shutdown, None).await,
         };
-        if let Err(err) = &life {
+        if let Err(err) = &life
+            && !matches!(err, PublisherError::Log(LogError::Locked))
+        {
             signals.metrics.error(err.kind());
         }
         match life {
             Ok(()) => return Ok(()),
+            Err(PublisherError::Log(LogError::Locked)) => {
+                // Another publisher is active: stand by, trying the lock often, never backing off.
+                if *signals.state.borrow() != State::Standby {
+                    tracing::info!("another publisher holds the event log's lock; standing by");
+                }
+                signals.state.send_replace(State::Standby);
+                backoff.reset();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(STANDBY_POLL) => {}
+                }
+            }
             Err(PublisherError::Continuity(broken)) => {
                 // Loud once per reason, then quiet: the state, stats and readiness keep saying it.
                 let reason = broken.reason.clone();

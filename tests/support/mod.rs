@@ -12,6 +12,7 @@ pub mod client;
 #[cfg(feature = "testcontainers")]
 pub mod docker;
 pub mod matcher;
+pub mod nats;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -348,6 +349,25 @@ impl Running {
         let state = streaming.ok().and_then(|s| s.ok()).map(|state| state.clone());
         assert_eq!(state, Some(State::Streaming), "publisher did not start streaming");
         Running { watch, addr, shutdown, task }
+    }
+
+    /// Starts a gateway (`settings.role` is `Gateway`; nothing to set up: it captures nothing)
+    /// on a free port and waits until it consumes the stream.
+    pub async fn gateway(mut settings: Settings) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        settings.server.listen = addr;
+        let server = Server::new(settings).await.expect("gateway");
+        let watch = server.watch();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(listener, shutdown.clone()));
+        for _ in 0..600 {
+            if client::get_status(addr, "/readyz").await == Some(200) {
+                return Running { watch, addr, shutdown, task };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway at {addr} never became ready");
     }
 
     /// `ws://ADDR/ws/events?QUERY`.

@@ -1,0 +1,266 @@
+//! Beyond one machine (SPEC §10): publishers write every appended event to a JetStream stream,
+//! gateways feed their bus from it.
+//!
+//! ```text
+//!  publisher: log append commits --Signals::appended--> Outlet (never waits)
+//!                 relay.rs: in id order, message id = event id, acked ------> JetStream stream
+//!                 (what the outlet dropped, or what a dead publisher left unpublished,
+//!                  is read back from the log)
+//!  gateway:   stream --ordered consumer--> gateway.rs: arrival in id order? --> Bus::publish
+//!                                            a gap: fill it from the log first
+//!                                            nothing for a while: is the log ahead?
+//! ```
+//!
+//! The stream is a fast path, never the record: the log is. A publisher resumes from the
+//! first id the stream lacks (its last message's id), reading the log; a gateway delivers to
+//! its bus strictly in id order, filling from the log whatever the stream skipped, lost or has
+//! not brought yet. So nothing a gateway's clients see depends on the stream being complete,
+//! and every §5 guarantee holds per connection as in one process: the bus and the WebSocket
+//! side neither know nor care where their events come from.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::NatsSettings;
+use crate::log::LogError;
+use crate::model::Timestamp;
+
+mod gateway;
+pub mod message;
+mod relay;
+
+pub use gateway::Gateway;
+pub use relay::{Outlet, Relay, relay};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("NATS: {0}")]
+    Connect(String),
+    #[error("JetStream stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    /// The stream exists for other subjects: someone else's stream, or a changed prefix.
+    #[error(
+        "JetStream stream {stream} takes subjects {found:?}, not {wanted:?}: choose another --nats-stream or --nats-subject-prefix"
+    )]
+    Subjects { stream: String, found: Vec<String>, wanted: String },
+    #[error("publishing to JetStream: {0}")]
+    Publish(String),
+    #[error("consuming JetStream stream: {0}")]
+    Consume(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl NatsError {
+    /// Whether trying again may succeed: everything but a stream that is not ours, or a log
+    /// that fails for good.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            NatsError::Subjects { .. } => false,
+            NatsError::Log(err) => err.is_retryable(),
+            _ => true,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for NatsError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        NatsError::Log(err.into())
+    }
+}
+
+/// A client that connects in the background and reconnects forever, among `--nats-url` and
+/// the servers the cluster announces; `status` follows whether it is connected.
+pub async fn connect(
+    settings: &NatsSettings,
+    name: &str,
+    status: Arc<Status>,
+) -> Result<async_nats::Client, NatsError> {
+    let addrs = settings
+        .urls
+        .iter()
+        .map(|url| url.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| NatsError::Connect(err.to_string()))?;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(std::time::Duration::from_secs(2))
+        // Reconnects come quickly (a server died; another is up): the default waits grow to 4 s.
+        .reconnect_delay_callback(|attempts| {
+            std::time::Duration::from_millis((attempts as u64 * 100).min(1000))
+        })
+        .event_callback(move |event| {
+            let status = status.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        status.connected.store(true, Ordering::Relaxed);
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        status.connected.store(false, Ordering::Relaxed);
+                        tracing::warn!("disconnected from NATS; reconnecting");
+                    }
+                    other => tracing::debug!(event = %other, "nats"),
+                }
+            }
+        })
+        .connect(addrs)
+        .await
+        .map_err(|err| NatsError::Connect(err.to_string()))
+}
+
+/// The JetStream context rowcast uses: requests answered within a few seconds, so a server
+/// that died is noticed and the request retried elsewhere.
+pub fn context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new().timeout(std::time::Duration::from_secs(5)).build(client)
+}
+
+/// The stream, created with `settings` when missing. An existing stream is used as it is
+/// configured (an operator may have tuned it), unless it does not take our subjects.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &NatsSettings,
+) -> Result<stream::Stream, NatsError> {
+    let wanted = format!("{}.>", settings.subject_prefix);
+    let config = stream::Config {
+        name: settings.stream.clone(),
+        subjects: vec![wanted.clone()],
+        max_age: settings.max_age,
+        max_bytes: settings.max_bytes.map_or(-1, |b| b.min(i64::MAX as u64) as i64),
+        num_replicas: settings.replicas,
+        duplicate_window: settings.duplicate_window,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        retention: stream::RetentionPolicy::Limits,
+        ..Default::default()
+    };
+    let failed = |err: &dyn std::fmt::Display| NatsError::Stream {
+        stream: settings.stream.clone(),
+        message: err.to_string(),
+    };
+    let mut stream = js.get_or_create_stream(config).await.map_err(|err| failed(&err))?;
+    let found = stream.info().await.map_err(|err| failed(&err))?.config.subjects.clone();
+    if !found.iter().any(|s| *s == wanted || *s == ">") {
+        return Err(NatsError::Subjects { stream: settings.stream.clone(), found, wanted });
+    }
+    Ok(stream)
+}
+
+/// What the stream holds last: the id of its last message (`None` when it is empty or its
+/// last message is gone).
+pub async fn last_id(stream: &mut stream::Stream) -> Result<Option<u64>, NatsError> {
+    let name = stream.cached_info().config.name.clone();
+    let failed =
+        |err: &dyn std::fmt::Display| NatsError::Stream { stream: name, message: err.to_string() };
+    let last = stream.info().await.map_err(|err| failed(&err))?.state.last_sequence;
+    if last == 0 {
+        return Ok(None);
+    }
+    match stream.get_raw_message(last).await {
+        Ok(message) => Ok(message
+            .headers
+            .get(message::MESSAGE_ID)
+            .and_then(|id| id.as_str().trim().parse().ok())),
+        Err(err) => {
+            tracing::debug!(error = %err, sequence = last, "the stream's last message is gone");
+            Ok(None)
+        }
+    }
+}
+
+/// How a stage is doing, as stats, metrics and readiness read it; kept with atomics by the
+/// relay or the gateway.
+#[derive(Debug, Default)]
+pub struct Status {
+    connected: AtomicBool,
+    /// The relay or the gateway runs (false while it waits to retry after an error).
+    running: AtomicBool,
+    error: Mutex<Option<String>>,
+    errors: AtomicU64,
+    /// Relay: events the stream acknowledged, and the last id.
+    published: AtomicU64,
+    published_id: AtomicU64,
+    /// Gateway: messages taken from the stream, and how many it still holds for us.
+    received: AtomicU64,
+    pending: AtomicU64,
+    /// Gateway: when the stream stored the last message taken (µs since the epoch).
+    received_stored_at: AtomicI64,
+    /// Gateway: gaps noticed and the events read from the log to fill them.
+    gaps: AtomicU64,
+    filled: AtomicU64,
+    malformed: AtomicU64,
+}
+
+impl Status {
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Connected and running without an error.
+    pub fn is_healthy(&self) -> bool {
+        self.is_connected() && self.running.load(Ordering::Relaxed)
+    }
+
+    fn running(&self) {
+        self.running.store(true, Ordering::Relaxed);
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn failed(&self, error: &NatsError) {
+        self.running.store(false, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+    }
+
+    /// Seconds the gateway is behind the stream: how long ago the stream stored the last
+    /// message taken, while it holds more; 0 when it holds nothing more.
+    pub fn lag_seconds(&self) -> f64 {
+        if self.pending.load(Ordering::Relaxed) == 0 {
+            return 0.0;
+        }
+        let stored = self.received_stored_at.load(Ordering::Relaxed);
+        ((Timestamp::now().0 - stored).max(0)) as f64 / 1e6
+    }
+
+    /// The counters for `/metrics`.
+    pub fn metrics(&self) -> crate::metrics::Nats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        crate::metrics::Nats {
+            connected: self.is_connected(),
+            errors: load(&self.errors),
+            published: load(&self.published),
+            received: load(&self.received),
+            pending: load(&self.pending),
+            lag_seconds: self.lag_seconds(),
+            gaps: load(&self.gaps),
+            filled: load(&self.filled),
+            malformed: load(&self.malformed),
+        }
+    }
+
+    /// The `nats` object of stats.
+    pub fn stats(&self, settings: &NatsSettings) -> serde_json::Value {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        serde_json::json!({
+            "stream": settings.stream,
+            "connected": self.is_connected(),
+            "running": self.running.load(Ordering::Relaxed),
+            "error": self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "errors": load(&self.errors),
+            "published": load(&self.published),
+            "last_published_id": load(&self.published_id),
+            "received": load(&self.received),
+            "stream_pending": load(&self.pending),
+            "stream_lag_seconds": self.lag_seconds(),
+            "gaps": load(&self.gaps),
+            "gap_events_filled": load(&self.filled),
+            "malformed": load(&self.malformed),
+        })
+    }
+}
