@@ -61,7 +61,10 @@ impl Gateway {
     /// sequence, filling from the log what passed meanwhile. Ends early only on a stream that
     /// is not ours, or a log that fails for good.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NatsError> {
-        let client = connect(&self.settings, "rowcast gateway", self.status.clone()).await?;
+        let client = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            client = connect(&self.settings, "rowcast gateway", self.status.clone()) => client?,
+        };
         let js = context(client);
         let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         // The stream sequence of the last message taken: where a new consumer resumes.

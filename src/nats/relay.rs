@@ -103,7 +103,10 @@ impl Relay {
     /// Publishes until `shutdown`, then what the publisher appended before it stopped (the
     /// server stops the publisher first), within [`SHUTDOWN_GRACE`].
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), NatsError> {
-        let client = connect(&self.settings, "rowcast publisher", self.status.clone()).await?;
+        let client = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            client = connect(&self.settings, "rowcast publisher", self.status.clone()) => client?,
+        };
         let js = context(client.clone());
         let mut progress = Progress::default();
         let mut stream = None;
@@ -162,7 +165,7 @@ impl Relay {
                 "publishing to NATS at shutdown timed out; the next publisher publishes the rest"
             );
         }
-        let _ = client.flush().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
         Ok(())
     }
 
