@@ -103,6 +103,12 @@ impl Workload {
         }
     }
 
+    /// Numbers new rows from `next` on, so that two workloads on one database never collide.
+    pub(crate) fn starting_at(mut self, next: u64) -> Workload {
+        self.next = next;
+        self
+    }
+
     pub(crate) fn seed_sql() -> String {
         let mut sql = String::new();
         for org in ORGS {

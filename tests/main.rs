@@ -20,6 +20,7 @@ mod nats;
 mod predicates;
 mod publish;
 mod replay;
+mod scaled;
 mod switch;
 mod tail;
 mod tls;

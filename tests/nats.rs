@@ -4,7 +4,7 @@
 //! takes over within 5 s of a `kill -9`; a gateway started late serves `since` and `history`
 //! from the log; gaps in the stream are filled from the log.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rowcast::config::Role;
 use serde_json::{Value, json};
@@ -111,19 +111,6 @@ async fn events_reach_gateway_clients_through_the_stream() {
     publisher.stop().await;
 }
 
-/// Waits until the stats of `process` say `state`; how long that took.
-async fn until_state(process: &Process, state: &str, timeout: Duration) -> Duration {
-    let started = Instant::now();
-    loop {
-        let stats = process.stats().await;
-        if stats["state"] == state {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < timeout, "still {} after {timeout:?}", stats["state"]);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_publisher_takes_over_within_five_seconds() {
     let nats = cluster(1);
@@ -131,10 +118,10 @@ async fn a_standby_publisher_takes_over_within_five_seconds() {
     let urls = nats.url_list();
     let mut active = Process::serve(&db, Role::Publisher, &urls, &[]);
     crate::support::wait_until_ready(&db, active.addr).await;
-    until_state(&active, "streaming", WAIT).await;
+    active.until_state("streaming", WAIT).await;
     let standby = Process::serve(&db, Role::Publisher, &urls, &[]);
     standby.wait_ready(WAIT).await;
-    until_state(&standby, "standby", WAIT).await;
+    standby.until_state("standby", WAIT).await;
     let gateway = Running::gateway(settings(&db, Role::Gateway, &nats)).await;
     let (mut ws, _) = Ws::connect_welcomed(&gateway.ws_url("")).await;
     let (_, last_id) = ws.subscribe(json!({"type": "agent.*"}), None).await;
@@ -159,7 +146,7 @@ async fn a_standby_publisher_takes_over_within_five_seconds() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     active.kill();
-    let takeover = until_state(&standby, "streaming", Duration::from_secs(30)).await;
+    let takeover = standby.until_state("streaming", Duration::from_secs(30)).await;
     eprintln!("standby publisher took over {} ms after kill -9", takeover.as_millis());
     assert!(takeover < Duration::from_secs(5), "takeover took {takeover:?}");
     writing.await.expect("writer");

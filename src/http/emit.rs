@@ -77,6 +77,12 @@ async fn publish(
     let Some(outbox) = &state.appends else {
         return Err(AppError::Unavailable("this server does not write the event log".into()));
     };
+    if *state.publisher.state.borrow() == crate::publisher::State::Standby {
+        // Waiting would only end in the deadline: say at once where the writer is not.
+        return Err(AppError::Unavailable(
+            "this publisher is a standby: another one writes the event log".into(),
+        ));
+    }
     let (reply, answer) = oneshot::channel();
     let unavailable = || {
         AppError::Unavailable(

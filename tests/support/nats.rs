@@ -43,7 +43,17 @@ impl Process {
     /// `rowcast serve --role ROLE` for `db` over the NATS servers `nats_urls` on a free port,
     /// with `extra` flags.
     pub fn serve(db: &TestDb, role: Role, nats_urls: &str, extra: &[&str]) -> Process {
-        let addr = super::free_addr();
+        Self::serve_on(super::free_addr(), db, role, nats_urls, extra)
+    }
+
+    /// [`Process::serve`] on `addr` (a restart where the last one listened).
+    pub fn serve_on(
+        addr: SocketAddr,
+        db: &TestDb,
+        role: Role,
+        nats_urls: &str,
+        extra: &[&str],
+    ) -> Process {
         let listen = addr.to_string();
         let mut args = vec![
             "serve",
@@ -93,6 +103,44 @@ impl Process {
     pub async fn stats(&self) -> Value {
         stats(self.addr).await
     }
+
+    /// Waits until stats say `state` (`streaming`, `standby`, ...); how long that took.
+    pub async fn until_state(&self, state: &str, timeout: Duration) -> Duration {
+        let started = std::time::Instant::now();
+        loop {
+            let stats = self.stats().await;
+            if stats["state"] == state {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < timeout, "still {} after {timeout:?}", stats["state"]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A POST that may find nobody: `None` when the connection fails.
+pub async fn try_post(addr: SocketAddr, path: &str, body: &[u8]) -> Option<(u16, Value)> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.ok()?;
+    stream.write_all(body).await.ok()?;
+    let read = tokio::time::timeout(Duration::from_secs(30), read_response_checked(stream));
+    read.await.ok().flatten()
+}
+
+/// [`super::client::read_response`] without panicking on a connection that drops.
+async fn read_response_checked(mut stream: tokio::net::TcpStream) -> Option<(u16, Value)> {
+    use tokio::io::AsyncReadExt;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8(response).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
 impl Drop for Process {
