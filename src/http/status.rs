@@ -114,8 +114,11 @@ pub async fn healthz() -> &'static str {
 }
 
 /// Ready when this process does its part and the log answers: `all` streams from the source;
-/// a publisher streams, or stands by for the active one, and reaches NATS; a gateway consumes
-/// the stream.
+/// a publisher streams, or stands by for the active one, and reaches NATS; a gateway has
+/// consumed the stream since it started. A gateway that lost NATS later stays ready: it still
+/// delivers every event, from the log, about once per `idle_check` (stats, metrics and its
+/// log say it is degraded), and pulling every gateway out of a load balancer at once would
+/// turn a NATS outage into an outage of the clients.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let publisher = state.publisher.state.borrow().clone();
     let nats = state.nats.as_ref().is_some_and(|nats| nats.is_connected());
@@ -125,7 +128,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             nats && matches!(publisher, PublisherState::Streaming | PublisherState::Standby),
             publisher == PublisherState::Standby,
         ),
-        Role::Gateway => (state.nats.as_ref().is_some_and(|nats| nats.is_healthy()), false),
+        Role::Gateway => (state.nats.as_ref().is_some_and(|nats| nats.has_started()), false),
     };
     let probe = async |client: &tokio_postgres::Client| client.simple_query("SELECT 1").await;
     let log = matches!(state.log.within(PROBE_TIMEOUT, probe).await, Some(Ok(Ok(_))));
@@ -133,7 +136,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let mut body = json!({"ready": ready, "log_reachable": log});
     match state.settings.role {
-        Role::Gateway => body["stream_consuming"] = json!(working),
+        Role::Gateway => {
+            let consuming = state.nats.as_ref().is_some_and(|nats| nats.is_healthy());
+            body["stream_consuming"] = json!(consuming);
+        }
         role => {
             body["source_streaming"] = json!(publisher == PublisherState::Streaming);
             if role == Role::Publisher {

@@ -181,6 +181,8 @@ pub struct Status {
     connected: AtomicBool,
     /// The relay or the gateway runs (false while it waits to retry after an error).
     running: AtomicBool,
+    /// It ran once: past its start.
+    started: AtomicBool,
     error: Mutex<Option<String>>,
     errors: AtomicU64,
     /// Relay: events the stream acknowledged, and the last id.
@@ -207,8 +209,14 @@ impl Status {
         self.is_connected() && self.running.load(Ordering::Relaxed)
     }
 
+    /// Whether it ran at least once since the process started.
+    pub fn has_started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+
     fn running(&self) {
         self.running.store(true, Ordering::Relaxed);
+        self.started.store(true, Ordering::Relaxed);
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 

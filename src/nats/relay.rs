@@ -181,10 +181,10 @@ impl Relay {
             Some(stream) => stream,
             None => stream.insert(ensure_stream(js, &self.settings).await?),
         };
-        let published = match progress.published {
-            Some(published) => published,
+        let handed = progress.queue.back().map_or(head, |e| e.id.max(head));
+        let (mut published, asked) = match progress.published {
+            Some(published) => (published, false),
             None => {
-                let handed = progress.queue.back().map_or(head, |e| e.id.max(head));
                 // With nothing in the stream there is nothing to resume: start from what
                 // comes now (gateways read anything older from the log).
                 let baseline = progress.queue.front().map_or(head, |e| e.id - 1);
@@ -201,9 +201,21 @@ impl Relay {
                     None => baseline,
                 };
                 tracing::info!(after = from, "publishing to the NATS stream");
-                *progress.published.insert(from)
+                (*progress.published.insert(from), true)
             }
         };
+        let from_log = progress.queue.front().is_none_or(|e| e.id != published + 1);
+        if from_log && handed > published && !asked {
+            // Another publisher may have published these while this one had lost the lock:
+            // the stream says how far, before anything is read from the log.
+            if let Some(last) = last_id(stream).await?
+                && last > published
+                && last <= handed
+            {
+                published = last;
+                progress.published = Some(last);
+            }
+        }
         while progress.queue.front().is_some_and(|e| e.id <= published) {
             progress.queue.pop_front();
         }

@@ -1,0 +1,246 @@
+//! The scaled roles (SPEC §10) on this machine: one `--role publisher` over a NATS server with
+//! JetStream, and 0, 1 or 3 `--role gateway` processes with WebSocket clients spread over them.
+//!
+//! `cargo bench --bench scaled [-- ROWS RATE CLIENTS]` (defaults 10000 1000 100): per run, a
+//! fresh database and stream; ROWS agent inserts at RATE changes/s (4 writers, one row per
+//! transaction); CLIENTS clients subscribed to everything, spread evenly over the gateways (none
+//! with 0 gateways). Prints, per run: events delivered/s (all clients, first to last frame),
+//! commit-to-client latency p50/p95/p99/max, the publisher's CPU (it must not grow with the
+//! gateways: JetStream does the fan-out to them) and each gateway's CPU. docs/benchmarks.md
+//! has the figures and the machine.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use rowcast::apps::cluster::{Cluster, free_port};
+use rowcast::apps::nats_cluster::NatsCluster;
+use support::{arg, client};
+use tokio_tungstenite::tungstenite::Message;
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let hz: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    ticks as f64 / hz
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as i64
+}
+
+/// A `rowcast serve` child process, killed when dropped.
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    fn start(url: &str, role: &str, nats: &str, stream: &str) -> Serve {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port().expect("a free port")));
+        let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
+            .args(["serve", "--listen", &addr.to_string(), "--status-interval", "1s"])
+            .args(["--role", role, "--nats-url", nats, "--nats-stream", stream])
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("rowcast serve (build it with cargo bench)");
+        Serve { child, addr }
+    }
+
+    async fn wait_ready(&self, admin: &tokio_postgres::Client) {
+        for _ in 0..600 {
+            // Slot creation waits for running transactions; a checkpoint lets it finish at once.
+            let _ = admin.batch_execute("CHECKPOINT").await;
+            if http_status(self.addr, "/readyz").await == Some(200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("rowcast serve --role at {} never became ready", self.addr);
+    }
+
+    fn cpu(&self) -> f64 {
+        cpu_seconds(self.child.id())
+    }
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    frames: AtomicU64,
+    first: AtomicI64,
+    last: AtomicI64,
+    latencies: std::sync::Mutex<Vec<i64>>,
+}
+
+/// A client subscribed to everything, reading until the connection ends.
+async fn subscriber(addr: SocketAddr, seen: Arc<Seen>) -> tokio::task::JoinHandle<()> {
+    let url = format!("ws://{addr}/ws/events?type=*");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else { continue };
+            // The envelope starts with id, type and timestamp.
+            let Some(at) = text.find("\"timestamp\":\"") else { continue };
+            let Some(stamp) = text.get(at + 13..at + 13 + 27) else { continue };
+            let Some(committed) = rowcast::model::Timestamp::parse_rfc3339(stamp) else {
+                continue;
+            };
+            let received = now_micros();
+            seen.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(received - committed.0);
+            let _ = seen.first.compare_exchange(0, received, Ordering::Relaxed, Ordering::Relaxed);
+            seen.last.store(received, Ordering::Relaxed);
+            seen.frames.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+}
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+}
+
+/// Inserts `rows` agents, one per transaction, over 4 connections at `rate` changes/s.
+async fn write(url: &str, rows: usize, rate: f64, tag: &str) {
+    let writers = 4;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let db = client(url).await;
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..rows / writers {
+                db.execute(
+                    "INSERT INTO agents (id, organization_id, name, status)
+                     VALUES ($1 || '-' || $2::int || '-' || $3::int, 'org0', 'agent', 'active')",
+                    &[&tag, &(w as i32), &(i as i32)],
+                )
+                .await
+                .expect("insert");
+                let due = Duration::from_secs_f64(((i + 1) * writers) as f64 / rate);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = arg(0, 10_000);
+    let rate = arg(1, 1_000) as f64;
+    let clients = arg(2, 100);
+    println!("rowcast scaled benchmark: rows={rows} rate={rate}/s clients={clients}");
+    let postgres = Cluster::start(&[]).expect("a throwaway Postgres");
+    let nats = NatsCluster::start(1).expect("a throwaway NATS server");
+    let admin = client(&postgres.url("postgres")).await;
+    for gateways in [0usize, 1, 3] {
+        let name = format!("scaled_{gateways}");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("database");
+        let url = postgres.url(&name);
+        rowcast::setup::migrate(&client(&url).await).await.expect("reference schema");
+        admin.batch_execute("SELECT 1").await.expect("admin");
+        let db = client(&url).await;
+        db.batch_execute("INSERT INTO organizations (id, name) VALUES ('org0', 'Org')")
+            .await
+            .expect("org");
+        let stream = format!("BENCH{gateways}");
+        let publisher = Serve::start(&url, "publisher", &nats.url(0), &stream);
+        publisher.wait_ready(&db).await;
+        let fronts: Vec<Serve> =
+            (0..gateways).map(|_| Serve::start(&url, "gateway", &nats.url(0), &stream)).collect();
+        for front in &fronts {
+            front.wait_ready(&db).await;
+        }
+        let seen = Arc::new(Seen::default());
+        let mut readers = Vec::new();
+        if gateways > 0 {
+            for i in 0..clients {
+                readers.push(subscriber(fronts[i % gateways].addr, seen.clone()).await);
+            }
+        }
+        let cpu_before = publisher.cpu();
+        let gateways_before: Vec<f64> = fronts.iter().map(Serve::cpu).collect();
+        let started = Instant::now();
+        write(&url, rows, rate, &name).await;
+        let expected = if gateways > 0 { (rows / 4 * 4 * clients) as u64 } else { 0 };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while seen.frames.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // What the publisher still had to publish after the last commit.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let publisher_cpu = (publisher.cpu() - cpu_before) / elapsed * 100.0;
+        let gateway_cpu: Vec<String> = fronts
+            .iter()
+            .zip(&gateways_before)
+            .map(|(front, before)| format!("{:.0}%", (front.cpu() - before) / elapsed * 100.0))
+            .collect();
+        let frames = seen.frames.load(Ordering::Relaxed);
+        let span = (seen.last.load(Ordering::Relaxed) - seen.first.load(Ordering::Relaxed)).max(1);
+        let mut latencies = std::mem::take(&mut *seen.latencies.lock().expect("latencies"));
+        latencies.sort_unstable();
+        if gateways == 0 {
+            println!(
+                "0 gateways: {rows} changes at {rate}/s; publisher CPU {publisher_cpu:.0}% of one core"
+            );
+        } else {
+            println!(
+                "{gateways} gateway(s), {clients} clients: {frames} of {expected} frames, {:.0} deliveries/s; \
+                 latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms; publisher CPU {publisher_cpu:.0}%, gateways CPU {}",
+                frames as f64 / (span as f64 / 1e6),
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.95),
+                percentile(&latencies, 0.99),
+                percentile(&latencies, 1.0),
+                gateway_cpu.join(" / "),
+            );
+        }
+        drop(fronts);
+        drop(publisher);
+        for reader in readers {
+            reader.abort();
+        }
+    }
+}
