@@ -272,3 +272,45 @@ async fn gaps_in_the_stream_are_filled_from_the_log() {
     patient.stop().await;
     publisher.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_a_gateway_still_delivers_from_the_log() {
+    let mut nats = cluster(1);
+    let db = seeded().await;
+    let publisher = Running::start(settings(&db, Role::Publisher, &nats)).await;
+    let mut quick = settings(&db, Role::Gateway, &nats);
+    quick.nats.idle_check = Duration::from_millis(200);
+    let gateway = Running::gateway(quick).await;
+    let (mut ws, _) = Ws::connect_welcomed(&gateway.ws_url("")).await;
+    let (_, from) = ws.subscribe(json!({}), None).await;
+
+    nats.kill(0);
+    insert_agents(&db, 0, 5).await;
+    let log = db.settled_events().await;
+    let (received, _) = read_through(&mut ws, ids(&log).last().copied().expect("events")).await;
+    assert_eq!(received, ids(&log).into_iter().filter(|id| *id > from).collect::<Vec<_>>());
+    let (_, stats) = get(gateway.addr, "/api/events/stats").await;
+    assert_eq!(stats["nats"]["connected"], false, "{stats}");
+    // Degraded, not down: it still delivers every event.
+    assert_eq!(crate::support::client::get_status(gateway.addr, "/readyz").await, Some(200));
+
+    // NATS back: the publisher publishes what it missed, the gateway consumes again.
+    let nats = tokio::task::spawn_blocking(move || {
+        nats.restart(0).expect("restart NATS");
+        nats
+    })
+    .await
+    .expect("restart");
+    insert_agents(&db, 5, 5).await;
+    let log = db.settled_events().await;
+    let (received, _) = read_through(&mut ws, ids(&log).last().copied().expect("events")).await;
+    assert_eq!(received, ids(&log)[5..].to_vec(), "after NATS came back");
+    // The relay published the backlog: the stream has every id, once, in order.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stream_ids(&nats_settings(&nats)).await != ids(&log) {
+        assert!(tokio::time::Instant::now() < deadline, "the stream never got the backlog");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gateway.stop().await;
+    publisher.stop().await;
+}

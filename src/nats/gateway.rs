@@ -44,6 +44,10 @@ pub struct Gateway {
     log: Pool,
     scopes: Arc<Scopes>,
     status: Arc<Status>,
+    /// Held while events go to the bus: the consumer and the log poller take turns.
+    delivering: tokio::sync::Mutex<()>,
+    /// When the stream last brought something.
+    last_message: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Gateway {
@@ -54,13 +58,45 @@ impl Gateway {
         scopes: Arc<Scopes>,
         status: Arc<Status>,
     ) -> Self {
-        Self { settings, bus, log, scopes, status }
+        let last_message = std::sync::Mutex::new(tokio::time::Instant::now());
+        Self { settings, bus, log, scopes, status, delivering: Default::default(), last_message }
     }
 
     /// Consumes until `shutdown`; after a failure, consumes again from the next stream
-    /// sequence, filling from the log what passed meanwhile. Ends early only on a stream that
-    /// is not ours, or a log that fails for good.
+    /// sequence, filling from the log what passed meanwhile. Meanwhile, and whenever the stream
+    /// is quiet, the log is asked for its head every `idle_check`: with NATS gone, events still
+    /// arrive, from the log. Ends early only on a stream that is not ours, or a log that fails
+    /// for good.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NatsError> {
+        tokio::select! {
+            consumed = self.consume_until(&shutdown) => consumed,
+            () = self.poll_log() => Ok(()),
+        }
+    }
+
+    /// Asks the log for its head whenever the stream brought nothing for `idle_check`.
+    async fn poll_log(&self) {
+        let mut tick = tokio::time::interval(self.settings.idle_check);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            let quiet = self.last_message.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+            if quiet < self.settings.idle_check {
+                continue;
+            }
+            match self.catch_up_with_log().await {
+                Ok(()) => failing = false,
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %err, "reading the event log's head failed");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    async fn consume_until(&self, shutdown: &CancellationToken) -> Result<(), NatsError> {
         let client = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             client = connect(&self.settings, "rowcast gateway", self.status.clone()) => client?,
@@ -166,6 +202,7 @@ impl Gateway {
 
     /// Hands `events` to the bus in id order: skips what it has, fills gaps from the log.
     async fn deliver(&self, events: Vec<StoredEvent>) -> Result<(), NatsError> {
+        let _turn = self.delivering.lock().await;
         let mut run: Vec<StoredEvent> = Vec::with_capacity(events.len());
         let mut head = self.bus.head();
         for event in events {
@@ -199,6 +236,7 @@ impl Gateway {
 
     /// Delivers what the log holds beyond the bus's head, when the stream is quiet.
     async fn catch_up_with_log(&self) -> Result<(), NatsError> {
+        let _turn = self.delivering.lock().await;
         let client = self.log.get().await?;
         let head = log::head(&client).await?;
         drop(client);
