@@ -25,7 +25,7 @@ pub async fn stats(State(state): State<Arc<AppState>>, _: Authorized) -> Respons
             if nats.is_healthy() {
                 ("consuming", None)
             } else {
-                ("reconnecting", nats.stats(&state.settings.nats)["error"].as_str().map(Into::into))
+                ("reconnecting", nats.error())
             }
         }
         (PublisherState::Starting, _) => ("starting", None),

@@ -149,11 +149,11 @@ impl Gateway {
         let messages =
             consumer.messages().await.map_err(|err| NatsError::Consume(err.to_string()))?;
         let mut messages = messages.ready_chunks(READY_BATCH);
+        // What was appended before the consumer existed is in the log.
+        self.catch_up_with_log().await?;
         self.status.running();
         backoff.reset();
         tracing::info!(stream = %self.settings.stream, after = ?sequence, "consuming the NATS stream");
-        // What was appended before the consumer existed is in the log.
-        self.catch_up_with_log().await?;
         loop {
             let chunk = match tokio::time::timeout(self.settings.idle_check, messages.next()).await
             {

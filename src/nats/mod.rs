@@ -209,6 +209,11 @@ impl Status {
         self.is_connected() && self.running.load(Ordering::Relaxed)
     }
 
+    /// The last error, while it waits to retry.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Whether it ran at least once since the process started.
     pub fn has_started(&self) -> bool {
         self.started.load(Ordering::Relaxed)
@@ -259,7 +264,7 @@ impl Status {
             "stream": settings.stream,
             "connected": self.is_connected(),
             "running": self.running.load(Ordering::Relaxed),
-            "error": self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "error": self.error(),
             "errors": load(&self.errors),
             "published": load(&self.published),
             "last_published_id": load(&self.published_id),
