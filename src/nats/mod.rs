@@ -46,6 +46,11 @@ pub enum NatsError {
         "JetStream stream {stream} takes subjects {found:?}, not {wanted:?}: choose another --nats-stream or --nats-subject-prefix"
     )]
     Subjects { stream: String, found: Vec<String>, wanted: String },
+    /// Another stream takes our subjects.
+    #[error(
+        "another JetStream stream takes subjects {wanted:?} ({message}): use its name as --nats-stream, or choose another --nats-subject-prefix"
+    )]
+    Overlap { wanted: String, message: String },
     #[error("publishing to JetStream: {0}")]
     Publish(String),
     #[error("consuming JetStream stream: {0}")]
@@ -59,7 +64,7 @@ impl NatsError {
     /// that fails for good.
     pub fn is_retryable(&self) -> bool {
         match self {
-            NatsError::Subjects { .. } => false,
+            NatsError::Subjects { .. } | NatsError::Overlap { .. } => false,
             NatsError::Log(err) => err.is_retryable(),
             _ => true,
         }
@@ -144,7 +149,15 @@ pub async fn ensure_stream(
         stream: settings.stream.clone(),
         message: err.to_string(),
     };
-    let mut stream = js.get_or_create_stream(config).await.map_err(|err| failed(&err))?;
+    let mut stream = js.get_or_create_stream(config).await.map_err(|err| match err.kind() {
+        // Another stream takes these subjects: retrying cannot help.
+        jetstream::context::CreateStreamErrorKind::JetStream(js_err)
+            if js_err.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP =>
+        {
+            NatsError::Overlap { wanted: wanted.clone(), message: js_err.to_string() }
+        }
+        _ => failed(&err),
+    })?;
     let found = stream.info().await.map_err(|err| failed(&err))?.config.subjects.clone();
     if !found.iter().any(|s| *s == wanted || *s == ">") {
         return Err(NatsError::Subjects { stream: settings.stream.clone(), found, wanted });
