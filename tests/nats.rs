@@ -314,3 +314,33 @@ async fn without_nats_a_gateway_still_delivers_from_the_log() {
     gateway.stop().await;
     publisher.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_that_is_not_ours_is_a_definite_error() {
+    use async_nats::jetstream::stream;
+    use rowcast::nats::{NatsError, context, ensure_stream};
+    let nats = cluster(1);
+    let client = async_nats::connect(nats.url(0)).await.expect("connect");
+    let js = context(client);
+    let mut settings = nats_settings(&nats);
+    // Someone else's stream on our subjects.
+    let theirs = stream::Config {
+        name: "THEIRS".into(),
+        subjects: vec!["rowcast.events.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(theirs).await.expect("their stream");
+    let err = ensure_stream(&js, &settings).await.expect_err("overlap");
+    assert!(matches!(err, NatsError::Overlap { .. }) && !err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("--nats-subject-prefix"), "{err}");
+    // Our name, their subjects.
+    settings.stream = "THEIRS".into();
+    settings.subject_prefix = "other".into();
+    let err = ensure_stream(&js, &settings).await.expect_err("subjects");
+    assert!(matches!(err, NatsError::Subjects { .. }) && !err.is_retryable(), "{err}");
+    // Ours, as configured.
+    settings.stream = "OURS".into();
+    let mut ours = ensure_stream(&js, &settings).await.expect("created");
+    assert_eq!(ours.info().await.expect("info").config.subjects, vec!["other.>".to_owned()]);
+    assert_eq!(rowcast::nats::last_id(&mut ours).await.expect("last id"), None);
+}
