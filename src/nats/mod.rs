@@ -290,3 +290,40 @@ impl Status {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_lag_counts_only_while_the_stream_holds_more() {
+        let status = Status::default();
+        status.received_stored_at.store(Timestamp::now().0 - 3_000_000, Ordering::Relaxed);
+        assert_eq!(status.lag_seconds(), 0.0, "nothing pending: not behind, however old");
+        status.pending.store(5, Ordering::Relaxed);
+        assert!((2.9..10.0).contains(&status.lag_seconds()), "{}", status.lag_seconds());
+        let metrics = status.metrics();
+        assert_eq!((metrics.pending, metrics.connected), (5, false));
+    }
+
+    #[test]
+    fn health_follows_connection_and_failures() {
+        let status = Status::default();
+        assert!(!status.is_healthy() && !status.has_started());
+        status.connected.store(true, Ordering::Relaxed);
+        status.running();
+        assert!(status.is_healthy() && status.has_started());
+        status.failed(&NatsError::Consume("gone".into()));
+        assert!(!status.is_healthy() && status.has_started(), "started once stays started");
+        assert_eq!(status.error().as_deref(), Some("consuming JetStream stream: gone"));
+        let stats = status.stats(&NatsSettings::default());
+        assert_eq!((stats["errors"].as_u64(), stats["running"].as_bool()), (Some(1), Some(false)));
+        status.running();
+        assert_eq!(status.error(), None);
+        assert!(
+            !NatsError::Subjects { stream: "S".into(), found: vec![], wanted: "x.>".into() }
+                .is_retryable()
+        );
+        assert!(NatsError::Publish("timed out".into()).is_retryable());
+    }
+}
