@@ -230,6 +230,11 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     /// Posted requests waiting for the log's writer (default 64); more wait for a place.
     pub append_queue: usize,
+    /// How long a `since` cursor beyond this server's newest event is waited for before it is
+    /// answered with a `cursor_ahead` reset. Gateways (5 s, set by the server) each follow the
+    /// stream at their own pace, so a client that resumes on another gateway may hold an id
+    /// that one has not reached yet; in one process (0) such a cursor is simply not this log's.
+    pub cursor_ahead_wait: Duration,
 }
 
 impl Default for ServerSettings {
@@ -255,6 +260,7 @@ impl Default for ServerSettings {
             max_event_bytes: 1 << 20,
             max_request_bytes: 16 << 20,
             append_queue: 64,
+            cursor_ahead_wait: Duration::ZERO,
         }
     }
 }

@@ -61,6 +61,10 @@ const RATE_SAMPLE: Duration = Duration::from_secs(1);
 /// The pause after a failed `accept` (out of file descriptors and the like).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
+/// How long a gateway waits to reach a `since` cursor a client brought from another gateway
+/// (see `ServerSettings::cursor_ahead_wait`): gateways are milliseconds apart, a NATS failover
+/// a few seconds.
+const GATEWAY_CURSOR_AHEAD_WAIT: Duration = Duration::from_secs(5);
 /// Log connections of a gateway's consumer (gap fills) and of a publisher's relay.
 const NATS_LOG_CONNECTIONS: usize = 2;
 
@@ -81,7 +85,10 @@ enum Feed {
 
 impl Server {
     /// Reads the log's head so the first subscribers get a correct `last_id`.
-    pub async fn new(settings: Settings) -> Result<Self, ServeError> {
+    pub async fn new(mut settings: Settings) -> Result<Self, ServeError> {
+        if settings.role == Role::Gateway && settings.server.cursor_ahead_wait.is_zero() {
+            settings.server.cursor_ahead_wait = GATEWAY_CURSOR_AHEAD_WAIT;
+        }
         let log = Pool::new(settings.log.clone(), "log reader", READ_CONNECTIONS);
         let head = log::head(&*log.get().await.map_err(LogError::from)?).await?;
         let metrics = Arc::new(Metrics::default());

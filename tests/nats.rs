@@ -237,6 +237,11 @@ async fn gaps_in_the_stream_are_filled_from_the_log() {
     let (received, _) = read_through(&mut on_eager, last).await;
     assert_eq!(received, ids(&log), "from the log alone");
 
+    // A client resuming here from a gateway that is ahead: its cursor is waited for, not reset.
+    let (mut resuming, _) = Ws::connect_welcomed(&patient.ws_url("")).await;
+    resuming.send(json!({"action": "subscribe", "filter": {}, "since": last})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     // A malformed message, then the last event: the patient gateway fills the ids before it.
     let client = async_nats::connect(nats.url(0)).await.expect("connect");
     let js = async_nats::jetstream::new(client);
@@ -255,6 +260,10 @@ async fn gaps_in_the_stream_are_filled_from_the_log() {
         .expect("ack");
     let (received, _) = read_through(&mut on_patient, last).await;
     assert_eq!(received, ids(&log).into_iter().filter(|id| *id > from).collect::<Vec<_>>());
+    let frames = resuming.through("caught_up").await;
+    assert_eq!(frames[0]["type"], "subscribed", "{frames:?}");
+    assert!(frames[0]["last_id"].as_u64() >= Some(last), "{frames:?}");
+    assert!(frames.iter().all(|f| f["type"] != "reset" && !is_event(f)), "{frames:?}");
     let (_, stats) = get(patient.addr, "/api/events/stats").await;
     assert_eq!(stats["nats"]["malformed"], 1, "{stats}");
     assert_eq!(stats["nats"]["gaps"], 1, "{stats}");

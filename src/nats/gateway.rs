@@ -155,15 +155,12 @@ impl Gateway {
         backoff.reset();
         tracing::info!(stream = %self.settings.stream, after = ?sequence, "consuming the NATS stream");
         loop {
-            let chunk = match tokio::time::timeout(self.settings.idle_check, messages.next()).await
-            {
-                Err(_quiet) => {
-                    self.catch_up_with_log().await?;
-                    continue;
-                }
-                Ok(None) => return Err(NatsError::Consume("the consumer ended".into())),
-                Ok(Some(chunk)) => chunk,
+            // A quiet stream is `poll_log`'s business.
+            let Some(chunk) = messages.next().await else {
+                return Err(NatsError::Consume("the consumer ended".into()));
             };
+            *self.last_message.lock().unwrap_or_else(|p| p.into_inner()) =
+                tokio::time::Instant::now();
             let mut batch = Vec::with_capacity(chunk.len());
             let mut failure = None;
             for message in chunk {
