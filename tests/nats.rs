@@ -2,7 +2,9 @@
 //! clients: a publisher puts every appended event on the stream in id order with the event id
 //! as message id; gateways serve clients from it with §5's guarantees; a standby publisher
 //! takes over within 5 s of a `kill -9`; a gateway started late serves `since` and `history`
-//! from the log; gaps in the stream are filled from the log.
+//! from the log; gaps in the stream are filled from the log, and without NATS at all a gateway
+//! still delivers, from the log; trigger capture publishes the same way; a stream that is not
+//! ours stops the process instead of being retried.
 
 use std::time::Duration;
 
@@ -352,4 +354,32 @@ async fn a_stream_that_is_not_ours_is_a_definite_error() {
     let mut ours = ensure_stream(&js, &settings).await.expect("created");
     assert_eq!(ours.info().await.expect("info").config.subjects, vec!["other.>".to_owned()]);
     assert_eq!(rowcast::nats::last_id(&mut ours).await.expect("last id"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_capture_publisher_feeds_gateways_too() {
+    let nats = cluster(1);
+    let db = seeded().await;
+    let mut capture = settings(&db, Role::Publisher, &nats);
+    capture.source = rowcast::config::SourceMode::Triggers;
+    capture.poll_interval = Duration::from_millis(100);
+    let publisher = Running::start(capture).await;
+    let gateway = Running::gateway(settings(&db, Role::Gateway, &nats)).await;
+    let (mut ws, _) = Ws::connect_welcomed(&gateway.ws_url("")).await;
+    let (_, from) = ws.subscribe(json!({"type": "agent.*"}), None).await;
+    insert_agents(&db, 0, 10).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let log = loop {
+        let log = db.events().await;
+        if log.len() >= 10 {
+            break log;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the triggers never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (received, _) = read_through(&mut ws, ids(&log).last().copied().expect("events")).await;
+    assert_eq!(received, ids(&log).into_iter().filter(|id| *id > from).collect::<Vec<_>>());
+    assert_eq!(stream_ids(&nats_settings(&nats)).await, ids(&log));
+    gateway.stop().await;
+    publisher.stop().await;
 }
