@@ -5,9 +5,9 @@
 //! with a random filter (the generator and the independent matcher of issue 14's acceptance)
 //! and `since: 0`; two writers commit random row changes and post application events (to
 //! whichever publisher takes them) throughout. Meanwhile: `kill -9` the active publisher (the
-//! standby's takeover is timed, printed and must take under 5 s), `kill -9` one NATS server,
-//! `kill -9` one gateway (its clients reconnect to the others with `since` = the last id they
-//! hold) and start it again. Afterwards every client holds exactly the events its filter picks
+//! standby's takeover is timed, printed and must take under 5 s), `kill -9` the NATS server
+//! that leads the stream, `kill -9` one gateway (its clients reconnect to the others with
+//! `since` = the last id they hold) and start it again. Afterwards every client holds exactly the events its filter picks
 //! from the log, once each, in id order. Prints its seed; `ROWCAST_ACCEPT_SEED=N` repeats it.
 
 use std::net::SocketAddr;
@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::client::is_event;
 use crate::support::matcher::picked;
-use crate::support::nats::{Process, cluster, try_post};
+use crate::support::nats::{Process, cluster, stream_leader, try_post};
 use crate::support::{TestDb, wait_until_ready};
 
 const CLIENTS: usize = 60;
@@ -213,8 +213,14 @@ async fn publishers_gateways_and_nats_fail_and_every_client_holds_its_filter() {
     assert!(takeover < Duration::from_secs(5), "takeover took {takeover:?}");
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    nats.kill(1);
-    eprintln!("scaled: killed NATS server 2 at {:?}", writing_since.elapsed());
+    // The stream's leader: the harshest server to lose.
+    let leader = stream_leader(&nats.url(0), "ROWCAST").await.expect("the stream's leader");
+    let index = nats.index_of(&leader).expect("a server of the cluster");
+    nats.kill(index);
+    eprintln!(
+        "scaled: killed NATS server {leader}, the stream's leader, at {:?}",
+        writing_since.elapsed()
+    );
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     shared.up[0].store(false, Ordering::Relaxed);

@@ -95,6 +95,11 @@ impl NatsCluster {
         format!("nats://127.0.0.1:{}", self.servers[server].port)
     }
 
+    /// The index of the server named `name` (`n1`, `n2`, ... as JetStream reports leaders).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.servers.iter().position(|server| server.name == name)
+    }
+
     /// Every URL, comma-separated, as `--nats-url` takes them.
     pub fn url_list(&self) -> String {
         self.urls().join(",")

@@ -193,3 +193,11 @@ pub async fn stream_ids(settings: &NatsSettings) -> Vec<u64> {
     }
     ids
 }
+
+/// The server name of the stream's leader (`n1`, ...), asked through `url`.
+pub async fn stream_leader(url: &str, stream: &str) -> Option<String> {
+    let client = async_nats::connect(url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.ok()?;
+    stream.info().await.ok()?.cluster.as_ref()?.leader.clone()
+}
