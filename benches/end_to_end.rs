@@ -168,6 +168,101 @@ async fn subscriber(
     (task, order)
 }
 
+/// The floor under rowcast's latency, measured beside it: how long after its commit time a bare
+/// replication reader (no log, no clients) sees each transaction, and how long a synchronous
+/// one-row commit takes (what the log append waits for at least). Both run until `stop`.
+struct Floor {
+    decoded: Arc<std::sync::Mutex<Vec<i64>>>,
+    committed: Arc<std::sync::Mutex<Vec<i64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Floor {
+    async fn start(url: &str, db: &tokio_postgres::Client) -> Floor {
+        use rowcast::capture::pgoutput::{LogicalMessage, decode};
+        use rowcast::capture::replication::{
+            ConnectParams, PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationMessage,
+        };
+        let _ = db.batch_execute("SELECT pg_drop_replication_slot('bench_floor')").await;
+        db.batch_execute(
+            "SELECT pg_create_logical_replication_slot('bench_floor', 'pgoutput');
+             CREATE TABLE IF NOT EXISTS bench_commit (at timestamptz)",
+        )
+        .await
+        .expect("floor slot");
+        let decoded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let target: rowcast::pg::Target = url.parse().expect("url");
+        let replication = ReplicationClient::connect(&ConnectParams::from_target(&target, 1 << 30))
+            .await
+            .expect("replication connection");
+        let mut stream = replication
+            .start_replication("bench_floor", "rowcast", 0)
+            .await
+            .expect("start replication");
+        let seen = decoded.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(message) = stream.next().await {
+                match message {
+                    ReplicationMessage::XLogData { wal_start, data, .. } => {
+                        if let Ok(LogicalMessage::Begin { commit_time, .. }) = decode(data) {
+                            let lag = now_micros() - (commit_time + PG_EPOCH_OFFSET_MICROS);
+                            seen.lock().unwrap_or_else(|p| p.into_inner()).push(lag);
+                        }
+                        let _ = stream.send_status(wal_start, false).await;
+                    }
+                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                        if reply_requested {
+                            let _ = stream.send_status(wal_end, false).await;
+                        }
+                    }
+                }
+            }
+        });
+        let writer = client(url).await;
+        let seen = committed.clone();
+        let commits = tokio::spawn(async move {
+            loop {
+                let started = Instant::now();
+                if writer.execute("INSERT INTO bench_commit VALUES (now())", &[]).await.is_err() {
+                    return;
+                }
+                let took = started.elapsed().as_micros() as i64;
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(took);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Floor { decoded, committed, tasks: vec![reader, commits] }
+    }
+
+    /// Stops both and prints their percentiles.
+    async fn stop(self, db: &tokio_postgres::Client) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let _ = db.batch_execute("SELECT pg_drop_replication_slot('bench_floor')").await;
+        let take = |values: &std::sync::Mutex<Vec<i64>>| {
+            let mut values = std::mem::take(&mut *values.lock().unwrap_or_else(|p| p.into_inner()));
+            values.sort_unstable();
+            values
+        };
+        let (decoded, committed) = (take(&self.decoded), take(&self.committed));
+        println!(
+            "  floor: a bare replication reader saw {} commits after p50 {:.1} ms, p99 {:.1} ms; \
+             a synchronous one-row commit took p50 {:.1} ms, p99 {:.1} ms ({} commits)",
+            decoded.len(),
+            percentile(&decoded, 0.5),
+            percentile(&decoded, 0.99),
+            percentile(&committed, 0.5),
+            percentile(&committed, 0.99),
+            committed.len()
+        );
+    }
+}
+
 fn percentile(sorted: &[i64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -509,6 +604,7 @@ async fn main() {
             (false, true) => "w",
             (false, false) => "l",
         };
+        let floor = Floor::start(&url, &db).await;
         write(&url, changes, 10, 100, Some(1_000.0), tag).await;
         while seen.frames.load(Ordering::Relaxed) < expected
             && started.elapsed() < Duration::from_secs(60)
@@ -536,6 +632,7 @@ async fn main() {
             cpu,
             rss_kb(pid)
         );
+        floor.stop(&db).await;
         for (client, _) in clients {
             client.abort();
         }
