@@ -115,6 +115,8 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     /// Posted requests waiting for the log's writer (default 64); more wait for a place.
     pub append_queue: usize,
+    /// Where the Postgres-protocol endpoint listens (SPEC §11); `None` (the default): off.
+    pub pg_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ServerSettings {
@@ -140,6 +142,7 @@ impl Default for ServerSettings {
             max_event_bytes: 1 << 20,
             max_request_bytes: 16 << 20,
             append_queue: 64,
+            pg_listen: None,
         }
     }
 }

@@ -46,7 +46,9 @@ use crate::metrics::Metrics;
 use crate::model::Timestamp;
 
 mod buffer;
+pub mod catch_up;
 mod index;
+pub mod lag;
 pub mod mailbox;
 
 use buffer::{Buffer, Buffered};
