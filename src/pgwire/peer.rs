@@ -3,8 +3,12 @@
 //! A protocol handler only writes while a COPY runs, so a client that leaves an idle
 //! subscription would go unnoticed until the next event fails to write. The session keeps a
 //! second handle on the socket (a duplicate of its descriptor) and peeks at it: the end of the
-//! stream, or a Terminate message among what the client sent, means it is gone. (A client that
-//! vanishes without a word is noticed when a write fails, or by TCP keepalive.)
+//! stream, or a Terminate message among what the client sent, means it is gone. The end is not
+//! seen behind input the client sent and nobody read yet (tokio-postgres closes its statement
+//! during a COPY); such a client, and one that vanished without a word, is noticed when a write
+//! fails: the subscription writes a `ParameterStatus` (`rowcast.resume_id`) every
+//! `--ping-interval` it has nothing else to write, and the second write after the client left
+//! fails.
 //!
 //! A subscription that can say nothing more (the client left, or its socket takes nothing for
 //! `--write-timeout`) abandons the connection: the server drops it instead of writing an error

@@ -17,6 +17,10 @@
 //! Whatever ends a subscription, the id in the message is one it may pass as `SINCE` to lose
 //! nothing: the last event sent (or the cursor it started from).
 //!
+//! A quiet subscription writes a `ParameterStatus` `rowcast.resume_id` every `--ping-interval`
+//! (drivers take those at any time): the id to resume from, and a write that finds a client
+//! that went away (see `peer.rs`).
+//!
 //! A subscription ends when the client goes away (it cancels, closes or drops the socket),
 //! when its token expires (FATAL 28000), when the server shuts down (FATAL 57P01) or when the
 //! log no longer holds its cursor (55000): it never goes silently past a gap.
@@ -30,6 +34,7 @@ use futures_util::{Sink, SinkExt};
 use pgwire::error::PgWireError;
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::copy::{CopyData, CopyOutResponse};
+use pgwire::messages::startup::ParameterStatus;
 use tokio::task::JoinHandle;
 
 use super::peer::Peer;
@@ -174,6 +179,15 @@ where
                 continue;
             }
             () = peer.gone() => return End::Dropped,
+            () = tokio::time::sleep(limits.ping_interval) => {
+                // A quiet subscription says where it is: a write is what finds a client gone.
+                let status = ParameterStatus::new("rowcast.resume_id".into(), delivery.resume.to_string());
+                let ping = PgWireBackendMessage::ParameterStatus(status);
+                if write(client, limits.write_timeout, ping, true).await.is_err() {
+                    return End::Dropped;
+                }
+                continue;
+            }
             () = sleep_until(expiry) => {
                 return End::Error(fatal("28000", "the token has expired; reconnect with a fresh one"));
             }
