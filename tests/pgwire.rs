@@ -351,6 +351,21 @@ async fn drivers_read_the_history_the_history_api_answers() {
         assert_eq!(err.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{sql}");
         assert_eq!(simple_rows(&client, "SELECT id FROM events LIMIT 1").await.len(), 1);
     }
+    // A cancelled subscription ends with 57014; the connection goes on.
+    let mut copy = Box::pin(client.copy_out(subscribe_sql(0).as_str()).await.expect("subscribe"));
+    let mut first = Vec::new();
+    read_rows(&mut copy, &mut first, 1).await;
+    client.cancel_token().cancel_query(NoTls).await.expect("cancel");
+    let cancelled = loop {
+        match tokio::time::timeout(WAIT, copy.next()).await.expect("ends in time") {
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => break err,
+            None => panic!("the subscription ended without an error"),
+        }
+    };
+    assert_eq!(cancelled.code(), Some(&SqlState::QUERY_CANCELED), "{cancelled}");
+    assert_eq!(simple_rows(&client, "SELECT id FROM events LIMIT 1").await.len(), 1);
+
     let out = output(psql(pg, None, &["-c", "SELECT nonsense FROM events"])).await;
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && said.contains("nonsense"), "{said}");
@@ -805,5 +820,151 @@ async fn malformed_protocol_bytes_never_stop_the_server() {
     let client = connect(pg, None).await.expect("still serving");
     assert_eq!(simple_rows(&client, "SELECT id FROM events").await.len(), log.len());
     assert_eq!(PROTOCOL_PANICS.load(Ordering::SeqCst), 0, "a protocol handler panicked");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_falls_behind_and_catches_up_from_the_log() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    // A small mailbox, so a reader that stops for a moment overflows it.
+    settings.server.outbound_bytes = 16 << 10;
+    let mut server = Running::start_with_pg(settings, free_addr()).await;
+    let pg = server.pg.expect("pg");
+    // A client socket with a small receive buffer, so not reading is felt at once.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let stream = socket.connect(pg).await.expect("connect");
+    let mut config = tokio_postgres::Config::new();
+    config.user("rowcast").dbname("events");
+    let (client, connection) = config.connect_raw(stream, NoTls).await.expect("startup");
+    tokio::spawn(connection);
+    let sql = "COPY (SUBSCRIBE TO events WHERE type LIKE 'agent.%') TO STDOUT";
+    let mut stream = Box::pin(client.copy_out(sql).await.expect("subscribe"));
+
+    // 3000 agents of 2 KB each while the client reads nothing: more than any socket holds.
+    let source = db.client().await;
+    source
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+             INSERT INTO agents (id, organization_id, name)
+                  SELECT 'g' || i, 'quant', repeat('x', 2000) FROM generate_series(1, 3000) i",
+        )
+        .await
+        .expect("agents");
+    let log = db.settled_events().await;
+    server.wait_for_id(log.last().and_then(|e| e["id"].as_u64()).expect("events"), WAIT).await;
+    let want: Vec<u64> = log
+        .iter()
+        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("agent.")))
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(want.len(), 3000);
+
+    // Now it reads: everything, once, in order, and the server did switch it to the log.
+    let mut seen = Vec::new();
+    read_rows(&mut stream, &mut seen, want.len()).await;
+    assert_eq!(seen, want);
+    let (_, metrics) = get(server.addr, "/metrics").await;
+    let metrics = metrics.as_str().expect("text").to_owned();
+    let switches: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("rowcast_lagging_switches_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the lagging counter");
+    assert!(switches >= 1, "the reader never fell behind: the test is void");
+    // Live again: a new event comes straight through.
+    source
+        .batch_execute(
+            "INSERT INTO agents (id, organization_id, name) VALUES ('last', 'quant', 'l')",
+        )
+        .await
+        .expect("one more");
+    read_rows(&mut stream, &mut seen, want.len() + 1).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_too_far_behind_is_told_where_to_resume() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    settings.server.outbound_bytes = 16 << 10;
+    settings.server.max_lag = Duration::from_secs(1);
+    let mut server = Running::start_with_pg(settings, free_addr()).await;
+    let pg = server.pg.expect("pg");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let stream = socket.connect(pg).await.expect("connect");
+    let mut config = tokio_postgres::Config::new();
+    config.user("rowcast").dbname("events");
+    let (client, connection) = config.connect_raw(stream, NoTls).await.expect("startup");
+    tokio::spawn(connection);
+    let sql = |since: u64| {
+        format!("COPY (SUBSCRIBE TO events WHERE type LIKE 'agent.%' SINCE {since}) TO STDOUT")
+    };
+    let mut stream = Box::pin(client.copy_out(sql(0).as_str()).await.expect("subscribe"));
+
+    // Transactions the reader does not read, then, 1.5 s later, one more event. (The lag is
+    // measured by commit time, so the burst is many transactions.)
+    let source = db.client().await;
+    source
+        .batch_execute("INSERT INTO organizations (id, name) VALUES ('quant', 'Quant')")
+        .await
+        .expect("org");
+    for batch in 0..30 {
+        source
+            .execute(
+                "INSERT INTO agents (id, organization_id, name)
+                      SELECT 'g' || $1::int || '_' || i, 'quant', repeat('x', 2000)
+                        FROM generate_series(1, 100) i",
+                &[&batch],
+            )
+            .await
+            .expect("agents");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    source
+        .batch_execute(
+            "INSERT INTO agents (id, organization_id, name) VALUES ('late', 'quant', 'l')",
+        )
+        .await
+        .expect("late agent");
+    let log = db.settled_events().await;
+    server.wait_for_id(log.last().and_then(|e| e["id"].as_u64()).expect("events"), WAIT).await;
+    let want: Vec<u64> = log
+        .iter()
+        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("agent.")))
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect();
+
+    // Reading now, it gets what was sent, then 53400 naming the id to resume from.
+    let mut seen = Vec::new();
+    let err = loop {
+        let chunk = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("stuck after {} of {} rows", seen.len(), want.len()))
+            .expect("open");
+        match chunk {
+            Ok(chunk) => {
+                let line = String::from_utf8_lossy(&chunk);
+                let envelope: Value = serde_json::from_str(line.trim_end()).expect("json");
+                seen.push(envelope["id"].as_u64().expect("id"));
+            }
+            Err(err) => break err,
+        }
+    };
+    assert_eq!(err.code(), Some(&SqlState::CONFIGURATION_LIMIT_EXCEEDED), "{err}");
+    let message = err.as_db_error().expect("db").message().to_owned();
+    let resume: u64 = message
+        .rsplit("SINCE ")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no resume id in {message:?}"));
+    assert!(seen.len() < want.len(), "it was ended before the end");
+    assert_eq!(Some(&resume), seen.last().or(Some(&0)), "{message}");
+    // The connection goes on, and resuming there loses nothing and repeats nothing.
+    let mut stream = Box::pin(client.copy_out(sql(resume).as_str()).await.expect("resume"));
+    read_rows(&mut stream, &mut seen, want.len()).await;
+    assert_eq!(seen, want);
     server.stop().await;
 }

@@ -150,12 +150,27 @@ impl Session {
                     since: subscribe.since,
                     expires_at: scope.expires_at,
                 };
-                self.subscribed.store(true, Ordering::Relaxed);
-                let ended = subscribe::run(client, &self.context, &self.peer, subscription).await;
-                self.subscribed.store(false, Ordering::Relaxed);
-                Err(ended)
+                // Cleared however the subscription ends (a cancel drops this future).
+                let _subscribed = Flag::raise(&self.subscribed);
+                Err(subscribe::run(client, &self.context, &self.peer, subscription).await)
             }
         }
+    }
+}
+
+/// A flag raised while it lives.
+struct Flag<'a>(&'a AtomicBool);
+
+impl<'a> Flag<'a> {
+    fn raise(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Flag(flag)
+    }
+}
+
+impl Drop for Flag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 
