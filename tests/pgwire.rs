@@ -196,22 +196,24 @@ async fn history(server: &Running, filter: &Value, since: u64) -> Vec<Value> {
     body["events"].as_array().expect("events").clone()
 }
 
+/// The columns of `events`, in `SELECT *` order.
+const COLUMNS: [&str; 10] = [
+    "id",
+    "type",
+    "timestamp",
+    "organization_id",
+    "domain_id",
+    "severity",
+    "data",
+    "old",
+    "changed",
+    "source",
+];
+
 /// A text row of `SELECT *` as the envelope it came from.
 fn envelope_of(columns: &[Option<String>]) -> Value {
-    let names = [
-        "id",
-        "type",
-        "timestamp",
-        "organization_id",
-        "domain_id",
-        "severity",
-        "data",
-        "old",
-        "changed",
-        "source",
-    ];
     let mut envelope = serde_json::Map::new();
-    for (name, value) in names.iter().zip(columns) {
+    for (name, value) in COLUMNS.iter().zip(columns) {
         let value = match (*name, value) {
             (_, None) => Value::Null,
             ("id", Some(text)) => json!(text.parse::<u64>().expect("id")),
@@ -230,18 +232,7 @@ fn envelope_of(columns: &[Option<String>]) -> Value {
 /// absent `old` or `changed` is NULL.
 fn as_row(event: &Value) -> Value {
     let mut row = serde_json::Map::new();
-    for name in [
-        "id",
-        "type",
-        "timestamp",
-        "organization_id",
-        "domain_id",
-        "severity",
-        "data",
-        "old",
-        "changed",
-        "source",
-    ] {
+    for name in COLUMNS {
         row.insert(name.to_owned(), event.get(name).cloned().unwrap_or(Value::Null));
     }
     Value::Object(row)
@@ -544,6 +535,26 @@ async fn read_rows(
     }
 }
 
+/// A client whose socket has a small receive buffer, so that not reading is felt at once.
+async fn connect_slow_reader(pg: SocketAddr) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let stream = socket.connect(pg).await.expect("connect");
+    let mut config = tokio_postgres::Config::new();
+    config.user("rowcast").dbname("events");
+    let (client, connection) = config.connect_raw(stream, NoTls).await.expect("startup");
+    tokio::spawn(connection);
+    client
+}
+
+/// The ids of the `agent.*` events of `log`.
+fn agent_ids(log: &[Value]) -> Vec<u64> {
+    log.iter()
+        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("agent.")))
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect()
+}
+
 async fn until(what: &str, condition: impl Fn() -> bool) {
     for _ in 0..600 {
         if condition() {
@@ -633,11 +644,7 @@ async fn a_subscription_resumes_across_a_restart_exactly_once() {
     }
 
     let log = db.settled_events().await;
-    let want: Vec<u64> = log
-        .iter()
-        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("agent.")))
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect();
+    let want = agent_ids(&log);
     assert_eq!(want.len(), 45);
     assert_eq!(seen, want, "tokio-postgres: every agent event once, in order");
     let psql_seen = [psql_out.ids(), psql_again.ids()].concat();
@@ -831,14 +838,7 @@ async fn a_slow_reader_falls_behind_and_catches_up_from_the_log() {
     settings.server.outbound_bytes = 16 << 10;
     let mut server = Running::start_with_pg(settings, free_addr()).await;
     let pg = server.pg.expect("pg");
-    // A client socket with a small receive buffer, so not reading is felt at once.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("buffer size");
-    let stream = socket.connect(pg).await.expect("connect");
-    let mut config = tokio_postgres::Config::new();
-    config.user("rowcast").dbname("events");
-    let (client, connection) = config.connect_raw(stream, NoTls).await.expect("startup");
-    tokio::spawn(connection);
+    let client = connect_slow_reader(pg).await;
     let sql = "COPY (SUBSCRIBE TO events WHERE type LIKE 'agent.%') TO STDOUT";
     let mut stream = Box::pin(client.copy_out(sql).await.expect("subscribe"));
 
@@ -854,11 +854,7 @@ async fn a_slow_reader_falls_behind_and_catches_up_from_the_log() {
         .expect("agents");
     let log = db.settled_events().await;
     server.wait_for_id(log.last().and_then(|e| e["id"].as_u64()).expect("events"), WAIT).await;
-    let want: Vec<u64> = log
-        .iter()
-        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("agent.")))
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect();
+    let want = agent_ids(&log);
     assert_eq!(want.len(), 3000);
 
     // Now it reads: everything, once, in order, and the server did switch it to the log.
@@ -892,13 +888,7 @@ async fn a_reader_too_far_behind_is_told_where_to_resume() {
     settings.server.max_lag = Duration::from_secs(1);
     let mut server = Running::start_with_pg(settings, free_addr()).await;
     let pg = server.pg.expect("pg");
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("buffer size");
-    let stream = socket.connect(pg).await.expect("connect");
-    let mut config = tokio_postgres::Config::new();
-    config.user("rowcast").dbname("events");
-    let (client, connection) = config.connect_raw(stream, NoTls).await.expect("startup");
-    tokio::spawn(connection);
+    let client = connect_slow_reader(pg).await;
     let sql = |since: u64| {
         format!("COPY (SUBSCRIBE TO events WHERE type LIKE 'agent.%' SINCE {since}) TO STDOUT")
     };
@@ -931,11 +921,7 @@ async fn a_reader_too_far_behind_is_told_where_to_resume() {
         .expect("late agent");
     let log = db.settled_events().await;
     server.wait_for_id(log.last().and_then(|e| e["id"].as_u64()).expect("events"), WAIT).await;
-    let want: Vec<u64> = log
-        .iter()
-        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("agent.")))
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect();
+    let want = agent_ids(&log);
 
     // Reading now, it gets what was sent, then 53400 naming the id to resume from.
     let mut seen = Vec::new();
