@@ -320,6 +320,22 @@ async fn drivers_read_the_history_the_history_api_answers() {
     assert!(expected.iter().filter(|ids| !ids.is_empty()).count() >= 9, "{expected:?}");
     assert!(expected.iter().skip(1).all(|ids| ids.len() < log.len()));
 
+    // Time ranges are the history API's `from` (inclusive) and `to` (exclusive).
+    let (from, to) =
+        (log[2]["timestamp"].as_str().expect("t"), log[8]["timestamp"].as_str().expect("t"));
+    let (status, body) =
+        get(server.addr, &format!("/api/events?limit=1000&from={from}&to={to}")).await;
+    assert_eq!(status, 200, "{body}");
+    let want = ids(body["events"].as_array().expect("events"));
+    assert!(!want.is_empty() && want.len() < log.len(), "{want:?}");
+    let sql = format!("SELECT id FROM events WHERE timestamp >= '{from}' AND timestamp < '{to}'");
+    let got: Vec<u64> = simple_rows(&client, &sql)
+        .await
+        .iter()
+        .map(|row| row[0].as_deref().expect("id").parse().expect("id"))
+        .collect();
+    assert_eq!(got, want, "{sql}");
+
     // A LIMIT is the first rows of the same answer.
     let limited =
         simple_rows(&client, "SELECT id FROM events WHERE type LIKE 'instance.%' LIMIT 2").await;

@@ -191,6 +191,13 @@ proptest! {
     }
 
     #[test]
+    fn no_time_text_panics(text in "\\PC{0,40}", tail in "[0-9:+. TZ-]{0,12}") {
+        let _ = parse_time(&text);
+        let _ = parse_time(&format!("2026-01-01 00:00:{tail}"));
+        let _ = parse_time(&format!("2026-01-01T00:00:00{tail}"));
+    }
+
+    #[test]
     fn mutated_statements_never_panic(
         cut in 0usize..120,
         insert in "[ ()'\"%;*,<>=!?:.$a-z0-9-]{0,6}",
