@@ -1,7 +1,9 @@
 use proptest::prelude::*;
 use serde_json::json;
 
+use super::condition::parse_time;
 use super::*;
+use crate::model::{Severity, Timestamp};
 
 fn one(sql: &str) -> Statement {
     let mut statements = parse(sql).unwrap_or_else(|err| panic!("{sql}: {err}"));
