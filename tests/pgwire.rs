@@ -265,6 +265,8 @@ with psycopg.connect(sys.argv[1], autocommit=True) as conn:
     except psycopg.Error as err:
         print(json.dumps([err.sqlstate]))
     print(json.dumps([conn.execute("SELECT id FROM events ORDER BY id LIMIT 1").fetchone()[0]]))
+    rows = conn.execute("SELECT id FROM events WHERE type LIKE %s AND id > %s", ("agent.%", 2))
+    print(json.dumps([row[0] for row in rows]))
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,6 +338,24 @@ async fn drivers_read_the_history_the_history_api_answers() {
         .collect();
     assert_eq!(got, want, "{sql}");
 
+    // Parameters of the extended protocol are values, typed by where they stand.
+    let sql = "SELECT id FROM events WHERE type LIKE $1 AND id > $2 AND organization_id = $3
+                 AND data->>'name' <> $4 LIMIT $5";
+    let rows = client
+        .query(sql, &[&"agent.%", &2i64, &"quant", &"x' OR true --", &10i64])
+        .await
+        .expect("bound");
+    let got: Vec<u64> = rows.iter().map(|row| row.get::<_, i64>(0) as u64).collect();
+    let filter = json!({"type": "agent.*", "organization_id": "quant", "where": [["name", "neq", "x' OR true --"]]});
+    assert_eq!(got, ids(&history(&server, &filter, 2).await));
+    assert!(!got.is_empty());
+    let err = client
+        .query("SELECT id FROM events WHERE id > $1", &[&"two"])
+        .await
+        .expect_err("a text id");
+    // `id > $1` is an int8: the driver refuses a string for it before sending anything.
+    assert!(err.to_string().contains("serializing"), "{err}");
+
     // A LIMIT is the first rows of the same answer.
     let limited =
         simple_rows(&client, "SELECT id FROM events WHERE type LIKE 'instance.%' LIMIT 2").await;
@@ -390,6 +410,8 @@ async fn drivers_read_the_history_the_history_api_answers() {
         }
         assert_eq!(lines[expected.len()], json!(["0A000"]));
         assert_eq!(lines[expected.len() + 1], json!([log[0]["id"]]));
+        let agents = history(&server, &json!({"type": "agent.*"}), 2).await;
+        assert_eq!(lines[expected.len() + 2], json!(ids(&agents)), "psycopg's parameters");
     }
     server.stop().await;
 }
@@ -725,9 +747,25 @@ fn conversations() -> Vec<Vec<u8>> {
         message(b'S', &[]),
     ]
     .concat();
+    // With parameters: `$1` an int8 in binary, `$2` undeclared, in text.
+    let sql = "SELECT id FROM events WHERE id > $1 AND data->'n' = $2";
+    let parse =
+        [cstr(""), cstr(sql), vec![0, 2], 20i32.to_be_bytes().to_vec(), vec![0; 4]].concat();
+    let values = [vec![0, 2], 8i32.to_be_bytes().to_vec(), 1i64.to_be_bytes().to_vec()].concat();
+    let values = [values, 1i32.to_be_bytes().to_vec(), b"2".to_vec()].concat();
+    let bind = [cstr(""), cstr(""), vec![0, 2, 0, 1, 0, 0], values, vec![0, 0]].concat();
+    let parameters = [
+        message(b'P', &parse),
+        message(b'B', &bind),
+        message(b'D', &[b"P".as_slice(), &cstr("")].concat()),
+        message(b'E', &[cstr(""), vec![0, 0, 0, 0]].concat()),
+        message(b'S', &[]),
+    ]
+    .concat();
     vec![
         [startup(), query("SELECT * FROM events LIMIT 3")].concat(),
         [startup(), extended].concat(),
+        [startup(), parameters].concat(),
         [startup(), query("COPY (SUBSCRIBE TO events SINCE 0) TO STDOUT"), message(b'X', &[])]
             .concat(),
         [startup(), query("BEGIN; SELECT id FROM events WHERE data->>'a' IN (1, 'x'); COMMIT")]

@@ -31,7 +31,7 @@ use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 
 use super::peer::Peer;
 use super::select::{self, Query};
-use super::sql::{self, Column, Session as Command, Statement};
+use super::sql::{self, Column, Prepared, Session as Command, Statement};
 use super::subscribe::{self, Subscription};
 use super::{Context, error, fatal, rows};
 use crate::auth::Scope;
@@ -174,16 +174,9 @@ impl Drop for Flag<'_> {
     }
 }
 
-/// The row description of `columns` in the formats the driver asked for (text by default,
-/// and text for columns past the codes it gave).
+/// The row description of `columns` in the formats the driver asked for.
 fn fields(columns: &[Column], format: &Format) -> Vec<FieldInfo> {
-    rows::fields(columns, |i| match format {
-        Format::UnifiedText => FieldFormat::Text,
-        Format::UnifiedBinary => FieldFormat::Binary,
-        Format::Individual(codes) => {
-            codes.get(i).map_or(FieldFormat::Text, |c| FieldFormat::from(*c))
-        }
-    })
+    rows::fields(columns, |i| format_of(format, i))
 }
 
 #[async_trait]
@@ -261,7 +254,7 @@ impl SimpleQueryHandler for Session {
 
 #[async_trait]
 impl ExtendedQueryHandler for Session {
-    type Statement = Statement;
+    type Statement = Prepared;
     type QueryParser = Parser;
 
     fn query_parser(&self) -> Arc<Parser> {
@@ -271,58 +264,80 @@ impl ExtendedQueryHandler for Session {
     async fn do_query<C>(
         &self,
         client: &mut C,
-        portal: &Portal<Statement>,
+        portal: &Portal<Prepared>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore<Statement = Statement>,
+        C::PortalStore: PortalStore<Statement = Prepared>,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if !portal.parameters.is_empty() {
-            return Err(error("0A000", "parameters: write the values into the statement"));
-        }
-        let statement = &portal.statement.statement;
-        self.execute(client, statement, &portal.result_column_format).await
+        let stored = &portal.statement;
+        let prepared = &stored.statement;
+        let values = portal
+            .parameters
+            .iter()
+            .enumerate()
+            .map(|(i, value)| {
+                // The driver's declared type, else the one the statement's text implies.
+                let declared = stored.parameter_types.get(i).cloned().flatten();
+                let ty = declared
+                    .filter(|t| *t != Type::UNKNOWN)
+                    .or_else(|| prepared.types.get(i).cloned())
+                    .unwrap_or(Type::TEXT);
+                let binary = format_of(&portal.parameter_format, i) == FieldFormat::Binary;
+                sql::literal(&ty, binary, value.as_deref())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| error("22P02", err.0))?;
+        let statement = prepared.bind(&values).map_err(|err| error("0A000", err.0))?;
+        self.execute(client, &statement, &portal.result_column_format).await
     }
 }
 
-/// Parses statements for the extended protocol: one per `Parse`, as in Postgres.
+/// The format of column or parameter `i`: text by default, and for those past the codes given.
+fn format_of(format: &Format, i: usize) -> FieldFormat {
+    match format {
+        Format::UnifiedText => FieldFormat::Text,
+        Format::UnifiedBinary => FieldFormat::Binary,
+        Format::Individual(codes) => {
+            codes.get(i).map_or(FieldFormat::Text, |c| FieldFormat::from(*c))
+        }
+    }
+}
+
+/// Reads statements for the extended protocol: one per `Parse`, as in Postgres, with `$n`
+/// parameters typed by where they stand (see `sql::parameters`).
 #[derive(Debug)]
 pub struct Parser;
 
 #[async_trait]
 impl QueryParser for Parser {
-    type Statement = Statement;
+    type Statement = Prepared;
 
     async fn parse_sql<C>(
         &self,
         _client: &C,
         sql: &str,
         _types: &[Option<Type>],
-    ) -> PgWireResult<Option<Statement>>
+    ) -> PgWireResult<Option<Prepared>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let mut statements = sql::parse(sql).map_err(|err| error("0A000", err.0))?;
-        match statements.len() {
-            0 => Ok(None),
-            1 => Ok(statements.pop()),
-            _ => Err(error("42601", "cannot insert multiple commands into a prepared statement")),
-        }
+        sql::prepare(sql).map_err(|err| error("0A000", err.0))
     }
 
-    fn get_parameter_types(&self, _statement: &Statement) -> PgWireResult<Vec<Type>> {
-        Ok(Vec::new())
+    fn get_parameter_types(&self, prepared: &Prepared) -> PgWireResult<Vec<Type>> {
+        Ok(prepared.types.clone())
     }
 
     fn get_result_schema(
         &self,
-        statement: &Statement,
+        prepared: &Prepared,
         format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
-        Ok(match statement {
+        Ok(match &prepared.shape {
             Statement::Select(select) => {
                 fields(&select.columns, format.unwrap_or(&Format::UnifiedText))
             }

@@ -16,6 +16,7 @@
 //!          changed ? 'k'
 //! ```
 //!
+//! In the extended protocol a literal may be a parameter (`$n`, see `parameters.rs`).
 //! Conditions are joined with `AND` (alternatives are `IN` lists); a literal is a string, a
 //! number or a boolean and compares with the JSON value as the `where` predicates of §5 do
 //! (numbers as numbers, strings as strings). `LIKE` on `type` reads `_` as itself, since
@@ -32,6 +33,9 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 use crate::filter::Filter;
 
 mod condition;
+mod parameters;
+
+pub use parameters::literal;
 
 use condition::Builder;
 pub use condition::{Conditions, Severities};
@@ -137,18 +141,87 @@ fn column_list() -> String {
     Column::ALL.map(Column::name).join(", ")
 }
 
-/// Parses `sql` into its statements (drivers may send several, separated by `;`).
+/// Parses `sql` into its statements (drivers may send several, separated by `;`). Parameters
+/// (`$1`) are for the extended protocol: [`prepare`].
 pub fn parse(sql: &str) -> Result<Vec<Statement>, Unsupported> {
+    let tokens = tokenize(sql)?;
+    if let Some(parameter) = tokens.iter().find(|t| matches!(t, Token::Placeholder(_))) {
+        return unsupported(format!(
+            "the parameter {parameter} in a simple query: write the value into the statement"
+        ));
+    }
+    statements(tokens)
+}
+
+/// A statement of the extended protocol, read when it is parsed; its parameters, if it has
+/// any, are bound before it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// The statement as it reads with a placeholder value for each parameter: its columns.
+    pub shape: Statement,
+    /// The type of each parameter, `$1` first.
+    pub types: Vec<tokio_postgres::types::Type>,
+    tokens: Vec<Token>,
+}
+
+/// Reads one statement of the extended protocol (`None`: an empty one).
+pub fn prepare(sql: &str) -> Result<Option<Prepared>, Unsupported> {
+    let tokens = tokenize(sql)?;
+    let inferred = parameters::infer(&tokens)?;
+    let (types, placeholders): (Vec<_>, Vec<_>) = inferred.into_iter().unzip();
+    let mut shapes = statements(substitute(&tokens, &placeholders)?)?;
+    if shapes.len() > 1 {
+        return unsupported("several statements in one prepared statement");
+    }
+    Ok(shapes.pop().map(|shape| Prepared { shape, types, tokens }))
+}
+
+impl Prepared {
+    /// The statement with `values` (literal tokens, `$1` first) in place of its parameters.
+    pub fn bind(&self, values: &[Token]) -> Result<Statement, Unsupported> {
+        if values.len() != self.types.len() {
+            return unsupported(format!(
+                "{} parameters bound where the statement has {}",
+                values.len(),
+                self.types.len()
+            ));
+        }
+        if values.is_empty() {
+            return Ok(self.shape.clone());
+        }
+        let mut bound = statements(substitute(&self.tokens, values)?)?;
+        match bound.pop() {
+            Some(statement) if bound.is_empty() => Ok(statement),
+            _ => unsupported("a prepared statement that is not one statement"),
+        }
+    }
+}
+
+/// `tokens` with each `$n` replaced by `values[n - 1]`.
+fn substitute(tokens: &[Token], values: &[Token]) -> Result<Vec<Token>, Unsupported> {
+    tokens
+        .iter()
+        .map(|token| match parameters::number(token) {
+            Some(n) => values
+                .get(n - 1)
+                .cloned()
+                .ok_or_else(|| Unsupported(format!("no value for the parameter {token}"))),
+            None => Ok(token.clone()),
+        })
+        .collect()
+}
+
+fn tokenize(sql: &str) -> Result<Vec<Token>, Unsupported> {
     if sql.len() > MAX_SQL_BYTES {
         return unsupported(format!("statements longer than {MAX_SQL_BYTES} bytes"));
     }
-    let dialect = PostgreSqlDialect {};
-    let tokens = Tokenizer::new(&dialect, sql)
+    Tokenizer::new(&PostgreSqlDialect {}, sql)
         .tokenize()
-        .map_err(|err| Unsupported(format!("could not read the statement: {err}")))?;
-    if let Some(parameter) = tokens.iter().find(|t| matches!(t, Token::Placeholder(_))) {
-        return unsupported(format!("the parameter {parameter}: write values into the statement"));
-    }
+        .map_err(|err| Unsupported(format!("could not read the statement: {err}")))
+}
+
+fn statements(tokens: Vec<Token>) -> Result<Vec<Statement>, Unsupported> {
+    let dialect = PostgreSqlDialect {};
     let mut parser = Parser::new(&dialect).with_recursion_limit(MAX_DEPTH).with_tokens(tokens);
     let mut statements = Vec::new();
     loop {

@@ -210,3 +210,32 @@ proptest! {
         let _ = parse(&sql);
     }
 }
+
+#[test]
+fn parameters_are_bound_as_literals_never_as_sql() {
+    use sqlparser::tokenizer::Token;
+    use tokio_postgres::types::Type;
+    let prepared = prepare("SELECT id FROM events WHERE id > $1 AND data->>'name' = $2 LIMIT $3")
+        .expect("prepare")
+        .expect("a statement");
+    assert_eq!(prepared.types, vec![Type::INT8, Type::TEXT, Type::INT8]);
+    let Statement::Select(shape) = &prepared.shape else { panic!("{:?}", prepared.shape) };
+    assert_eq!(shape.columns, vec![Column::Id]);
+    let values = [
+        Token::Number("5".into(), false),
+        Token::SingleQuotedString("x' OR 1=1 --".into()),
+        Token::Number("2".into(), false),
+    ];
+    assert_eq!(
+        prepared.bind(&values).expect("bind"),
+        one("SELECT id FROM events WHERE id > 5 AND data->>'name' = 'x'' OR 1=1 --' LIMIT 2")
+    );
+    assert!(prepared.bind(&values[..2]).is_err());
+    let plain = prepare("SELECT * FROM events").expect("prepare").expect("a statement");
+    assert_eq!(plain.bind(&[]).expect("bind"), one("SELECT * FROM events"));
+    assert_eq!(prepare(" ; ").expect("empty"), None);
+    assert!(refused("SELECT * FROM events WHERE id > $1").contains("simple query"));
+    assert!(prepare("SELECT * FROM events WHERE id > $0").is_err());
+    assert!(prepare("SELECT * FROM events WHERE id > $99999999999").is_err());
+    assert!(prepare("SELECT 1; SELECT 2").is_err());
+}
