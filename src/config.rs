@@ -117,6 +117,9 @@ pub struct ServerSettings {
     pub append_queue: usize,
     /// Where the Postgres-protocol endpoint listens (SPEC §11); `None` (the default): off.
     pub pg_listen: Option<std::net::SocketAddr>,
+    /// TLS for clients of the Postgres-protocol endpoint that ask for it; `None` (the default):
+    /// they are told no and go on in the clear.
+    pub pg_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerSettings {
@@ -143,6 +146,7 @@ impl Default for ServerSettings {
             max_request_bytes: 16 << 20,
             append_queue: 64,
             pg_listen: None,
+            pg_tls: None,
         }
     }
 }

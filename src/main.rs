@@ -147,6 +147,13 @@ struct ServeArgs {
     /// driver. Off by default.
     #[arg(long, env = "ROWCAST_PG_LISTEN")]
     pg_listen: Option<String>,
+    /// PEM certificate chain for TLS on --pg-listen (with --pg-tls-key); without it, clients
+    /// that ask for TLS are told no.
+    #[arg(long, env = "ROWCAST_PG_TLS_CERT", requires = "pg_tls_key")]
+    pg_tls_cert: Option<PathBuf>,
+    /// PEM private key of --pg-tls-cert.
+    #[arg(long, env = "ROWCAST_PG_TLS_KEY", requires = "pg_tls_cert")]
+    pg_tls_key: Option<PathBuf>,
     /// Largest client WebSocket frame in bytes; bigger ones close the connection with 1009.
     #[arg(long, env = "ROWCAST_MAX_FRAME_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(256..))]
     max_frame_bytes: u32,
@@ -462,6 +469,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_key.as_deref(),
         listen,
     )?;
+    let pg_tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
+        (Some(cert), Some(key)) => Some(rowcast::pgwire::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let pg_listener = match &args.pg_listen {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
@@ -480,6 +491,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = &mut settings.server;
     server.listen = listen;
     server.pg_listen = pg_listener.as_ref().and_then(|l| l.local_addr().ok());
+    server.pg_tls = pg_tls;
     server.max_frame_bytes = args.max_frame_bytes as usize;
     server.max_event_bytes = args.max_event_bytes as usize;
     // A request can always carry one event of the largest size.

@@ -1008,3 +1008,42 @@ async fn a_reader_too_far_behind_is_told_where_to_resume() {
     assert_eq!(seen, want);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_asks_for_tls_gets_it() {
+    let certs = crate::support::certs::Certs::new();
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    let local = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.server.auth = Auth::new("jwt", Some(SECRET), None, local).expect("auth");
+    settings.server.pg_tls = Some(
+        rowcast::pgwire::tls::server_config(&certs.server_cert(), &certs.server_key())
+            .expect("tls"),
+    );
+    let mut server = Running::start_with_pg(settings, free_addr()).await;
+    let pg = server.pg.expect("pg");
+    agents(&db.client().await, 0..3).await;
+    let log = db.settled_events().await;
+    server.wait_for_id(log.last().and_then(|e| e["id"].as_u64()).expect("events"), WAIT).await;
+    let token = token(&["quant"], SECRET);
+
+    // rowcast's own client, checking the chain and the host name.
+    let url = format!(
+        "postgres://svc:{token}@localhost:{}/events?sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        certs.ca().display()
+    );
+    let target: rowcast::pg::Target = url.parse().expect("url");
+    let client = rowcast::pg::connect(&target, "test").await.expect("a TLS connection");
+    assert_eq!(simple_rows(&client, "SELECT id FROM events").await.len(), log.len());
+
+    // psql too; and a client that does not ask still gets in, in the clear.
+    let mut command = psql(pg, Some(&token), &["-h", "localhost", "-c", "SELECT id FROM events"]);
+    command.env("PGSSLMODE", "verify-full").env("PGSSLROOTCERT", certs.ca());
+    let out = output(command).await;
+    assert!(out.status.success(), "psql over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), log.len());
+    let plain = connect(pg, Some(&token)).await.expect("a plain connection");
+    assert_eq!(simple_rows(&plain, "SELECT id FROM events").await.len(), log.len());
+    server.stop().await;
+}

@@ -25,6 +25,7 @@ mod select;
 mod session;
 pub mod sql;
 mod subscribe;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -129,9 +130,10 @@ async fn connection(
         }
     };
     let close_timeout = context.limits.close_timeout;
+    let tls = context.limits.pg_tls.clone().map(pgwire::tokio::TlsAcceptor::from);
     let session = Arc::new(Session::new(context, peer));
     let handlers = Handlers(session.clone());
-    let served = pgwire::tokio::process_socket(stream, None, handlers);
+    let served = pgwire::tokio::process_socket(stream, tls, handlers);
     tokio::select! {
         result = served => {
             if let Err(err) = result {
