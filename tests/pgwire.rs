@@ -1047,3 +1047,31 @@ async fn a_client_that_asks_for_tls_gets_it() {
     assert_eq!(simple_rows(&plain, "SELECT id FROM events").await.len(), log.len());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_the_limit_is_told_why() {
+    let db = TestDb::migrated().await;
+    let mut settings = db.settings();
+    settings.server.max_connections = 1;
+    let server = Running::start_with_pg(settings, free_addr()).await;
+    let pg = server.pg.expect("pg");
+    let first = connect(pg, None).await.expect("the one connection");
+    let err = connect(pg, None).await.expect_err("over the limit");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+    let out = output(psql(pg, None, &["-c", "SELECT id FROM events"])).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("too many connections"), "{said}");
+    // The place comes back when the first leaves.
+    drop(first);
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(client) = connect(pg, None).await {
+            again = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = again.expect("a place again");
+    assert!(simple_rows(&again, "SELECT id FROM events").await.is_empty());
+    server.stop().await;
+}

@@ -105,6 +105,8 @@ pub async fn serve(listener: TcpListener, context: Arc<Context>, shutdown: Cance
         };
         let Ok(permit) = context.connections.clone().try_acquire_owned() else {
             tracing::warn!(%address, "too many connections; refusing a postgres-protocol one");
+            let limit = context.limits.max_connections;
+            context.sessions.spawn(refuse(stream, limit));
             continue;
         };
         let connection = connection(stream, context.clone(), shutdown.clone());
@@ -113,6 +115,52 @@ pub async fn serve(listener: TcpListener, context: Arc<Context>, shutdown: Cance
             drop(permit);
         });
     }
+}
+
+/// Tells a client over `--max-connections` why it is turned away (FATAL 53300, what Postgres
+/// says): it is told no to TLS, its startup packet is read, then it gets the error.
+async fn refuse(mut stream: tokio::net::TcpStream, limit: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The codes of SSLRequest and GSSENCRequest, answered `N` (not here).
+    const NEGOTIATIONS: [i32; 2] = [80_877_103, 80_877_104];
+    /// The longest startup packet read; libpq's are far shorter.
+    const STARTUP_BYTES: usize = 10_000;
+    let message = format!("too many connections (at most {limit}); try again later");
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "53300"), (b'M', &message)] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let length = i32::try_from(body.len() + 4).unwrap_or(i32::MAX);
+    let mut frame = vec![b'E'];
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&body);
+    let talk = async {
+        let mut header = [0u8; 8];
+        for _ in 0..3 {
+            stream.read_exact(&mut header).await?;
+            let length = i32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            let code = i32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+            if length == 8 && NEGOTIATIONS.contains(&code) {
+                stream.write_all(b"N").await?;
+                continue;
+            }
+            // The rest of the startup packet, read so that closing does not reset the socket.
+            let rest = usize::try_from(length).unwrap_or(0).saturating_sub(8).min(STARTUP_BYTES);
+            let mut skipped = vec![0u8; rest];
+            stream.read_exact(&mut skipped).await?;
+            break;
+        }
+        stream.write_all(&frame).await?;
+        stream.shutdown().await?;
+        // Until the client closes, so that our close does not reset what it still reads.
+        let mut sink = [0u8; 256];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), talk).await;
 }
 
 /// Serves one connection until it ends, is abandoned, or the server shuts down (a running
