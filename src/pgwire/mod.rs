@@ -3,8 +3,8 @@
 //! `COPY (SUBSCRIBE TO events WHERE ... [SINCE n]) TO STDOUT`.
 //!
 //! ```text
-//!   accept (this file): a connection permit, a watch on the socket (peer.rs)
-//!     └─ pgwire::process_socket: startup, simple and extended query protocols
+//!   accept (this file): a connection permit (else FATAL 53300), a watch on the socket (peer.rs)
+//!     └─ pgwire::process_socket: TLS if asked (tls.rs), startup, simple and extended queries
 //!          └─ session.rs: authentication (the password is a token), statements
 //!               ├─ sql.rs: the SQL subset → Filter + ids/times, or 0A000 naming what is not
 //!               ├─ select.rs: history pages from the log → rows (rows.rs)
@@ -15,7 +15,8 @@
 //! Errors are Postgres errors with a SQLSTATE and a message that says what to do: 28P01 a
 //! token that does not verify (FATAL, as Postgres ends a failed login), 42501 a filter outside
 //! the token's scope, 0A000 SQL outside the subset, 55000 a cursor older than the log, 53400 a
-//! subscriber too far behind, 57P01 a shutdown. Apart from FATAL ones the connection stays
+//! subscriber too far behind, 57P01 a shutdown, 57014 a cancel request, 22P02 a parameter that
+//! cannot be read as its type. Apart from FATAL ones the connection stays
 //! usable. This transport takes from the server only what it needs ([`Context`]: limits and
 //! token verifier, bus, log readers, mapping), never `ws/`.
 
