@@ -477,6 +477,22 @@ async fn tokens_confine_what_a_connection_sees() {
     .await;
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && said.contains("outside your token"), "{said}");
+
+    // A subscription ends when its token expires (FATAL 28000), as a WebSocket closes with 4001.
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() + 2;
+    let claims = json!({"sub": "tester", "exp": exp, "orgs": ["quant"]});
+    let short = jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode");
+    let client = connect(pg, Some(&short)).await.expect("a short-lived token");
+    let sql = "COPY (SUBSCRIBE TO events WHERE type LIKE 'agent.%') TO STDOUT";
+    let mut stream = Box::pin(client.copy_out(sql).await.expect("subscribe"));
+    let end = tokio::time::timeout(WAIT, stream.next()).await.expect("in time").expect("an end");
+    let err = end.expect_err("the token expired");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{err}");
     server.stop().await;
 }
 
@@ -1073,5 +1089,36 @@ async fn a_connection_over_the_limit_is_told_why() {
     }
     let again = again.expect("a place again");
     assert!(simple_rows(&again, "SELECT id FROM events").await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_the_log_is_an_error_not_a_gap() {
+    let db = TestDb::migrated().await;
+    let mut server = Running::start_with_pg(db.settings(), free_addr()).await;
+    let pg = server.pg.expect("pg");
+    agents(&db.client().await, 0..10).await;
+    let log = db.settled_events().await;
+    server.wait_for_id(log.last().and_then(|e| e["id"].as_u64()).expect("events"), WAIT).await;
+    // Retention took the first five events.
+    db.client()
+        .await
+        .batch_execute("DELETE FROM rowcast.events WHERE id <= 5")
+        .await
+        .expect("trim");
+
+    let client = connect(pg, None).await.expect("connect");
+    let sql = |since: u64| format!("COPY (SUBSCRIBE TO events SINCE {since}) TO STDOUT");
+    let mut stream = Box::pin(client.copy_out(sql(2).as_str()).await.expect("subscribe"));
+    let end = tokio::time::timeout(WAIT, stream.next()).await.expect("in time").expect("an end");
+    let err = end.expect_err("no rows past a gap");
+    assert_eq!(err.code(), Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE), "{err}");
+    let message = err.as_db_error().expect("db").message().to_owned();
+    assert!(message.contains("SINCE 5"), "{message}");
+    // From where the log starts, everything it holds, once.
+    let mut stream = Box::pin(client.copy_out(sql(5).as_str()).await.expect("resume"));
+    let mut seen = Vec::new();
+    read_rows(&mut stream, &mut seen, log.len() - 5).await;
+    assert_eq!(seen, (6..=log.len() as u64).collect::<Vec<u64>>());
     server.stop().await;
 }
