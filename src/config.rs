@@ -115,6 +115,11 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     /// Posted requests waiting for the log's writer (default 64); more wait for a place.
     pub append_queue: usize,
+    /// Where the Postgres-protocol endpoint listens (SPEC §11); `None` (the default): off.
+    pub pg_listen: Option<std::net::SocketAddr>,
+    /// TLS for clients of the Postgres-protocol endpoint that ask for it; `None` (the default):
+    /// they are told no and go on in the clear.
+    pub pg_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerSettings {
@@ -140,6 +145,8 @@ impl Default for ServerSettings {
             max_event_bytes: 1 << 20,
             max_request_bytes: 16 << 20,
             append_queue: 64,
+            pg_listen: None,
+            pg_tls: None,
         }
     }
 }

@@ -21,8 +21,9 @@
 //! 4. [`publisher`] supervises capture into the log, reconnects on transient failures (the one
 //!    rule is [`pg::transience`]), and hands each committed batch to the [`bus`], which matches
 //!    it against subscriptions ([`filter`]) by index into per-connection mailboxes.
-//! 5. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log); [`http`] the state they
-//!    share, access control, history, metadata, stats and health; [`server`] wires it all and
+//! 5. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log), [`pgwire`] the same
+//!    events to Postgres drivers (`--pg-listen`: `SELECT` history, `COPY (SUBSCRIBE ...)`);
+//!    [`http`] the state they share, access control, history, metadata, stats and health; [`server`] wires it all and
 //!    shuts it down in order. [`apps`] holds the demo, `tail` and throwaway clusters.
 //!
 //! Guarantees: every committed change on a mapped table becomes its events exactly once, in
@@ -44,6 +45,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod model;
 pub mod pg;
+pub mod pgwire;
 pub mod publisher;
 pub mod server;
 pub mod setup;

@@ -1,9 +1,9 @@
 //! The whole server: capture into the log, the bus, retention and the HTTP/WebSocket front,
 //! wired together and shut down in order.
 //!
-//! Shutdown (SPEC §9): the listener stops accepting; the publisher finishes in-flight appends,
+//! Shutdown (SPEC §9): the listeners stop accepting; the publisher finishes in-flight appends,
 //! publishes them and acknowledges the slot; then the bus closes every socket with 1001 after
-//! writing what was queued for it.
+//! writing what was queued for it (a Postgres-protocol `SUBSCRIBE` ends with FATAL 57P01).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,12 +57,14 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 pub struct Server {
     state: Arc<AppState>,
     publisher: Publisher,
+    /// Where the Postgres-protocol endpoint listens, if it is on (`--pg-listen`).
+    pg: Option<TcpListener>,
 }
 
 impl Server {
     /// Reads the log's head so the first subscribers get a correct `last_id`.
     pub async fn new(settings: Settings) -> Result<Self, ServeError> {
-        let log = Pool::new(settings.log.clone(), "log reader", READ_CONNECTIONS);
+        let log = Arc::new(Pool::new(settings.log.clone(), "log reader", READ_CONNECTIONS));
         let head = log::head(&*log.get().await.map_err(LogError::from)?).await?;
         let metrics = Arc::new(Metrics::default());
         let scopes = Arc::new(Scopes::default());
@@ -87,7 +89,13 @@ impl Server {
             appends: Some(appends),
             settings,
         });
-        Ok(Self { state, publisher })
+        Ok(Self { state, publisher, pg: None })
+    }
+
+    /// Also serves the Postgres-protocol endpoint (SPEC §11) on `listener`.
+    pub fn with_pg_listener(mut self, listener: TcpListener) -> Self {
+        self.pg = Some(listener);
+        self
     }
 
     pub fn watch(&self) -> publisher::Watch {
@@ -119,6 +127,13 @@ impl Server {
         let handshake_timeout = state.settings.server.handshake_timeout;
         let http = tokio::spawn(accept(listener, app, handshake_timeout, shutdown.clone()));
         tracing::info!(listen = %state.settings.server.listen, "serving");
+        let pg = self.pg.map(|listener| {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(pg_listen = %address, "serving the postgres protocol");
+            }
+            let context = crate::pgwire::context(&state);
+            tokio::spawn(crate::pgwire::serve(listener, context, shutdown.clone()))
+        });
 
         let published = self.publisher.run(shutdown.clone()).await;
         // Whatever ended the publisher ends the server; what it appended is published.
@@ -126,8 +141,11 @@ impl Server {
         state.bus.close();
         state.sessions.close();
         let limits = &state.settings.server;
+        if let Some(pg) = pg {
+            let _ = pg.await;
+        }
         if tokio::time::timeout(limits.close_timeout * 3, state.sessions.wait()).await.is_err() {
-            tracing::warn!("some websocket sessions did not close in time");
+            tracing::warn!("some websocket or postgres-protocol sessions did not close in time");
         }
         let served = match tokio::time::timeout(limits.close_timeout, http).await {
             Ok(Ok(result)) => result,

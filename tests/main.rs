@@ -16,6 +16,7 @@ mod faults;
 mod fidelity;
 mod first_start;
 mod metadata;
+mod pgwire;
 mod predicates;
 mod publish;
 mod replay;
