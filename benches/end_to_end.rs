@@ -48,18 +48,45 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 
 /// User + system CPU seconds of a process.
 fn cpu_seconds(pid: u32) -> f64 {
+    cpu_ticks(pid, false) as f64 / clock_ticks()
+}
+
+/// The CPU ticks of a process (utime, stime), and with `reaped` those of its ended children too.
+fn cpu_ticks(pid: u32, reaped: bool) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> =
         stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    let hz: f64 = Command::new("getconf")
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12) + if reaped { field(13) + field(14) } else { 0 }
+}
+
+/// CPU seconds of a Postgres cluster: the postmaster, its live backends and those that ended.
+fn cluster_cpu_seconds(cluster: &Cluster) -> f64 {
+    let pid_file = cluster.dir().join("data/postmaster.pid");
+    let Some(postmaster) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+    else {
+        return 0.0;
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children"))
+            .unwrap_or_default();
+    let live: u64 = children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .map(|c| cpu_ticks(c, false))
+        .sum();
+    (cpu_ticks(postmaster, true) + live) as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0);
-    ticks as f64 / hz
+        .unwrap_or(100.0)
 }
 
 fn now_micros() -> i64 {
@@ -87,6 +114,38 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
 async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
     let text = http_get(addr, "/metrics").await;
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The server's commit-to-send histogram (`le` in seconds, cumulative count), from `/metrics`.
+async fn sent_histogram(addr: SocketAddr) -> Vec<(String, u64)> {
+    let text = http_get(addr, "/metrics").await;
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("rowcast_commit_to_send_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// How many of the frames sent between two histogram readings the server handed to their
+/// sockets within 1, 2.5 and 5 ms of the commit: rowcast's own share of the latency, without
+/// the clients'.
+fn sent_within(before: &[(String, u64)], after: &[(String, u64)]) -> String {
+    let count = |h: &[(String, u64)], le: &str| h.iter().find(|(l, _)| l == le).map_or(0, |c| c.1);
+    let total = count(after, "+Inf").saturating_sub(count(before, "+Inf")).max(1);
+    ["0.001", "0.0025", "0.005"]
+        .iter()
+        .map(|le| {
+            let within = count(after, le).saturating_sub(count(before, le));
+            format!(
+                "{:.0}% within {} ms",
+                within as f64 * 100.0 / total as f64,
+                le.parse::<f64>().unwrap_or(0.0) * 1000.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What the clients saw.
@@ -166,6 +225,101 @@ async fn subscriber(
         order.closed.store(1, Ordering::Relaxed);
     });
     (task, order)
+}
+
+/// The floor under rowcast's latency, measured beside it: how long after its commit time a bare
+/// replication reader (no log, no clients) sees each transaction, and how long a synchronous
+/// one-row commit takes (what the log append waits for at least). Both run until `stop`.
+struct Floor {
+    decoded: Arc<std::sync::Mutex<Vec<i64>>>,
+    committed: Arc<std::sync::Mutex<Vec<i64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Floor {
+    async fn start(url: &str, db: &tokio_postgres::Client) -> Floor {
+        use rowcast::capture::pgoutput::{LogicalMessage, decode};
+        use rowcast::capture::replication::{
+            ConnectParams, PG_EPOCH_OFFSET_MICROS, ReplicationClient, ReplicationMessage,
+        };
+        let _ = db.batch_execute("SELECT pg_drop_replication_slot('bench_floor')").await;
+        db.batch_execute(
+            "SELECT pg_create_logical_replication_slot('bench_floor', 'pgoutput');
+             CREATE TABLE IF NOT EXISTS bench_commit (at timestamptz)",
+        )
+        .await
+        .expect("floor slot");
+        let decoded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let target: rowcast::pg::Target = url.parse().expect("url");
+        let replication = ReplicationClient::connect(&ConnectParams::from_target(&target, 1 << 30))
+            .await
+            .expect("replication connection");
+        let mut stream = replication
+            .start_replication("bench_floor", "rowcast", 0)
+            .await
+            .expect("start replication");
+        let seen = decoded.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(message) = stream.next().await {
+                match message {
+                    ReplicationMessage::XLogData { wal_start, data, .. } => {
+                        if let Ok(LogicalMessage::Begin { commit_time, .. }) = decode(data) {
+                            let lag = now_micros() - (commit_time + PG_EPOCH_OFFSET_MICROS);
+                            seen.lock().unwrap_or_else(|p| p.into_inner()).push(lag);
+                        }
+                        let _ = stream.send_status(wal_start, false).await;
+                    }
+                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                        if reply_requested {
+                            let _ = stream.send_status(wal_end, false).await;
+                        }
+                    }
+                }
+            }
+        });
+        let writer = client(url).await;
+        let seen = committed.clone();
+        let commits = tokio::spawn(async move {
+            loop {
+                let started = Instant::now();
+                if writer.execute("INSERT INTO bench_commit VALUES (now())", &[]).await.is_err() {
+                    return;
+                }
+                let took = started.elapsed().as_micros() as i64;
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(took);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Floor { decoded, committed, tasks: vec![reader, commits] }
+    }
+
+    /// Stops both and prints their percentiles.
+    async fn stop(self, db: &tokio_postgres::Client) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let _ = db.batch_execute("SELECT pg_drop_replication_slot('bench_floor')").await;
+        let take = |values: &std::sync::Mutex<Vec<i64>>| {
+            let mut values = std::mem::take(&mut *values.lock().unwrap_or_else(|p| p.into_inner()));
+            values.sort_unstable();
+            values
+        };
+        let (decoded, committed) = (take(&self.decoded), take(&self.committed));
+        println!(
+            "  floor: a bare replication reader saw {} commits after p50 {:.1} ms, p99 {:.1} ms; \
+             a synchronous one-row commit took p50 {:.1} ms, p99 {:.1} ms ({} commits)",
+            decoded.len(),
+            percentile(&decoded, 0.5),
+            percentile(&decoded, 0.99),
+            percentile(&committed, 0.5),
+            percentile(&committed, 0.99),
+            committed.len()
+        );
+    }
 }
 
 fn percentile(sorted: &[i64], p: f64) -> f64 {
@@ -406,6 +560,8 @@ async fn main() {
         }
         let head_before = log_head(&db).await;
         let cpu_before = cpu_seconds(pid);
+        let (postgres_before, bench_before) =
+            (cluster_cpu_seconds(&cluster), cpu_seconds(std::process::id()));
         let started = Instant::now();
         write(&url, rows, per_txn, 100, None, "t").await;
         let written = started.elapsed();
@@ -423,6 +579,10 @@ async fn main() {
         }
         let delivered = started.elapsed();
         let cpu = (cpu_seconds(pid) - cpu_before) / delivered.as_secs_f64() * 100.0;
+        let postgres_cpu =
+            (cluster_cpu_seconds(&cluster) - postgres_before) / delivered.as_secs_f64() * 100.0;
+        let bench_cpu =
+            (cpu_seconds(std::process::id()) - bench_before) / delivered.as_secs_f64() * 100.0;
         let raw = drain(&db, &url, "bench_raw").await;
         let sustained = rows as f64 / appended.as_secs_f64();
         let raw_rate = rows as f64 / raw.as_secs_f64();
@@ -440,6 +600,10 @@ async fn main() {
             frames as f64 / delivered.as_secs_f64(),
             cpu,
             rss_kb(pid)
+        );
+        println!(
+            "  CPU over the run (% of one core, of 200): rowcast {cpu:.0}%, Postgres {postgres_cpu:.0}%, \
+             this benchmark's writers and readers {bench_cpu:.0}%"
         );
         println!(
             "physical limit: pg_recvlogical (pgoutput) drained the same WAL in {:.2}s = {:.0} changes/s; rowcast = {:.0}% of it",
@@ -509,6 +673,8 @@ async fn main() {
             (false, true) => "w",
             (false, false) => "l",
         };
+        let floor = Floor::start(&url, &db).await;
+        let histogram_before = sent_histogram(addr).await;
         write(&url, changes, 10, 100, Some(1_000.0), tag).await;
         while seen.frames.load(Ordering::Relaxed) < expected
             && started.elapsed() < Duration::from_secs(60)
@@ -536,6 +702,11 @@ async fn main() {
             cpu,
             rss_kb(pid)
         );
+        println!(
+            "  server: of the frames it sent, {}",
+            sent_within(&histogram_before, &sent_histogram(addr).await)
+        );
+        floor.stop(&db).await;
         for (client, _) in clients {
             client.abort();
         }

@@ -1,11 +1,15 @@
 //! Application write throughput with rowcast's capture triggers installed versus without.
 //!
-//! `cargo bench --bench trigger_overhead [-- ROWS CLIENTS ROWS_PER_TXN]`
+//! `cargo bench --bench trigger_overhead [-- ROWS CLIENTS ROWS_PER_TXN] [--durable]`
 //!
 //! Starts a throwaway cluster from the machine's Postgres binaries, creates the reference
-//! schema in two databases, installs the trigger source in one of them with a publisher
+//! schema in three databases, installs the trigger source in two of them, one with a publisher
 //! draining it (as in production), and has CLIENTS connections insert ROWS agents in
-//! transactions of ROWS_PER_TXN rows into each. Prints rows per second for both.
+//! transactions of ROWS_PER_TXN rows into each. Prints rows per second for each.
+//!
+//! The throwaway cluster runs with `fsync=off` (CPU is what is measured); `--durable` turns
+//! `fsync` and `full_page_writes` back on, as a production server runs, so that commits wait
+//! for the disk.
 
 mod support;
 
@@ -59,8 +63,12 @@ async fn main() {
     let rows = arg(1, 20_000);
     let clients = arg(2, 4);
     let per_txn = arg(3, 1);
-    let cluster =
-        Cluster::start(&[("wal_level", "logical"), ("synchronous_commit", "on")]).expect("cluster");
+    let durable = std::env::args().any(|a| a == "--durable");
+    let mut settings = vec![("wal_level", "logical"), ("synchronous_commit", "on")];
+    if durable {
+        settings.extend([("fsync", "on"), ("full_page_writes", "on")]);
+    }
+    let cluster = Cluster::start(&settings).expect("cluster");
     let admin = client(&cluster.url("postgres")).await;
     let mut results = Vec::new();
     // `triggers` measures the triggers alone (the outbox is drained afterwards); `draining`
@@ -110,7 +118,7 @@ async fn main() {
         }
         results.push((name, rate));
     }
-    println!("rows={rows} clients={clients} rows_per_transaction={per_txn}");
+    println!("rows={rows} clients={clients} rows_per_transaction={per_txn} durable={durable}");
     println!("{:<10} {:>14}", "schema", "inserts/s");
     for (name, rate) in &results {
         println!("{name:<10} {rate:>14.0}");

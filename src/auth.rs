@@ -241,6 +241,16 @@ impl Auth {
         Ok(Grant { scope, emit: claims.emit })
     }
 
+    /// Refuses `--auth none` on another address the server listens on (`--pg-listen`).
+    pub fn check_listen(&self, listen: SocketAddr) -> Result<(), ConfigError> {
+        match self {
+            Auth::None if !listen.ip().is_loopback() => {
+                Err(ConfigError::NoneOnPublicAddress(listen))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn is_required(&self) -> bool {
         matches!(self, Auth::Jwt(_))
     }

@@ -235,6 +235,11 @@ pub struct ServerSettings {
     /// stream at their own pace, so a client that resumes on another gateway may hold an id
     /// that one has not reached yet; in one process (0) such a cursor is simply not this log's.
     pub cursor_ahead_wait: Duration,
+    /// Where the Postgres-protocol endpoint listens (SPEC §11); `None` (the default): off.
+    pub pg_listen: Option<std::net::SocketAddr>,
+    /// TLS for clients of the Postgres-protocol endpoint that ask for it; `None` (the default):
+    /// they are told no and go on in the clear.
+    pub pg_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerSettings {
@@ -261,6 +266,8 @@ impl Default for ServerSettings {
             max_request_bytes: 16 << 20,
             append_queue: 64,
             cursor_ahead_wait: Duration::ZERO,
+            pg_listen: None,
+            pg_tls: None,
         }
     }
 }

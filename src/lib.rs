@@ -24,8 +24,9 @@
 //! 5. [`nats`] takes the pipeline beyond one machine (`--role publisher|gateway`): a publisher
 //!    hands its committed batches to a JetStream stream instead of a bus, and gateways feed
 //!    their bus from the stream, filling any id gap from the log.
-//! 6. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log); [`http`] the state they
-//!    share, access control, history, metadata, stats and health; [`server`] wires it all and
+//! 6. [`ws`] serves `GET /ws/events` (sessions, catch-up from the log), [`pgwire`] the same
+//!    events to Postgres drivers (`--pg-listen`: `SELECT` history, `COPY (SUBSCRIBE ...)`);
+//!    [`http`] the state they share, access control, history, metadata, stats and health; [`server`] wires it all and
 //!    shuts it down in order. [`apps`] holds the demo, `tail` and throwaway clusters.
 //!
 //! Guarantees: every committed change on a mapped table becomes its events exactly once, in
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod model;
 pub mod nats;
 pub mod pg;
+pub mod pgwire;
 pub mod publisher;
 pub mod server;
 pub mod setup;

@@ -205,6 +205,18 @@ struct ServeArgs {
     /// resolved).
     #[arg(long, env = "ROWCAST_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Also serve the event log over the Postgres wire protocol on this address (`host:port`):
+    /// `SELECT ... FROM events` and `COPY (SUBSCRIBE TO events ...) TO STDOUT` for any Postgres
+    /// driver. Off by default.
+    #[arg(long, env = "ROWCAST_PG_LISTEN")]
+    pg_listen: Option<String>,
+    /// PEM certificate chain for TLS on --pg-listen (with --pg-tls-key); without it, clients
+    /// that ask for TLS are told no.
+    #[arg(long, env = "ROWCAST_PG_TLS_CERT", requires = "pg_tls_key")]
+    pg_tls_cert: Option<PathBuf>,
+    /// PEM private key of --pg-tls-cert.
+    #[arg(long, env = "ROWCAST_PG_TLS_KEY", requires = "pg_tls_cert")]
+    pg_tls_key: Option<PathBuf>,
     /// Largest client WebSocket frame in bytes; bigger ones close the connection with 1009.
     #[arg(long, env = "ROWCAST_MAX_FRAME_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(256..))]
     max_frame_bytes: u32,
@@ -528,6 +540,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen,
     )?;
     let nats = args.nats.settings(args.role)?;
+    let pg_tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
+        (Some(cert), Some(key)) => Some(rowcast::pgwire::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let pg_listener = match &args.pg_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
+                format!("cannot listen on {address} (choose another with --pg-listen)")
+            })?;
+            auth.check_listen(listener.local_addr()?)?;
+            Some(listener)
+        }
+        None => None,
+    };
     // A gateway captures nothing: no source decision, no setup (the publishers do both).
     let (mut settings, decision) = match args.role {
         Role::Gateway => (source_settings(&args.source)?, None),
@@ -541,6 +567,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.status_interval = args.status_interval;
     let server = &mut settings.server;
     server.listen = listen;
+    server.pg_listen = pg_listener.as_ref().and_then(|l| l.local_addr().ok());
+    server.pg_tls = pg_tls;
     server.max_frame_bytes = args.max_frame_bytes as usize;
     server.max_event_bytes = args.max_event_bytes as usize;
     // A request can always carry one event of the largest size.
@@ -579,6 +607,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Until here a signal simply ends the process: nothing is running that needs an orderly stop.
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    let server = match pg_listener {
+        Some(pg) => server.with_pg_listener(pg),
+        None => server,
+    };
     server.run(listener, shutdown).await?;
     Ok(())
 }

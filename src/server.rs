@@ -2,12 +2,13 @@
 //! wired together and shut down in order.
 //!
 //! What feeds the bus depends on the role (SPEC §10): the publisher itself (`all`), nothing
-//! (`publisher`: its appends go to the NATS relay, and it serves no WebSocket clients), or the
-//! stream (`gateway`: no capture, no log writer).
+//! (`publisher`: its appends go to the NATS relay, and it serves no WebSocket or
+//! Postgres-protocol clients), or the stream (`gateway`: no capture, no log writer).
 //!
-//! Shutdown (SPEC §9): the listener stops accepting; the publisher finishes in-flight appends,
+//! Shutdown (SPEC §9): the listeners stop accepting; the publisher finishes in-flight appends,
 //! publishes them and acknowledges the slot (then the relay publishes what it has left); then
-//! the bus closes every socket with 1001 after writing what was queued for it.
+//! the bus closes every socket with 1001 after writing what was queued for it (a
+//! Postgres-protocol `SUBSCRIBE` ends with FATAL 57P01).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +73,8 @@ const NATS_LOG_CONNECTIONS: usize = 2;
 pub struct Server {
     state: Arc<AppState>,
     feed: Feed,
+    /// Where the Postgres-protocol endpoint listens, if it is on (`--pg-listen`).
+    pg: Option<TcpListener>,
 }
 
 /// What feeds the log and the bus, by role. Built once per server: its size costs nothing.
@@ -89,7 +92,7 @@ impl Server {
         if settings.role == Role::Gateway && settings.server.cursor_ahead_wait.is_zero() {
             settings.server.cursor_ahead_wait = GATEWAY_CURSOR_AHEAD_WAIT;
         }
-        let log = Pool::new(settings.log.clone(), "log reader", READ_CONNECTIONS);
+        let log = Arc::new(Pool::new(settings.log.clone(), "log reader", READ_CONNECTIONS));
         let head = log::head(&*log.get().await.map_err(LogError::from)?).await?;
         let metrics = Arc::new(Metrics::default());
         let scopes = Arc::new(Scopes::default());
@@ -148,7 +151,13 @@ impl Server {
             nats: status,
             settings,
         });
-        Ok(Self { state, feed })
+        Ok(Self { state, feed, pg: None })
+    }
+
+    /// Also serves the Postgres-protocol endpoint (SPEC §11) on `listener`.
+    pub fn with_pg_listener(mut self, listener: TcpListener) -> Self {
+        self.pg = Some(listener);
+        self
     }
 
     pub fn watch(&self) -> publisher::Watch {
@@ -189,6 +198,23 @@ impl Server {
         let handshake_timeout = state.settings.server.handshake_timeout;
         let http = tokio::spawn(accept(listener, app, handshake_timeout, shutdown.clone()));
         tracing::info!(listen = %state.settings.server.listen, role = state.settings.role.name(), "serving");
+        // Like WebSocket clients, Postgres-protocol ones need a bus that is fed.
+        let pg_listener = match self.pg {
+            Some(_) if !state.settings.role.serves_clients() => {
+                tracing::warn!(
+                    "--pg-listen is ignored on a publisher: its bus is not fed; serve it on gateways"
+                );
+                None
+            }
+            pg => pg,
+        };
+        let pg = pg_listener.map(|listener| {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(pg_listen = %address, "serving the postgres protocol");
+            }
+            let context = crate::pgwire::context(&state);
+            tokio::spawn(crate::pgwire::serve(listener, context, shutdown.clone()))
+        });
 
         let published = feed(self.feed, &shutdown).await;
         // Whatever ended the publisher ends the server; what it appended is published.
@@ -196,8 +222,11 @@ impl Server {
         state.bus.close();
         state.sessions.close();
         let limits = &state.settings.server;
+        if let Some(pg) = pg {
+            let _ = pg.await;
+        }
         if tokio::time::timeout(limits.close_timeout * 3, state.sessions.wait()).await.is_err() {
-            tracing::warn!("some websocket sessions did not close in time");
+            tracing::warn!("some websocket or postgres-protocol sessions did not close in time");
         }
         let served = match tokio::time::timeout(limits.close_timeout, http).await {
             Ok(Ok(result)) => result,

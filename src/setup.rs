@@ -358,7 +358,8 @@ pub async fn uninstall_triggers(target: &Target) -> Result<usize, SetupError> {
                 .batch_execute(
                     "DROP TABLE IF EXISTS rowcast.outbox, rowcast.outbox_commits;
                      DROP SEQUENCE IF EXISTS rowcast.commit_seq;
-                     DROP FUNCTION IF EXISTS rowcast.stamp_commit() CASCADE",
+                     DROP FUNCTION IF EXISTS rowcast.stamp_commit() CASCADE;
+                     DROP FUNCTION IF EXISTS rowcast.wake_lock()",
                 )
                 .await?;
         }

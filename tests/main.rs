@@ -17,6 +17,7 @@ mod fidelity;
 mod first_start;
 mod metadata;
 mod nats;
+mod pgwire;
 mod predicates;
 mod publish;
 mod replay;

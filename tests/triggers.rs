@@ -262,7 +262,7 @@ async fn changes_made_while_nobody_listened_are_delivered() {
     // The listener's connection dies; the server reconnects and drains.
     let killed: i64 = client
         .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = 'LISTEN rowcast' AND datname = current_database()",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'rowcast listener' AND datname = current_database()",
             &[],
         )
         .await
@@ -274,7 +274,7 @@ async fn changes_made_while_nobody_listened_are_delivered() {
     server.stop().await;
     // A stopped server leaves no LISTEN connection behind (nor does the one it replaced).
     let listening = "SELECT count(*) FROM pg_stat_activity
-                      WHERE query = 'LISTEN rowcast' AND datname = current_database()";
+                      WHERE application_name = 'rowcast listener' AND datname = current_database()";
     let mut left = -1;
     for _ in 0..100 {
         left = client.query_one(listening, &[]).await.expect("listeners").get::<_, i64>(0);
@@ -296,6 +296,65 @@ async fn changes_made_while_nobody_listened_are_delivered() {
     server.stop().await;
     let events = drained_events(&db).await;
     assert_sequence(&created_sequence(&events), 101, "across listener loss and restart");
+}
+
+/// Commits notify only while the drain waits. Rounds of simultaneous commits by three writers
+/// make the drain switch between draining and waiting over and over, with commits landing in
+/// the switch; with polling off, any commit that neither notified nor was seen by the drain's
+/// last look would stay in the outbox and stall its round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_commit_misses_its_wake_up_while_the_drain_goes_idle() {
+    const WRITERS: u64 = 3;
+    const ROUNDS: u64 = 80;
+    let db = TestDb::migrated().await;
+    seed(&db.client().await).await;
+    let mut settings = trigger_settings(&db);
+    settings.poll_interval = Duration::from_secs(3600);
+    let mut server = Running::start(settings).await;
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        writers.push(db.client().await);
+    }
+    let writers = Arc::new(writers);
+    for round in 0..ROUNDS {
+        let mut commits = Vec::new();
+        for w in 0..WRITERS {
+            let writers = writers.clone();
+            commits.push(tokio::spawn(async move {
+                // Spread over a few milliseconds: some commit while the drain works, some as it
+                // goes idle, some after.
+                let delay = rand::rng().random_range(0..4_000);
+                tokio::time::sleep(Duration::from_micros(delay)).await;
+                let id = format!("agt-{round}-{w}");
+                writers[w as usize]
+                    .execute(
+                        "INSERT INTO agents (id, organization_id, domain_id, name) VALUES ($1, 'quant', 'demo', $1)",
+                        &[&id],
+                    )
+                    .await
+                    .expect("insert");
+            }));
+        }
+        for commit in commits {
+            commit.await.expect("writer");
+        }
+        server.wait_for_id((round + 1) * WRITERS, Duration::from_secs(20)).await;
+    }
+    server.stop().await;
+    // The lock goes with the listener's connection.
+    let client = db.client().await;
+    let held = "SELECT count(*) FROM pg_locks
+                 WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND (classid::bigint << 32) + objid::bigint = rowcast.wake_lock()";
+    let mut left = -1;
+    for _ in 0..100 {
+        left = client.query_one(held, &[]).await.expect("locks").get::<_, i64>(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "the wake-up lock outlived the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,7 +410,10 @@ async fn uninstall_removes_the_triggers_and_keeps_an_undrained_outbox() {
         0
     );
     assert_eq!(
-        count("SELECT count(*) FROM pg_proc WHERE proname IN ('capture', 'stamp_commit')").await,
+        count(
+            "SELECT count(*) FROM pg_proc WHERE proname IN ('capture', 'stamp_commit', 'wake_lock')"
+        )
+        .await,
         0
     );
 }

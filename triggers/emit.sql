@@ -100,9 +100,9 @@ BEGIN
         PERFORM pg_logical_emit_message(true, 'rowcast.emit', payload::text);
     ELSE
         INSERT INTO rowcast.outbox (op, new_row) VALUES ('emit', payload);
+        -- Numbered at commit, which also wakes the drain if it waits (rowcast.stamp_commit).
         INSERT INTO rowcast.outbox_commits (xid, seq) VALUES (pg_current_xact_id(), 0)
         ON CONFLICT (xid) DO NOTHING;
-        PERFORM pg_notify('rowcast', '');
     END IF;
 END
 $$;

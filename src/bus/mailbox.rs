@@ -56,6 +56,19 @@ pub enum Frame {
     /// A subscription's catch-up ended; it is live. With `caught_up`, the writer tells the
     /// client it has every matching event up to that id (a lagging connection's catch-up).
     Live { subscription: u32, caught_up: Option<u64> },
+    /// Something a catch-up tells the client, in the words of the connection's transport.
+    Notice(Notice),
+}
+
+/// What a catch-up tells the client besides events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The subscription has every matching event up to `last_id` (its `since` history ended).
+    CaughtUp { subscription: u32, last_id: u64 },
+    /// Events after the subscription's cursor are not in the log: `cursor_expired` (retention
+    /// took them; the log starts at `oldest`) or `cursor_ahead` (the cursor is past the log's
+    /// head, which ends before `oldest`).
+    Reset { subscription: u32, reason: &'static str, oldest: u64 },
 }
 
 /// What a queued frame costs besides its text: the frame itself and allocator slack. Without
@@ -73,6 +86,8 @@ impl Frame {
                 Frame::Control(text) => text.len(),
                 Frame::Replay { envelope, .. } => envelope.len() + 20,
                 Frame::CatchingUp { .. } | Frame::Live { .. } => 0,
+                // About what a transport renders it to.
+                Frame::Notice(_) => 80,
             }
     }
 
@@ -88,7 +103,7 @@ impl Frame {
     /// announce something): events get `"subscription_ids"` appended to the envelope.
     pub fn render(&self) -> Option<String> {
         match self {
-            Frame::CatchingUp { .. } | Frame::Live { .. } => None,
+            Frame::CatchingUp { .. } | Frame::Live { .. } | Frame::Notice(_) => None,
             Frame::Control(text) => Some(text.clone()),
             Frame::Replay { envelope, replay, .. } => Some(with_field(envelope, 24, |text| {
                 let _ = write!(text, "\"replay_id\":\"r{replay}\"");

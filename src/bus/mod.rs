@@ -31,6 +31,9 @@
 //!     └──── lag_go_live(cursor): buffered matches after the cursor, `caught_up`, Live markers
 //! ```
 //!
+//! The catch-ups that read the log for those hand-offs are [`catch_up`] and [`lag`]; every
+//! transport's session runs them over its own mailbox (WebSocket frames, Postgres COPY rows).
+//!
 //! Longer than most files on purpose: everything done under the registry lock is here, because
 //! that one lock is the guarantee (`last_id`, the `since` and lag hand-offs, one frame per event).
 
@@ -46,7 +49,9 @@ use crate::metrics::Metrics;
 use crate::model::Timestamp;
 
 mod buffer;
+pub mod catch_up;
 mod index;
+pub mod lag;
 pub mod mailbox;
 
 use buffer::{Buffer, Buffered};

@@ -72,7 +72,8 @@ fn delivered(outbound: &Outbound) -> Vec<(u64, Vec<u32>)> {
             Frame::Control(_)
             | Frame::Replay { .. }
             | Frame::CatchingUp { .. }
-            | Frame::Live { .. } => None,
+            | Frame::Live { .. }
+            | Frame::Notice(_) => None,
         })
         .collect()
 }
@@ -241,6 +242,7 @@ fn stream(outbound: &Outbound) -> Vec<String> {
                 format!("live s{subscription} {caught_up:?}")
             }
             Frame::Replay { id, .. } => format!("replay {id}"),
+            Frame::Notice(notice) => format!("{notice:?}"),
         })
         .collect()
 }

@@ -2,9 +2,9 @@
 //! event log, for databases without logical replication.
 //!
 //! ```text
-//!   app txn --row trigger--> rowcast.outbox (+ commit number at COMMIT) --NOTIFY (empty)--+
-//!                                                                                        v
-//!   log <--append + delete, one transaction-- drain (commit order) <-- LISTEN / poll timer
+//!   app txn --trigger--> rowcast.outbox (+ commit number at COMMIT) --NOTIFY if the drain waits--+
+//!                                                                                               v
+//!   log <--append + delete, one transaction-- drain (commit order) <------------ LISTEN / poll timer
 //! ```
 //!
 //! Guarantees: every committed change is appended exactly once: the drained outbox rows are
@@ -13,11 +13,14 @@
 //! numbered at commit, each contiguous (a large one continues across batches before anything
 //! else), so the changes of one row keep their commit order. Notifications are only a wake-up:
 //! the outbox itself is the truth, so a notification lost while the listener was disconnected
-//! costs at most one poll interval, and every (re)start drains whatever is waiting.
+//! costs at most one poll interval, and every (re)start drains whatever is waiting. A commit
+//! notifies only while the drain waits (holds the wake-up lock): notifications serialize
+//! commits, and a busy drain needs none.
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::log::app::{self, AppendRequest};
@@ -27,6 +30,11 @@ use crate::model::{Change, Op, Row, Source, TableName, Timestamp, Via};
 
 /// The NOTIFY channel the capture function signals.
 pub const CHANNEL: &str = "rowcast";
+
+/// How long the drain keeps looking, without asking for wake-ups, after it last found work;
+/// and how often it looks meanwhile. A busy application's commits then rarely notify.
+const LINGER: Duration = Duration::from_millis(20);
+const LINGER_POLL: Duration = Duration::from_millis(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TriggerError {
@@ -71,13 +79,18 @@ pub async fn run(
     ready: impl FnOnce(),
     shutdown: &CancellationToken,
 ) -> Result<(), TriggerError> {
-    // Held for the whole drain: the LISTEN connection ends with it.
-    let (_listener, mut wake) = listen_on(&settings.source).await?;
+    // Held for the whole drain: the LISTEN connection (and the wake-up lock) end with it.
+    let (listener, mut wake) = listen_on(&settings.source).await?;
+    let mut waiting = WakeLock { listener: &listener, held: false };
     ready();
     let mut drain = Drain { current: None };
+    let mut busy_until = Instant::now();
     loop {
         // Drain first: whatever committed while nobody listened is waiting.
-        while drain.batch(writer, mapping, settings.batch_size, &mut appended).await? {
+        if drain.batch(writer, mapping, settings.batch_size, &mut appended).await? {
+            // Busy: committing transactions need not wake the drain.
+            waiting.release().await?;
+            busy_until = Instant::now() + LINGER;
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -89,6 +102,19 @@ pub async fn run(
                     appended(&app::serve(writer, request).await?);
                 }
             }
+            continue;
+        }
+        if !waiting.held {
+            if Instant::now() < busy_until {
+                // Empty just after work: more is likely on its way, and asking for wake-ups now
+                // would make the next commits notify (and wait for each other).
+                tokio::time::sleep(LINGER_POLL).await;
+                continue;
+            }
+            // Empty. Ask for wake-ups, then look once more: every transaction that committed
+            // without notifying has finished committing once the lock is ours.
+            waiting.acquire().await?;
+            continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -127,8 +153,44 @@ async fn listen_on(
     source: &crate::pg::Target,
 ) -> Result<(tokio_postgres::Client, mpsc::Receiver<()>), TriggerError> {
     let (client, wake) = crate::pg::connect_notified(source, "listener").await?;
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // How long taking the wake-up lock may wait for a transaction's commit (see `WakeLock`).
+    client
+        .batch_execute(&format!(
+            "SET application_name = 'rowcast listener'; SET lock_timeout = '100ms'; LISTEN {CHANNEL}"
+        ))
+        .await?;
     Ok((client, wake))
+}
+
+/// The wake-up lock (`rowcast.wake_lock()` in `capture.sql`), held on the LISTEN connection
+/// while the drain waits: a committing transaction notifies only when it cannot take the lock
+/// shared. NOTIFY serializes the commits that send one, so a busy drain does without them.
+struct WakeLock<'a> {
+    listener: &'a tokio_postgres::Client,
+    held: bool,
+}
+
+impl WakeLock<'_> {
+    /// Takes the lock once every transaction that found it free has committed. A transaction
+    /// that holds it longer (one that numbers its commit at its first change) makes this give
+    /// up after the listener's `lock_timeout`; the drain then looks again, as a poll would.
+    async fn acquire(&mut self) -> Result<(), TriggerError> {
+        match self.listener.execute("SELECT pg_advisory_lock(rowcast.wake_lock())", &[]).await {
+            Ok(_) => self.held = true,
+            Err(err)
+                if err.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
+            Err(err) => return Err(err.into()),
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self) -> Result<(), TriggerError> {
+        if self.held {
+            self.listener.execute("SELECT pg_advisory_unlock(rowcast.wake_lock())", &[]).await?;
+            self.held = false;
+        }
+        Ok(())
+    }
 }
 
 /// Drain state: the transaction a full batch stopped in, which the next batch finishes first.

@@ -16,7 +16,7 @@ pub struct AppState {
     pub settings: Settings,
     pub bus: Arc<Bus>,
     /// Readers of the event log (history, catch-up, replay, stats).
-    pub log: Pool,
+    pub log: Arc<Pool>,
     /// Readers of the source database (slot lag, catalog facts, entity rows).
     pub source: Pool,
     /// What the source catalog says about the mapped tables, cached.

@@ -15,10 +15,12 @@ use tokio_postgres::Client;
 use crate::model::{Position, Severity, Timestamp};
 
 pub mod app;
+pub mod history;
 mod read;
 mod scopes;
 mod writer;
 
+pub use history::{EventLog, History};
 pub use read::{Page, Range, count, oldest_of_last, read, read_stored};
 pub use scopes::{Scopes, load_scopes};
 pub use writer::{LogWriter, recorded_source};

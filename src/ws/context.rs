@@ -25,3 +25,15 @@ pub struct Context<H> {
     /// The mapping, whose redacted columns `where` may not name.
     pub mapping: Arc<crate::mapping::Mapping>,
 }
+
+impl<H: crate::log::History> crate::bus::catch_up::Sources for Context<H> {
+    type History = H;
+
+    fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    fn history(&self) -> &H {
+        &self.history
+    }
+}

@@ -4,23 +4,21 @@
 //!   upgrade (this file): origin, token, connection limit, query → first subscription
 //!     └─ session::run(socket halves, Context { limits, bus, history, metrics, metadata })
 //!          ├─ read loop: protocol::parse → dispatch, limits (rate), idle and token expiry
-//!          ├─ catch_up: `since` history from the log, then bus.go_live
-//!          ├─ lag: a connection that fell behind, from the log, then bus.lag_go_live
+//!          ├─ bus::catch_up: `since` history from the log, then bus.go_live
+//!          ├─ bus::lag: a connection that fell behind, from the log, then bus.lag_go_live
 //!          ├─ replay: a time window from the log, paced
 //!          └─ writer: Outbound → socket, batches, pings, close codes
 //! ```
 //!
 //! - [`protocol`]: the frames, parsed and rendered (pure);
 //! - [`session`]: one connection, generic over its transport and its log, and its [`Context`];
-//! - [`history`]: the session's reads of the log, and the pool-backed [`history::EventLog`];
-//! - `writer`, `catch_up`, `lag`, `replay`, `limits`: the parts of a session, one idea each;
+//! - `writer`, `replay`, `limits`: the parts of a session, one idea each; the session reads
+//!   the log through [`crate::log::History`] and runs the transport-free catch-ups of
+//!   [`crate::bus::catch_up`] and [`crate::bus::lag`];
 //! - `tests`: sessions driven through channels and an in-memory log, with no socket and no
 //!   database (the integration tests cover the real socket and the real log).
 
-mod catch_up;
 mod context;
-pub mod history;
-mod lag;
 mod limits;
 pub mod protocol;
 mod replay;
@@ -43,7 +41,7 @@ use crate::auth;
 use crate::filter::Filter;
 use crate::http::AppState;
 use crate::http::access::{self, AppError};
-use history::EventLog;
+use crate::log::EventLog;
 use protocol::ProtocolError;
 use session::Context;
 
@@ -110,7 +108,7 @@ fn context(state: Arc<AppState>) -> Arc<Context<EventLog>> {
             Box::pin(async move { crate::http::metadata::build(&shared, &scope).await })
         }),
         mapping: state.settings.mapping.clone(),
-        history: EventLog(state),
+        history: EventLog(state.log.clone()),
     })
 }
 

@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::context::Context;
-use super::history::History;
 use super::protocol;
 use crate::bus::mailbox::{Frame, Outbound};
 use crate::filter::Filter;
-use crate::log::{LogError, Range};
+use crate::log::{History, LogError, Range};
 
 /// Events per replay read.
 const REPLAY_PAGE: usize = 500;

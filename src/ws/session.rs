@@ -31,18 +31,18 @@ use axum::extract::ws::Message;
 use futures_util::{Sink, Stream, StreamExt};
 use tokio::task::JoinHandle;
 
-use super::catch_up::CatchUp;
 pub use super::context::Context;
-use super::history::History;
-use super::lag::LagCatchUp;
 use super::limits::{RateLimit, Verdict};
 use super::protocol::{self, Action, ErrorCode, ProtocolError, Start};
 use super::replay::Replay;
 use super::writer::{Ended, Writer};
 use crate::auth::Scope;
+use crate::bus::catch_up::{self, CatchUp};
+use crate::bus::lag::LagCatchUp;
 use crate::bus::mailbox::{Closing, Frame, Outbound};
 use crate::bus::{ConnectionId, SubscriptionId};
 use crate::filter::Filter;
+use crate::log::History;
 
 /// How often a subscription waiting for the bus to reach its `since` cursor checks.
 const CURSOR_AHEAD_POLL: std::time::Duration = std::time::Duration::from_millis(10);
@@ -395,15 +395,20 @@ impl<H: History> Session<H> {
                 protocol::subscribed(number, &filter, head, reference)
             });
         let Ok(last_id) = subscribed else { return };
-        let catch_up = (start != Start::Live).then(|| {
+        let from = match start {
+            Start::Live => None,
+            Start::Since(since) => Some(catch_up::Start::Since(since)),
+            Start::History(count) => Some(catch_up::Start::Last(count)),
+        };
+        let catch_up = from.map(|from| {
             let catch_up = CatchUp {
-                context: self.context.clone(),
+                sources: self.context.clone(),
                 connection: self.connection,
                 subscription: number,
                 filter,
                 outbound: self.outbound.clone(),
             };
-            tokio::spawn(catch_up.run(start, last_id))
+            tokio::spawn(catch_up.run(from, last_id))
         });
         self.subscriptions.insert(number, catch_up);
     }
@@ -425,7 +430,7 @@ impl<H: History> Session<H> {
     /// Starts the catch-up of the connection's lag (which ends at once if there is none).
     fn catch_up_lag(&mut self) {
         let catch_up = LagCatchUp {
-            context: self.context.clone(),
+            sources: self.context.clone(),
             connection: self.connection,
             outbound: self.outbound.clone(),
             progress: self.lag_progress.clone(),

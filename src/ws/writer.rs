@@ -26,7 +26,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt};
 
 use super::protocol;
-use crate::bus::mailbox::{Closing, Frame, Next, Outbound, Slow};
+use crate::bus::mailbox::{Closing, Frame, Next, Notice, Outbound, Slow};
 use crate::bus::{Bus, SubscriptionId};
 use crate::config::ServerSettings;
 use crate::metrics::Metrics;
@@ -201,8 +201,12 @@ fn text(frame: &Frame) -> Option<bytes::Bytes> {
         Frame::CatchingUp { subscription, from, lagging: true } => {
             Some(protocol::lagging(subscription, from).into())
         }
-        Frame::Live { subscription, caught_up: Some(last_id) } => {
+        Frame::Live { subscription, caught_up: Some(last_id) }
+        | Frame::Notice(Notice::CaughtUp { subscription, last_id }) => {
             Some(protocol::caught_up(subscription, last_id).into())
+        }
+        Frame::Notice(Notice::Reset { subscription, reason, oldest }) => {
+            Some(protocol::reset(subscription, reason, oldest).into())
         }
         _ => frame.message(),
     }
@@ -295,7 +299,7 @@ impl Delivered {
                     self.live = Some(self.live.map_or(last_id, |live| live.max(last_id)));
                 }
             }
-            Frame::Control(_) | Frame::Replay { .. } => {}
+            Frame::Control(_) | Frame::Replay { .. } | Frame::Notice(_) => {}
         }
     }
 

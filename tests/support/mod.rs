@@ -319,6 +319,8 @@ pub struct Running {
     pub watch: Watch,
     /// Where its HTTP/WebSocket server listens.
     pub addr: SocketAddr,
+    /// Where its Postgres-protocol endpoint listens, when it was started with one.
+    pub pg: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ServeError>>,
 }
@@ -326,7 +328,17 @@ pub struct Running {
 impl Running {
     /// Runs `setup`, starts the server on a free port and waits until it streams: every
     /// change committed after this returns is captured.
-    pub async fn start(mut settings: Settings) -> Running {
+    pub async fn start(settings: Settings) -> Running {
+        Self::start_serving(settings, None).await
+    }
+
+    /// As [`Running::start`], with the Postgres-protocol endpoint on `pg` (a fixed address, so
+    /// a restarted server is found where the last one was).
+    pub async fn start_with_pg(settings: Settings, pg: SocketAddr) -> Running {
+        Self::start_serving(settings, Some(pg)).await
+    }
+
+    async fn start_serving(mut settings: Settings, pg: Option<SocketAddr>) -> Running {
         match settings.source {
             SourceMode::Triggers => rowcast::setup::setup_triggers(&settings).await.expect("setup"),
             _ => rowcast::setup::setup_replication(&settings).await.expect("setup"),
@@ -335,7 +347,12 @@ impl Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         settings.server.listen = addr;
-        let server = Server::new(settings).await.expect("server");
+        settings.server.pg_listen = pg;
+        let mut server = Server::new(settings).await.expect("server");
+        if let Some(pg) = pg {
+            let listener = TcpListener::bind(pg).await.expect("bind the postgres-protocol port");
+            server = server.with_pg_listener(listener);
+        }
         let mut watch = server.watch();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(listener, shutdown.clone()));
@@ -348,7 +365,7 @@ impl Running {
         nudge.abort();
         let state = streaming.ok().and_then(|s| s.ok()).map(|state| state.clone());
         assert_eq!(state, Some(State::Streaming), "publisher did not start streaming");
-        Running { watch, addr, shutdown, task }
+        Running { watch, addr, pg, shutdown, task }
     }
 
     /// Starts a gateway (`settings.role` is `Gateway`; nothing to set up: it captures nothing)
@@ -363,7 +380,7 @@ impl Running {
         let task = tokio::spawn(server.run(listener, shutdown.clone()));
         for _ in 0..600 {
             if client::get_status(addr, "/readyz").await == Some(200) {
-                return Running { watch, addr, shutdown, task };
+                return Running { watch, addr, pg: None, shutdown, task };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -23,13 +23,13 @@ use tokio::sync::{RwLock, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
-use super::history::History;
 use super::protocol::Start;
 use super::session::{self, Context, Initial};
 use crate::auth::Scope;
 use crate::bus::Bus;
 use crate::config::ServerSettings;
 use crate::filter::{Envelope, Filter};
+use crate::log::History;
 use crate::log::{LogError, Page, Range, StoredEvent};
 use crate::model::{Severity, Timestamp};
 

@@ -24,26 +24,23 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::catch_up::{CATCH_UP_PAGE, read_page, span};
-use super::context::Context;
-use super::history::History;
-use super::protocol;
-use crate::bus::mailbox::{Frame, Outbound};
-use crate::bus::{ConnectionId, GoLive, LagMembers, SubscriptionId};
+use super::catch_up::{CATCH_UP_PAGE, Sources, read_page, span};
+use super::mailbox::{Frame, Notice, Outbound};
+use super::{ConnectionId, GoLive, LagMembers, SubscriptionId};
 use crate::filter::Filter;
 
 /// The fewest events a member's read asks for.
 const MIN_PAGE: usize = 50;
 
 /// The catch-up of a lagging connection; at most one runs per connection.
-pub(super) struct LagCatchUp<H> {
-    pub(super) context: Arc<Context<H>>,
-    pub(super) connection: ConnectionId,
-    pub(super) outbound: Arc<Outbound>,
+pub struct LagCatchUp<S> {
+    pub sources: Arc<S>,
+    pub connection: ConnectionId,
+    pub outbound: Arc<Outbound>,
     /// Every member has been sent every match up to this id. Kept outside the task: one stopped
     /// to unsubscribe a member is started again from here (each frame's push and this update
     /// happen with no await between them, so stopping never loses or repeats one).
-    pub(super) progress: Arc<AtomicU64>,
+    pub progress: Arc<AtomicU64>,
 }
 
 /// One member's reads: matches read but not sent yet, up to `read_to`.
@@ -53,9 +50,9 @@ struct Reader {
     pending: VecDeque<(u64, String, i64)>,
 }
 
-impl<H: History> LagCatchUp<H> {
-    pub(super) async fn run(self) {
-        let Some(mut members) = self.context.bus.lag_members(self.connection) else { return };
+impl<S: Sources> LagCatchUp<S> {
+    pub async fn run(self) {
+        let Some(mut members) = self.sources.bus().lag_members(self.connection) else { return };
         let first = members.members.iter().map(|(_, from, _)| *from).min().unwrap_or(0);
         let mut cursor = first.max(self.progress.load(Ordering::Relaxed));
         self.progress.store(cursor, Ordering::Relaxed);
@@ -67,7 +64,7 @@ impl<H: History> LagCatchUp<H> {
                 let Some(next) = self.round(&mut readers, cursor, target).await else { return };
                 cursor = next;
             }
-            let bus = &self.context.bus;
+            let bus = self.sources.bus();
             match bus.lag_go_live(self.connection, cursor, members.generation) {
                 GoLive::Live | GoLive::Gone => return,
                 GoLive::Behind(head) => {
@@ -100,13 +97,14 @@ impl<H: History> LagCatchUp<H> {
             if !reader.pending.is_empty() || reader.read_to >= target {
                 continue;
             }
-            let (context, outbound) = (&*self.context, &*self.outbound);
+            let (sources, outbound) = (&*self.sources, &*self.outbound);
             let range = span(reader.read_to, target, limit);
             let page =
-                read_page(context, self.connection, outbound, &reader.filter, &range).await?;
+                read_page(sources, self.connection, outbound, &reader.filter, &range).await?;
             if page.oldest > reader.read_to + 1 {
-                let reset = protocol::reset(subscription, "cursor_expired", page.oldest);
-                self.outbound.push_paced(Frame::Control(reset)).await.ok()?;
+                let reason = "cursor_expired";
+                let reset = Notice::Reset { subscription, reason, oldest: page.oldest };
+                self.outbound.push_paced(Frame::Notice(reset)).await.ok()?;
             }
             let full = page.events.len() == limit;
             let last = page.events.last().map(|(id, _)| *id);

@@ -1,19 +1,20 @@
-//! The reads of the event log a session makes: catch-up pages, where `history` starts, replay
-//! pages and replay counts.
+//! The reads of the event log that deliveries make: catch-up pages, where `history` starts,
+//! replay pages and replay counts.
 //!
-//! Sessions read the log through [`History`] rather than the readers' pool so their logic can
-//! be driven from memory in unit tests; the server's implementation, [`EventLog`], is
-//! [`crate::log::read`] and [`crate::log::count`] on a pooled connection and nothing more.
-//! Each call takes a connection from the pool: every page is its own snapshot anyway (the
-//! hand-off to live never relies on two pages agreeing), so nothing is gained by holding one.
+//! Sessions (WebSocket and Postgres-protocol alike) read the log through [`History`] rather
+//! than the readers' pool so their logic can be driven from memory in unit tests; the server's
+//! implementation, [`EventLog`], is [`super::read`] and [`super::count`] on a pooled
+//! connection and nothing more. Each call takes a connection from the pool: every page is its
+//! own snapshot anyway (the hand-off to live never relies on two pages agreeing), so nothing is
+//! gained by holding one.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::{LogError, Page, Range};
 use crate::filter::Filter;
-use crate::http::AppState;
-use crate::log::{LogError, Page, Range};
+use crate::pg::Pool;
 
 /// The event log as a session reads it.
 pub trait History: Send + Sync + 'static {
@@ -43,12 +44,13 @@ pub trait History: Send + Sync + 'static {
 }
 
 /// The log in Postgres, read through the server's readers' pool (`AppState::log`).
-pub struct EventLog(pub Arc<AppState>);
+#[derive(Clone)]
+pub struct EventLog(pub Arc<Pool>);
 
 impl History for EventLog {
     async fn read(&self, filter: &Filter, range: &Range) -> Result<Page, LogError> {
-        let client = self.0.log.get().await?;
-        crate::log::read(&client, filter, range).await
+        let client = self.0.get().await?;
+        super::read(&client, filter, range).await
     }
 
     async fn oldest_of_last(
@@ -57,8 +59,8 @@ impl History for EventLog {
         up_to: u64,
         count: usize,
     ) -> Result<Option<u64>, LogError> {
-        let client = self.0.log.get().await?;
-        crate::log::oldest_of_last(&client, filter, up_to, count).await
+        let client = self.0.get().await?;
+        super::oldest_of_last(&client, filter, up_to, count).await
     }
 
     async fn count(
@@ -67,7 +69,7 @@ impl History for EventLog {
         from: SystemTime,
         to: SystemTime,
     ) -> Result<u64, LogError> {
-        let client = self.0.log.get().await?;
-        crate::log::count(&client, filter, from, to).await
+        let client = self.0.get().await?;
+        super::count(&client, filter, from, to).await
     }
 }

@@ -1,11 +1,12 @@
 //! Catch-up (SPEC §5, `since` and `history`): history from the log for a new subscription,
-//! then the hand-off to live delivery without a gap or a duplicate.
+//! then the hand-off to live delivery without a gap or a duplicate. Transport-free: the
+//! WebSocket session and the Postgres-protocol `SUBSCRIBE` both run it over their mailbox.
 //!
 //! ```text
 //!   bus.subscribe(since)  ── subscribed {last_id: N}; the bus buffers matches above N
 //!   (history: M) since := just before the oldest of the last M matches up to N
 //!   history.read (since, N], page by page ──> events, oldest first
-//!   caught_up {last_id: N}
+//!   Notice::CaughtUp {last_id: N}
 //!   bus.go_live(cursor) ── Live: buffered matches above the cursor are queued, then live ones
 //!                       └─ Behind(head): the buffer overflowed; read (cursor, head] and ask again
 //! ```
@@ -16,19 +17,19 @@
 //! overflowing the queue, and leaves room for the connection's live frames. History counts
 //! for nothing in the connection's lag (`--max-lag`): the client asked for it.
 //!
+//! What the client is told (`caught_up`, `reset`) goes into the mailbox as [`Notice`]s; each
+//! transport's writer says it in its own words.
+//!
 //! A connection that falls behind catches up the same way, for all its subscriptions at
 //! once: `lag.rs`, which reads its pages with [`read_page`] too.
 
 use std::sync::Arc;
 
-use super::context::Context;
-use super::history::History;
-use super::protocol::{self, Start};
+use super::mailbox::{Frame, Notice, Outbound, Rejected};
+use super::{Bus, ConnectionId, GoLive, SubscriptionId};
 use crate::backoff::Backoff;
-use crate::bus::mailbox::{Frame, Outbound, Rejected};
-use crate::bus::{ConnectionId, GoLive, SubscriptionId};
 use crate::filter::Filter;
-use crate::log::{Page, Range};
+use crate::log::{History, Page, Range};
 
 /// Events per catch-up read.
 pub(super) const CATCH_UP_PAGE: usize = 500;
@@ -36,26 +37,41 @@ pub(super) const CATCH_UP_PAGE: usize = 500;
 const CATCH_UP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const CATCH_UP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What a catch-up reads from and hands over to: the bus and the log. A session's context.
+pub trait Sources: Send + Sync + 'static {
+    type History: History;
+    fn bus(&self) -> &Bus;
+    fn history(&self) -> &Self::History;
+}
+
+/// Where a catch-up starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// After this id (`since`).
+    Since(u64),
+    /// With the last this many matching events up to `last_id` (`history`).
+    Last(usize),
+}
+
 /// Sends history from the log to a new subscription with `since`, then makes it live.
 ///
 /// Events `since < id <= last_id` (the `subscribed.last_id`) come first, then `caught_up`.
 /// Events published while reading are read from the log too, until the bus head equals the
 /// cursor under the bus lock: only then does the subscription go live, so the hand-off has
 /// no gap and no duplicate.
-pub(super) struct CatchUp<H> {
-    pub(super) context: Arc<Context<H>>,
-    pub(super) connection: ConnectionId,
-    pub(super) subscription: SubscriptionId,
-    pub(super) filter: Arc<Filter>,
-    pub(super) outbound: Arc<Outbound>,
+pub struct CatchUp<S> {
+    pub sources: Arc<S>,
+    pub connection: ConnectionId,
+    pub subscription: SubscriptionId,
+    pub filter: Arc<Filter>,
+    pub outbound: Arc<Outbound>,
 }
 
-impl<H: History> CatchUp<H> {
-    pub(super) async fn run(self, start: Start, last_id: u64) {
+impl<S: Sources> CatchUp<S> {
+    pub async fn run(self, start: Start, last_id: u64) {
         let since = match start {
-            Start::Live => last_id,
             Start::Since(since) => since,
-            Start::History(count) => match self.history_start(last_id, count).await {
+            Start::Last(count) => match self.history_start(last_id, count).await {
                 Some(since) => since,
                 None => return,
             },
@@ -63,8 +79,12 @@ impl<H: History> CatchUp<H> {
         let mut cursor = since;
         if since > last_id {
             // A cursor from a log this one never had (or a different database).
-            let frame = protocol::reset(self.subscription, "cursor_ahead", last_id + 1);
-            if self.push(Frame::Control(frame)).await.is_err() {
+            let notice = Notice::Reset {
+                subscription: self.subscription,
+                reason: "cursor_ahead",
+                oldest: last_id + 1,
+            };
+            if self.push(Frame::Notice(notice)).await.is_err() {
                 return;
             }
             cursor = last_id;
@@ -78,12 +98,12 @@ impl<H: History> CatchUp<H> {
             }
             if !caught_up {
                 caught_up = true;
-                let frame = protocol::caught_up(self.subscription, last_id);
-                if self.push(Frame::Control(frame)).await.is_err() {
+                let notice = Notice::CaughtUp { subscription: self.subscription, last_id };
+                if self.push(Frame::Notice(notice)).await.is_err() {
                     return;
                 }
             }
-            match self.context.bus.go_live(self.connection, self.subscription, cursor) {
+            match self.sources.bus().go_live(self.connection, self.subscription, cursor) {
                 GoLive::Live | GoLive::Gone => return,
                 GoLive::Behind(head) => target = head,
                 GoLive::Wait(bytes) => {
@@ -99,7 +119,7 @@ impl<H: History> CatchUp<H> {
     /// (`last_id` when none match), retried while the log fails; `None` once the connection
     /// is closing.
     async fn history_start(&self, last_id: u64, count: usize) -> Option<u64> {
-        let (history, filter) = (&self.context.history, &*self.filter);
+        let (history, filter) = (self.sources.history(), &*self.filter);
         let oldest = retrying(self.connection, &self.outbound, || {
             history.oldest_of_last(filter, last_id, count)
         })
@@ -110,12 +130,16 @@ impl<H: History> CatchUp<H> {
     /// Sends one page after `cursor`; returns the new cursor, `None` when the connection is
     /// closing.
     async fn read(&self, cursor: u64, target: u64) -> Option<u64> {
-        let (context, outbound) = (&*self.context, &*self.outbound);
         let range = span(cursor, target, CATCH_UP_PAGE);
-        let page = read_page(context, self.connection, outbound, &self.filter, &range).await?;
+        let page = read_page(&*self.sources, self.connection, &self.outbound, &self.filter, &range)
+            .await?;
         if page.oldest > cursor + 1 {
-            let frame = protocol::reset(self.subscription, "cursor_expired", page.oldest);
-            self.push(Frame::Control(frame)).await.ok()?;
+            let notice = Notice::Reset {
+                subscription: self.subscription,
+                reason: "cursor_expired",
+                oldest: page.oldest,
+            };
+            self.push(Frame::Notice(notice)).await.ok()?;
         }
         let full = page.events.len() == CATCH_UP_PAGE;
         let mut next = target;
@@ -146,14 +170,14 @@ pub(super) fn span(after: u64, up_to: u64, limit: usize) -> Range {
 
 /// One page of the log for `filter` in `range`, retried with backoff while the log fails;
 /// `None` once the connection is closing.
-pub(super) async fn read_page<H: History>(
-    context: &Context<H>,
+pub(super) async fn read_page<S: Sources>(
+    sources: &S,
     connection: ConnectionId,
     outbound: &Outbound,
     filter: &Filter,
     range: &Range,
 ) -> Option<Page> {
-    retrying(connection, outbound, || context.history.read(filter, range)).await
+    retrying(connection, outbound, || sources.history().read(filter, range)).await
 }
 
 /// `read` of the log, tried again with backoff while it fails; `None` once the connection is
