@@ -477,6 +477,17 @@ impl Bus {
         self.lock().head
     }
 
+    /// Waits, at most `wait`, until the head reaches `id`: a cursor a client brings from a
+    /// gateway ahead of this one (SPEC §10; `ServerSettings::cursor_ahead_wait`). Returns at
+    /// once when it is reached already or `wait` is zero.
+    pub async fn wait_for_head(&self, id: u64, wait: std::time::Duration) {
+        const POLL: std::time::Duration = std::time::Duration::from_millis(10);
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.head() < id && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     pub fn stats(&self) -> BusStats {
         let registry = self.lock();
         BusStats {

@@ -131,6 +131,10 @@ where
     };
     let filter = Arc::new(subscription.filter);
     let since = subscription.since;
+    if let Some(since) = since {
+        // A cursor from a gateway ahead of this one (SPEC §10): wait for it rather than reset.
+        context.bus.wait_for_head(since, limits.cursor_ahead_wait).await;
+    }
     // The bus queues a reply for WebSocket clients; COPY has nothing to say there.
     let subscribed =
         context.bus.subscribe(connection, SUBSCRIPTION, filter.clone(), since, |_| String::new());

@@ -44,8 +44,6 @@ use crate::bus::{ConnectionId, SubscriptionId};
 use crate::filter::Filter;
 use crate::log::History;
 
-/// How often a subscription waiting for the bus to reach its `since` cursor checks.
-const CURSOR_AHEAD_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// The furthest a token's expiry is scheduled; a token may claim an `exp` centuries away.
 const LONGEST_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
@@ -383,7 +381,8 @@ impl<H: History> Session<H> {
         // resume id are concerned: the events before `last_id` it asked for are context, not a
         // cursor it holds, and where they start is known only once `last_id` is.
         if let Start::Since(since) = start {
-            self.wait_for_head(since).await;
+            // A cursor from a gateway ahead of this one: wait for it rather than reset.
+            self.context.bus.wait_for_head(since, self.context.limits.cursor_ahead_wait).await;
         }
         let since = match start {
             Start::Live => None,
@@ -411,20 +410,6 @@ impl<H: History> Session<H> {
             tokio::spawn(catch_up.run(from, last_id))
         });
         self.subscriptions.insert(number, catch_up);
-    }
-
-    /// A cursor the bus has not reached: on a gateway, the one the client resumes from may be
-    /// a moment ahead of this one. Waits for the bus (at most `cursor_ahead_wait`) rather than
-    /// answer with a reset that a moment would have made needless.
-    async fn wait_for_head(&self, since: u64) {
-        let wait = self.context.limits.cursor_ahead_wait;
-        if wait.is_zero() || self.context.bus.head() >= since {
-            return;
-        }
-        let deadline = tokio::time::Instant::now() + wait;
-        while self.context.bus.head() < since && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(CURSOR_AHEAD_POLL).await;
-        }
     }
 
     /// Starts the catch-up of the connection's lag (which ends at once if there is none).
