@@ -675,6 +675,27 @@ async fn main() {
         };
         let floor = Floor::start(&url, &db).await;
         let histogram_before = sent_histogram(addr).await;
+        // The server's commit-to-published gauge (set as each batch reaches the bus), sampled.
+        let published_lags = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sampler = {
+            let lags = published_lags.clone();
+            tokio::spawn(async move {
+                let mut last = None;
+                loop {
+                    let text = http_get(addr, "/metrics").await;
+                    let lag = text.lines().find_map(|l| {
+                        l.strip_prefix("rowcast_source_lag_seconds ")?.trim().parse::<f64>().ok()
+                    });
+                    if lag.is_some() && lag != last {
+                        last = lag;
+                        if let Some(lag) = lag {
+                            lags.lock().unwrap_or_else(|p| p.into_inner()).push((lag * 1e6) as i64);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(7)).await;
+                }
+            })
+        };
         write(&url, changes, 10, 100, Some(1_000.0), tag).await;
         while seen.frames.load(Ordering::Relaxed) < expected
             && started.elapsed() < Duration::from_secs(60)
@@ -702,8 +723,15 @@ async fn main() {
             cpu,
             rss_kb(pid)
         );
+        sampler.abort();
+        let mut published =
+            std::mem::take(&mut *published_lags.lock().unwrap_or_else(|p| p.into_inner()));
+        published.sort_unstable();
         println!(
-            "  server: of the frames it sent, {}",
+            "  server: commit to published on its bus p50 {:.1} ms, p99 {:.1} ms ({} samples); of the frames it sent, {}",
+            percentile(&published, 0.5),
+            percentile(&published, 0.99),
+            published.len(),
             sent_within(&histogram_before, &sent_histogram(addr).await)
         );
         floor.stop(&db).await;

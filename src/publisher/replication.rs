@@ -219,16 +219,36 @@ async fn write_loop(
         report(writer);
         Ok::<(), PublisherError>(())
     };
+    // What is received and not yet sent: events, and progress that came after them.
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut progress = None;
     loop {
         let idle = writer.in_flight() == 0;
-        // Waits for at least one item, then takes what is already queued, up to a batch.
+        let room = writer.in_flight() < APPENDS_IN_FLIGHT;
+        // A transaction goes in one append when it fits in a batch: pgoutput sends a
+        // transaction only once it committed, so the rest of it is already on its way, and
+        // sending its first events alone would make its last ones wait for two commits.
+        let whole = !mid_transaction || batch.len() >= batch_size;
+        if room && whole && (!batch.is_empty() || progress.is_some()) {
+            writer.send(std::mem::take(&mut batch), progress.take())?;
+            if writer.in_flight() == 0
+                && writer.has_pending_progress()
+                && flushed_at.elapsed() >= PROGRESS_FLUSH
+            {
+                flush(writer, &mut flushed_at).await?;
+            }
+            continue;
+        }
+        // Waits for at least one item, then takes what is already queued, up to a batch. With
+        // both appends in flight it still gathers the rest of a transaction.
+        let want = batch_size.saturating_sub(batch.len()).max(1);
         let received = tokio::select! {
             Some(confirmed) = writer.confirm(), if !idle => {
                 signals.appended(&confirmed?);
                 report(writer);
                 continue;
             }
-            received = queue.recv_many(&mut items, batch_size), if writer.in_flight() < APPENDS_IN_FLIGHT => received,
+            received = queue.recv_many(&mut items, want), if batch.len() < batch_size && (room || mid_transaction) => received,
             () = tokio::time::sleep_until(flushed_at + PROGRESS_FLUSH), if idle && writer.has_pending_progress() => {
                 flush(writer, &mut flushed_at).await?;
                 continue;
@@ -248,8 +268,6 @@ async fn write_loop(
             break;
         }
         signals.metrics.capture_queue(queue.len());
-        let mut batch = Vec::with_capacity(items.len());
-        let mut progress = None;
         for item in items.drain(..) {
             match item {
                 Captured::Event { position, event } => {
@@ -271,13 +289,10 @@ async fn write_loop(
                 }
             }
         }
+    }
+    // Shutdown: capture stopped; what it sent goes in.
+    if !batch.is_empty() || progress.is_some() {
         writer.send(batch, progress)?;
-        if writer.in_flight() == 0
-            && writer.has_pending_progress()
-            && flushed_at.elapsed() >= PROGRESS_FLUSH
-        {
-            flush(writer, &mut flushed_at).await?;
-        }
     }
     while let Some(confirmed) = writer.confirm().await {
         signals.appended(&confirmed?);
