@@ -22,7 +22,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::support::client::get;
 use crate::support::matcher::query;
-use crate::support::{Running, TestDb, free_addr};
+use crate::support::{Running, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 const SECRET: &str = "pgwire-test-secret-of-32-bytes-or-more";
@@ -272,7 +272,7 @@ with psycopg.connect(sys.argv[1], autocommit=True) as conn:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drivers_read_the_history_the_history_api_answers() {
     let db = TestDb::migrated().await;
-    let mut server = Running::start_with_pg(db.settings(), free_addr()).await;
+    let mut server = Running::start_with_pg(db.settings(), any_port()).await;
     let pg = server.pg.expect("pg");
     workload(&db.client().await).await;
     let log = db.settled_events().await;
@@ -422,7 +422,7 @@ async fn tokens_confine_what_a_connection_sees() {
     let mut settings = db.settings();
     let local = SocketAddr::from(([127, 0, 0, 1], 0));
     settings.server.auth = Auth::new("jwt", Some(SECRET), None, local).expect("auth");
-    let mut server = Running::start_with_pg(settings, free_addr()).await;
+    let mut server = Running::start_with_pg(settings, any_port()).await;
     let pg = server.pg.expect("pg");
     workload(&db.client().await).await;
     let log = db.settled_events().await;
@@ -640,12 +640,12 @@ async fn agents(client: &Client, range: std::ops::Range<u32>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_resumes_across_a_restart_exactly_once() {
     let db = TestDb::migrated().await;
-    let pg = free_addr();
     let mut settings = db.settings();
     // Quiet subscriptions write every ping interval: what finds a client gone whose socket
     // still holds input (tokio-postgres closes its statement during the COPY).
     settings.server.ping_interval = Duration::from_millis(300);
-    let server = Running::start_with_pg(settings.clone(), pg).await;
+    let server = Running::start_with_pg(settings.clone(), any_port()).await;
+    let pg = server.pg.expect("pg");
     let source = db.client().await;
     let with_psycopg = have_psycopg();
 
@@ -857,7 +857,7 @@ async fn malformed_protocol_bytes_never_stop_the_server() {
         previous(info);
     }));
     let db = TestDb::migrated().await;
-    let mut server = Running::start_with_pg(db.settings(), free_addr()).await;
+    let mut server = Running::start_with_pg(db.settings(), any_port()).await;
     let pg = server.pg.expect("pg");
     agents(&db.client().await, 0..3).await;
     let log = db.settled_events().await;
@@ -906,7 +906,7 @@ async fn a_slow_reader_falls_behind_and_catches_up_from_the_log() {
     let mut settings = db.settings();
     // A small mailbox, so a reader that stops for a moment overflows it.
     settings.server.outbound_bytes = 16 << 10;
-    let mut server = Running::start_with_pg(settings, free_addr()).await;
+    let mut server = Running::start_with_pg(settings, any_port()).await;
     let pg = server.pg.expect("pg");
     let client = connect_slow_reader(pg).await;
     let sql = "COPY (SUBSCRIBE TO events WHERE type LIKE 'agent.%') TO STDOUT";
@@ -956,7 +956,7 @@ async fn a_reader_too_far_behind_is_told_where_to_resume() {
     let mut settings = db.settings();
     settings.server.outbound_bytes = 16 << 10;
     settings.server.max_lag = Duration::from_secs(1);
-    let mut server = Running::start_with_pg(settings, free_addr()).await;
+    let mut server = Running::start_with_pg(settings, any_port()).await;
     let pg = server.pg.expect("pg");
     let client = connect_slow_reader(pg).await;
     let sql = |since: u64| {
@@ -1036,7 +1036,7 @@ async fn a_client_that_asks_for_tls_gets_it() {
         rowcast::pgwire::tls::server_config(&certs.server_cert(), &certs.server_key())
             .expect("tls"),
     );
-    let mut server = Running::start_with_pg(settings, free_addr()).await;
+    let mut server = Running::start_with_pg(settings, any_port()).await;
     let pg = server.pg.expect("pg");
     agents(&db.client().await, 0..3).await;
     let log = db.settled_events().await;
@@ -1069,7 +1069,7 @@ async fn a_connection_over_the_limit_is_told_why() {
     let db = TestDb::migrated().await;
     let mut settings = db.settings();
     settings.server.max_connections = 1;
-    let server = Running::start_with_pg(settings, free_addr()).await;
+    let server = Running::start_with_pg(settings, any_port()).await;
     let pg = server.pg.expect("pg");
     let first = connect(pg, None).await.expect("the one connection");
     let err = connect(pg, None).await.expect_err("over the limit");
@@ -1095,7 +1095,7 @@ async fn a_connection_over_the_limit_is_told_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_older_than_the_log_is_an_error_not_a_gap() {
     let db = TestDb::migrated().await;
-    let mut server = Running::start_with_pg(db.settings(), free_addr()).await;
+    let mut server = Running::start_with_pg(db.settings(), any_port()).await;
     let pg = server.pg.expect("pg");
     agents(&db.client().await, 0..10).await;
     let log = db.settled_events().await;
@@ -1121,4 +1121,9 @@ async fn a_cursor_older_than_the_log_is_an_error_not_a_gap() {
     read_rows(&mut stream, &mut seen, log.len() - 5).await;
     assert_eq!(seen, (6..=log.len() as u64).collect::<Vec<u64>>());
     server.stop().await;
+}
+
+/// Port 0: the endpoint takes a free port as it binds (see `Running::pg`).
+fn any_port() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
 }

@@ -332,8 +332,8 @@ impl Running {
         Self::start_serving(settings, None).await
     }
 
-    /// As [`Running::start`], with the Postgres-protocol endpoint on `pg` (a fixed address, so
-    /// a restarted server is found where the last one was).
+    /// As [`Running::start`], with the Postgres-protocol endpoint on `pg`: port 0 for a free one
+    /// (`Running::pg` says which), or the address of a server this one restarts.
     pub async fn start_with_pg(settings: Settings, pg: SocketAddr) -> Running {
         Self::start_serving(settings, Some(pg)).await
     }
@@ -347,10 +347,16 @@ impl Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         settings.server.listen = addr;
+        // Port 0 takes a free port as it binds (no window for another test to take it); the
+        // address it got is `Running::pg`, for a restart to bind again.
+        let pg_listener = match pg {
+            Some(pg) => Some(TcpListener::bind(pg).await.expect("bind the postgres-protocol port")),
+            None => None,
+        };
+        let pg = pg_listener.as_ref().map(|l| l.local_addr().expect("postgres-protocol address"));
         settings.server.pg_listen = pg;
         let mut server = Server::new(settings).await.expect("server");
-        if let Some(pg) = pg {
-            let listener = TcpListener::bind(pg).await.expect("bind the postgres-protocol port");
+        if let Some(listener) = pg_listener {
             server = server.with_pg_listener(listener);
         }
         let mut watch = server.watch();
