@@ -778,8 +778,25 @@ fn conversations() -> Vec<Vec<u8>> {
         message(b'S', &[]),
     ]
     .concat();
+    // An Execute whose row count is huge or negative: the library reserves room for that many
+    // rows up front, which once aborted the whole process.
+    let execute_rows = |rows: i32| {
+        let parse = [cstr(""), cstr("SELECT id FROM events"), vec![0, 0]].concat();
+        let bind = [cstr(""), cstr(""), vec![0, 0], vec![0, 0], vec![0, 0]].concat();
+        [
+            message(b'P', &parse),
+            message(b'B', &bind),
+            message(b'E', &[cstr(""), rows.to_be_bytes().to_vec()].concat()),
+            message(b'E', &[cstr(""), rows.to_be_bytes().to_vec()].concat()),
+            message(b'S', &[]),
+        ]
+        .concat()
+    };
     vec![
         [startup(), query("SELECT * FROM events LIMIT 3")].concat(),
+        [startup(), execute_rows(i32::MAX)].concat(),
+        [startup(), execute_rows(-1)].concat(),
+        [startup(), execute_rows(1)].concat(),
         [startup(), extended].concat(),
         [startup(), parameters].concat(),
         [startup(), query("COPY (SUBSCRIBE TO events SINCE 0) TO STDOUT"), message(b'X', &[])]

@@ -26,6 +26,7 @@ use pgwire::api::{
     PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
 };
 use pgwire::error::{PgWireError, PgWireResult};
+use pgwire::messages::extendedquery::Execute;
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 
@@ -252,6 +253,9 @@ impl SimpleQueryHandler for Session {
     }
 }
 
+/// The most rows one Execute fetches from a portal (see `on_execute`).
+const MAX_FETCH_ROWS: i32 = 10_000;
+
 #[async_trait]
 impl ExtendedQueryHandler for Session {
     type Statement = Prepared;
@@ -259,6 +263,22 @@ impl ExtendedQueryHandler for Session {
 
     fn query_parser(&self) -> Arc<Parser> {
         self.parser.clone()
+    }
+
+    /// The library reserves room for an Execute's row count before it fetches a portal's
+    /// rows, so a client's huge count (or a negative one, read as a huge unsigned number) would
+    /// abort the process on allocation. A count past [`MAX_FETCH_ROWS`] fetches that many, a
+    /// negative one everything (as Postgres reads it); the client gets `PortalSuspended` and
+    /// asks for the rest, as with any count.
+    async fn on_execute<C>(&self, client: &mut C, mut message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        message.max_rows = message.max_rows.clamp(0, MAX_FETCH_ROWS);
+        self._on_execute(client, message).await
     }
 
     async fn do_query<C>(
