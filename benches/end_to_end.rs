@@ -25,11 +25,13 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use rowcast::apps::cluster::Cluster;
-use support::{arg, client, start_server};
+use support::{
+    arg, client, clock_ticks, cpu_seconds, cpu_ticks, now_micros, percentile, start_server,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 fn rss_kb(pid: u32) -> u64 {
@@ -44,20 +46,6 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-/// User + system CPU seconds of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    cpu_ticks(pid, false) as f64 / clock_ticks()
-}
-
-/// The CPU ticks of a process (utime, stime), and with `reaped` those of its ended children too.
-fn cpu_ticks(pid: u32, reaped: bool) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12) + if reaped { field(13) + field(14) } else { 0 }
 }
 
 /// CPU seconds of a Postgres cluster: the postmaster, its live backends and those that ended.
@@ -78,19 +66,6 @@ fn cluster_cpu_seconds(cluster: &Cluster) -> f64 {
         .map(|c| cpu_ticks(c, false))
         .sum();
     (cpu_ticks(postmaster, true) + live) as f64 / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as i64
 }
 
 fn micros_of(timestamp: &str) -> i64 {
@@ -320,14 +295,6 @@ impl Floor {
             committed.len()
         );
     }
-}
-
-fn percentile(sorted: &[i64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index] as f64 / 1000.0
 }
 
 /// Statuses the writers give their rows, in turn (the reference schema allows these four).

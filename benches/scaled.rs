@@ -16,33 +16,13 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use rowcast::apps::cluster::{Cluster, free_port};
 use rowcast::apps::nats_cluster::NatsCluster;
-use support::{arg, client};
+use support::{arg, client, cpu_seconds, now_micros, percentile};
 use tokio_tungstenite::tungstenite::Message;
-
-/// User + system CPU seconds of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    let hz: f64 = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0);
-    ticks as f64 / hz
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as i64
-}
 
 /// A `rowcast serve` child process, killed when dropped.
 struct Serve {
@@ -130,13 +110,6 @@ async fn subscriber(addr: SocketAddr, seen: Arc<Seen>) -> tokio::task::JoinHandl
             seen.frames.fetch_add(1, Ordering::Relaxed);
         }
     })
-}
-
-fn percentile(sorted: &[i64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
 }
 
 /// Inserts `rows` agents, one per transaction, over 4 connections at `rate` changes/s.

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -75,4 +75,40 @@ async fn ready(addr: SocketAddr) -> bool {
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response).await;
     response.starts_with(b"HTTP/1.1 200")
+}
+
+/// User + system CPU seconds of a process.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    cpu_ticks(pid, false) as f64 / clock_ticks()
+}
+
+/// The CPU ticks of a process (utime, stime), and with `reaped` those of its ended children too.
+pub fn cpu_ticks(pid: u32, reaped: bool) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12) + if reaped { field(13) + field(14) } else { 0 }
+}
+
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+pub fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as i64
+}
+
+/// The `p` quantile of sorted microseconds, in milliseconds (NaN when there are none).
+pub fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index] as f64 / 1000.0
 }

@@ -287,22 +287,9 @@ impl Cluster {
 
     /// Removes the cluster when this process ends, even by a crash.
     fn watch_for_exit(&self) {
-        // Paths go in as arguments, never into the script text: no quoting problems.
-        let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
-kill -QUIT "$(head -1 "$2/data/postmaster.pid" 2>/dev/null)" 2>/dev/null
-sleep 2
-rm -rf "$2""#;
-        let spawned = Command::new("setsid")
-            .args(["sh", "-c", script, "rowcast-cluster-watchdog"])
-            .arg(std::process::id().to_string())
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        if let Err(err) = spawned {
-            tracing::warn!(error = %err, dir = %self.dir.display(), "no cluster watchdog; a crash would leave the directory behind");
-        }
+        let stop = r#"kill -QUIT "$(head -1 "$2/data/postmaster.pid" 2>/dev/null)" 2>/dev/null
+sleep 2"#;
+        watch_for_exit(&self.dir, stop, "rowcast-cluster-watchdog");
     }
 
     fn stop_immediate(&mut self) {
@@ -318,6 +305,25 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_immediate();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a watchdog outside this process's session: once this process has ended, by a crash
+/// too, it runs `stop` (shell; `$2` is `dir`) and removes `dir`. `name` is its process name.
+pub(crate) fn watch_for_exit(dir: &Path, stop: &str, name: &str) {
+    // Paths go in as arguments, never into the script text: no quoting problems.
+    let script =
+        format!("while kill -0 \"$1\" 2>/dev/null; do sleep 1; done\n{stop}\nrm -rf \"$2\"");
+    let spawned = Command::new("setsid")
+        .args(["sh", "-c", &script, name])
+        .arg(std::process::id().to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, dir = %dir.display(), "no watchdog; a crash would leave servers and the directory behind");
     }
 }
 

@@ -209,21 +209,9 @@ impl NatsCluster {
 
     /// Kills the servers and removes the directory when this process ends, even by a crash.
     fn watch_for_exit(&self) {
-        let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
-for pid in "$2"/*.pid; do kill -9 "$(cat "$pid" 2>/dev/null)" 2>/dev/null; done
-sleep 1
-rm -rf "$2""#;
-        let spawned = Command::new("setsid")
-            .args(["sh", "-c", script, "rowcast-nats-watchdog"])
-            .arg(std::process::id().to_string())
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        if let Err(err) = spawned {
-            tracing::warn!(error = %err, dir = %self.dir.display(), "no NATS cluster watchdog; a crash would leave servers behind");
-        }
+        let stop = r#"for pid in "$2"/*.pid; do kill -9 "$(cat "$pid" 2>/dev/null)" 2>/dev/null; done
+sleep 1"#;
+        super::cluster::watch_for_exit(&self.dir, stop, "rowcast-nats-watchdog");
     }
 
     /// The directory of configs, logs and stores; gone once the cluster is dropped.
