@@ -545,6 +545,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let pg_listener = match &args.pg_listen {
+        // A publisher's bus is not fed: its subscriptions would never see a live event.
+        Some(_) if !args.role.serves_clients() => anyhow::bail!(
+            "--pg-listen serves clients: give it to a gateway (or --role all), not a publisher"
+        ),
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
                 format!("cannot listen on {address} (choose another with --pg-listen)")

@@ -100,6 +100,12 @@ async fn bad_flags_are_refused_before_any_database_is_touched() {
     let output = rowcast(&["serve", "--retention", "7 parsecs"], &unreachable);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--retention"));
+    // A publisher's bus is not fed: Postgres-protocol clients belong on gateways.
+    let publisher = ["serve", "--role", "publisher", "--nats-url", "nats://127.0.0.1:1"];
+    let output = rowcast(&[&publisher[..], &["--pg-listen", "127.0.0.1:0"]].concat(), &unreachable);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--pg-listen") && stderr.contains("gateway"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
