@@ -13,72 +13,21 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use rowcast::apps::cluster::{Cluster, free_port};
+use rowcast::apps::cluster::Cluster;
 use rowcast::apps::nats_cluster::NatsCluster;
-use support::{arg, client, cpu_seconds, now_micros, percentile};
+use support::{Server, arg, client, now_micros, percentile, spawn_server};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A `rowcast serve` child process, killed when dropped.
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Serve {
-    /// `rowcast serve --role ROLE` on slot and stream `name` (its subjects under `name` too).
-    fn start(url: &str, role: &str, nats: &str, name: &str) -> Serve {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port().expect("a free port")));
-        let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-            .args(["serve", "--listen", &addr.to_string(), "--status-interval", "1s"])
-            .args(["--role", role, "--nats-url", nats, "--nats-stream", name, "--slot", name])
-            .args(["--nats-subject-prefix", &format!("rowcast.{name}")])
-            .env("DATABASE_URL", url)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("rowcast serve (build it with cargo bench)");
-        Serve { child, addr }
-    }
-
-    async fn wait_ready(&self, admin: &tokio_postgres::Client) {
-        for _ in 0..600 {
-            // Slot creation waits for running transactions; a checkpoint lets it finish at once.
-            let _ = admin.batch_execute("CHECKPOINT").await;
-            if http_status(self.addr, "/readyz").await == Some(200) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("rowcast serve --role at {} never became ready", self.addr);
-    }
-
-    fn cpu(&self) -> f64 {
-        cpu_seconds(self.child.id())
-    }
-}
-
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.split(' ').nth(1)?.parse().ok()
+/// `rowcast serve --role ROLE` on slot and stream `name` (its subjects under `name` too).
+fn serve(url: &str, role: &str, nats: &str, name: &str) -> Server {
+    let prefix = format!("rowcast.{name}");
+    let flags = ["--role", role, "--nats-url", nats, "--nats-stream", name, "--slot", name];
+    spawn_server(url, &[&flags[..], &["--nats-subject-prefix", &prefix]].concat())
 }
 
 /// What the clients saw.
@@ -161,10 +110,10 @@ async fn main() {
         db.batch_execute("INSERT INTO organizations (id, name) VALUES ('org0', 'Org')")
             .await
             .expect("org");
-        let publisher = Serve::start(&url, "publisher", &nats.url(0), &name);
+        let publisher = serve(&url, "publisher", &nats.url(0), &name);
         publisher.wait_ready(&db).await;
-        let fronts: Vec<Serve> =
-            (0..gateways).map(|_| Serve::start(&url, "gateway", &nats.url(0), &name)).collect();
+        let fronts: Vec<Server> =
+            (0..gateways).map(|_| serve(&url, "gateway", &nats.url(0), &name)).collect();
         for front in &fronts {
             front.wait_ready(&db).await;
         }
@@ -176,7 +125,7 @@ async fn main() {
             }
         }
         let cpu_before = publisher.cpu();
-        let gateways_before: Vec<f64> = fronts.iter().map(Serve::cpu).collect();
+        let gateways_before: Vec<f64> = fronts.iter().map(Server::cpu).collect();
         let started = Instant::now();
         write(&url, rows, rate, &name).await;
         let expected = if gateways > 0 { (rows / 4 * 4 * clients) as u64 } else { 0 };

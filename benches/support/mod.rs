@@ -42,6 +42,13 @@ impl Drop for Server {
 /// Starts `rowcast serve` (with `extra` flags) on a free port against `url`, and waits until it
 /// is ready.
 pub async fn start_server(url: &str, extra: &[&str]) -> Server {
+    let server = spawn_server(url, extra);
+    server.wait_ready(&client(url).await).await;
+    server
+}
+
+/// Starts `rowcast serve` (with `extra` flags) on a free port against `url`, without waiting.
+pub fn spawn_server(url: &str, extra: &[&str]) -> Server {
     let port = rowcast::apps::cluster::free_port().expect("a free port");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
@@ -53,17 +60,27 @@ pub async fn start_server(url: &str, extra: &[&str]) -> Server {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("rowcast serve (build it with cargo bench)");
-    let server = Server { child, addr };
-    let admin = client(url).await;
-    for _ in 0..600 {
-        // Slot creation waits for running transactions; a checkpoint lets it finish at once.
-        let _ = admin.batch_execute("CHECKPOINT").await;
-        if ready(addr).await {
-            return server;
+    Server { child, addr }
+}
+
+impl Server {
+    /// Waits until `/readyz` answers 200; `admin` checkpoints meanwhile.
+    pub async fn wait_ready(&self, admin: &tokio_postgres::Client) {
+        for _ in 0..600 {
+            // Slot creation waits for running transactions; a checkpoint lets it finish at once.
+            let _ = admin.batch_execute("CHECKPOINT").await;
+            if ready(self.addr).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        panic!("rowcast serve at {} never became ready", self.addr);
     }
-    panic!("rowcast serve never became ready");
+
+    /// User + system CPU seconds the server has used.
+    pub fn cpu(&self) -> f64 {
+        cpu_seconds(self.child.id())
+    }
 }
 
 async fn ready(addr: SocketAddr) -> bool {
