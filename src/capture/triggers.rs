@@ -83,7 +83,7 @@ pub async fn run(
     let (listener, mut wake) = listen_on(&settings.source).await?;
     let mut waiting = WakeLock { listener: &listener, held: false };
     ready();
-    let mut drain = Drain { current: None };
+    let mut drain = Drain::new();
     let mut busy_until = Instant::now();
     loop {
         // Drain first: whatever committed while nobody listened is waiting.
@@ -139,7 +139,7 @@ pub async fn drain_all(
     mapping: &Mapping,
     batch_size: usize,
 ) -> Result<usize, TriggerError> {
-    let mut drain = Drain { current: None };
+    let mut drain = Drain::new();
     let mut appended = 0;
     let mut count = |stored: &[StoredEvent]| appended += stored.len();
     while drain.batch(writer, mapping, batch_size, &mut count).await? {}
@@ -196,6 +196,10 @@ impl WakeLock<'_> {
 /// Drain state: the transaction a full batch stopped in, which the next batch finishes first.
 struct Drain {
     current: Option<String>,
+    /// Whether commit records may be left whose transactions were drained: a transaction a
+    /// full batch stopped in is not deleted with it, in case it goes on. (At the start, an
+    /// earlier process may have left some.)
+    stale_commits: bool,
 }
 
 const DRAIN_SQL: &str = "\
@@ -205,6 +209,10 @@ const DRAIN_SQL: &str = "\
      LIMIT $2";
 
 impl Drain {
+    fn new() -> Drain {
+        Drain { current: None, stale_commits: true }
+    }
+
     /// Appends one batch; `false` when the outbox had nothing.
     async fn batch(
         &mut self,
@@ -217,6 +225,9 @@ impl Drain {
         let rows = writer.client().query(DRAIN_SQL, &[&current, &(batch_size as i64)]).await?;
         if rows.is_empty() {
             self.current = None;
+            if !std::mem::take(&mut self.stale_commits) {
+                return Ok(false);
+            }
             // Commit records whose transactions were drained at a batch boundary.
             writer
                 .client()
@@ -259,6 +270,7 @@ impl Drain {
         }
         // The last transaction of a full batch may go on in the next one.
         self.current = if full { xids.pop() } else { None };
+        self.stale_commits |= self.current.is_some();
         let stored = writer.append_drained(events, &ids, &xids).await?;
         appended(&stored);
         Ok(true)
