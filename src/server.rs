@@ -154,7 +154,8 @@ impl Server {
         Ok(Self { state, feed, pg: None })
     }
 
-    /// Also serves the Postgres-protocol endpoint (SPEC §11) on `listener`.
+    /// Also serves the Postgres-protocol endpoint (SPEC §11) on `listener`: for a role whose
+    /// bus is fed (`Role::serves_clients`; `rowcast serve` refuses it on a publisher).
     pub fn with_pg_listener(mut self, listener: TcpListener) -> Self {
         self.pg = Some(listener);
         self
@@ -198,17 +199,7 @@ impl Server {
         let handshake_timeout = state.settings.server.handshake_timeout;
         let http = tokio::spawn(accept(listener, app, handshake_timeout, shutdown.clone()));
         tracing::info!(listen = %state.settings.server.listen, role = state.settings.role.name(), "serving");
-        // Like WebSocket clients, Postgres-protocol ones need a bus that is fed.
-        let pg_listener = match self.pg {
-            Some(_) if !state.settings.role.serves_clients() => {
-                tracing::warn!(
-                    "--pg-listen is ignored on a publisher: its bus is not fed; serve it on gateways"
-                );
-                None
-            }
-            pg => pg,
-        };
-        let pg = pg_listener.map(|listener| {
+        let pg = self.pg.map(|listener| {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(pg_listen = %address, "serving the postgres protocol");
             }
@@ -364,11 +355,7 @@ async fn sample_rate(state: Arc<AppState>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => state.rate.sample(match state.settings.role {
-                // Its bus is not fed: the log's head is what it appended.
-                Role::Publisher => *state.publisher.head.borrow(),
-                _ => state.bus.head(),
-            }),
+            _ = tick.tick() => state.rate.sample(state.last_id()),
         }
     }
 }

@@ -36,3 +36,14 @@ pub struct AppState {
     /// The relay (`--role publisher`) or the consumer (`--role gateway`); `None` for `all`.
     pub nats: Option<Arc<crate::nats::Status>>,
 }
+
+impl AppState {
+    /// The newest event this process knows of: its bus's head, or on a publisher (whose bus is
+    /// not fed) the log head it appended.
+    pub fn last_id(&self) -> u64 {
+        match self.settings.role {
+            crate::config::Role::Publisher => *self.publisher.head.borrow(),
+            _ => self.bus.head(),
+        }
+    }
+}

@@ -39,11 +39,7 @@ pub async fn stats(State(state): State<Arc<AppState>>, _: Authorized) -> Respons
         Role::Gateway => state.nats.as_ref().is_some_and(|nats| nats.is_healthy()),
         _ => publisher == PublisherState::Streaming,
     };
-    // A publisher's bus is not fed: what it appended is its log head.
-    let last_id = match role {
-        Role::Publisher => *state.publisher.head.borrow(),
-        _ => bus.head,
-    };
+    let last_id = state.last_id();
     let log_size = async {
         let size = async |client: &tokio_postgres::Client| {
             client.query_one("SELECT pg_total_relation_size('rowcast.events')", &[]).await
