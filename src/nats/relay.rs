@@ -260,7 +260,7 @@ impl Relay {
         let mut acks = Vec::with_capacity(chunk.len());
         for event in chunk {
             let subject = message::subject(&self.settings.subject_prefix, event);
-            let payload = Bytes::copy_from_slice(event.json.as_bytes());
+            let payload = Bytes::from_owner(Envelope(event.json.clone()));
             let publish = PublishMessage::build().payload(payload).message_id(event.id.to_string());
             match js.send_publish(subject, publish).await {
                 Ok(ack) => acks.push(ack),
@@ -280,6 +280,15 @@ impl Relay {
             status.published_id.store(last.id, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// An event's envelope as a message payload: the stored text itself, not a copy of it.
+struct Envelope(Arc<str>);
+
+impl AsRef<[u8]> for Envelope {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
 
