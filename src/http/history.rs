@@ -87,15 +87,8 @@ pub async fn history(
     };
     let since = number("since")?.unwrap_or(0);
     let range = Range { after: since, up_to: None, from: time("from")?, to: time("to")?, limit };
-    let read = state
-        .log
-        .within(HISTORY_TIMEOUT, async |client| crate::log::read(client, &filter, &range).await);
-    let page = match read.await {
-        Some(Ok(Ok(page))) => page,
-        Some(Ok(Err(err))) => return Err(log_unavailable(err)),
-        Some(Err(err)) => return Err(log_unavailable(err)),
-        None => return Err(log_unavailable("no answer in time")),
-    };
+    let log = crate::log::EventLog(state.log.clone());
+    let page = log.read_within(HISTORY_TIMEOUT, &filter, &range).await.map_err(log_unavailable)?;
     let next = page.events.last().map_or(since, |(id, _)| *id);
     let mut body =
         String::with_capacity(page.events.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 32);

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::{LogError, Page, Range};
 use crate::filter::Filter;
@@ -46,6 +46,24 @@ pub trait History: Send + Sync + 'static {
 /// The log in Postgres, read through the server's readers' pool (`AppState::log`).
 #[derive(Clone)]
 pub struct EventLog(pub Arc<Pool>);
+
+impl EventLog {
+    /// A page for a client waiting on it (a history request, a `SELECT`): all within `limit`,
+    /// connecting included. A connection that did not answer in time leaves the pool
+    /// ([`Pool::within`]), and the caller says "unavailable" instead of hanging.
+    pub async fn read_within(
+        &self,
+        limit: Duration,
+        filter: &Filter,
+        range: &Range,
+    ) -> Result<Page, LogError> {
+        match self.0.within(limit, async |client| super::read(client, filter, range).await).await {
+            Some(Ok(read)) => read,
+            Some(Err(err)) => Err(err.into()),
+            None => Err(LogError::TimedOut(limit)),
+        }
+    }
+}
 
 impl History for EventLog {
     async fn read(&self, filter: &Filter, range: &Range) -> Result<Page, LogError> {

@@ -18,7 +18,7 @@ use super::rows;
 use super::sql::{Column, Conditions};
 use super::{Context, error};
 use crate::filter::Filter;
-use crate::log::{History, Range};
+use crate::log::Range;
 use crate::model::Severity;
 
 /// Events per log read.
@@ -89,15 +89,11 @@ impl Reading {
             to: conditions.to,
             limit: PAGE,
         };
-        let read = self.context.history.read(&self.query.filter, &range);
-        let page = match tokio::time::timeout(PAGE_TIMEOUT, read).await {
-            Ok(Ok(page)) => page,
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "event log query failed");
-                return Err(unavailable());
-            }
-            Err(_) => return Err(unavailable()),
-        };
+        let read = self.context.history.read_within(PAGE_TIMEOUT, &self.query.filter, &range);
+        let page = read.await.map_err(|err| {
+            tracing::warn!(error = %err, "event log query failed");
+            unavailable()
+        })?;
         if page.events.len() < PAGE {
             self.done = true;
         }
