@@ -10,4 +10,4 @@ mod time;
 
 pub use change::{Change, TableName};
 pub use event::{Event, Op, Position, Row, Severity, Source, Via};
-pub use time::Timestamp;
+pub use time::{PG_EPOCH_OFFSET_MICROS, Timestamp};

@@ -12,6 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Serialize, Serializer};
 
+/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01), which Postgres's
+/// binary timestamps and the replication protocol count from.
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
 /// Microseconds since the Unix epoch, serialized as RFC 3339 UTC with microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);

@@ -19,10 +19,7 @@ use serde_json::Value;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use super::sql::Column;
-use crate::model::Timestamp;
-
-/// Microseconds from the Unix epoch to Postgres' (2000-01-01), where binary times count from.
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+use crate::model::{PG_EPOCH_OFFSET_MICROS, Timestamp};
 
 pub fn column_type(column: Column) -> Type {
     match column {
@@ -129,7 +126,7 @@ impl ToSql for Stamp {
         _ty: &Type,
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
-        out.put_i64(self.0.saturating_sub(POSTGRES_EPOCH_MICROS));
+        out.put_i64(self.0.saturating_sub(PG_EPOCH_OFFSET_MICROS));
         Ok(IsNull::No)
     }
 
@@ -148,9 +145,7 @@ impl ToSqlText for Stamp {
         _format: &FormatOptions,
     ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
         // Postgres' ISO output in UTC: `2026-11-22 10:15:30.123456+00`.
-        let text = serde_json::to_value(Timestamp(self.0))?;
-        let text = text.as_str().unwrap_or_default();
-        let text = text.replacen('T', " ", 1);
+        let text = Timestamp(self.0).to_string().replacen('T', " ", 1);
         out.put_slice(text.strip_suffix('Z').unwrap_or(&text).as_bytes());
         out.put_slice(b"+00");
         Ok(IsNull::No)
@@ -210,7 +205,7 @@ mod tests {
         bytes.put_i32(8);
         bytes.put_i64(7);
         bytes.put_i32(8);
-        bytes.put_i64(1_767_225_601_500_000 - POSTGRES_EPOCH_MICROS);
+        bytes.put_i64(1_767_225_601_500_000 - PG_EPOCH_OFFSET_MICROS);
         bytes.put_i32(8);
         bytes.put_slice(b"\x01{\"a\":1}");
         assert_eq!(row.data, bytes);

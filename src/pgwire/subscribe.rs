@@ -164,7 +164,10 @@ where
         severities: subscription.severities,
     };
     let progress = Arc::new(AtomicU64::new(0));
-    let expiry = subscription.expires_at.map(deadline);
+    // Made once: the peek's timer runs on under steady traffic, and the expiry is one timer.
+    let gone = peer.gone();
+    let expired = sleep_until(subscription.expires_at.map(deadline));
+    tokio::pin!(gone, expired);
     loop {
         let first = tokio::select! {
             next = outbound.next() => next,
@@ -182,7 +185,7 @@ where
                 }
                 continue;
             }
-            () = peer.gone() => return End::Dropped,
+            () = &mut gone => return End::Dropped,
             () = tokio::time::sleep(limits.ping_interval) => {
                 // A quiet subscription says where it is: a write is what finds a client gone.
                 let status = ParameterStatus::new("rowcast.resume_id".into(), delivery.resume.to_string());
@@ -192,7 +195,7 @@ where
                 }
                 continue;
             }
-            () = sleep_until(expiry) => {
+            () = &mut expired => {
                 return End::Error(fatal("28000", "the token has expired; reconnect with a fresh one"));
             }
         };

@@ -41,8 +41,7 @@ pub use self::streaming::{ReplicationMessage, ReplicationStream};
 use self::transport::Io;
 use crate::pg::{Lsn, TlsError, Transience, format_lsn, quote_ident, quote_literal};
 
-/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub use crate::model::PG_EPOCH_OFFSET_MICROS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {

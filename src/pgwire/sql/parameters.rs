@@ -10,10 +10,7 @@ use sqlparser::tokenizer::Token;
 use tokio_postgres::types::Type;
 
 use super::{Unsupported, unsupported};
-use crate::model::Timestamp;
-
-/// Microseconds from the Unix epoch to Postgres' (2000-01-01), where binary times count from.
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+use crate::model::{PG_EPOCH_OFFSET_MICROS, Timestamp};
 
 /// The number of a placeholder token (`$3` is 3).
 pub(super) fn number(token: &Token) -> Option<usize> {
@@ -126,9 +123,8 @@ pub fn literal(ty: &Type, binary: bool, value: Option<&[u8]>) -> Result<Token, U
         }
         Type::TIMESTAMPTZ | Type::TIMESTAMP if binary => {
             let micros = i64::from_be_bytes(bytes.try_into().map_err(|_| malformed())?);
-            let at = Timestamp(micros.saturating_add(POSTGRES_EPOCH_MICROS));
-            let text = serde_json::to_value(at).map_err(|_| malformed())?;
-            Ok(Token::SingleQuotedString(text.as_str().unwrap_or_default().to_owned()))
+            let at = Timestamp(micros.saturating_add(PG_EPOCH_OFFSET_MICROS));
+            Ok(Token::SingleQuotedString(at.to_string()))
         }
         Type::JSONB | Type::JSON => {
             let json = match (binary, *ty == Type::JSONB, bytes) {
