@@ -146,6 +146,8 @@ pub struct Bus {
     slow_closes: AtomicU64,
     /// Where appended and delivered counts and the source lag go.
     metrics: Arc<Metrics>,
+    /// The head, for those who wait for it to reach an id ([`Bus::wait_for_head`]).
+    heads: tokio::sync::watch::Sender<u64>,
 }
 
 /// Counters for stats.
@@ -173,6 +175,7 @@ impl Bus {
             newest_commit: AtomicI64::new(0),
             slow_closes: AtomicU64::new(0),
             metrics,
+            heads: tokio::sync::watch::Sender::new(head),
         }
     }
 
@@ -444,6 +447,8 @@ impl Bus {
             }
         }
         self.metrics.published(counts);
+        let head = registry.head;
+        self.heads.send_if_modified(|known| std::mem::replace(known, head) != head);
         if let Some(last) = events.last() {
             self.metrics.source_lag(Timestamp::now().0 - last.timestamp.0);
         }
@@ -481,11 +486,8 @@ impl Bus {
     /// gateway ahead of this one (SPEC §10; `ServerSettings::cursor_ahead_wait`). Returns at
     /// once when it is reached already or `wait` is zero.
     pub async fn wait_for_head(&self, id: u64, wait: std::time::Duration) {
-        const POLL: std::time::Duration = std::time::Duration::from_millis(10);
-        let deadline = tokio::time::Instant::now() + wait;
-        while self.head() < id && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(POLL).await;
-        }
+        let mut heads = self.heads.subscribe();
+        let _ = tokio::time::timeout(wait, heads.wait_for(|head| *head >= id)).await;
     }
 
     pub fn stats(&self) -> BusStats {
