@@ -270,13 +270,23 @@ async fn gaps_in_the_stream_are_filled_from_the_log() {
     assert_eq!(stats["nats"]["malformed"], 1, "{stats}");
     assert_eq!(stats["nats"]["gaps"], 1, "{stats}");
     assert_eq!(stats["nats"]["gap_events_filled"], json!(last - from - 1), "{stats}");
-    // An event delivered already (a late republish): skipped.
+    // An event delivered already (a late republish): skipped, once the gateway has it.
+    let consumed = stats["nats"]["received"].as_u64().expect("received");
     let again = PublishMessage::build().payload(log[2].to_string().into()).message_id("3");
     js.send_publish("rowcast.events.acme._.agent.created", again)
         .await
         .expect("publish")
         .await
         .expect("ack");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, stats) = get(patient.addr, "/api/events/stats").await;
+        if stats["nats"]["received"].as_u64() > Some(consumed) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the republish never reached the gateway");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(on_patient.drain().await.iter().all(|f| !is_event(f)), "no duplicate");
 
     eager.stop().await;
