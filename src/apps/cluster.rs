@@ -45,7 +45,7 @@ pub enum ClusterError {
     NotReady { log: PathBuf },
 }
 
-fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+pub(crate) fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
     let action = action.into();
     move |source| ClusterError::Io { action, source }
 }

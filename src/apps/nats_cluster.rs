@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::cluster::{ClusterError, free_port};
+use super::cluster::{ClusterError, free_port, io};
 
 /// How long a starting server may take to report itself healthy.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -231,11 +231,6 @@ fn healthz(port: u16) -> bool {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
-}
-
-fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
-    let action = action.into();
-    move |source| ClusterError::Io { action, source }
 }
 
 impl Drop for NatsCluster {

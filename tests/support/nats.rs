@@ -183,7 +183,7 @@ pub async fn stream_ids(settings: &NatsSettings) -> Vec<u64> {
         let id = message
             .headers
             .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
+            .and_then(|h| h.get(rowcast::nats::message::MESSAGE_ID))
             .and_then(|id| id.as_str().parse().ok())
             .expect("every message has its event id");
         ids.push(id);
