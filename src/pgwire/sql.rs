@@ -45,6 +45,12 @@ const MAX_DEPTH: usize = 32;
 /// The longest statement read; drivers send short ones, and tokens are kept in memory.
 pub const MAX_SQL_BYTES: usize = 64 << 10;
 
+/// The most operators (`AND`, `OR`, `NOT`, comparisons, arithmetic, `->`...) in one query
+/// string: far more than a filter of many conditions needs (values in an `IN` list are not
+/// operators), and few enough that the deepest expression they can make is walked on a small
+/// thread stack.
+pub const MAX_OPERATORS: usize = 256;
+
 /// SQL this endpoint does not understand (SQLSTATE 0A000), saying which part.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -197,6 +203,29 @@ impl Prepared {
     }
 }
 
+/// Whether `token` joins expressions into a deeper one: a binary or unary operator.
+fn is_operator(token: &Token) -> bool {
+    match token {
+        Token::Word(word) => matches!(word.keyword, Keyword::AND | Keyword::OR | Keyword::NOT),
+        Token::Whitespace(_)
+        | Token::Number(..)
+        | Token::Char(_)
+        | Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::NationalStringLiteral(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::HexStringLiteral(_)
+        | Token::Placeholder(_)
+        | Token::Comma
+        | Token::LParen
+        | Token::RParen
+        | Token::Period
+        | Token::SemiColon
+        | Token::EOF => false,
+        _ => true,
+    }
+}
+
 /// `tokens` with each `$n` replaced by `values[n - 1]`.
 fn substitute(tokens: &[Token], values: &[Token]) -> Result<Vec<Token>, Unsupported> {
     tokens
@@ -215,9 +244,17 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, Unsupported> {
     if sql.len() > MAX_SQL_BYTES {
         return unsupported(format!("statements longer than {MAX_SQL_BYTES} bytes"));
     }
-    Tokenizer::new(&PostgreSqlDialect {}, sql)
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
         .tokenize()
-        .map_err(|err| Unsupported(format!("could not read the statement: {err}")))
+        .map_err(|err| Unsupported(format!("could not read the statement: {err}")))?;
+    // The parser's recursion limit bounds nesting, not chains: `a AND b AND ...` or
+    // `1 + 1 + ...` is built as a tree as deep as it is long, which compiling it, printing it
+    // and dropping it each walk recursively. Bounding the tokens bounds every such tree.
+    let operators = tokens.iter().filter(|t| is_operator(t)).count();
+    if operators > MAX_OPERATORS {
+        return unsupported(format!("statements with more than {MAX_OPERATORS} operators"));
+    }
+    Ok(tokens)
 }
 
 fn statements(tokens: Vec<Token>) -> Result<Vec<Statement>, Unsupported> {

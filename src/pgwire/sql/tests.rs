@@ -182,8 +182,23 @@ fn everything_else_is_named_in_the_refusal() {
 fn deep_nesting_is_refused_not_overflowed() {
     let deep = format!("SELECT * FROM events WHERE {}id = 1{}", "(".repeat(5000), ")".repeat(5000));
     refused(&deep);
-    let long = format!("SELECT * FROM events WHERE {}", "id > 1 AND ".repeat(10_000));
+    // Past the byte limit: refused before parsing.
+    let long = format!("SELECT * FROM events WHERE {}id > 1", "id > 1 AND ".repeat(10_000));
+    assert!(long.len() > super::MAX_SQL_BYTES);
     refused(&long);
+    // Under it, chains as deep as a tree can be: refused for their length, not overflowed (a
+    // 64 KiB AND chain overflowed a 2 MiB stack, a tokio worker's size).
+    let chain = format!("SELECT * FROM events WHERE {}id > 1", "id > 1 AND ".repeat(5_900));
+    assert!(chain.len() <= super::MAX_SQL_BYTES);
+    assert!(refused(&chain).contains("operators"));
+    // The longest chains the limit lets through are parsed and compiled on this test thread's
+    // 2 MiB stack: conditions, and arithmetic (which sqlparser parses recursively).
+    let levels = super::MAX_OPERATORS / 2 - 1;
+    let ands = format!("SELECT * FROM events WHERE {}id > 1", "id > 1 AND ".repeat(levels));
+    parse(&ands).expect("a long AND chain");
+    let sums =
+        format!("SELECT * FROM events WHERE id > {}1", "1 + ".repeat(super::MAX_OPERATORS - 1));
+    let _ = parse(&sums);
 }
 
 proptest! {
