@@ -91,33 +91,74 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// The server's commit-to-send histogram (`le` in seconds, cumulative count), from `/metrics`.
-async fn sent_histogram(addr: SocketAddr) -> Vec<(String, u64)> {
+/// The server's commit-to-stage histograms from `/metrics`: each series (the stage, or `sent`
+/// for commit to a frame written to a client's socket) with its buckets (`le` in seconds,
+/// cumulative count).
+async fn stage_histograms(addr: SocketAddr) -> Vec<(String, Vec<(f64, u64)>)> {
     let text = http_get(addr, "/metrics").await;
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("rowcast_commit_to_send_seconds_bucket{le=\"")?;
-            let (le, count) = rest.split_once("\"} ")?;
-            Some((le.to_owned(), count.trim().parse().ok()?))
-        })
-        .collect()
+    let mut series: Vec<(String, Vec<(f64, u64)>)> = Vec::new();
+    for line in text.lines() {
+        let parsed = if let Some(rest) = line.strip_prefix("rowcast_commit_to_send_seconds_bucket{")
+        {
+            Some(("sent", rest))
+        } else if let Some(rest) = line.strip_prefix("rowcast_pipeline_seconds_bucket{stage=\"") {
+            rest.split_once("\",")
+        } else {
+            None
+        };
+        let Some((name, rest)) = parsed else { continue };
+        let Some((le, count)) = rest.strip_prefix("le=\"").and_then(|r| r.split_once("\"} "))
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+        let Ok(count) = count.trim().parse() else { continue };
+        match series.iter_mut().find(|(n, _)| n == name) {
+            Some((_, buckets)) => buckets.push((le, count)),
+            None => series.push((name.to_owned(), vec![(le, count)])),
+        }
+    }
+    series
 }
 
-/// How many of the frames sent between two histogram readings the server handed to their
-/// sockets within 1, 2.5 and 5 ms of the commit: rowcast's own share of the latency, without
-/// the clients'.
-fn sent_within(before: &[(String, u64)], after: &[(String, u64)]) -> String {
-    let count = |h: &[(String, u64)], le: &str| h.iter().find(|(l, _)| l == le).map_or(0, |c| c.1);
-    let total = count(after, "+Inf").saturating_sub(count(before, "+Inf")).max(1);
-    ["0.001", "0.0025", "0.005"]
-        .iter()
-        .map(|le| {
-            let within = count(after, le).saturating_sub(count(before, le));
-            format!(
-                "{:.0}% within {} ms",
-                within as f64 * 100.0 / total as f64,
-                le.parse::<f64>().unwrap_or(0.0) * 1000.0
-            )
+/// For each stage, the p50 and p99 (ms) of what was observed between two readings, read off
+/// the buckets (linear within one): rowcast's own share of the latency, without the clients'.
+fn stage_quantiles(
+    before: &[(String, Vec<(f64, u64)>)],
+    after: &[(String, Vec<(f64, u64)>)],
+) -> String {
+    let quantile = |buckets: &[(f64, u64)], q: f64| {
+        let total = buckets.last().map_or(0, |b| b.1);
+        let rank = q * total as f64;
+        let (mut lower, mut below) = (0.0, 0);
+        for &(le, count) in buckets {
+            if count as f64 >= rank && count > below {
+                if le.is_infinite() {
+                    return lower * 1000.0;
+                }
+                let share = (rank - below as f64) / (count - below) as f64;
+                return (lower + (le - lower) * share) * 1000.0;
+            }
+            (lower, below) = (le, count);
+        }
+        lower * 1000.0
+    };
+    // In the order an event passes them.
+    let order = ["received", "sent_to_log", "appended", "sent"];
+    let mut after: Vec<_> = after.iter().collect();
+    after.sort_by_key(|(name, _)| order.iter().position(|o| o == name));
+    after
+        .into_iter()
+        .map(|(name, buckets)| {
+            let earlier = before.iter().find(|(n, _)| n == name).map(|b| b.1.as_slice());
+            let delta: Vec<(f64, u64)> = buckets
+                .iter()
+                .map(|&(le, count)| {
+                    let was = earlier.and_then(|e| e.iter().find(|b| b.0 == le)).map_or(0, |b| b.1);
+                    (le, count.saturating_sub(was))
+                })
+                .collect();
+            format!("{name} {:.1}/{:.1}", quantile(&delta, 0.5), quantile(&delta, 0.99))
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -641,28 +682,7 @@ async fn main() {
             (false, false) => "l",
         };
         let floor = Floor::start(&url, &db).await;
-        let histogram_before = sent_histogram(addr).await;
-        // The server's commit-to-published gauge (set as each batch reaches the bus), sampled.
-        let published_lags = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sampler = {
-            let lags = published_lags.clone();
-            tokio::spawn(async move {
-                let mut last = None;
-                loop {
-                    let text = http_get(addr, "/metrics").await;
-                    let lag = text.lines().find_map(|l| {
-                        l.strip_prefix("rowcast_source_lag_seconds ")?.trim().parse::<f64>().ok()
-                    });
-                    if lag.is_some() && lag != last {
-                        last = lag;
-                        if let Some(lag) = lag {
-                            lags.lock().unwrap_or_else(|p| p.into_inner()).push((lag * 1e6) as i64);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(7)).await;
-                }
-            })
-        };
+        let stages_before = stage_histograms(addr).await;
         write(&url, changes, 10, 100, Some(1_000.0), tag).await;
         while seen.frames.load(Ordering::Relaxed) < expected
             && started.elapsed() < Duration::from_secs(60)
@@ -690,16 +710,9 @@ async fn main() {
             cpu,
             rss_kb(pid)
         );
-        sampler.abort();
-        let mut published =
-            std::mem::take(&mut *published_lags.lock().unwrap_or_else(|p| p.into_inner()));
-        published.sort_unstable();
         println!(
-            "  server: commit to published on its bus p50 {:.1} ms, p99 {:.1} ms ({} samples); of the frames it sent, {}",
-            percentile(&published, 0.5),
-            percentile(&published, 0.99),
-            published.len(),
-            sent_within(&histogram_before, &sent_histogram(addr).await)
+            "  server, commit to each stage p50/p99 ms (per event, from its histograms): {}",
+            stage_quantiles(&stages_before, &stage_histograms(addr).await)
         );
         floor.stop(&db).await;
         for (client, _) in clients {

@@ -233,13 +233,12 @@ impl Server {
 /// Runs what feeds the log and the bus until `shutdown`, or until it fails for good.
 async fn feed(feed: Feed, shutdown: &CancellationToken) -> Result<(), ServeError> {
     match feed {
-        Feed::Publisher(publisher, None) => Ok(publisher.run(shutdown.clone()).await?),
+        Feed::Publisher(publisher, None) => Ok(joined(spawn_publisher(publisher, shutdown).await)?),
         Feed::Publisher(publisher, Some(relay)) => {
             // The relay stops after the publisher, so it publishes the last appends too.
             let relay_stop = CancellationToken::new();
             let mut relaying = tokio::spawn(relay.run(relay_stop.clone()));
-            let publishing = publisher.run(shutdown.clone());
-            tokio::pin!(publishing);
+            let mut publishing = spawn_publisher(publisher, shutdown);
             let (published, relayed) = tokio::select! {
                 published = &mut publishing => {
                     relay_stop.cancel();
@@ -251,13 +250,31 @@ async fn feed(feed: Feed, shutdown: &CancellationToken) -> Result<(), ServeError
                     (publishing.await, relayed)
                 }
             };
-            published?;
+            joined(published)?;
             match relayed {
                 Ok(relayed) => Ok(relayed?),
                 Err(panicked) => Err(NatsError::Publish(format!("relay task: {panicked}")).into()),
             }
         }
         Feed::Gateway(gateway) => Ok(gateway.run(shutdown.clone()).await?),
+    }
+}
+
+/// The publisher as a task of its own rather than on the main thread: the wake-ups along an
+/// event's path (the replication socket, the log's connection, the writers of the connections
+/// it publishes to) then stay on the runtime's workers instead of crossing to the main thread.
+fn spawn_publisher(
+    publisher: Publisher,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), PublisherError>> {
+    tokio::spawn(publisher.run(shutdown.clone()))
+}
+
+/// A spawned task's result; its panic, if it panicked, goes on as this task's.
+fn joined<T>(joined: Result<T, tokio::task::JoinError>) -> T {
+    match joined {
+        Ok(result) => result,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
     }
 }
 

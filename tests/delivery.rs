@@ -156,6 +156,11 @@ async fn one_frame_per_event_for_all_matching_subscriptions() {
     let (_, metrics) = get(server.addr, "/metrics").await;
     let text = metrics.as_str().expect("text").to_owned();
     assert!(text.contains("rowcast_commit_to_send_seconds_count 3\n"), "{text}");
+    // The four captured events passed each stage of the publisher's pipeline once.
+    for stage in ["received", "sent_to_log", "appended"] {
+        let count = format!("rowcast_pipeline_seconds_count{{stage=\"{stage}\"}} 4\n");
+        assert!(text.contains(&count), "{count} in {text}");
+    }
     assert!(text.contains("rowcast_events_delivered_total{type=\"agent.created\"} 2\n"), "{text}");
     ws.send(json!({"action": "unsubscribe", "subscription_id": agents, "ref": 7})).await;
     let reply = ws.frame().await;

@@ -20,6 +20,8 @@ use crate::capture::replication::{ConnectParams, ReplicationClient, ReplicationS
 use crate::capture::stream::{Capture, CaptureError, Marker, StreamSettings};
 use crate::config::Settings;
 use crate::log::{LogWriter, app};
+use crate::metrics::Stage;
+use crate::model::{Event, Position};
 use crate::pg::{Lsn, format_lsn, parse_lsn};
 use crate::setup;
 
@@ -220,7 +222,7 @@ async fn write_loop(
         Ok::<(), PublisherError>(())
     };
     // What is received and not yet sent: events, and progress that came after them.
-    let mut batch = Vec::with_capacity(batch_size);
+    let mut batch: Vec<(Position, Event)> = Vec::with_capacity(batch_size);
     let mut progress = None;
     loop {
         let idle = writer.in_flight() == 0;
@@ -230,6 +232,7 @@ async fn write_loop(
         // sending its first events alone would make its last ones wait for two commits.
         let whole = !mid_transaction || batch.len() >= batch_size;
         if room && whole && (!batch.is_empty() || progress.is_some()) {
+            signals.metrics.stage(Stage::Sent, batch.iter().map(|(_, event)| &event.timestamp));
             writer.send(std::mem::take(&mut batch), progress.take())?;
             if writer.in_flight() == 0
                 && writer.has_pending_progress()
@@ -244,7 +247,9 @@ async fn write_loop(
         let want = batch_size.saturating_sub(batch.len()).max(1);
         let received = tokio::select! {
             Some(confirmed) = writer.confirm(), if !idle => {
-                signals.appended(&confirmed?);
+                let confirmed = confirmed?;
+                signals.metrics.stage(Stage::Appended, confirmed.iter().map(|e| &e.timestamp));
+                signals.appended(&confirmed);
                 report(writer);
                 continue;
             }
@@ -268,6 +273,11 @@ async fn write_loop(
             break;
         }
         signals.metrics.capture_queue(queue.len());
+        let events = items.iter().filter_map(|item| match item {
+            Captured::Event { event, .. } => Some(&event.timestamp),
+            _ => None,
+        });
+        signals.metrics.stage(Stage::Received, events);
         for item in items.drain(..) {
             match item {
                 Captured::Event { position, event } => {
