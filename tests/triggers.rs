@@ -91,6 +91,7 @@ const WORKLOAD: &str = "
         'happy', '{sad,ok}', 42.5, '192.168.0.1/24', 12.34, '[1,10)', ROW(1, 'x'), repeat('big', 40000));
     UPDATE fidelity SET t = 'changed', f8 = 'NaN', tstz = '-infinity', d = '0044-03-15 BC' WHERE id = 1;
     INSERT INTO fidelity (id, big) VALUES (2, repeat('m', 1048576));
+    INSERT INTO fidelity (id, j, p) VALUES (3, '{\"z\": [1.0, \"\\u0000\"],  \"a\": {\"y\": 1, \"b\": 2e2}}', ROW(2, '\\u0000'));
     DELETE FROM fidelity WHERE id = 2;
     TRUNCATE users";
 
@@ -129,7 +130,9 @@ async fn triggers_and_replication_produce_identical_events() {
     assert!(replication.len() >= 20, "{} events", replication.len());
     assert_eq!(replication.len(), triggers.len());
     for (r, t) in replication.iter().zip(triggers) {
-        assert_eq!(comparable(r), comparable(t), "replication vs triggers");
+        // As text too: `Value` equality ignores the order of object keys, the log's bodies do not.
+        let (r_text, t_text) = (comparable(r).to_string(), comparable(t).to_string());
+        assert_eq!(r_text, t_text, "replication vs triggers");
         assert!(t["source"].get("lsn").is_none(), "no lsn in trigger mode: {}", t["source"]);
     }
     let big = triggers

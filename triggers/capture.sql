@@ -2,9 +2,10 @@
 -- Applied by `rowcast setup --source triggers`; idempotent. Needs Postgres 14 or newer.
 --
 -- Triggers on each mapped table (rowcast.install_capture) write each change into rowcast.outbox
--- (a plain table's inserts and deletes a statement at a time), rendered by
--- to_jsonb in a pinned session (UTC, ISO, hex bytea, shortest exact floats) so the data is
--- byte-for-byte what logical replication would give. A transaction sends an empty NOTIFY when
+-- (a plain table's inserts and deletes a statement at a time) as row_to_json text in a pinned
+-- session (UTC, ISO, hex bytea, shortest exact floats). The drain re-shapes that the way
+-- to_jsonb would (key order, numbers, json columns), so the data is byte-for-byte what logical
+-- replication gives; Postgres no longer builds a jsonb value for every captured row. A transaction sends an empty NOTIFY when
 -- it commits while the drain waits: a wake-up that carries no row data, so the 8000-byte
 -- NOTIFY limit never matters.
 --
@@ -18,14 +19,14 @@
 CREATE SCHEMA IF NOT EXISTS rowcast;
 
 CREATE TABLE IF NOT EXISTS rowcast.outbox (
-    id           bigserial   PRIMARY KEY,
+    id           bigserial   NOT NULL,
     xid          xid8        NOT NULL DEFAULT pg_current_xact_id(),
     at           timestamptz NOT NULL DEFAULT statement_timestamp(),
     table_schema text,
     table_name   text,
     op           text        NOT NULL,
-    new_row      jsonb,
-    old_row      jsonb
+    new_row      json,
+    old_row      json
 );
 -- Application events from rowcast.emit() (triggers/emit.sql) are outbox rows too: op 'emit',
 -- the payload in new_row, no table. (Outboxes made before that get the looser columns here.)
@@ -34,7 +35,22 @@ ALTER TABLE rowcast.outbox ALTER COLUMN table_schema DROP NOT NULL,
                            DROP CONSTRAINT IF EXISTS outbox_op_check,
                            ADD CONSTRAINT outbox_op_check
                                CHECK (op IN ('insert', 'update', 'delete', 'truncate', 'emit'));
-CREATE INDEX IF NOT EXISTS outbox_xid ON rowcast.outbox (xid);
+-- One index: the drain finds rows by transaction and deletes them by (transaction, id). Outboxes
+-- made before had a primary key on id and an index on xid, two index entries per captured row;
+-- and jsonb rows, which cost Postgres a jsonb build per row (rewritten here while small: the
+-- outbox holds only what is not drained yet).
+CREATE INDEX IF NOT EXISTS outbox_xid_id ON rowcast.outbox (xid, id);
+ALTER TABLE rowcast.outbox DROP CONSTRAINT IF EXISTS outbox_pkey;
+DROP INDEX IF EXISTS rowcast.outbox_xid;
+DO $$
+BEGIN
+    IF (SELECT atttypid FROM pg_attribute
+         WHERE attrelid = 'rowcast.outbox'::regclass AND attname = 'new_row') = 'jsonb'::regtype THEN
+        ALTER TABLE rowcast.outbox ALTER COLUMN new_row TYPE json USING new_row::json,
+                                   ALTER COLUMN old_row TYPE json USING old_row::json;
+    END IF;
+END
+$$;
 
 CREATE SEQUENCE IF NOT EXISTS rowcast.commit_seq;
 CREATE TABLE IF NOT EXISTS rowcast.outbox_commits (
@@ -66,21 +82,21 @@ BEGIN
         -- `changed.*` is the whole row, even in a table with a column named `changed`.
         IF TG_OP = 'INSERT' THEN
             INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
-            SELECT TG_ARGV[0], TG_ARGV[1], 'insert', to_jsonb(changed.*) FROM rowcast_new AS changed;
+            SELECT TG_ARGV[0], TG_ARGV[1], 'insert', row_to_json(changed.*) FROM rowcast_new AS changed;
         ELSE
             INSERT INTO rowcast.outbox (table_schema, table_name, op, old_row)
-            SELECT TG_ARGV[0], TG_ARGV[1], 'delete', to_jsonb(changed.*) FROM rowcast_old AS changed;
+            SELECT TG_ARGV[0], TG_ARGV[1], 'delete', row_to_json(changed.*) FROM rowcast_old AS changed;
         END IF;
         GET DIAGNOSTICS captured = ROW_COUNT;
     ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
-        VALUES (TG_ARGV[0], TG_ARGV[1], 'insert', to_jsonb(NEW));
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'insert', row_to_json(NEW));
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row, old_row)
-        VALUES (TG_ARGV[0], TG_ARGV[1], 'update', to_jsonb(NEW), to_jsonb(OLD));
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'update', row_to_json(NEW), row_to_json(OLD));
     ELSE
         INSERT INTO rowcast.outbox (table_schema, table_name, op, old_row)
-        VALUES (TG_ARGV[0], TG_ARGV[1], 'delete', to_jsonb(OLD));
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'delete', row_to_json(OLD));
     END IF;
     IF captured > 0 THEN
         -- Once per transaction: after the first change this is an index probe that inserts

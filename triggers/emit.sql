@@ -99,7 +99,7 @@ BEGIN
     IF route = 'replication' THEN
         PERFORM pg_logical_emit_message(true, 'rowcast.emit', payload::text);
     ELSE
-        INSERT INTO rowcast.outbox (op, new_row) VALUES ('emit', payload);
+        INSERT INTO rowcast.outbox (op, new_row) VALUES ('emit', payload::json);
         -- Numbered at commit, which also wakes the drain if it waits (rowcast.stamp_commit).
         INSERT INTO rowcast.outbox_commits (xid, seq) VALUES (pg_current_xact_id(), 0)
         ON CONFLICT (xid) DO NOTHING;

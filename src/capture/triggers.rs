@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::render::jsonb_row;
 use crate::log::app::{self, AppendRequest};
 use crate::log::{LogError, LogWriter, StoredEvent};
 use crate::mapping::Mapping;
@@ -240,8 +241,8 @@ impl Drain {
             return Ok(false);
         }
         let full = rows.len() == batch_size;
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut xids: Vec<String> = Vec::new();
+        // Each transaction's rows, in id order; (xid, its last id here).
+        let mut xids: Vec<(String, i64)> = Vec::new();
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = row.get(0);
@@ -263,15 +264,18 @@ impl Drain {
                     }
                 }
             }
-            ids.push(id);
-            if xids.last() != Some(&xid) {
-                xids.push(xid);
+            match xids.last_mut() {
+                Some((last, through)) if *last == xid => *through = id,
+                _ => xids.push((xid, id)),
             }
         }
-        // The last transaction of a full batch may go on in the next one.
-        self.current = if full { xids.pop() } else { None };
+        // The last transaction of a full batch may go on in the next one: of it, only the rows
+        // drained here go.
+        let partial = if full { xids.pop() } else { None };
+        let finished: Vec<String> = xids.into_iter().map(|(xid, _)| xid).collect();
+        let stored = writer.append_drained(events, &finished, partial.as_ref()).await?;
+        self.current = partial.map(|(xid, _)| xid);
         self.stale_commits |= self.current.is_some();
-        let stored = writer.append_drained(events, &ids, &xids).await?;
         appended(&stored);
         Ok(true)
     }
@@ -290,12 +294,9 @@ enum OutboxRow {
 
 fn outbox_row(row: &tokio_postgres::Row, id: i64, xid: &str) -> Result<OutboxRow, TriggerError> {
     let problem = |problem: String| TriggerError::Row { id, problem };
-    let parse_row = |text: Option<String>| -> Result<Option<Row>, TriggerError> {
-        text.map(|t| {
-            serde_json::from_str::<Row>(&t)
-                .map_err(|e| problem(format!("row is not a JSON object: {e}")))
-        })
-        .transpose()
+    let parse_row = |text: Option<&str>| -> Result<Option<Row>, TriggerError> {
+        text.map(|t| jsonb_row(t).map_err(|e| problem(format!("row is not a JSON object: {e}"))))
+            .transpose()
     };
     // The 32-bit transaction id, as replication reports it (xid8 adds the epoch above).
     let xid = xid.parse::<u64>().map_err(|_| problem(format!("bad transaction id {xid:?}")))?

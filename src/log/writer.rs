@@ -433,29 +433,37 @@ impl LogWriter {
         batch.stored.into_iter().next().ok_or(LogError::Empty)
     }
 
-    /// Appends events drained from the trigger outbox and deletes their outbox rows (and the
-    /// commit records of transactions drained completely) in the same transaction, which is
-    /// what makes trigger capture exactly-once. The outbox lives in the log's database.
+    /// Appends events drained from the trigger outbox and deletes their outbox rows in the
+    /// same transaction, which is what makes trigger capture exactly-once: the rows (and
+    /// commit records) of the transactions drained completely, and of a transaction drained
+    /// in part (`partial`: its xid and the last outbox id drained), its rows up to that id.
+    /// The outbox lives in the log's database.
     pub async fn append_drained(
         &mut self,
         events: Vec<Event>,
-        outbox_ids: &[i64],
         finished_xids: &[String],
+        partial: Option<&(String, i64)>,
     ) -> Result<Vec<StoredEvent>, LogError> {
         let batch = Batch::new(self.last_id, events)?;
         let statement = format!(
             "{}, drained AS (
-                DELETE FROM rowcast.outbox WHERE id = ANY($10) AND EXISTS (SELECT FROM fenced)
+                DELETE FROM rowcast.outbox
+                 WHERE (xid = ANY($10::text[]::xid8[]) OR (xid = $11::text::xid8 AND id <= $12))
+                   AND EXISTS (SELECT FROM fenced)
             ), finished AS (
                 DELETE FROM rowcast.outbox_commits
-                 WHERE xid = ANY($11::text[]::xid8[]) AND EXISTS (SELECT FROM fenced)
+                 WHERE xid = ANY($10::text[]::xid8[]) AND EXISTS (SELECT FROM fenced)
             )
             SELECT count(*) FROM appended",
             Batch::statement(self.body, Keys::None)
         );
         let arrays = batch.arrays();
         let mut params = arrays.params();
-        params.extend::<[Param<'_>; 2]>([&outbox_ids, &finished_xids]);
+        let (partial_xid, partial_through) = match partial {
+            Some((xid, through)) => (Some(xid.as_str()), *through),
+            None => (None, 0),
+        };
+        params.extend::<[Param<'_>; 3]>([&finished_xids, &partial_xid, &partial_through]);
         batch.check(&bounded(self.client.query_one(&statement, &params)).await?)?;
         self.last_id = batch.last_id;
         Ok(batch.stored)

@@ -130,6 +130,23 @@ pub fn row_object(columns: impl IntoIterator<Item = (String, Value)>) -> Map<Str
     map
 }
 
+/// A row as `row_to_json` prints it (trigger capture), re-shaped into what `to_jsonb(row)`
+/// gives: keys in jsonb order, every value as [`Category::Json`] renders it (numbers through
+/// `numeric_in`, json columns parsed the way jsonb parses them). `row_to_json` prints date/time
+/// values as `to_jsonb` does, and every other type as a string or number already. A value
+/// jsonb could not hold (a json column with `\u0000`) keeps its text, as a string, which is
+/// what replication gives for it.
+pub fn jsonb_row(text: &str) -> Result<Map<String, Value>, RenderError> {
+    let columns: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_str(text).map_err(|e| RenderError::BadJson(e.to_string()))?;
+    Ok(row_object(columns.into_iter().map(|(name, raw)| {
+        let text = raw.get();
+        let value =
+            json::render_json(text.as_bytes()).unwrap_or_else(|_| Value::String(text.to_owned()));
+        (name, value)
+    })))
+}
+
 fn render_at(text: &[u8], kind: &Category, depth: usize) -> Result<Value, RenderError> {
     match kind {
         Category::Text => Ok(Value::String(utf8(text)?.to_owned())),
