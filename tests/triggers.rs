@@ -427,3 +427,71 @@ async fn uninstall_removes_the_triggers_and_keeps_an_undrained_outbox() {
         0
     );
 }
+
+/// An outbox made by an earlier rowcast: `jsonb` rows from `to_jsonb`, a primary key on `id`
+/// and an index on `xid`.
+const OLD_OUTBOX: &str = "
+    CREATE SCHEMA IF NOT EXISTS rowcast;
+    CREATE TABLE rowcast.outbox (
+        id bigserial PRIMARY KEY, xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        at timestamptz NOT NULL DEFAULT statement_timestamp(), table_schema text, table_name text,
+        op text NOT NULL, new_row jsonb, old_row jsonb);
+    CREATE INDEX outbox_xid ON rowcast.outbox (xid);
+    CREATE SEQUENCE rowcast.commit_seq;
+    CREATE TABLE rowcast.outbox_commits (xid xid8 PRIMARY KEY, seq bigint NOT NULL)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_of_an_earlier_version_is_converted_and_drained_as_written() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client.batch_execute(OLD_OUTBOX).await.expect("old outbox");
+    // Changes the earlier triggers captured and nobody drained yet, one with a json value.
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO organizations (id, name, settings)
+                  VALUES ('quant', 'Quant', '{\"b\": [1.50, 2e2], \"a\": null}');
+             INSERT INTO rowcast.outbox (table_schema, table_name, op, new_row)
+                  SELECT 'public', 'organizations', 'insert', to_jsonb(o) FROM organizations o;
+             INSERT INTO rowcast.outbox_commits VALUES (pg_current_xact_id(), nextval('rowcast.commit_seq'));
+             COMMIT;",
+        )
+        .await
+        .expect("old capture");
+    let written: Value = serde_json::from_str(
+        client
+            .query_one("SELECT to_jsonb(o)::text FROM organizations o", &[])
+            .await
+            .expect("row")
+            .get::<_, &str>(0),
+    )
+    .expect("json");
+
+    let server = Running::start(trigger_settings(&db)).await;
+    // Captured by the new triggers after the conversion.
+    client
+        .batch_execute("UPDATE organizations SET plan = 'team' WHERE id = 'quant'")
+        .await
+        .expect("update");
+    let events = drained_events(&db).await;
+    server.stop().await;
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, ["organization.created", "organization.updated"]);
+    assert_eq!(events[0]["data"].to_string(), written.to_string(), "as to_jsonb wrote it");
+    assert_eq!(events[1]["old"]["settings"], written["settings"]);
+    let shape: Vec<String> = client
+        .query(
+            "SELECT a.attname || ' ' || format_type(a.atttypid, NULL) FROM pg_attribute a
+              WHERE a.attrelid = 'rowcast.outbox'::regclass AND a.attname IN ('new_row', 'old_row')
+             UNION ALL
+             SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'rowcast.outbox'::regclass
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("outbox shape")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(shape, ["new_row json", "old_row json", "rowcast.outbox_xid_id"]);
+}
