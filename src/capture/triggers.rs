@@ -15,7 +15,9 @@
 //! the outbox itself is the truth, so a notification lost while the listener was disconnected
 //! costs at most one poll interval, and every (re)start drains whatever is waiting. A commit
 //! notifies only while the drain waits (holds the wake-up lock): notifications serialize
-//! commits, and a busy drain needs none.
+//! commits, and a busy drain needs none. Rows arrive as `row_to_json` text (cheaper for the
+//! application's transaction than `to_jsonb`) and leave as `to_jsonb` would have written them
+//! ([`jsonb_row`]).
 
 use std::time::Duration;
 
