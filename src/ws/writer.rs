@@ -99,19 +99,27 @@ impl Writer<'_> {
             let delivered = &mut delivered;
             let mut sink = sink.as_mut();
             let write = async {
+                let mut live = Vec::with_capacity(batch.len());
                 for (message, frame) in batch {
                     if let Some(message) = message {
-                        patiently(limits.write_timeout, sink.feed(message)).await?;
+                        ready(limits.write_timeout, sink.as_mut()).await?;
+                        sink.as_mut().start_send(message).map_err(|_| WriteError::Failed)?;
                     }
                     // Delivered once the sink holds it: a close frame written later follows it.
                     if let Some(frame) = frame {
                         delivered.note(&frame);
                         if let Frame::Event { history: false, committed_at, .. } = &frame {
-                            metrics.sent(crate::model::Timestamp::now().0 - committed_at);
+                            live.push(*committed_at);
                         }
                     }
                 }
-                patiently(limits.write_timeout, sink.flush()).await
+                patiently(limits.write_timeout, sink.flush()).await?;
+                // Written: one clock reading for the batch.
+                let now = crate::model::Timestamp::now().0;
+                for committed_at in live {
+                    metrics.sent(now - committed_at);
+                }
+                Ok(())
             };
             tokio::select! {
                 sent = write => match sent {
@@ -176,6 +184,20 @@ impl Writer<'_> {
                 Ended::Dropped
             }
         }
+    }
+}
+
+/// Until the sink takes another message: at once when it has room, which is the common case
+/// and needs no timer; otherwise within `limit`.
+async fn ready<W>(limit: Duration, mut sink: std::pin::Pin<&mut W>) -> Result<(), WriteError>
+where
+    W: Sink<Message, Error = axum::Error>,
+{
+    let mut room = std::future::poll_fn(|cx| sink.as_mut().poll_ready(cx));
+    match futures_util::FutureExt::now_or_never(&mut room) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(_)) => Err(WriteError::Failed),
+        None => patiently(limit, room).await,
     }
 }
 
