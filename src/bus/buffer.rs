@@ -82,7 +82,7 @@ impl Buffer {
                 (!subscriptions.is_empty()).then(|| Frame::Event {
                     id: event.id,
                     envelope: event.envelope.clone(),
-                    subscriptions,
+                    subscriptions: subscriptions.into(),
                     history: true,
                     committed_at: event.committed_at,
                     text: None,

@@ -148,7 +148,7 @@ impl<S: Sources> CatchUp<S> {
             let frame = Frame::Event {
                 id,
                 envelope: envelope.into(),
-                subscriptions: vec![self.subscription],
+                subscriptions: Arc::from([self.subscription]),
                 history: true,
                 committed_at: 0,
                 text: None,

@@ -137,7 +137,7 @@ impl<S: Sources> LagCatchUp<S> {
             let frame = Frame::Event {
                 id,
                 envelope: envelope.into(),
-                subscriptions,
+                subscriptions: subscriptions.into(),
                 history: true,
                 committed_at,
                 text: None,

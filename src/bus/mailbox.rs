@@ -37,11 +37,11 @@ pub enum Frame {
     /// towards the connection's lag (live events, and catch-ups of a lagging connection), 0
     /// otherwise (`since` history, which the client asked for). `text` is the frame already
     /// rendered when the bus shares one rendering between connections whose subscription ids
-    /// are the same.
+    /// are the same, which share `subscriptions` too.
     Event {
         id: u64,
         envelope: Arc<str>,
-        subscriptions: Vec<u32>,
+        subscriptions: Arc<[u32]>,
         history: bool,
         committed_at: i64,
         text: Option<Bytes>,

@@ -385,6 +385,10 @@ impl Bus {
         let registry = &mut *registry;
         let mut matches: Vec<SubscriptionRef> = Vec::new();
         let mut closed: Vec<ConnectionId> = Vec::new();
+        // One connection's matching subscriptions, and the frames rendered for this event:
+        // connections whose matching ids are the same share one rendering and one id list.
+        let mut live: Vec<SubscriptionId> = Vec::new();
+        let mut rendered: Vec<(Arc<[SubscriptionId]>, Bytes)> = Vec::new();
         // Connections each event was queued for, recorded in the metrics once per batch.
         let mut counts: Vec<(&str, u64)> = Vec::with_capacity(events.len());
         for event in events {
@@ -397,7 +401,7 @@ impl Bus {
             matches.clear();
             registry.index.candidates(&subject, &mut matches);
             let mut queued = 0;
-            let mut rendered: Vec<(Vec<SubscriptionId>, Bytes)> = Vec::new();
+            rendered.clear();
             if matches.is_empty() {
                 counts.push((&event.event_type, 0));
                 continue;
@@ -406,7 +410,8 @@ impl Bus {
             for group in matches.chunk_by(|a, b| a.0 == b.0) {
                 let connection = group[0].0;
                 let Some(c) = registry.connections.get_mut(&connection) else { continue };
-                let mut live: Vec<SubscriptionId> = group.iter().map(|m| m.1).collect();
+                live.clear();
+                live.extend(group.iter().map(|m| m.1));
                 if c.catching_up > 0 {
                     c.keep_for_catch_ups(event, &mut live);
                     if live.is_empty() {
@@ -414,19 +419,20 @@ impl Bus {
                     }
                 }
                 // Connections whose matching ids are the same (typically just `s1`) share one
-                // rendered frame: no per-connection copy of the envelope.
-                let text = match rendered.iter().find(|(ids, _)| *ids == live) {
-                    Some((_, text)) => text.clone(),
+                // rendered frame: no per-connection copy of the envelope, no allocation.
+                let (subscriptions, text) = match rendered.iter().find(|(ids, _)| **ids == *live) {
+                    Some((ids, text)) => (ids.clone(), text.clone()),
                     None => {
                         let text = Bytes::from(mailbox::event_text(&event.json, &live));
-                        rendered.push((live.clone(), text.clone()));
-                        text
+                        let ids: Arc<[SubscriptionId]> = Arc::from(live.as_slice());
+                        rendered.push((ids.clone(), text.clone()));
+                        (ids, text)
                     }
                 };
                 let frame = Frame::Event {
                     id: event.id,
                     envelope: event.json.clone(),
-                    subscriptions: live.clone(),
+                    subscriptions,
                     history: false,
                     committed_at: event.timestamp.0,
                     text: Some(text),
@@ -434,7 +440,7 @@ impl Bus {
                 match c.outbound.offer(frame) {
                     Ok(()) => queued += 1,
                     Err(Rejected::Full) => {
-                        c.fall_behind(event, live);
+                        c.fall_behind(event, live.clone());
                         self.metrics.fell_behind();
                         tracing::debug!(connection, id = event.id, "connection fell behind");
                     }

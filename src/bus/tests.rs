@@ -68,7 +68,7 @@ fn delivered(outbound: &Outbound) -> Vec<(u64, Vec<u32>)> {
         .queued()
         .into_iter()
         .filter_map(|frame| match frame {
-            Frame::Event { id, subscriptions, .. } => Some((id, subscriptions)),
+            Frame::Event { id, subscriptions, .. } => Some((id, subscriptions.to_vec())),
             Frame::Control(_)
             | Frame::Replay { .. }
             | Frame::CatchingUp { .. }
@@ -252,7 +252,7 @@ fn room_for(frames: usize, subscriptions: usize) -> Arc<Outbound> {
     let frame = Frame::Event {
         id: 1,
         envelope: agent(1).json,
-        subscriptions: vec![1; subscriptions],
+        subscriptions: vec![1; subscriptions].into(),
         history: false,
         committed_at: 0,
         text: Some(Bytes::from(mailbox::event_text(&agent(1).json, &vec![1; subscriptions]))),

@@ -297,7 +297,7 @@ impl Delivered {
                     self.live = Some(*id);
                     return;
                 }
-                for subscription in subscriptions {
+                for subscription in subscriptions.iter() {
                     if let Some(at) = self.catching_up.get_mut(subscription) {
                         *at = (*at).max(*id);
                     }
@@ -349,7 +349,7 @@ mod tests {
 
     fn event(id: u64, subscription: u32, history: bool) -> Frame {
         let envelope = format!(r#"{{"id":{id}}}"#).into();
-        let subscriptions = vec![subscription];
+        let subscriptions = std::sync::Arc::from([subscription]);
         Frame::Event { id, envelope, subscriptions, history, committed_at: 0, text: None }
     }
 

@@ -23,10 +23,10 @@ fn take(outbound: &Outbound) -> Option<String> {
 
 #[test]
 fn events_carry_their_subscriptions() {
-    let event = |envelope: &str, subscriptions| Frame::Event {
+    let event = |envelope: &str, subscriptions: Vec<u32>| Frame::Event {
         id: 1,
         envelope: envelope.into(),
-        subscriptions,
+        subscriptions: subscriptions.into(),
         history: false,
         committed_at: 0,
         text: None,
