@@ -1,11 +1,14 @@
 //! Application write throughput with rowcast's capture triggers installed versus without.
 //!
-//! `cargo bench --bench trigger_overhead [-- ROWS CLIENTS ROWS_PER_TXN] [--durable]`
+//! `cargo bench --bench trigger_overhead [-- ROWS CLIENTS ROWS_PER_TXN ROUNDS] [--durable]`
 //!
 //! Starts a throwaway cluster from the machine's Postgres binaries, creates the reference
 //! schema in three databases, installs the trigger source in two of them, one with a publisher
 //! draining it (as in production), and has CLIENTS connections insert ROWS agents in
-//! transactions of ROWS_PER_TXN rows into each. Prints rows per second for each.
+//! transactions of ROWS_PER_TXN rows into each. Prints rows per second for each. It does so
+//! ROUNDS times (default 3), the three alternated in each round, each round in fresh databases,
+//! and prints each round's ratios and their median: one run of each is too short to compare on
+//! a shared machine.
 //!
 //! The throwaway cluster runs with `fsync=off` (CPU is what is measured); `--durable` turns
 //! `fsync` and `full_page_writes` back on, as a production server runs, so that commits wait
@@ -60,9 +63,10 @@ async fn serve(settings: &Settings, shutdown: &CancellationToken) -> Serving {
 
 #[tokio::main]
 async fn main() {
-    let rows = arg(1, 20_000);
+    let rows = arg(1, 100_000);
     let clients = arg(2, 4);
     let per_txn = arg(3, 1);
+    let rounds = arg(4, 3).max(1);
     let durable = std::env::args().any(|a| a == "--durable");
     let mut settings = vec![("wal_level", "logical"), ("synchronous_commit", "on")];
     if durable {
@@ -70,14 +74,17 @@ async fn main() {
     }
     let cluster = Cluster::start(&settings).expect("cluster");
     let admin = client(&cluster.url("postgres")).await;
-    let mut results = Vec::new();
     // `triggers` measures the triggers alone (the outbox is drained afterwards); `draining`
     // also runs the publisher, competing for the same cores as it would on a small machine.
-    for (name, triggers, draining) in
-        [("plain", false, false), ("triggers", true, false), ("draining", true, true)]
+    let scenarios = [("plain", false, false), ("triggers", true, false), ("draining", true, true)];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
+    for (round, (scenario, (name, triggers, draining))) in
+        (0..rounds).flat_map(|round| scenarios.iter().enumerate().map(move |s| (round, s)))
     {
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("database");
-        let url = cluster.url(name);
+        let (triggers, draining) = (*triggers, *draining);
+        let database = format!("{name}_{round}");
+        admin.batch_execute(&format!("CREATE DATABASE {database}")).await.expect("database");
+        let url = cluster.url(&database);
         let app = client(&url).await;
         rowcast::setup::migrate(&app).await.expect("schema");
         app.batch_execute(
@@ -116,14 +123,22 @@ async fn main() {
             shutdown.cancel();
             server.await.expect("joined").expect("server");
         }
-        results.push((name, rate));
+        results[scenario].push(rate);
     }
-    println!("rows={rows} clients={clients} rows_per_transaction={per_txn} durable={durable}");
-    println!("{:<10} {:>14}", "schema", "inserts/s");
-    for (name, rate) in &results {
-        println!("{name:<10} {rate:>14.0}");
+    println!(
+        "rows={rows} clients={clients} rows_per_transaction={per_txn} rounds={rounds} durable={durable}"
+    );
+    println!("{:<10} {:>14}", "schema", "inserts/s, by round");
+    for ((name, _, _), rates) in scenarios.iter().zip(&results) {
+        let rates: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        println!("{name:<10} {:>14}", rates.join(", "));
     }
-    for (name, rate) in &results[1..] {
-        println!("{name}: {:.0} % of plain", rate / results[0].1 * 100.0);
+    for ((name, _, _), rates) in scenarios.iter().zip(&results).skip(1) {
+        let mut ratios: Vec<f64> =
+            rates.iter().zip(&results[0]).map(|(rate, plain)| rate / plain * 100.0).collect();
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.0} %")).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        println!("{name}: {median:.0} % of plain (median; by round {})", each.join(", "));
     }
 }
