@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::bus::Bus;
 use crate::config::{Role, Settings};
@@ -263,18 +263,23 @@ async fn feed(feed: Feed, shutdown: &CancellationToken) -> Result<(), ServeError
 /// The publisher as a task of its own rather than on the main thread: the wake-ups along an
 /// event's path (the replication socket, the log's connection, the writers of the connections
 /// it publishes to) then stay on the runtime's workers instead of crossing to the main thread.
+/// Dropping the handle stops it, as dropping the server's future stopped it when it ran inline.
 fn spawn_publisher(
     publisher: Publisher,
     shutdown: &CancellationToken,
-) -> tokio::task::JoinHandle<Result<(), PublisherError>> {
-    tokio::spawn(publisher.run(shutdown.clone()))
+) -> AbortOnDropHandle<Result<(), PublisherError>> {
+    AbortOnDropHandle::new(tokio::spawn(publisher.run(shutdown.clone())))
 }
 
-/// A spawned task's result; its panic, if it panicked, goes on as this task's.
-fn joined<T>(joined: Result<T, tokio::task::JoinError>) -> T {
+/// The publisher task's result; its panic, if it panicked, goes on as this task's. (It is
+/// cancelled only when the runtime shuts down, which ends this task too.)
+fn joined(
+    joined: Result<Result<(), PublisherError>, tokio::task::JoinError>,
+) -> Result<(), PublisherError> {
     match joined {
         Ok(result) => result,
-        Err(err) => std::panic::resume_unwind(err.into_panic()),
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(_) => Ok(()),
     }
 }
 
