@@ -289,18 +289,30 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// How often readiness is asked for while a test waits for it.
+const READY_POLL: Duration = Duration::from_millis(50);
+
+/// Whether the server on `addr` answers `/readyz` with 200 within `timeout`.
+pub async fn ready_within(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if client::get_status(addr, "/readyz").await == Some(200) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
 /// Waits until a `rowcast serve` on `addr` is ready (streaming, log reachable), nudging the
 /// slot creation of `db` meanwhile.
 pub async fn wait_until_ready(db: &TestDb, addr: SocketAddr) {
     let nudge = tokio::spawn(nudge_slot_creation(db.config()));
-    for _ in 0..1200 {
-        if client::get_status(addr, "/readyz").await == Some(200) {
-            nudge.abort();
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("rowcast serve at {addr} never became ready");
+    let ready = ready_within(addr, Duration::from_secs(60)).await;
+    nudge.abort();
+    assert!(ready, "rowcast serve at {addr} never became ready");
 }
 
 /// Creating a logical slot waits until every transaction running when it started has ended,
@@ -384,13 +396,11 @@ impl Running {
         let watch = server.watch();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(listener, shutdown.clone()));
-        for _ in 0..600 {
-            if client::get_status(addr, "/readyz").await == Some(200) {
-                return Running { watch, addr, pg: None, shutdown, task };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("gateway at {addr} never became ready");
+        assert!(
+            ready_within(addr, Duration::from_secs(30)).await,
+            "gateway at {addr} never became ready"
+        );
+        Running { watch, addr, pg: None, shutdown, task }
     }
 
     /// `ws://ADDR/ws/events?QUERY`.

@@ -89,15 +89,8 @@ impl Process {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while get_status(self.addr, "/readyz").await != Some(200) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "rowcast at {} not ready within {timeout:?}",
-                self.addr
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let ready = super::ready_within(self.addr, timeout).await;
+        assert!(ready, "rowcast at {} not ready within {timeout:?}", self.addr);
     }
 
     pub async fn stats(&self) -> Value {
