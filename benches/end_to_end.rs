@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use rowcast::apps::cluster::Cluster;
 use support::{
-    arg, client, clock_ticks, cpu_seconds, cpu_ticks, now_micros, percentile, start_server,
+    arg, client, clock_ticks, cpu_seconds, cpu_ticks, now_micros, pace, percentile, start_server,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -450,10 +450,7 @@ async fn write(url: &str, rows: usize, per_txn: usize, orgs: usize, rate: Option
                 .expect("insert");
                 done += n;
                 if let Some(rate) = rate {
-                    let due = Duration::from_secs_f64((done * writers) as f64 / rate);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
-                    }
+                    pace(started, done, writers, rate).await;
                 }
             }
         }));

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use rowcast::apps::cluster::Cluster;
 use rowcast::apps::nats_cluster::NatsCluster;
-use support::{Server, arg, client, now_micros, percentile, spawn_server};
+use support::{Server, arg, client, now_micros, pace, percentile, spawn_server};
 use tokio_tungstenite::tungstenite::Message;
 
 /// `rowcast serve --role ROLE` on slot and stream `name` (its subjects under `name` too).
@@ -78,10 +78,7 @@ async fn write(url: &str, rows: usize, rate: f64, tag: &str) {
                 )
                 .await
                 .expect("insert");
-                let due = Duration::from_secs_f64(((i + 1) * writers) as f64 / rate);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
+                pace(started, i + 1, writers, rate).await;
             }
         }));
     }

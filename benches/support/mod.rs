@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,6 +16,15 @@ pub fn arg(index: usize, default: usize) -> usize {
         .nth(index)
         .and_then(|a| a.parse().ok())
         .unwrap_or(default)
+}
+
+/// Holds a writer to its share of `rate` changes per second: it sleeps until its `done`-th
+/// change is due, `writers` writers having started together at `started`.
+pub async fn pace(started: Instant, done: usize, writers: usize, rate: f64) {
+    let due = Duration::from_secs_f64((done * writers) as f64 / rate);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// A client whose connection runs in the background.
