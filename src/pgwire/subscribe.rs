@@ -301,13 +301,11 @@ impl Delivery {
         serde_json::from_str::<Only>(envelope).is_ok_and(|e| self.severities.allows(e.severity))
     }
 
+    /// Only the bus closes a subscription's mailbox from outside (at shutdown); slowness and
+    /// an expired token are noticed by `deliver` itself, which ends with their errors.
     fn closed(&self, reason: &Closing) -> End {
         match reason {
             Closing::Shutdown => End::Error(shutting_down(self.resume)),
-            Closing::SlowConsumer(why) => End::Error(self.slow(*why)),
-            Closing::TokenExpired => {
-                End::Error(fatal("28000", "the token has expired; reconnect with a fresh one"))
-            }
             _ => End::Dropped,
         }
     }
