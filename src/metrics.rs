@@ -39,7 +39,7 @@ pub enum Stage {
     /// The log writer took the event from capture.
     Received,
     /// Its append was sent to the log.
-    Sent,
+    SentToLog,
     /// Its append committed; it is published on the bus at once.
     Appended,
 }
@@ -48,7 +48,7 @@ impl Stage {
     fn name(self) -> &'static str {
         match self {
             Stage::Received => "received",
-            Stage::Sent => "sent_to_log",
+            Stage::SentToLog => "sent_to_log",
             Stage::Appended => "appended",
         }
     }
@@ -126,7 +126,7 @@ impl Default for Metrics {
             Family::<StageLabel, Histogram, fn() -> Histogram>::new_with_constructor(|| {
                 Histogram::new(BUCKETS)
             });
-        for stage in [Stage::Received, Stage::Sent, Stage::Appended] {
+        for stage in [Stage::Received, Stage::SentToLog, Stage::Appended] {
             let _ = stages.get_or_create(&[("stage", stage.name())]);
         }
         let (capture_queue, source_lag) = (Gauge::default(), Gauge::default());

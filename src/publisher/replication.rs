@@ -232,7 +232,9 @@ async fn write_loop(
         // sending its first events alone would make its last ones wait for two commits.
         let whole = !mid_transaction || batch.len() >= batch_size;
         if room && whole && (!batch.is_empty() || progress.is_some()) {
-            signals.metrics.stage(Stage::Sent, batch.iter().map(|(_, event)| &event.timestamp));
+            signals
+                .metrics
+                .stage(Stage::SentToLog, batch.iter().map(|(_, event)| &event.timestamp));
             writer.send(std::mem::take(&mut batch), progress.take())?;
             if writer.in_flight() == 0
                 && writer.has_pending_progress()
