@@ -33,7 +33,8 @@ const BUCKETS: [f64; 20] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The stages of `rowcast_pipeline_seconds`, in the order an event passes them.
+/// The stages of `rowcast_pipeline_seconds`, in the order an event captured by replication
+/// passes them.
 #[derive(Debug, Clone, Copy)]
 pub enum Stage {
     /// The log writer took the event from capture.
@@ -45,6 +46,8 @@ pub enum Stage {
 }
 
 impl Stage {
+    const ALL: [Stage; 3] = [Stage::Received, Stage::SentToLog, Stage::Appended];
+
     fn name(self) -> &'static str {
         match self {
             Stage::Received => "received",
@@ -126,7 +129,7 @@ impl Default for Metrics {
             Family::<StageLabel, Histogram, fn() -> Histogram>::new_with_constructor(|| {
                 Histogram::new(BUCKETS)
             });
-        for stage in [Stage::Received, Stage::SentToLog, Stage::Appended] {
+        for stage in Stage::ALL {
             let _ = stages.get_or_create(&[("stage", stage.name())]);
         }
         let (capture_queue, source_lag) = (Gauge::default(), Gauge::default());
@@ -176,7 +179,7 @@ impl Default for Metrics {
         );
         registry.register(
             "rowcast_pipeline_seconds",
-            "Source commit to each stage of the publisher's pipeline, per event: received by the log writer, its append sent to the log, appended (and published)",
+            "Source commit to each stage of the replication pipeline, per event: received by the log writer, its append sent to the log, appended (and published)",
             stages.clone(),
         );
         Self {
