@@ -131,9 +131,36 @@ pub struct Scope {
     pub expires_at: Option<u64>,
 }
 
+/// The furthest a token's expiry is waited for; a token may claim an `exp` centuries away.
+const LONGEST_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// Seconds since the epoch, now.
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
 impl Scope {
     pub fn everything() -> Self {
         Self { organizations: None, domains: None, expires_at: None }
+    }
+
+    /// Whether the token has expired by now.
+    pub fn has_expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= now_seconds())
+    }
+
+    /// Returns once the token has expired; never when it does not expire. A session races it
+    /// against its work (the only timer here: everything else in this file is pure).
+    pub async fn expired(&self) {
+        match self.expires_at {
+            Some(at) => {
+                let left = std::time::Duration::from_secs(at.saturating_sub(now_seconds()));
+                tokio::time::sleep(left.min(LONGEST_EXPIRY)).await;
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// Confines `filter` to this scope: names outside it are refused; missing ones become the

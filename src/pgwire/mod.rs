@@ -230,3 +230,8 @@ fn error(code: &str, message: impl Into<String>) -> PgWireError {
 fn fatal(code: &str, message: impl Into<String>) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new("FATAL".into(), code.into(), message.into())))
 }
+
+/// The connection's token expired: at a statement, or during a subscription.
+fn token_expired() -> PgWireError {
+    fatal("28000", "the token has expired; reconnect with a fresh one")
+}

@@ -34,10 +34,9 @@ use super::peer::Peer;
 use super::select::{self, Query};
 use super::sql::{self, Column, Prepared, Session as Command, Statement};
 use super::subscribe::{self, Subscription};
-use super::{Context, error, fatal, rows};
+use super::{Context, error, fatal, rows, token_expired};
 use crate::auth::Scope;
 use crate::filter::Filter;
-use crate::model::Timestamp;
 
 pub struct Session {
     context: Arc<Context>,
@@ -80,9 +79,8 @@ impl Session {
         let Some(scope) = scope else {
             return Err(fatal("28000", "not authenticated"));
         };
-        let now = Timestamp::now().0.max(0) as u64 / 1_000_000;
-        if scope.expires_at.is_some_and(|at| at <= now) {
-            return Err(fatal("28000", "the token has expired; reconnect with a fresh one"));
+        if scope.has_expired() {
+            return Err(token_expired());
         }
         Ok(scope)
     }
@@ -149,7 +147,7 @@ impl Session {
                     filter,
                     severities: subscribe.severities,
                     since: subscribe.since,
-                    expires_at: scope.expires_at,
+                    token: scope,
                 };
                 // Cleared however the subscription ends (a cancel drops this future).
                 let _subscribed = Flag::raise(&self.subscribed);

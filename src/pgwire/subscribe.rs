@@ -39,13 +39,14 @@ use tokio::task::JoinHandle;
 
 use super::peer::Peer;
 use super::sql::Severities;
-use super::{Context, error, fatal, rows};
+use super::{Context, error, fatal, rows, token_expired};
+use crate::auth::Scope;
 use crate::bus::catch_up::{CatchUp, Start};
 use crate::bus::lag::LagCatchUp;
 use crate::bus::mailbox::{Closing, Frame, Next, Notice, Outbound, Slow};
 use crate::bus::{Bus, ConnectionId};
 use crate::filter::Filter;
-use crate::model::{Severity, Timestamp};
+use crate::model::Severity;
 
 /// Most rows written before a flush.
 const WRITE_BATCH: usize = 64;
@@ -57,8 +58,8 @@ pub struct Subscription {
     pub filter: Filter,
     pub severities: Severities,
     pub since: Option<u64>,
-    /// When the connection's token expires (seconds since the epoch).
-    pub expires_at: Option<u64>,
+    /// What the connection's token grants: the subscription ends when it expires.
+    pub token: Scope,
 }
 
 /// What ends a subscription's delivery.
@@ -166,7 +167,7 @@ where
     let progress = Arc::new(AtomicU64::new(0));
     // Made once: the peek's timer runs on under steady traffic, and the expiry is one timer.
     let gone = peer.gone();
-    let expired = sleep_until(subscription.expires_at.map(deadline));
+    let expired = subscription.token.expired();
     tokio::pin!(gone, expired);
     loop {
         let first = tokio::select! {
@@ -196,7 +197,7 @@ where
                 continue;
             }
             () = &mut expired => {
-                return End::Error(fatal("28000", "the token has expired; reconnect with a fresh one"));
+                return End::Error(token_expired());
             }
         };
         let mut next = Some(first);
@@ -368,18 +369,4 @@ where
 
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
-}
-
-/// The tokio instant of a Unix time in seconds (a year away at most).
-fn deadline(unix_seconds: u64) -> tokio::time::Instant {
-    let now = Timestamp::now().0.max(0) as u64 / 1_000_000;
-    let left = unix_seconds.saturating_sub(now).min(365 * 24 * 3600);
-    tokio::time::Instant::now() + Duration::from_secs(left)
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }

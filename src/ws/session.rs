@@ -44,9 +44,6 @@ use crate::bus::{ConnectionId, SubscriptionId};
 use crate::filter::Filter;
 use crate::log::History;
 
-/// The furthest a token's expiry is scheduled; a token may claim an `exp` centuries away.
-const LONGEST_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
-
 /// What the handshake's query string asked for.
 pub type Initial = Result<Option<(Filter, Start)>, ProtocolError>;
 
@@ -172,14 +169,13 @@ impl<H: History> Session<H> {
         let idle_timeout = self.context.limits.idle_timeout;
         let mut idle = tokio::time::Instant::now() + idle_timeout;
         loop {
-            let expiry = self.scope.expires_at.map(deadline);
             let message = tokio::select! {
                 message = stream.next() => message,
                 () = tokio::time::sleep_until(idle) => {
                     self.outbound.close(Closing::Idle);
                     return;
                 }
-                () = sleep_until(expiry) => {
+                () = self.scope.expired() => {
                     self.outbound.close(Closing::TokenExpired);
                     return;
                 }
@@ -448,20 +444,5 @@ fn closing_for(err: axum::Error) -> Closing {
             Closing::BadFrame { code: 1002, reason: "websocket protocol error" }
         }
         _ => Closing::Gone,
-    }
-}
-
-/// The tokio instant of a Unix time in seconds.
-fn deadline(unix_seconds: u64) -> tokio::time::Instant {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let left = std::time::Duration::from_secs(unix_seconds).saturating_sub(now).min(LONGEST_EXPIRY);
-    tokio::time::Instant::now() + left
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
