@@ -35,6 +35,16 @@ mod relay;
 pub use gateway::Gateway;
 pub use relay::{Outlet, Relay, relay};
 
+/// How long connecting to one NATS server may take before the next is tried.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Reconnects wait this much longer at each attempt (a server died, another is up)...
+const RECONNECT_STEP: std::time::Duration = std::time::Duration::from_millis(100);
+/// ...up to this.
+const MAX_RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a JetStream request may wait for its answer: a server that died is noticed, and
+/// the request retried elsewhere.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("NATS: {0}")]
@@ -94,10 +104,11 @@ pub async fn connect(
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connection_timeout(std::time::Duration::from_secs(2))
+        .connection_timeout(CONNECT_TIMEOUT)
         // Reconnects come quickly (a server died; another is up): the default waits grow to 4 s.
         .reconnect_delay_callback(|attempts| {
-            std::time::Duration::from_millis((attempts as u64 * 100).min(1000))
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            RECONNECT_STEP.saturating_mul(attempts).min(MAX_RECONNECT_DELAY)
         })
         .event_callback(move |event| {
             let status = status.clone();
@@ -123,7 +134,7 @@ pub async fn connect(
 /// The JetStream context rowcast uses: requests answered within a few seconds, so a server
 /// that died is noticed and the request retried elsewhere.
 pub fn context(client: async_nats::Client) -> jetstream::Context {
-    jetstream::ContextBuilder::new().timeout(std::time::Duration::from_secs(5)).build(client)
+    jetstream::ContextBuilder::new().timeout(REQUEST_TIMEOUT).build(client)
 }
 
 /// The stream, created with `settings` when missing. An existing stream is used as it is

@@ -35,6 +35,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long a stopping relay may take to publish what the publisher appended last.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long, after that, what was published may take to leave the client's buffer.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 /// Where the publisher hands committed events to the relay; never waits.
 #[derive(Clone)]
@@ -165,7 +167,7 @@ impl Relay {
                 "publishing to NATS at shutdown timed out; the next publisher publishes the rest"
             );
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, client.flush()).await;
         Ok(())
     }
 

@@ -126,6 +126,8 @@ async fn refuse(mut stream: tokio::net::TcpStream, limit: usize) {
     const NEGOTIATIONS: [i32; 2] = [80_877_103, 80_877_104];
     /// The longest startup packet read; libpq's are far shorter.
     const STARTUP_BYTES: usize = 10_000;
+    /// How long a refused client may take to hear why: a slow one does not hold the task.
+    const REFUSAL: std::time::Duration = std::time::Duration::from_secs(2);
     let message = format!("too many connections (at most {limit}); try again later");
     let mut body = Vec::new();
     for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "53300"), (b'M', &message)] {
@@ -161,7 +163,7 @@ async fn refuse(mut stream: tokio::net::TcpStream, limit: usize) {
         while stream.read(&mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), talk).await;
+    let _ = tokio::time::timeout(REFUSAL, talk).await;
 }
 
 /// Serves one connection until it ends, is abandoned, or the server shuts down (a running
