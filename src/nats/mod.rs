@@ -281,23 +281,23 @@ impl Status {
         }
     }
 
-    /// The `nats` object of stats.
+    /// The `nats` object of stats: the counters of [`Status::metrics`], and what only stats say.
     pub fn stats(&self, settings: &NatsSettings) -> serde_json::Value {
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let counted = self.metrics();
         serde_json::json!({
             "stream": settings.stream,
-            "connected": self.is_connected(),
+            "connected": counted.connected,
             "running": self.running.load(Ordering::Relaxed),
             "error": self.error(),
-            "errors": load(&self.errors),
-            "published": load(&self.published),
-            "last_published_id": load(&self.published_id),
-            "received": load(&self.received),
-            "stream_pending": load(&self.pending),
-            "stream_lag_seconds": self.lag_seconds(),
-            "gaps": load(&self.gaps),
-            "gap_events_filled": load(&self.filled),
-            "malformed": load(&self.malformed),
+            "errors": counted.errors,
+            "published": counted.published,
+            "last_published_id": self.published_id.load(Ordering::Relaxed),
+            "received": counted.received,
+            "stream_pending": counted.pending,
+            "stream_lag_seconds": counted.lag_seconds,
+            "gaps": counted.gaps,
+            "gap_events_filled": counted.filled,
+            "malformed": counted.malformed,
         })
     }
 }
