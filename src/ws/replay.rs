@@ -28,6 +28,8 @@ const REPLAY_PROGRESS_EVERY: u64 = 100;
 
 /// One replay: historic events in `[from, to)`, paced like they happened, `speed` times faster.
 pub(super) struct Replay<H> {
+    /// Its place among the connection's running replays, given back before its last frame.
+    pub(super) slot: tokio::sync::OwnedSemaphorePermit,
     pub(super) context: Arc<Context<H>>,
     pub(super) outbound: Arc<Outbound>,
     pub(super) number: u32,
@@ -39,14 +41,25 @@ pub(super) struct Replay<H> {
 
 impl<H: History> Replay<H> {
     pub(super) async fn run(self, reference: Option<serde_json::Value>) {
-        if let Err(err) = self.play(reference.as_ref()).await {
-            tracing::warn!(error = %err, "replay failed");
-            let failed = protocol::replay_failed(self.number);
-            let _ = self.outbound.push_paced(Frame::Control(failed)).await;
-        }
+        let last = match self.play(reference.as_ref()).await {
+            Ok(Some(sent)) => protocol::replay_finished(self.number, sent),
+            // The connection is closing.
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "replay failed");
+                protocol::replay_failed(self.number)
+            }
+        };
+        // Free before the client hears it ended: one that starts its next replay on
+        // `replay_finished` is never refused.
+        let Replay { slot, outbound, .. } = self;
+        drop(slot);
+        let _ = outbound.push_paced(Frame::Control(last)).await;
     }
 
-    async fn play(&self, reference: Option<&serde_json::Value>) -> Result<(), LogError> {
+    /// Sends the replay up to its last progress report; how many events it sent, or `None`
+    /// once the connection is closing.
+    async fn play(&self, reference: Option<&serde_json::Value>) -> Result<Option<u64>, LogError> {
         let history = &self.context.history;
         let total = history.count(&self.filter, self.from, self.to).await?;
         let push = |frame| self.outbound.push_paced(frame);
@@ -54,7 +67,7 @@ impl<H: History> Replay<H> {
             .await
             .is_err()
         {
-            return Ok(());
+            return Ok(None);
         }
         let (mut after, mut sent, mut previous) = (0, 0u64, None);
         // When the next event is due: advancing a schedule, rather than sleeping each gap,
@@ -81,7 +94,7 @@ impl<H: History> Replay<H> {
                 after = id;
                 let frame = Frame::Replay { id, envelope: envelope.into(), replay: self.number };
                 if push(frame).await.is_err() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 sent += 1;
                 if sent % REPLAY_PROGRESS_EVERY == 0 {
@@ -95,8 +108,7 @@ impl<H: History> Replay<H> {
             }
         }
         let _ = push(Frame::Control(protocol::replay_progress(self.number, sent, total))).await;
-        let _ = push(Frame::Control(protocol::replay_finished(self.number, sent))).await;
-        Ok(())
+        Ok(Some(sent))
     }
 }
 

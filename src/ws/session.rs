@@ -29,6 +29,7 @@ use std::sync::atomic::AtomicU64;
 
 use axum::extract::ws::Message;
 use futures_util::{Sink, Stream, StreamExt};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 pub use super::context::Context;
@@ -77,6 +78,7 @@ pub async fn run<W, R, H>(
         rate,
         next_replay: 1,
         replays: HashMap::new(),
+        replay_slots: Arc::new(Semaphore::new(limits.max_replays)),
         lag: None,
         lag_progress: Arc::default(),
     };
@@ -141,6 +143,9 @@ struct Session<H> {
     rate: RateLimit,
     next_replay: u32,
     replays: HashMap<u32, JoinHandle<()>>,
+    /// One permit per replay that may run (`max_replays`): a replay gives its permit back
+    /// before it says it finished.
+    replay_slots: Arc<Semaphore>,
     /// The catch-up of the connection while it lags (it fell behind), and how far it got.
     lag: Option<JoinHandle<()>>,
     lag_progress: Arc<AtomicU64>,
@@ -306,11 +311,11 @@ impl<H: History> Session<H> {
             Action::Ping => self.reply(protocol::pong(reference)).await,
             Action::Replay { filter, from, to, speed } => {
                 self.replays.retain(|_, task| !task.is_finished());
-                let limit = self.context.limits.max_replays;
-                if self.replays.len() >= limit {
+                let Ok(slot) = self.replay_slots.clone().try_acquire_owned() else {
+                    let limit = self.context.limits.max_replays;
                     let message = format!("at most {limit} replays may run at once");
                     return self.error(ErrorCode::TooManySubscriptions, message, reference).await;
-                }
+                };
                 if let Err(err) = filter.check_redactions(self.context.mapping.redactions()) {
                     return self.error(ErrorCode::BadRequest, err.to_string(), reference).await;
                 }
@@ -323,6 +328,7 @@ impl<H: History> Session<H> {
                 let number = self.next_replay;
                 self.next_replay = self.next_replay.wrapping_add(1).max(1);
                 let replay = Replay {
+                    slot,
                     context: self.context.clone(),
                     outbound: self.outbound.clone(),
                     number,

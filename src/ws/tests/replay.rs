@@ -48,3 +48,39 @@ async fn a_replay_sends_its_window_paced_by_speed_then_finishes() {
         "{elapsed:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_frees_its_place_before_it_says_it_finished() {
+    let history = agents(1..=3);
+    let settings = ServerSettings { max_replays: 1, ..ServerSettings::default() };
+    let context = context(settings, &history);
+    let mut client = open(&context);
+    client.json().await;
+    let replay = |reference: u32| {
+        json!({"action": "replay", "filter": {}, "speed": 100, "ref": reference,
+               "from": "2026-01-01T00:00:00Z", "to": "2026-01-01T00:01:00Z"})
+    };
+    for round in 1..=20u32 {
+        client.send(replay(round));
+        let started = client.json().await;
+        assert_eq!(started["type"], "replay_started", "round {round}: {started}");
+        if round == 1 {
+            // The one place is taken while it runs.
+            client.send(replay(0));
+        }
+        let mut refused = 0;
+        loop {
+            let frame = client.json().await;
+            match frame["type"].as_str() {
+                Some("replay_finished") => break,
+                Some("error") => {
+                    assert_eq!(frame["code"], "too_many_subscriptions", "{frame}");
+                    refused += 1;
+                }
+                _ => {}
+            }
+        }
+        // Refused while it ran; the next one, started the moment it says it finished, is not.
+        assert_eq!(refused, usize::from(round == 1), "round {round}");
+    }
+}
