@@ -21,6 +21,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
@@ -48,24 +49,47 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU seconds of a Postgres cluster: the postmaster, its live backends and those that ended.
-fn cluster_cpu_seconds(cluster: &Cluster) -> f64 {
+/// CPU ticks of a Postgres cluster's processes: its postmaster (`None`; with its ended
+/// backends) and each live backend by pid.
+fn cluster_ticks(cluster: &Cluster) -> HashMap<Option<u32>, u64> {
     let pid_file = cluster.dir().join("data/postmaster.pid");
     let Some(postmaster) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
     else {
-        return 0.0;
+        return HashMap::new();
     };
     let children =
         std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children"))
             .unwrap_or_default();
-    let live: u64 = children
+    let mut ticks: HashMap<Option<u32>, u64> = children
         .split_whitespace()
         .filter_map(|c| c.parse().ok())
-        .map(|c| cpu_ticks(c, false))
-        .sum();
-    (cpu_ticks(postmaster, true) + live) as f64 / clock_ticks()
+        .map(|c| (Some(c), cpu_ticks(c, false)))
+        .collect();
+    ticks.insert(None, cpu_ticks(postmaster, true));
+    ticks
+}
+
+/// The Postgres processes that work for rowcast: the walsender of its slot, and the backends
+/// whose last statement used rowcast's schema (its log: appends, progress, reads).
+async fn rowcast_backends(db: &tokio_postgres::Client) -> (Vec<u32>, Vec<u32>) {
+    let pids =
+        |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect();
+    let walsender = db
+        .query("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'rowcast' AND active_pid IS NOT NULL", &[])
+        .await
+        .expect("walsender");
+    let log = db
+        .query(
+            "SELECT pid FROM pg_stat_activity
+              WHERE backend_type = 'client backend' AND query LIKE '%rowcast.%'
+                AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("log backends");
+    (pids(walsender), pids(log))
 }
 
 fn micros_of(timestamp: &str) -> i64 {
@@ -566,7 +590,7 @@ async fn main() {
         let head_before = log_head(&db).await;
         let cpu_before = cpu_seconds(pid);
         let (postgres_before, bench_before) =
-            (cluster_cpu_seconds(&cluster), cpu_seconds(std::process::id()));
+            (cluster_ticks(&cluster), cpu_seconds(std::process::id()));
         let started = Instant::now();
         write(&url, rows, per_txn, 100, None, "t").await;
         let written = started.elapsed();
@@ -584,8 +608,24 @@ async fn main() {
         }
         let delivered = started.elapsed();
         let cpu = (cpu_seconds(pid) - cpu_before) / delivered.as_secs_f64() * 100.0;
-        let postgres_cpu =
-            (cluster_cpu_seconds(&cluster) - postgres_before) / delivered.as_secs_f64() * 100.0;
+        // Postgres's share, split: rowcast's walsender, its log appends, and the rest (the
+        // writers, the checkpointer and the like).
+        let postgres_after = cluster_ticks(&cluster);
+        let share = |pids: &[Option<u32>]| {
+            let used: u64 = pids
+                .iter()
+                .map(|pid| {
+                    let after = postgres_after.get(pid).copied().unwrap_or(0);
+                    after.saturating_sub(postgres_before.get(pid).copied().unwrap_or(0))
+                })
+                .sum();
+            used as f64 / clock_ticks() / delivered.as_secs_f64() * 100.0
+        };
+        let every: Vec<Option<u32>> = postgres_after.keys().copied().collect();
+        let postgres_cpu = share(&every);
+        let (walsender, log) = rowcast_backends(&db).await;
+        let walsender_cpu = share(&walsender.into_iter().map(Some).collect::<Vec<_>>());
+        let log_cpu = share(&log.into_iter().map(Some).collect::<Vec<_>>());
         let bench_cpu =
             (cpu_seconds(std::process::id()) - bench_before) / delivered.as_secs_f64() * 100.0;
         let raw = drain(&db, &url, "bench_raw").await;
@@ -607,14 +647,18 @@ async fn main() {
             rss_kb(pid)
         );
         println!(
-            "  CPU over the run (% of one core, of 200): rowcast {cpu:.0}%, Postgres {postgres_cpu:.0}%, \
-             this benchmark's writers and readers {bench_cpu:.0}%"
+            "  CPU over the run (% of one core, of 200): rowcast {cpu:.0}%, Postgres {postgres_cpu:.0}% \
+             (rowcast's walsender {walsender_cpu:.0}%, its log {log_cpu:.0}%, the writers and \
+             the rest {:.0}%), this benchmark's writers and readers {bench_cpu:.0}%",
+            postgres_cpu - walsender_cpu - log_cpu
         );
         println!(
-            "physical limit: pg_recvlogical (pgoutput) drained the same WAL in {:.2}s = {:.0} changes/s; rowcast = {:.0}% of it",
+            "physical limit: pg_recvlogical (pgoutput) drained the same WAL in {:.2}s = {:.0} changes/s; rowcast = {:.0}% of it \
+             (the writers' own pace on these cores caps it at {:.0}%)",
             raw.as_secs_f64(),
             raw_rate,
-            sustained / raw_rate * 100.0
+            sustained / raw_rate * 100.0,
+            rows as f64 / written.as_secs_f64() / raw_rate * 100.0
         );
         println!(
             "throughput latency (saturated): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
