@@ -71,8 +71,8 @@ fn cluster_ticks(cluster: &Cluster) -> HashMap<Option<u32>, u64> {
     ticks
 }
 
-/// The Postgres processes that work for rowcast: the walsender of its slot, and the backends
-/// whose last statement used rowcast's schema (its log: appends, progress, reads).
+/// The Postgres processes that work for rowcast: the walsender of its slot, and its other
+/// connections (named `rowcast <role>`: the log writer, the catalog, readers of the log).
 async fn rowcast_backends(db: &tokio_postgres::Client) -> (Vec<u32>, Vec<u32>) {
     let pids =
         |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect();
@@ -83,8 +83,7 @@ async fn rowcast_backends(db: &tokio_postgres::Client) -> (Vec<u32>, Vec<u32>) {
     let log = db
         .query(
             "SELECT pid FROM pg_stat_activity
-              WHERE backend_type = 'client backend' AND query LIKE '%rowcast.%'
-                AND pid <> pg_backend_pid()",
+              WHERE backend_type = 'client backend' AND application_name LIKE 'rowcast %'",
             &[],
         )
         .await

@@ -327,3 +327,34 @@ async fn partitioned_tables_are_captured_as_their_root() {
         assert_eq!(events[4]["data"]["value"], json!(4.5), "{source:?}: a partition's own insert");
     }
 }
+
+/// Operators find rowcast's backends by name: the log writer as `rowcast log writer`, the
+/// replication connection as `rowcast`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rowcasts_connections_are_named_in_pg_stat_activity() {
+    let db = TestDb::migrated().await;
+    let server = Running::start(db.settings()).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+             INSERT INTO agents (id, organization_id, name) VALUES ('agt-named', 'quant', 'a');",
+        )
+        .await
+        .expect("insert");
+    let events = db.settled_events().await;
+    assert!(types(&events).contains(&"agent.created"), "{events:?}");
+    let names: Vec<String> = client
+        .query(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    server.stop().await;
+    assert!(names.iter().any(|n| n == "rowcast log writer"), "{names:?}");
+    assert!(names.iter().any(|n| n == "rowcast"), "{names:?}");
+}

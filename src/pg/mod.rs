@@ -49,11 +49,22 @@ pub fn describe(target: &Target, role: &str) -> String {
     format!("{host}:{port}/{database} ({role})")
 }
 
+/// The configuration of a `role` connection: named `rowcast <role>` in `pg_stat_activity`
+/// unless the URL names it (`application_name=...`).
+fn named(target: &Target, role: &str) -> tokio_postgres::Config {
+    let mut config = target.sql_config();
+    if config.get_application_name().is_none() {
+        config.application_name(format!("rowcast {role}"));
+    }
+    config
+}
+
 /// Connects with a background connection task; errors of that task end the client. `role`
-/// names the connection in logs (`log writer`, `catalog`, `stats`, ...). TLS is as the
-/// target's `sslmode` says; a certificate that fails its checks is a definite error.
+/// names the connection in logs (`log writer`, `catalog`, `stats`, ...) and, unless the URL
+/// names it, in `pg_stat_activity` (`rowcast log writer`). TLS is as the target's `sslmode`
+/// says; a certificate that fails its checks is a definite error.
 pub async fn connect(target: &Target, role: &'static str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = target.sql_config().connect(target.tls.connector()).await?;
+    let (client, connection) = named(target, role).connect(target.tls.connector()).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(connection = role, error = %err, "postgres connection ended");
@@ -69,7 +80,7 @@ pub async fn connect_notified(
     target: &Target,
     role: &'static str,
 ) -> Result<(Client, mpsc::Receiver<()>), tokio_postgres::Error> {
-    let (client, mut connection) = target.sql_config().connect(target.tls.connector()).await?;
+    let (client, mut connection) = named(target, role).connect(target.tls.connector()).await?;
     let (wake_tx, wake_rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -87,4 +98,17 @@ pub async fn connect_notified(
         }
     });
     Ok((client, wake_rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_named_after_their_role_unless_the_url_names_them() {
+        let target: Target = "postgres://u@h/db".parse().expect("url");
+        assert_eq!(named(&target, "log writer").get_application_name(), Some("rowcast log writer"));
+        let target: Target = "postgres://u@h/db?application_name=billing".parse().expect("url");
+        assert_eq!(named(&target, "log writer").get_application_name(), Some("billing"));
+    }
 }
