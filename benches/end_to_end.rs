@@ -91,6 +91,40 @@ async fn rowcast_backends(db: &tokio_postgres::Client) -> (Vec<u32>, Vec<u32>) {
     (pids(walsender), pids(log))
 }
 
+/// Postgres's CPU from a starting point, in % of one core over `over`: all of it, rowcast's
+/// walsender, and rowcast's other connections.
+struct PostgresCpu(HashMap<Option<u32>, u64>);
+
+impl PostgresCpu {
+    fn start(cluster: &Cluster) -> PostgresCpu {
+        PostgresCpu(cluster_ticks(cluster))
+    }
+
+    async fn shares(
+        &self,
+        cluster: &Cluster,
+        db: &tokio_postgres::Client,
+        over: Duration,
+    ) -> (f64, f64, f64) {
+        let after = cluster_ticks(cluster);
+        let share = |pids: &mut dyn Iterator<Item = Option<u32>>| {
+            let used: u64 = pids
+                .map(|pid| {
+                    let now = after.get(&pid).copied().unwrap_or(0);
+                    now.saturating_sub(self.0.get(&pid).copied().unwrap_or(0))
+                })
+                .sum();
+            used as f64 / clock_ticks() / over.as_secs_f64() * 100.0
+        };
+        let (walsender, log) = rowcast_backends(db).await;
+        (
+            share(&mut after.keys().copied()),
+            share(&mut walsender.into_iter().map(Some)),
+            share(&mut log.into_iter().map(Some)),
+        )
+    }
+}
+
 fn micros_of(timestamp: &str) -> i64 {
     rowcast::model::Timestamp::parse_rfc3339(timestamp).map_or(0, |t| t.0)
 }
@@ -492,9 +526,10 @@ async fn main() {
     let per_txn = arg(5, 100);
     let stalled_count = arg(6, 0);
     let predicates = std::env::args().any(|a| a == "--predicates");
+    let unix = std::env::args().any(|a| a == "--unix");
     println!(
         "rowcast end-to-end benchmark: rows={rows} idle={idle} latency_clients={latency_clients} \
-         readers={readers_count} txn_rows={per_txn} stalled={stalled_count} predicates={predicates}"
+         readers={readers_count} txn_rows={per_txn} stalled={stalled_count} predicates={predicates} unix={unix}"
     );
     let cluster =
         Cluster::start(&[("wal_level", "logical"), ("max_wal_size", "4GB")]).expect("cluster");
@@ -502,6 +537,9 @@ async fn main() {
     admin.batch_execute("CREATE DATABASE bench").await.expect("database");
     let url = cluster.url("bench");
     let db = client(&url).await;
+    // rowcast and pg_recvlogical reach Postgres over its Unix-domain socket with --unix (the
+    // writers and this benchmark's own queries stay on TCP).
+    let replication_url = if unix { cluster.socket_url("bench") } else { url.clone() };
     rowcast::setup::migrate(&db).await.expect("schema");
     db.batch_execute(
         "INSERT INTO organizations (id, name) SELECT 'org' || i, 'o' FROM generate_series(0, 99) i",
@@ -509,7 +547,7 @@ async fn main() {
     .await
     .expect("orgs");
     let serve = ["--max-connections", "20000"];
-    let mut server = start_server(&url, &serve).await;
+    let mut server = start_server(&replication_url, &serve).await;
 
     // 1a. Capture alone, from a standing start: `rows` changes are written while rowcast is
     // stopped, then drained by rowcast into its log and by pg_recvlogical from a slot made at
@@ -521,14 +559,18 @@ async fn main() {
             .expect("drain slot");
         let head_before = log_head(&db).await;
         write(&url, rows, per_txn, 100, None, "d").await;
+        let postgres_before = PostgresCpu::start(&cluster);
         let started = Instant::now();
-        server = start_server(&url, &serve).await;
+        server = start_server(&replication_url, &serve).await;
         let ready = started.elapsed();
         while log_head(&db).await < head_before + rows as i64 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let captured = started.elapsed();
-        let raw = drain(&db, &url, "bench_drain").await;
+        let cpu = cpu_seconds(server.child.id()) / captured.as_secs_f64() * 100.0;
+        let (postgres_cpu, walsender_cpu, log_cpu) =
+            postgres_before.shares(&cluster, &db, captured).await;
+        let raw = drain(&db, &replication_url, "bench_drain").await;
         let (rate, raw_rate) =
             (rows as f64 / captured.as_secs_f64(), rows as f64 / raw.as_secs_f64());
         println!(
@@ -539,6 +581,10 @@ async fn main() {
             ready.as_secs_f64(),
             raw.as_secs_f64(),
             rate / raw_rate * 100.0
+        );
+        println!(
+            "  CPU while capturing (% of one core, of 200): rowcast {cpu:.0}%, Postgres {postgres_cpu:.0}% \
+             (rowcast's walsender {walsender_cpu:.0}%, its log {log_cpu:.0}%)"
         );
     }
     let pid = server.child.id();
@@ -589,7 +635,7 @@ async fn main() {
         let head_before = log_head(&db).await;
         let cpu_before = cpu_seconds(pid);
         let (postgres_before, bench_before) =
-            (cluster_ticks(&cluster), cpu_seconds(std::process::id()));
+            (PostgresCpu::start(&cluster), cpu_seconds(std::process::id()));
         let started = Instant::now();
         write(&url, rows, per_txn, 100, None, "t").await;
         let written = started.elapsed();
@@ -607,27 +653,13 @@ async fn main() {
         }
         let delivered = started.elapsed();
         let cpu = (cpu_seconds(pid) - cpu_before) / delivered.as_secs_f64() * 100.0;
-        // Postgres's share, split: rowcast's walsender, its log appends, and the rest (the
+        // Postgres's share, split: rowcast's walsender, its log connections, and the rest (the
         // writers, the checkpointer and the like).
-        let postgres_after = cluster_ticks(&cluster);
-        let share = |pids: &[Option<u32>]| {
-            let used: u64 = pids
-                .iter()
-                .map(|pid| {
-                    let after = postgres_after.get(pid).copied().unwrap_or(0);
-                    after.saturating_sub(postgres_before.get(pid).copied().unwrap_or(0))
-                })
-                .sum();
-            used as f64 / clock_ticks() / delivered.as_secs_f64() * 100.0
-        };
-        let every: Vec<Option<u32>> = postgres_after.keys().copied().collect();
-        let postgres_cpu = share(&every);
-        let (walsender, log) = rowcast_backends(&db).await;
-        let walsender_cpu = share(&walsender.into_iter().map(Some).collect::<Vec<_>>());
-        let log_cpu = share(&log.into_iter().map(Some).collect::<Vec<_>>());
+        let (postgres_cpu, walsender_cpu, log_cpu) =
+            postgres_before.shares(&cluster, &db, delivered).await;
         let bench_cpu =
             (cpu_seconds(std::process::id()) - bench_before) / delivered.as_secs_f64() * 100.0;
-        let raw = drain(&db, &url, "bench_raw").await;
+        let raw = drain(&db, &replication_url, "bench_raw").await;
         let sustained = rows as f64 / appended.as_secs_f64();
         let raw_rate = rows as f64 / raw.as_secs_f64();
         let frames = seen.frames.load(Ordering::Relaxed);

@@ -358,3 +358,37 @@ async fn rowcasts_connections_are_named_in_pg_stat_activity() {
     assert!(names.iter().any(|n| n == "rowcast log writer"), "{names:?}");
     assert!(names.iter().any(|n| n == "rowcast"), "{names:?}");
 }
+
+/// A server on the same host can be reached over its Unix-domain socket (`?host=/dir`): the
+/// replication client and every SQL connection use it, and capture works as over TCP. (Postgres
+/// then spends less CPU per change: docs/benchmarks.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_works_over_the_unix_domain_socket() {
+    let cluster = rowcast::apps::cluster::Cluster::start(&[]).expect("start cluster");
+    let db = TestDb::on(&cluster).await;
+    db.migrate().await;
+    let socket: rowcast::pg::Target = cluster.socket_url(&db.name).parse().expect("socket url");
+    let mut settings = db.settings();
+    settings.database = socket.clone();
+    settings.log = socket;
+    let server = Running::start(settings).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+             INSERT INTO agents (id, organization_id, name) VALUES ('agt-unix', 'quant', 'a');",
+        )
+        .await
+        .expect("insert");
+    let events = db.settled_events().await;
+    assert_eq!(types(&events), ["organization.created", "agent.created"], "{events:?}");
+    let walsenders: Vec<Option<String>> = client
+        .query("SELECT client_addr::text FROM pg_stat_replication", &[])
+        .await
+        .expect("walsenders")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    server.stop().await;
+    assert_eq!(walsenders, [None], "one walsender, on the socket (no client address)");
+}

@@ -188,6 +188,15 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The URL of `database` over the cluster's Unix-domain socket, as `url` otherwise.
+    pub fn socket_url(&self, database: &str) -> String {
+        format!(
+            "postgres:///{database}?host={}&port={}&user=postgres",
+            self.dir.display(),
+            self.port
+        )
+    }
+
     /// Stops the server as a crash would (immediate mode) and starts it again.
     pub fn restart_immediate(&mut self) -> Result<(), ClusterError> {
         self.stop_immediate();
