@@ -2,12 +2,13 @@
 //! real WebSocket clients, next to `pg_recvlogical` draining the same WAL (the physical limit).
 //!
 //! `cargo bench --bench end_to_end [-- ROWS IDLE LATENCY_CLIENTS READERS TXN_ROWS STALLED]
-//! [--predicates]` (defaults 100000 10000 1000 10 100 0; READERS are the clients subscribed to
+//! [--predicates] [--unix]` (defaults 100000 10000 1000 10 100 0; READERS are the clients subscribed to
 //! everything during the throughput run, TXN_ROWS the rows of each of its transactions, STALLED
 //! clients subscribed to everything that never read during it; ROWS, IDLE and LATENCY_CLIENTS 0
 //! skip those runs). With `--predicates`, the latency run is repeated with a `where` predicate
-//! on every client's subscription (see [`Where`]) instead of the run with a slow client. The
-//! server runs with its default settings.
+//! on every client's subscription (see [`Where`]) instead of the run with a slow client. With
+//! `--unix`, rowcast and `pg_recvlogical` reach Postgres over its Unix-domain socket (the
+//! writers stay on TCP). The server runs with its default settings.
 //!
 //! First, with ROWS > 0, capture alone: ROWS changes written while rowcast is stopped, then
 //! drained into its log from a standing start, beside `pg_recvlogical` draining the same WAL
