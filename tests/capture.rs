@@ -328,6 +328,26 @@ async fn partitioned_tables_are_captured_as_their_root() {
     }
 }
 
+/// Commits one organization and one agent `id`, and returns every event once settled.
+async fn one_agent(db: &TestDb, client: &tokio_postgres::Client, id: &str) -> Vec<Value> {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
+             INSERT INTO agents (id, organization_id, name) VALUES ('{id}', 'quant', 'a');"
+        ))
+        .await
+        .expect("insert");
+    db.settled_events().await
+}
+
+/// The first column of every row `sql` returns.
+async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Vec<T> {
+    client.query(sql, &[]).await.expect(sql).iter().map(|row| row.get(0)).collect()
+}
+
 /// Operators find rowcast's backends by name: the log writer as `rowcast log writer`, the
 /// replication connection as `rowcast`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,25 +355,13 @@ async fn rowcasts_connections_are_named_in_pg_stat_activity() {
     let db = TestDb::migrated().await;
     let server = Running::start(db.settings()).await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
-             INSERT INTO agents (id, organization_id, name) VALUES ('agt-named', 'quant', 'a');",
-        )
-        .await
-        .expect("insert");
-    let events = db.settled_events().await;
+    let events = one_agent(&db, &client, "agt-named").await;
     assert!(types(&events).contains(&"agent.created"), "{events:?}");
-    let names: Vec<String> = client
-        .query(
-            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()",
-            &[],
-        )
-        .await
-        .expect("activity")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let names: Vec<String> = column(
+        &client,
+        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()",
+    )
+    .await;
     server.stop().await;
     assert!(names.iter().any(|n| n == "rowcast log writer"), "{names:?}");
     assert!(names.iter().any(|n| n == "rowcast"), "{names:?}");
@@ -373,22 +381,10 @@ async fn capture_works_over_the_unix_domain_socket() {
     settings.log = socket;
     let server = Running::start(settings).await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO organizations (id, name) VALUES ('quant', 'Quant');
-             INSERT INTO agents (id, organization_id, name) VALUES ('agt-unix', 'quant', 'a');",
-        )
-        .await
-        .expect("insert");
-    let events = db.settled_events().await;
+    let events = one_agent(&db, &client, "agt-unix").await;
     assert_eq!(types(&events), ["organization.created", "agent.created"], "{events:?}");
-    let walsenders: Vec<Option<String>> = client
-        .query("SELECT client_addr::text FROM pg_stat_replication", &[])
-        .await
-        .expect("walsenders")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let walsenders: Vec<Option<String>> =
+        column(&client, "SELECT client_addr::text FROM pg_stat_replication").await;
     server.stop().await;
     assert_eq!(walsenders, [None], "one walsender, on the socket (no client address)");
 }
