@@ -118,8 +118,13 @@ impl PostgresCpu {
             used as f64 / clock_ticks() / over.as_secs_f64() * 100.0
         };
         let (walsender, log) = rowcast_backends(db).await;
+        // All of it: what every process has now less what every process had then. (A backend
+        // that ended in between moved its whole lifetime into the postmaster's reaped time;
+        // its share from before the start is taken off here.)
+        let total = |ticks: &HashMap<Option<u32>, u64>| ticks.values().sum::<u64>();
+        let all = total(&after).saturating_sub(total(&self.0));
         (
-            share(&mut after.keys().copied()),
+            all as f64 / clock_ticks() / over.as_secs_f64() * 100.0,
             share(&mut walsender.into_iter().map(Some)),
             share(&mut log.into_iter().map(Some)),
         )

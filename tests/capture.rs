@@ -385,6 +385,15 @@ async fn capture_works_over_the_unix_domain_socket() {
     assert_eq!(types(&events), ["organization.created", "agent.created"], "{events:?}");
     let walsenders: Vec<Option<String>> =
         column(&client, "SELECT client_addr::text FROM pg_stat_replication").await;
+    // Every connection the server made (named `rowcast <role>`; this test's own are `rowcast
+    // test`), on the socket too.
+    let rowcasts: Vec<Option<String>> = column(
+        &client,
+        "SELECT client_addr::text FROM pg_stat_activity
+          WHERE application_name LIKE 'rowcast %' AND application_name <> 'rowcast test'",
+    )
+    .await;
     server.stop().await;
     assert_eq!(walsenders, [None], "one walsender, on the socket (no client address)");
+    assert!(!rowcasts.is_empty() && rowcasts.iter().all(Option::is_none), "{rowcasts:?}");
 }

@@ -157,11 +157,7 @@ async fn listen_on(
 ) -> Result<(tokio_postgres::Client, mpsc::Receiver<()>), TriggerError> {
     let (client, wake) = crate::pg::connect_notified(source, "listener").await?;
     // How long taking the wake-up lock may wait for a transaction's commit (see `WakeLock`).
-    client
-        .batch_execute(&format!(
-            "SET application_name = 'rowcast listener'; SET lock_timeout = '100ms'; LISTEN {CHANNEL}"
-        ))
-        .await?;
+    client.batch_execute(&format!("SET lock_timeout = '100ms'; LISTEN {CHANNEL}")).await?;
     Ok((client, wake))
 }
 
