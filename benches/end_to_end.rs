@@ -108,26 +108,16 @@ impl PostgresCpu {
         over: Duration,
     ) -> (f64, f64, f64) {
         let after = cluster_ticks(cluster);
-        let share = |pids: &mut dyn Iterator<Item = Option<u32>>| {
-            let used: u64 = pids
-                .map(|pid| {
-                    let now = after.get(&pid).copied().unwrap_or(0);
-                    now.saturating_sub(self.0.get(&pid).copied().unwrap_or(0))
-                })
-                .sum();
-            used as f64 / clock_ticks() / over.as_secs_f64() * 100.0
-        };
+        let percent = |ticks: u64| ticks as f64 / clock_ticks() / over.as_secs_f64() * 100.0;
+        let grew =
+            |pid| after.get(&pid).unwrap_or(&0).saturating_sub(*self.0.get(&pid).unwrap_or(&0));
+        let used = |pids: &[u32]| percent(pids.iter().map(|&pid| grew(Some(pid))).sum());
         let (walsender, log) = rowcast_backends(db).await;
         // All of it: what every process has now less what every process had then. (A backend
         // that ended in between moved its whole lifetime into the postmaster's reaped time;
         // its share from before the start is taken off here.)
         let total = |ticks: &HashMap<Option<u32>, u64>| ticks.values().sum::<u64>();
-        let all = total(&after).saturating_sub(total(&self.0));
-        (
-            all as f64 / clock_ticks() / over.as_secs_f64() * 100.0,
-            share(&mut walsender.into_iter().map(Some)),
-            share(&mut log.into_iter().map(Some)),
-        )
+        (percent(total(&after).saturating_sub(total(&self.0))), used(&walsender), used(&log))
     }
 }
 

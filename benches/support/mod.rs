@@ -117,13 +117,17 @@ pub fn cpu_ticks(pid: u32, reaped: bool) -> u64 {
     field(11) + field(12) + if reaped { field(13) + field(14) } else { 0 }
 }
 
+/// Clock ticks per second, the unit of `/proc/PID/stat` times (asked of `getconf` once).
 pub fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 pub fn now_micros() -> i64 {
