@@ -5,9 +5,9 @@
 -- (a plain table's inserts and deletes a statement at a time) as row_to_json text in a pinned
 -- session (UTC, ISO, hex bytea, shortest exact floats). The drain re-shapes that the way
 -- to_jsonb would (key order, numbers, json columns), so the data is byte-for-byte what logical
--- replication gives; Postgres no longer builds a jsonb value for every captured row. A transaction sends an empty NOTIFY when
--- it commits while the drain waits: a wake-up that carries no row data, so the 8000-byte
--- NOTIFY limit never matters.
+-- replication gives; Postgres no longer builds a jsonb value for every captured row. A
+-- transaction sends an empty NOTIFY when it commits while the drain waits: a wake-up that
+-- carries no row data, so the 8000-byte NOTIFY limit never matters.
 --
 -- Commit order: each capturing transaction registers once in rowcast.outbox_commits, and a
 -- deferred trigger numbers it when it commits. A transaction that waited for another's row lock can only reach
