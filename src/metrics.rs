@@ -46,6 +46,7 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// In declaration order: `stage as usize` is its place here.
     const ALL: [Stage; 3] = [Stage::Received, Stage::SentToLog, Stage::Appended];
 
     fn name(self) -> &'static str {
@@ -75,7 +76,8 @@ pub struct Metrics {
     by_type: Mutex<HashMap<Box<str>, TypeCounters>>,
     errors: Family<KindLabel, Counter>,
     latency: Histogram,
-    stages: Family<StageLabel, Histogram, fn() -> Histogram>,
+    /// `rowcast_pipeline_seconds`, one histogram per stage, in [`Stage::ALL`] order.
+    stages: [Histogram; 3],
     capture_queue: Gauge,
     source_lag: Gauge<f64, AtomicU64>,
     continuity_broken: Gauge,
@@ -129,9 +131,8 @@ impl Default for Metrics {
             Family::<StageLabel, Histogram, fn() -> Histogram>::new_with_constructor(|| {
                 Histogram::new(BUCKETS)
             });
-        for stage in Stage::ALL {
-            let _ = stages.get_or_create(&[("stage", stage.name())]);
-        }
+        let stage_histograms =
+            Stage::ALL.map(|stage| stages.get_or_create(&[("stage", stage.name())]).clone());
         let (capture_queue, source_lag) = (Gauge::default(), Gauge::default());
         let continuity_broken = Gauge::default();
         let fell_behind = Counter::default();
@@ -189,7 +190,7 @@ impl Default for Metrics {
             by_type: Mutex::default(),
             errors,
             latency,
-            stages,
+            stages: stage_histograms,
             capture_queue,
             source_lag,
             continuity_broken,
@@ -231,7 +232,7 @@ impl Metrics {
 
     /// Events that reached `stage`, each timed from its source commit.
     pub fn stage<'a>(&self, stage: Stage, commits: impl IntoIterator<Item = &'a Timestamp>) {
-        let histogram = self.stages.get_or_create(&[("stage", stage.name())]);
+        let histogram = &self.stages[stage as usize];
         let now = Timestamp::now().0;
         for commit in commits {
             histogram.observe((now - commit.0).max(0) as f64 / 1e6);
@@ -408,6 +409,9 @@ mod tests {
         metrics.sent(60_000_000);
         metrics.capture_queue(4);
         metrics.fell_behind();
+        let commit = Timestamp::now();
+        metrics.stage(Stage::SentToLog, [&commit, &commit]);
+        metrics.stage(Stage::Appended, [&commit]);
         let text = metrics.render(&Snapshot {
             connections: 2,
             subscriptions: 5,
@@ -436,6 +440,10 @@ mod tests {
             "rowcast_commit_to_send_seconds_bucket{le=\"10\"} 2",
             "rowcast_commit_to_send_seconds_bucket{le=\"+Inf\"} 3",
             "rowcast_commit_to_send_seconds_count 3",
+            // Each stage under its own label.
+            "rowcast_pipeline_seconds_count{stage=\"received\"} 0",
+            "rowcast_pipeline_seconds_count{stage=\"sent_to_log\"} 2",
+            "rowcast_pipeline_seconds_count{stage=\"appended\"} 1",
             "# TYPE rowcast_commit_to_send_seconds histogram",
             "rowcast_errors_total{kind=\"log\"} 0",
             "rowcast_slow_consumer_closes_total 1",
